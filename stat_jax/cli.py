@@ -1,0 +1,65 @@
+"""`stat-jax <command> --config=configs/x.py --config.a.b=value [flags]`.
+
+Each command lives in its own module and exposes `main(config, args) -> int`; this file only parses the
+command line, builds and validates the config (before any heavy import), and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from stat_jax.config import CONFIG_DIR, ConfigError, build_config, split_override_args
+
+# command -> (module, default config file, help)
+COMMANDS: dict[str, tuple[str, str | None, str]] = {
+    "sft": ("stat_jax.train.sft", None, "supervised fine-tuning of a student"),
+    "grpo": ("stat_jax.train.grpo", None, "GRPO with rollouts and a verifiable math reward"),
+    "eval": ("stat_jax.eval.evaluate", None, "evaluate a student on math benchmarks"),
+    "serve": ("stat_jax.rollout.server", None, "serve a student over JetStream gRPC"),
+    "run": ("stat_jax.stat.pipeline", None, "run the STAT pipeline (or one stage with --only)"),
+    "demo": ("stat_jax.demo.run", "demo.py", "the complete offline STAT experiment on a built-in task"),
+    "smoke": ("stat_jax.smoke", "smoke.py", "forward pass of a tiny random model (installation check)"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stat-jax", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
+    p.add_argument("--config", help="config file (Python with get_config()), optionally path.py:arg")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint / finished stages")
+    p.add_argument("--only", default=None, help="run: a single stage (or comma-separated stages)")
+    p.add_argument("--quick", action="store_true", help="demo: the small variant used by the test suite")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, do nothing")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides, rest = split_override_args(argv)
+    except ConfigError as e:
+        print(f"stat-jax: error: {e}", file=sys.stderr)
+        return 2
+    args = _parser().parse_args(rest)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module_name, default_config, _ = COMMANDS[args.command]
+    spec = args.config or (str(CONFIG_DIR / default_config) if default_config else None)
+    if spec is None:
+        print(f"stat-jax {args.command}: error: --config=FILE is required (see {CONFIG_DIR})", file=sys.stderr)
+        return 2
+    try:
+        config = build_config(spec, overrides)
+    except ConfigError as e:
+        print(f"stat-jax {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(module_name)
+    return int(module.main(config, args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""ml-collections config files with `--config.a.b=value` overrides, validated before any work starts.
+
+A config file is a Python file with `get_config()` (optionally `get_config(arg)`, selected with
+`--config=path.py:arg`) returning a `ConfigDict`. Overrides may only set keys that exist, and values are
+parsed to the type of the existing field; anything else fails fast with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict, FieldReference
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or an override is invalid; the message says which and how to fix it."""
+
+
+def resolve_config_path(spec: str) -> tuple[Path, str | None]:
+    path_str, _, arg = spec.partition(":")
+    path = Path(path_str)
+    if not path.is_file() and not path.is_absolute() and (CONFIG_DIR.parent / path).is_file():
+        path = CONFIG_DIR.parent / path
+    if not path.is_file() and (CONFIG_DIR / path.name).is_file() and len(path.parts) == 1:
+        path = CONFIG_DIR / path.name
+    if not path.is_file():
+        raise ConfigError(f"config file {path_str!r} not found (looked in . and {CONFIG_DIR})")
+    return path, (arg or None)
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """Imports `path.py[:arg]` and returns its `get_config([arg])`."""
+    path, arg = resolve_config_path(spec)
+    module_name = "stat_jax_config_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as e:  # the config file itself is broken
+        raise ConfigError(f"{path}: failed to import config file: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: a config file must define get_config()")
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected ConfigDict")
+    return config
+
+
+def _parse_value(raw: str, current: Any, key: str) -> Any:
+    if isinstance(current, FieldReference):
+        current = current.get()
+    if isinstance(current, bool):
+        low = raw.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"--config.{key}={raw!r}: expected a boolean (true/false)")
+    if isinstance(current, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={raw!r}: expected an integer (current value {current!r})") from None
+    if isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={raw!r}: expected a number (current value {current!r})") from None
+    if isinstance(current, str):
+        return raw
+    if isinstance(current, (tuple, list)):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = tuple(v.strip() for v in raw.split(",") if v.strip())
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return type(current)(value)
+    if isinstance(current, ConfigDict):
+        raise ConfigError(f"--config.{key}: is a section, set one of its fields: {sorted(current.keys())}")
+    # None or another type: accept a Python literal, else the raw string.
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def apply_overrides(config: ConfigDict, overrides: Sequence[tuple[str, str]]) -> ConfigDict:
+    """Applies (dotted key, raw value) pairs; unknown keys and wrong types raise ConfigError."""
+    for key, raw in overrides:
+        node = config
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part not in node or not isinstance(node[part], ConfigDict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(
+                    f"--config.{key}: unknown section {where!r}; known keys here: {sorted(node.keys())}"
+                )
+            node = node[part]
+        leaf = parts[-1]
+        if leaf not in node:
+            raise ConfigError(f"--config.{key}: unknown key {leaf!r}; valid keys here: {sorted(node.keys())}")
+        value = _parse_value(raw, node._fields[leaf] if hasattr(node, "_fields") else node[leaf], key)
+        try:
+            node[leaf] = value  # locked ConfigDicts still allow existing keys; they type-check the value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--config.{key}={raw!r}: {e}") from e
+    return config
+
+
+def split_override_args(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Separates `--config.a.b=v` / `--config.a.b v` arguments from the rest."""
+    overrides, rest = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            elif i + 1 < len(argv):
+                key, value = body, argv[i + 1]
+                i += 1
+            else:
+                raise ConfigError(f"{arg}: missing a value (use {arg}=VALUE)")
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def build_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ConfigDict:
+    config = load_config_file(spec)
+    config = apply_overrides(config, overrides)
+    config.lock()
+    return config
+
+
+def config_to_dict(config: ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+def config_hash(config: ConfigDict | dict) -> str:
+    d = config_to_dict(config) if isinstance(config, ConfigDict) else config
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def require(config: ConfigDict, *keys: str) -> None:
+    """Fails with a clear message if a dotted key is missing from a config."""
+    for key in keys:
+        node: Any = config
+        for part in key.split("."):
+            if not isinstance(node, ConfigDict) or part not in node:
+                raise ConfigError(f"config is missing required key {key!r}")
+            node = node[part]

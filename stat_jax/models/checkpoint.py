@@ -1,0 +1,332 @@
+"""Hugging Face checkpoint directories <-> NNX parameters.
+
+Loading memory-maps each `.safetensors` file and builds every parameter with
+`jax.make_array_from_callback`, so each device receives only its own shard, read straight from the page
+cache: no full host copy of the model and no second copy on any device. The target dtype cast happens per
+shard. Export writes HF-layout safetensors (sharded with an index when large) plus `config.json`, and
+copies the tokenizer files, so `transformers.AutoModelForCausalLM.from_pretrained` loads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from stat_jax import sharding
+from stat_jax.models.build import abstract_model, as_dtype
+from stat_jax.models.config import ModelConfig
+from stat_jax.models.transformer import DecoderLM
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+_ST_DTYPES: dict[str, Any] = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or tensor does not match what the model expects."""
+
+
+# ----- safetensors (format: u64 header size, JSON header, raw little-endian bytes) ------------------------
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file")
+        (size,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+class SafetensorsFile:
+    """Zero-copy (memory-mapped) access to the tensors of one safetensors file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header, self._data_start = read_safetensors_header(path)
+        self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def keys(self):
+        return self.header.keys()
+
+    def get(self, key: str) -> np.ndarray:
+        info = self.header[key]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        buf = self._mmap[self._data_start + begin : self._data_start + end]
+        return buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    arrays = []
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype not in _ST_NAMES:
+            raise CheckpointError(f"cannot write tensor {name!r} of dtype {arr.dtype} to safetensors")
+        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in arrays:
+            f.write(arr.tobytes())
+    tmp.replace(path)
+
+
+# ----- the HF <-> NNX key map ------------------------------------------------------------------------------
+# Each entry: our param path pattern -> (HF key, to_ours(np, cfg), from_ours(np, cfg)).
+def _key_map(cfg: ModelConfig) -> list[tuple[tuple, str, Callable, Callable]]:
+    h, kv, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    ident = (lambda w: w, lambda w: w)
+    transpose = (lambda w: w.T, lambda w: w.T)
+
+    def heads_in(n):  # HF [n*d, e] -> ours [e, n, d]
+        return (lambda w: w.T.reshape(e, n, d), lambda w: w.reshape(e, n * d).T)
+
+    def heads_bias(n):  # HF [n*d] -> ours [n, d]
+        return (lambda w: w.reshape(n, d), lambda w: w.reshape(n * d))
+
+    heads_out = (lambda w: w.T.reshape(h, d, e), lambda w: w.reshape(h * d, e).T)  # HF [e, h*d] -> [h, d, e]
+
+    entries: list[tuple[tuple, str, tuple]] = [(("embed",), "model.embed_tokens.weight", ident),
+                                               (("final_norm", "weight"), "model.norm.weight", ident)]
+    if not cfg.tie_word_embeddings:
+        entries.append((("lm_head",), "lm_head.weight", transpose))
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        L = ("layers", i)
+        entries += [
+            (L + ("input_norm", "weight"), p + "input_layernorm.weight", ident),
+            (L + ("post_attention_norm", "weight"), p + "post_attention_layernorm.weight", ident),
+            (L + ("attention", "q_proj"), p + "self_attn.q_proj.weight", heads_in(h)),
+            (L + ("attention", "k_proj"), p + "self_attn.k_proj.weight", heads_in(kv)),
+            (L + ("attention", "v_proj"), p + "self_attn.v_proj.weight", heads_in(kv)),
+            (L + ("attention", "o_proj"), p + "self_attn.o_proj.weight", heads_out),
+            (L + ("mlp", "gate_proj"), p + "mlp.gate_proj.weight", transpose),
+            (L + ("mlp", "up_proj"), p + "mlp.up_proj.weight", transpose),
+            (L + ("mlp", "down_proj"), p + "mlp.down_proj.weight", transpose),
+        ]
+        if cfg.attention_bias:
+            entries += [
+                (L + ("attention", "q_bias"), p + "self_attn.q_proj.bias", heads_bias(h)),
+                (L + ("attention", "k_bias"), p + "self_attn.k_proj.bias", heads_bias(kv)),
+                (L + ("attention", "v_bias"), p + "self_attn.v_proj.bias", heads_bias(kv)),
+            ]
+        if cfg.qk_norm:
+            entries += [
+                (L + ("attention", "q_norm", "weight"), p + "self_attn.q_norm.weight", ident),
+                (L + ("attention", "k_norm", "weight"), p + "self_attn.k_norm.weight", ident),
+            ]
+    return [(path, key, fns[0], fns[1]) for path, key, fns in entries]
+
+
+def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
+    """Maps every tensor name to the (memory-mapped) file holding it."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files: dict[str, SafetensorsFile] = {}
+        out = {}
+        for key, fname in weight_map.items():
+            if fname not in files:
+                fpath = path / fname
+                if not fpath.is_file():
+                    raise FileNotFoundError(f"{fpath}: listed in {index.name} for {key!r} but missing")
+                files[fname] = SafetensorsFile(fpath)
+            out[key] = files[fname]
+        return out
+    if single.is_file():
+        f = SafetensorsFile(single)
+        return {k: f for k in f.keys()}
+    others = sorted(p.name for p in path.glob("*.safetensors"))
+    if others:  # unusual layout without an index: read them all
+        out = {}
+        for name in others:
+            f = SafetensorsFile(path / name)
+            out.update({k: f for k in f.keys()})
+        return out
+    raise FileNotFoundError(
+        f"{path}: no model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not "
+        f"supported; convert with `transformers` save_pretrained(safe_serialization=True))"
+    )
+
+
+def load_hf_checkpoint(
+    path: str | Path,
+    mesh: Mesh | None = None,
+    *,
+    dtype="float32",
+    param_dtype="float32",
+    remat: bool = False,
+    config: ModelConfig | None = None,
+) -> DecoderLM:
+    """Loads a local HF checkpoint directory into a DecoderLM, each parameter placed on its mesh shard."""
+    path = Path(path)
+    cfg = config or ModelConfig.from_hf_dir(path)
+    tensors = _open_checkpoint(path)
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    graphdef, abstract_state = nnx.split(abstract)
+    target_dtype = np.dtype(as_dtype(param_dtype))
+    if mesh is None:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+    shardings = sharding.state_shardings(abstract_state, mesh)
+    flat_shardings = dict(nnx.to_flat_state(shardings))
+    flat_abstract = dict(nnx.to_flat_state(abstract_state))
+
+    loaded = {}
+    for our_path, hf_key, to_ours, _ in _key_map(cfg):
+        if hf_key not in tensors:
+            raise CheckpointError(f"{path}: tensor {hf_key!r} is missing (needed for {'/'.join(map(str, our_path))})")
+        source = tensors[hf_key]
+        hf_array = source.get(hf_key)
+        array = to_ours(hf_array)  # a view of the memory map: nothing is read yet
+        expected = tuple(flat_abstract[our_path].shape)
+        if tuple(array.shape) != expected:
+            raise CheckpointError(
+                f"{source.path}: tensor {hf_key!r} has shape {tuple(hf_array.shape)}, which does not fit "
+                f"{'/'.join(map(str, our_path))} of shape {expected} for this config.json"
+            )
+        named = flat_shardings[our_path].get_value()
+
+        def read_shard(index, array=array):
+            return np.ascontiguousarray(array[index]).astype(target_dtype)
+
+        loaded[our_path] = jax.make_array_from_callback(expected, named, read_shard)
+    state = abstract_state
+    for our_path, var in nnx.to_flat_state(state):
+        var.set_value(loaded[our_path]) if hasattr(var, "set_value") else setattr(var, "value", loaded[our_path])
+    return nnx.merge(graphdef, state)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def iter_hf_tensors(model: DecoderLM, dtype="float32") -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF name, HF-layout host array) one tensor at a time."""
+    cfg = model.config
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    np_dtype = np.dtype(as_dtype(dtype))
+    for our_path, hf_key, _, from_ours in _key_map(cfg):
+        host = _to_host(flat[our_path].get_value())
+        yield hf_key, np.ascontiguousarray(from_ours(host)).astype(np_dtype)
+
+
+def export_hf_checkpoint(
+    model: DecoderLM,
+    out_dir: str | Path,
+    *,
+    tokenizer_source: str | Path | None = None,
+    dtype: str = "float32",
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Writes an HF directory (safetensors, config.json, tokenizer files) that transformers loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    is_writer = jax.process_index() == 0
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    weight_map: dict[str, str] = {}
+    written: list[str] = []
+
+    def flush():
+        if not shards[-1]:
+            return
+        name = f"model-{len(written) + 1:05d}.safetensors"
+        if is_writer:
+            write_safetensors(out / name, shards[-1])
+        for k in shards[-1]:
+            weight_map[k] = name
+        written.append(name)
+        shards[-1] = {}
+        sizes[-1] = 0
+
+    for key, arr in iter_hf_tensors(model, dtype):
+        if sizes[-1] and sizes[-1] + arr.nbytes > max_shard_bytes:
+            flush()
+        shards[-1][key] = arr
+        sizes[-1] += arr.nbytes
+    flush()
+
+    if is_writer:
+        if len(written) == 1:
+            (out / written[0]).replace(out / "model.safetensors")
+            stale_index = out / "model.safetensors.index.json"
+            if stale_index.exists():
+                stale_index.unlink()
+        else:
+            total = sum((out / n).stat().st_size for n in written)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(torch_dtype=dtype), indent=2))
+        if tokenizer_source is not None:
+            copy_tokenizer_files(tokenizer_source, out)
+    return out
+
+
+def copy_tokenizer_files(source: str | Path, dest: str | Path) -> list[str]:
+    source, dest = Path(source), Path(dest)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and (source / name).resolve() != (dest / name).resolve():
+            shutil.copy2(source / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def hf_key_names(cfg: ModelConfig) -> list[str]:
+    return [key for _, key, _, _ in _key_map(cfg)]
+

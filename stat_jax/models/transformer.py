@@ -1,0 +1,178 @@
+"""The decoder-only transformer shared by Llama and Qwen (Qwen adds q/k/v bias; Qwen3 adds q/k norm).
+
+Two entry points:
+- `__call__(tokens, positions, attention_mask)`: full-sequence forward for training and scoring.
+- `decode(tokens, positions, cache, cache_starts)`: writes the new keys/values into a KV cache and attends
+  over it; used for prefill (many tokens) and incremental decoding (one token) by the rollout engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stat_jax.models.config import ModelConfig
+from stat_jax.models.layers import MLP, Attention, RMSNorm, dot_product_attention
+from stat_jax.sharding import constrain
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values, each [batch, max_length, kv_heads, head_dim].
+
+    Row b holds its tokens in slots 0..length_b-1 with no padding inside; the caller tracks lengths.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[1]
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+        shape = (batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+        # Separate buffers per field: donated buffers must never alias (JetStream's insert donates).
+        return cls(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        )
+
+
+CACHE_AXES = ("cache_batch", "cache_length", "act_kv_heads", "head_dim")
+
+
+def _write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """buffer[b, starts[b]:starts[b]+t] = new[b] for every row b."""
+
+    def one(buf, upd, start):
+        return jax.lax.dynamic_update_slice_in_dim(buf, upd.astype(buf.dtype), start, axis=0)
+
+    return jax.vmap(one)(buffer, new, starts)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attention = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, mask, cache_kv=None, cache_starts=None):
+        q, k, v = self.attention.qkv(self.input_norm(x), positions)
+        if cache_kv is not None:
+            cache_k, cache_v = cache_kv
+            cache_k = constrain(_write_rows(cache_k, k, cache_starts), CACHE_AXES)
+            cache_v = constrain(_write_rows(cache_v, v, cache_starts), CACHE_AXES)
+            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+            cache_kv = (cache_k, cache_v)
+        x = x + self.attention.output(dot_product_attention(q, k, v, mask))
+        x = x + self.mlp(self.post_attention_norm(x))
+        return x, cache_kv
+
+
+def _layer_call(layer, x, positions, mask):
+    return layer(x, positions, mask)[0]
+
+
+class DecoderLM(nnx.Module):
+    """Llama / Qwen2 / Qwen3 causal language model."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.config = cfg
+        self.dtype = dtype
+        self.remat = remat
+        std = cfg.initializer_range
+        self.embed = nnx.Param(
+            std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
+            logical_axes=("vocab", "embed"),
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+        )
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Param(
+                std * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype),
+                logical_axes=("embed", "vocab"),
+            )
+
+    # ----- pieces ---------------------------------------------------------------------------------------
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            logits = jnp.einsum("bte,ve->btv", hidden, self.embed[...].astype(self.dtype))
+        else:
+            logits = hidden @ self.lm_head[...].astype(self.dtype)
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+    # ----- full sequence --------------------------------------------------------------------------------
+    def hidden_states(self, tokens, positions=None, attention_mask=None) -> jax.Array:
+        """Final-norm hidden states [b, t, e] for a full sequence (causal + padding mask)."""
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        mask = jnp.broadcast_to(causal, (b, t, t))
+        if attention_mask is not None:
+            mask = mask & attention_mask.astype(bool)[:, None, :]
+        x = self.embed_tokens(tokens)
+        call = nnx.remat(_layer_call) if self.remat else _layer_call
+        for layer in self.layers:
+            x = call(layer, x, positions, mask)
+        return self.final_norm(x)
+
+    def __call__(self, tokens, positions=None, attention_mask=None) -> jax.Array:
+        """Logits [b, t, vocab] in the compute dtype."""
+        return self.logits_from_hidden(self.hidden_states(tokens, positions, attention_mask))
+
+    # ----- incremental decoding ---------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
+        return KVCache.zeros(self.config, batch, max_length, dtype or self.dtype)
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        cache_starts: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs `tokens` [b, t] written at cache slots cache_starts[b] + arange(t); returns logits, cache.
+
+        Query i of row b attends every cache slot <= cache_starts[b] + i, so right-padded prefills and
+        one-token steps share one code path; slots past a row's length are never read.
+        """
+        b, t = tokens.shape
+        slots = jnp.arange(cache.max_length, dtype=jnp.int32)
+        query_slots = cache_starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        mask = slots[None, None, :] <= query_slots[:, :, None]
+        x = self.embed_tokens(tokens)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, positions, mask, (cache.keys[i], cache.values[i]), cache_starts)
+            keys.append(k)
+            values.append(v)
+        logits = self.logits_from_hidden(self.final_norm(x))
+        return logits, KVCache(keys=tuple(keys), values=tuple(values))
