@@ -31,4 +31,90 @@ def get_config() -> ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: all remaining devices
     c.mesh.tensor = 1
+
+    c.eval = ConfigDict()
+    c.eval.benchmarks = ("math500",)  # on the CLI: --config.eval.benchmarks=math500,aime24
+    # Local copies (JSON/JSONL/parquet or a MATH-style tree); "" loads the default hub copy.
+    c.eval.paths = ConfigDict({k: "" for k in ("math", "math_train", "math500", "gsm8k", "aime24", "aime25", "amc23")})
+    c.eval.limit = 0  # first N questions per benchmark; 0 = all
+    c.eval.on_bad_row = "error"  # or "skip" (malformed rows are counted and logged)
+    c.eval.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+    c.eval.system_prompt = ""
+    c.eval.use_chat_template = True
+    c.eval.few_shot = 0  # worked examples from eval.few_shot_from, as earlier chat turns
+    c.eval.few_shot_from = "math_train"
+    c.eval.greedy = True  # pass@1 with greedy decoding
+    c.eval.num_samples = 0  # k samples per question for avg@k / pass@j; 0 = greedy only
+    c.eval.temperature = 0.6
+    c.eval.top_p = 0.95
+    c.eval.top_k = 0
+    c.eval.pass_k = (2, 4, 8, 16, 32, 64)  # pass@j reported for each j <= num_samples
+    c.eval.max_new_tokens = 2048
+    c.eval.grade_workers = 2
+    c.eval.grade_timeout = 10.0  # seconds per graded answer before its worker is killed
+    c.eval.chunk_size = 256  # questions per generate-grade-append step (the unit of --resume)
+    c.eval.out_dir = ""  # default: <workdir>/eval
+
+    # Teacher (stat_jax.teacher). Credentials never go here: GEMINI_API_KEY / GOOGLE_API_KEY or Vertex AI.
+    c.teacher = ConfigDict()
+    c.teacher.backend = "gemini"  # or "package.module:ClassName" of another TeacherBackend
+    c.teacher.model = "gemini-2.5-pro"
+    c.teacher.base_url = ""  # "" = the client's default endpoint
+    c.teacher.api_key_env = ""  # "" = GEMINI_API_KEY, then GOOGLE_API_KEY
+    c.teacher.vertexai = False
+    c.teacher.project = ""
+    c.teacher.location = ""
+    c.teacher.timeout_s = 120.0
+    c.teacher.max_output_tokens = 0  # 0 = the model's default
+    c.teacher.temperature = 0.7  # for synthesize/solve (several samples); catalog/label/diagnose use 0
+    c.teacher.max_workers = 8  # concurrent requests
+    c.teacher.max_retries = 5  # on 429/5xx/timeouts, exponential backoff with jitter
+    c.teacher.backoff_initial_s = 2.0
+    c.teacher.backoff_max_s = 60.0
+    c.teacher.max_reasks = 2  # re-asks with the validation error when an answer does not fit the schema
+    c.teacher.max_calls = 0  # hard budget over the run's ledger; 0 = no cap
+    c.teacher.max_tokens = 0
+    c.teacher.price_input_per_mtok = 1.25  # USD, for the ledger's cost estimate (gemini-2.5-pro, <=200k ctx)
+    c.teacher.price_output_per_mtok = 10.0
+    c.teacher.cache_dir = ""  # default: <run_dir>/teacher (cache/ + ledger.jsonl)
+
+    # STAT pipeline (stat_jax.stat); defaults follow the paper.
+    c.stat = ConfigDict()
+    c.stat.run_dir = ""  # default: <workdir>/stat
+    c.stat.stages = ("data", "skills", "label", "rollout", "hard", "diagnose", "profile", "sel", "sft", "eval")
+    c.stat.method = "sel"  # which set the sft stage trains on: sel | syn | sel+syn
+    c.stat.train_benchmark = "math_train"  # a stat_jax.data.math_datasets benchmark name
+    c.stat.train_source = ""  # local file/dir or hub name; "" = the benchmark's default copy
+    c.stat.train_limit = 0
+    c.stat.heldout_benchmark = "math"
+    c.stat.heldout_source = ""
+    c.stat.heldout_limit = 0
+    c.stat.instruction = ""  # "" = eval.instruction, so rollouts, SFT and eval see the same prompt
+    c.stat.skills_sample_per_subject = 200  # questions per subject the teacher proposes skills for (0 = all)
+    c.stat.propose_max_skills = 3
+    c.stat.catalog_max_skills = 25  # per subject
+    c.stat.label_max_skills = 3
+    c.stat.rollout_samples = 4
+    c.stat.rollout_temperature = 0.6
+    c.stat.rollout_top_p = 0.95
+    c.stat.rollout_max_new_tokens = 2048
+    c.stat.rollout_chunk_size = 256
+    c.stat.scorer = "accuracy"  # accuracy (grader) | prm (the paper's choice)
+    c.stat.prm_path = ""  # HF dir of a Qwen2.5-Math-PRM-style checkpoint
+    c.stat.prm_aggregate = "min"  # min | product over steps
+    c.stat.prm_batch_size = 8
+    c.stat.num_hard = 500
+    c.stat.hard_threshold = 1.0  # only questions with mean score below this can be hard
+    c.stat.grade_workers = 2  # 0 = grade in-process
+    c.stat.diagnose_max_skills = 3
+    c.stat.sel_questions_per_skill = 5
+    c.stat.sel_answers_per_question = 3
+    c.stat.sel_answer_source = "dataset+teacher"  # dataset | teacher | dataset+teacher
+    c.stat.sel_target_size = 9500
+    c.stat.syn_reference_questions = 3
+    c.stat.syn_new_questions = 2
+    c.stat.syn_solutions = 3
+    c.stat.syn_min_agree = 2
+    c.stat.syn_target_size = 0  # 0 = keep all
+    c.stat.wait_timeout_s = 86400.0  # other hosts wait this long for process 0's teacher stages
     return c

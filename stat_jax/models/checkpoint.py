@@ -10,6 +10,7 @@ copies the tokenizer files, so `transformers.AutoModelForCausalLM.from_pretraine
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from collections.abc import Callable, Iterator
@@ -200,6 +201,21 @@ def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
     )
 
 
+def _check_no_unexpected_tensors(path: Path, tensors: dict[str, Any], expected: set[str],
+                                 other_prefixes: tuple[str, ...] = ()) -> None:
+    """Weights the model would ignore mean config.json describes another model (e.g. a missing bias flag)."""
+    # A tied checkpoint may still store lm_head.weight; old Llama files store the RoPE table.
+    benign = {"lm_head.weight"} | {k for k in tensors if k.endswith("rotary_emb.inv_freq")}
+    benign |= {k for k in tensors if other_prefixes and k.startswith(other_prefixes)}  # e.g. a PRM's "score."
+    unexpected = sorted(set(tensors) - expected - benign)
+    if unexpected:
+        shown = ", ".join(repr(k) for k in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} tensor(s) not used by the model config.json describes: {shown}; "
+            f"check the config (architecture, tie_word_embeddings, attention_bias)"
+        )
+
+
 def load_hf_checkpoint(
     path: str | Path,
     mesh: Mesh | None = None,
@@ -208,8 +224,12 @@ def load_hf_checkpoint(
     param_dtype="float32",
     remat: bool = False,
     config: ModelConfig | None = None,
+    other_prefixes: tuple[str, ...] = (),
 ) -> DecoderLM:
-    """Loads a local HF checkpoint directory into a DecoderLM, each parameter placed on its mesh shard."""
+    """Loads a local HF checkpoint directory into a DecoderLM, each parameter placed on its mesh shard.
+
+    `other_prefixes`: tensors under these names belong to a head loaded separately (e.g. a PRM's "score.").
+    """
     path = Path(path)
     cfg = config or ModelConfig.from_hf_dir(path)
     tensors = _open_checkpoint(path)
@@ -222,18 +242,25 @@ def load_hf_checkpoint(
     flat_shardings = dict(nnx.to_flat_state(shardings))
     flat_abstract = dict(nnx.to_flat_state(abstract_state))
 
+    key_map = _key_map(cfg)
+    _check_no_unexpected_tensors(path, tensors, {key for _, key, _, _ in key_map}, other_prefixes)
     loaded = {}
-    for our_path, hf_key, to_ours, _ in _key_map(cfg):
+    for our_path, hf_key, to_ours, from_ours in key_map:
         if hf_key not in tensors:
             raise CheckpointError(f"{path}: tensor {hf_key!r} is missing (needed for {'/'.join(map(str, our_path))})")
         source = tensors[hf_key]
         hf_array = source.get(hf_key)
-        array = to_ours(hf_array)  # a view of the memory map: nothing is read yet
         expected = tuple(flat_abstract[our_path].shape)
-        if tuple(array.shape) != expected:
+        try:
+            array = to_ours(hf_array)  # a view of the memory map: nothing is read yet
+        except ValueError:  # the size does not even fit the head reshape
+            array = None
+        if array is None or tuple(array.shape) != expected:
+            # np.empty of uint8 is never touched (views only), so this costs no memory even for embeddings.
+            hf_expected = tuple(from_ours(np.empty(expected, np.uint8)).shape)
             raise CheckpointError(
-                f"{source.path}: tensor {hf_key!r} has shape {tuple(hf_array.shape)}, which does not fit "
-                f"{'/'.join(map(str, our_path))} of shape {expected} for this config.json"
+                f"{source.path}: tensor {hf_key!r} has shape {tuple(hf_array.shape)} but config.json implies "
+                f"{hf_expected} (for {'/'.join(map(str, our_path))}); is config.json from another model?"
             )
         named = flat_shardings[our_path].get_value()
 
@@ -304,6 +331,7 @@ def export_hf_checkpoint(
     if is_writer:
         if len(written) == 1:
             (out / written[0]).replace(out / "model.safetensors")
+            written = ["model.safetensors"]
             stale_index = out / "model.safetensors.index.json"
             if stale_index.exists():
                 stale_index.unlink()
@@ -311,10 +339,19 @@ def export_hf_checkpoint(
             total = sum((out / n).stat().st_size for n in written)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        _remove_stale_weights(out, keep=set(written))
         (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(torch_dtype=dtype), indent=2))
         if tokenizer_source is not None:
             copy_tokenizer_files(tokenizer_source, out)
     return out
+
+
+def _remove_stale_weights(out: Path, keep: set[str]) -> None:
+    """Deletes weight files of an earlier export into `out`: transformers reads `model.safetensors` before
+    an index, so a leftover single file would shadow a new sharded export."""
+    for p in out.glob("model*.safetensors"):
+        if p.name not in keep and re.fullmatch(r"model(-\d{5}(-of-\d{5})?)?\.safetensors", p.name):
+            p.unlink()
 
 
 def copy_tokenizer_files(source: str | Path, dest: str | Path) -> list[str]:

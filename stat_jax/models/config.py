@@ -58,6 +58,12 @@ class ModelConfig:
     def __post_init__(self):
         if self.architecture not in _HF_ARCH_NAME:
             raise UnsupportedModelError(f"architecture {self.architecture!r} is not one of {sorted(_HF_ARCH_NAME)}")
+        # Mirrors transformers: Qwen2 always has q/k/v bias; a Llama/Qwen3 bias would also sit on o_proj.
+        if self.attention_bias != (self.architecture == "qwen2"):
+            raise UnsupportedModelError(
+                f"attention_bias={self.attention_bias} is not implemented for {self.architecture} "
+                f"(only qwen2 has q/k/v bias, and it always does)"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -105,23 +111,25 @@ class ModelConfig:
             raise UnsupportedModelError(f"{source}: hidden_act={act!r}; only 'silu' is implemented")
         if d.get("mlp_bias"):
             raise UnsupportedModelError(f"{source}: mlp_bias=true is not implemented")
+        if arch != "qwen2" and d.get("attention_bias"):  # transformers then also puts a bias on o_proj
+            raise UnsupportedModelError(f"{source}: attention_bias=true is not implemented for {arch}")
         if arch in ("qwen2", "qwen3") and d.get("use_sliding_window"):
             raise UnsupportedModelError(f"{source}: use_sliding_window=true is not implemented")
 
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         head_dim = d.get("head_dim") or hidden // num_heads
-        rope_params = d.get("rope_parameters") or {}
-        rope_theta = float(d.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
-        scaling = d.get("rope_scaling")
-        if scaling is None and rope_params.get("rope_type", "default") != "default":
-            scaling = rope_params
-        rope_scaling = _parse_rope_scaling(scaling, source)
+        # transformers >= 5 writes `rope_parameters` (theta included); older files have `rope_theta` and
+        # `rope_scaling`. Same precedence as transformers: rope_scaling, then rope_parameters, then rope_theta.
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        rope_theta = float(rope.get("rope_theta") or d.get("rope_theta") or 10000.0)
+        max_positions = int(d.get("max_position_embeddings", 2048))
+        rope_scaling = _parse_rope_scaling(rope, source, default_original_max=max_positions)
 
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-        attention_bias = bool(d.get("attention_bias", arch == "qwen2"))
-        tie_default = arch != "llama"
+        # Qwen2 always has q/k/v bias (transformers ignores `attention_bias` for it); Llama/Qwen3 read the key.
+        attention_bias = True if arch == "qwen2" else bool(d.get("attention_bias", False))
         return cls(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
@@ -134,8 +142,9 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", tie_default)),
+            max_position_embeddings=max_positions,
+            # transformers' default is untied for all three families; tied checkpoints say so explicitly.
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
             qk_norm=arch == "qwen3",
             bos_token_id=d.get("bos_token_id"),
@@ -192,7 +201,7 @@ class ModelConfig:
         return d
 
 
-def _parse_rope_scaling(scaling: dict[str, Any] | None, source: str) -> RopeScaling | None:
+def _parse_rope_scaling(scaling: dict[str, Any], source: str, default_original_max: int) -> RopeScaling | None:
     if not scaling:
         return None
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -204,7 +213,8 @@ def _parse_rope_scaling(scaling: dict[str, Any] | None, source: str) -> RopeScal
             factor=float(scaling["factor"]),
             low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
             high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+            original_max_position_embeddings=int(
+                scaling.get("original_max_position_embeddings") or default_original_max),
         )
     if rope_type == "linear":
         return RopeScaling(rope_type="linear", factor=float(scaling["factor"]))

@@ -69,3 +69,18 @@ def hf_logits(model, tokens, mask, positions) -> np.ndarray:
                     attention_mask=torch.tensor(mask, dtype=torch.long),
                     position_ids=torch.tensor(positions, dtype=torch.long))
     return out.logits.float().numpy()
+
+
+def save_variants(root: Path, variants=tuple(VARIANTS), seed: int = 0) -> dict[str, tuple[Path, object]]:
+    """Writes each variant to root/<variant>; returns variant -> (checkpoint dir, torch model)."""
+    out = {}
+    for variant in variants:
+        path = Path(root) / variant
+        out[variant] = (path, save_hf_model(variant, path, seed))
+    return out
+
+
+def max_abs_diff_valid(a, b, mask) -> float:
+    """Largest |a - b| over the positions where mask is 1 (padding positions are ignored)."""
+    valid = np.asarray(mask).astype(bool)
+    return float(np.max(np.abs(np.asarray(a, np.float32)[valid] - np.asarray(b, np.float32)[valid])))

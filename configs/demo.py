@@ -1,0 +1,102 @@
+"""`stat-jax demo`: the complete offline STAT experiment on the built-in arithmetic task (2 CPU cores).
+
+`get_config()` is the default run (<= 15 minutes on 2 cores); `--quick` (or `--config=configs/demo.py:quick`)
+shrinks every stage for the test suite (<= 3 minutes). Every field can be overridden from the command line.
+"""
+
+import importlib.util
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+
+def _base() -> ConfigDict:
+    spec = importlib.util.spec_from_file_location("stat_jax_base_config", Path(__file__).with_name("base.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _set(c: ConfigDict, section: str, **values) -> None:
+    """Sets existing fields of a base.py section (owned by another module); a renamed field fails loudly."""
+    for k, v in values.items():
+        if k not in c[section]:
+            raise KeyError(f"configs/demo.py: configs/base.py has no field {section}.{k} any more; update the demo")
+        c[section][k] = v
+
+
+def get_config(variant: str = "default") -> ConfigDict:
+    c = _base()
+    c.seed = 0
+    c.workdir = "runs/demo"
+    c.model.dtype = "float32"  # CPU: float32 is faster than emulated bfloat16
+    c.model.param_dtype = "float32"
+
+    d = c.demo = ConfigDict()
+    # The task: sizes of the splits; the train split's skill weights make some skills rare (the gaps STAT finds).
+    d.train_size = 12000
+    d.heldout_size = 400  # profiling questions (the paper's MATH validation split)
+    d.test_size = 600  # never used for any choice: only the final table
+    d.rare_skills = ("borrow_subtraction", "modular_reduction", "percent")
+    d.rare_weight = 0.06
+    # The student: a tiny Llama, character-level.
+    d.hidden_size = 128
+    d.num_layers = 2
+    d.num_heads = 4
+    d.max_seq_len = 112
+    # Pre-training on the (imbalanced) train split.
+    d.pretrain_steps = 700
+    d.pretrain_batch_size = 32
+    d.pretrain_lr = 3e-3
+    # STAT: the pipeline's own settings (configs/base.py `stat`), sized for the demo.
+    _set(c, "stat", skills_sample_per_subject=200, label_max_skills=3, rollout_samples=4, rollout_temperature=0.7,
+         rollout_top_p=1.0, rollout_max_new_tokens=48, num_hard=150, grade_workers=0, diagnose_max_skills=3,
+         sel_questions_per_skill=5, sel_answers_per_question=3, sel_answer_source="teacher", sel_target_size=0,
+         syn_reference_questions=3, syn_new_questions=2, syn_solutions=3, syn_min_agree=2, syn_target_size=0)
+    _set(c, "teacher", backend="stat_jax.demo.offline_teacher:OfflineTeacher", model="offline-demo", max_workers=1,
+         max_retries=0)
+    d.skill_map_size = 3000  # train questions the teacher labels (the Skill-Map STAT-Sel selects from)
+    d.teacher_slip_rate = 0.25  # probability that a teacher-written solution has an arithmetic slip
+    d.teacher_label_noise = 0.0
+    d.flag_min_share = 0.1  # skills with >= 10% of the profile's mentions are "flagged" in the table
+    # Fine-tuning after the base model, at an equal token budget per method.
+    d.seeds = (0, 1, 2)
+    d.methods = ("sft", "stat_sel", "stat_syn")
+    d.finetune_tokens = 150_000
+    d.finetune_batch_size = 32
+    d.finetune_lr = 1e-3
+    d.grpo_steps = 8  # 0 disables the +GRPO rows
+    d.grpo_prompts = 16
+    d.grpo_samples = 4
+    d.grpo_lr = 2e-4
+    d.max_new_tokens = 48
+
+    c.eval.instruction = ""  # the demo's prompts are the bare problem text: short, like its training data
+    c.eval.max_new_tokens = d.max_new_tokens
+    _set(c, "eval", grade_workers=0, chunk_size=1024)
+
+    if variant == "quick":
+        quick(c)
+    elif variant != "default":
+        raise ValueError(f"configs/demo.py: unknown variant {variant!r}; use 'default' or 'quick'")
+    return c
+
+
+def quick(c: ConfigDict) -> ConfigDict:
+    """The suite's variant: every stage runs, on tiny sizes (<= 3 minutes on 2 cores)."""
+    d = c.demo
+    c.workdir = "runs/demo-quick"
+    d.train_size, d.heldout_size, d.test_size = 2000, 60, 100
+    d.hidden_size, d.num_layers, d.num_heads = 64, 2, 2
+    d.pretrain_steps = 120
+    d.pretrain_batch_size = 16
+    d.skill_map_size = 400
+    c.stat.rollout_samples = 2
+    c.stat.num_hard = 30
+    d.seeds = (0, 1)
+    d.finetune_tokens = 6_000
+    d.finetune_batch_size = 16
+    d.grpo_steps = 2
+    d.grpo_prompts = 4
+    d.grpo_samples = 2
+    return c

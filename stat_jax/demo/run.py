@@ -1,0 +1,533 @@
+"""`stat-jax demo`: the whole STAT experiment, offline, on the built-in arithmetic task, through the real code.
+
+    task splits -> tiny Llama pre-trained on a skill-imbalanced mix (the student, an HF checkpoint)
+    -> STAT pipeline (`stat.pipeline`: skills, label, rollout via the rollout backend, hard, diagnose,
+       profile, sel, syn) with the offline teacher behind the shared teacher client
+    -> per seed: plain SFT on the original mix vs STAT-Sel vs STAT-Syn at an equal token budget
+       (`train.sft`), each optionally followed by a short GRPO (`train.grpo`)
+    -> per-skill evaluation on the test split (`eval.evaluate`) -> table, JSON, plots.
+
+Every step writes under `config.workdir` with a manifest and is skipped when its manifest still matches,
+so a re-run is a no-op that reprints the same table and a killed run resumes. The test split is only
+evaluated: nothing is chosen by looking at it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from stat_jax.data.records import MathProblem, SFTExample
+from stat_jax.demo import task
+from stat_jax.stat import io
+
+log = logging.getLogger(__name__)
+
+STAT_STAGES = ("skills", "label", "rollout", "hard", "diagnose", "profile", "sel", "syn")
+METHOD_FILES = {"sft": "data/original_mix.jsonl", "stat_sel": "stat/sel/stat_sel.jsonl",
+                "stat_syn": "stat/syn/stat_syn.jsonl"}
+METHOD_LABELS = {"base": "base", "sft": "SFT (original mix)", "stat_sel": "STAT-Sel", "stat_syn": "STAT-Syn"}
+
+
+# ----- small helpers -------------------------------------------------------------------------------------------
+def _sub_config(config, workdir: Path, **overrides):
+    """A copy of `config` writing under `workdir`, with dotted-key overrides (the real commands read it)."""
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.workdir = str(workdir)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+def _step(root: Path, name: str, settings: dict[str, Any], inputs: Sequence[str], outputs: Sequence[str],
+          run: Callable[[], dict[str, Any] | None]) -> str:
+    """Runs one demo step unless its manifest (settings, input and output hashes) says it is done."""
+    if io.stage_is_done(root, name, settings, inputs):
+        return "skipped"
+    start = time.monotonic()
+    stats = run() or {}
+    io.write_manifest(root, name, settings, inputs, outputs,
+                      extra={"stats": stats, "seconds": round(time.monotonic() - start, 2)})
+    return "done"
+
+
+def _problems(path: Path) -> list[MathProblem]:
+    return [MathProblem.from_dict(r) for r in io.read_jsonl(path)]
+
+
+def _examples(path: Path) -> list[SFTExample]:
+    rows = io.read_jsonl(path)
+    return [SFTExample(response=r["response"], prompt=r.get("prompt"), messages=r.get("messages"), meta=r.get("meta"))
+            for r in rows]
+
+
+def reference_example(p: MathProblem, instruction: str) -> SFTExample:
+    """A training question with its reference solution, rendered like every other SFT example."""
+    from stat_jax.stat.sel import question_messages
+
+    return SFTExample(messages=question_messages(p.problem, instruction), response=p.solution,
+                      meta={"method": "original", "question_id": p.id, "skills": p.skills})
+
+
+def example_tokens(tokenizer, example: SFTExample) -> int:
+    """Tokens the trainer sees for one example: the chat-rendered prompt plus the response and EOS."""
+    prompt = example.prompt if example.prompt is not None else tokenizer.apply_chat_template(
+        example.messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(prompt + example.response, add_special_tokens=False)["input_ids"]) + 1
+
+
+def equal_budget(examples: Sequence[SFTExample], tokens: Sequence[int], budget: int, seed: int) -> list[SFTExample]:
+    """Examples drawn in seeded shuffled passes until `budget` tokens are reached (so every method gets the same)."""
+    if not examples:
+        raise ValueError("cannot fill a token budget from an empty training set")
+    rng = random.Random(seed)
+    out, total = [], 0
+    while total < budget:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in order:
+            out.append(examples[i])
+            total += tokens[i]
+            if total >= budget:
+                break
+    return out
+
+
+def per_skill_accuracy(records: Sequence[dict[str, Any]], problems: Sequence[MathProblem]) -> dict[str, Any]:
+    """Overall greedy accuracy and accuracy on the test questions that exercise each skill."""
+    by_id = {p.id: p for p in problems}
+    correct = {r["id"]: bool(r["greedy"]["correct"]) for r in records}
+    missing = [p.id for p in problems if p.id not in correct]
+    if missing:
+        raise ValueError(f"evaluation records lack {len(missing)} test questions (first: {missing[0]})")
+    out = {"overall": sum(correct.values()) / len(correct), "per_skill": {}}
+    for skill in task.SKILL_NAMES:
+        ids = [pid for pid in correct if skill in (by_id[pid].skills or [])]
+        out["per_skill"][skill] = sum(correct[i] for i in ids) / len(ids) if ids else None
+    return out
+
+
+def flagged_skills(profile: dict[str, Any], min_share: float) -> list[str]:
+    """The skills the Missing-Skill-Profile blames for at least `min_share` of all mentions."""
+    return [r["skill"] for r in profile["skills"] if r["frequency"] >= min_share]
+
+
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": list(values)}
+
+
+# ----- the student ---------------------------------------------------------------------------------------------
+def _tokenizer(path: Path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def make_initial_student(config, out_dir: Path) -> dict[str, Any]:
+    """A randomly initialised tiny Llama and the character tokenizer, saved as an HF checkpoint."""
+    from stat_jax.data.char_tokenizer import save_char_tokenizer
+    from stat_jax.models import export_hf_checkpoint, init_model, param_count
+    from stat_jax.models.llama import tiny_llama
+
+    d = config.demo
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = save_char_tokenizer(out_dir)
+    cfg = tiny_llama(vocab_size=len(tok), hidden_size=d.hidden_size, intermediate_size=3 * d.hidden_size,
+                     num_layers=d.num_layers, num_heads=d.num_heads, num_kv_heads=d.num_heads,
+                     head_dim=d.hidden_size // d.num_heads, max_position_embeddings=2 * d.max_seq_len,
+                     bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
+    model = init_model(cfg, seed=config.seed)
+    export_hf_checkpoint(model, out_dir, tokenizer_source=out_dir)
+    return {"params": param_count(model), "vocab": len(tok)}
+
+
+def train(config, workdir: Path, init_model: Path, files: Sequence[Path], *, steps: int, batch_size: int,
+          lr: float, seed: int) -> Path:
+    """SFT through `stat_jax.train.sft` (the real trainer); returns the HF export directory."""
+    from stat_jax.train import sft
+
+    sub = _sub_config(config, workdir, **{"model.path": str(init_model), "data.train_files": tuple(map(str, files))})
+    sub.seed = seed
+    apply_train_settings(sub, steps=steps, batch_size=batch_size, lr=lr)
+    status = sft.main(sub, _Args(resume=True))
+    if status:
+        raise RuntimeError(f"stat_jax.train.sft.main returned {status}; see {workdir}")
+    export = workdir / "hf"
+    if not (export / "config.json").exists():
+        raise RuntimeError(f"SFT finished without an HF export at {export}")
+    return export
+
+
+def apply_train_settings(c, *, steps: int, batch_size: int, lr: float) -> None:
+    """The demo's trainer settings, written into the `train`/`data` sections the SFT trainer reads."""
+    c.train.steps = steps
+    c.train.batch_size = batch_size
+    c.train.learning_rate = lr
+    c.data.max_length = c.demo.max_seq_len
+
+
+def evaluate_student(config, model_dir: Path, out_dir: Path, test: Sequence[MathProblem]) -> dict[str, Any]:
+    """Greedy answers to the test split through the rollout backend, graded; per-skill accuracy."""
+    from stat_jax.eval.evaluate import evaluate
+
+    tokenizer = _tokenizer(model_dir)
+    with student_backend(config, model_dir, tokenizer) as backend:
+        evaluate(backend, {"test": test}, tokenizer, config.eval, out_dir=out_dir, model_name=str(model_dir),
+                 print_table=False)
+    result = per_skill_accuracy(io.read_jsonl(out_dir / "test.jsonl"), test)
+    io.write_json(out_dir / "per_skill.json", result)
+    return result
+
+
+def student_backend(config, model_dir: Path, tokenizer):
+    """The rollout backend (JetStream by default) serving the student checkpoint in `model_dir`."""
+    from stat_jax import sharding
+    from stat_jax.models import load_hf_checkpoint
+    from stat_jax.rollout import make_rollout_backend
+
+    mesh = sharding.mesh_from_config(config.mesh)
+    model = load_hf_checkpoint(model_dir, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    return make_rollout_backend(config, model, tokenizer)
+
+
+class _Args:
+    def __init__(self, resume: bool = True):
+        self.resume = resume
+        self.only = None
+        self.dry_run = False
+        self.quick = False
+
+
+# ----- the experiment ------------------------------------------------------------------------------------------
+class Demo:
+    """The steps of the demo over one work directory."""
+
+    def __init__(self, config):
+        self.config = config
+        self.d = config.demo
+        self.root = Path(config.workdir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    # data -------------------------------------------------------------------------------------------------
+    def data(self) -> str:
+        d = self.d
+        settings = {"seed": self.config.seed, "sizes": [d.train_size, d.heldout_size, d.test_size],
+                    "rare": list(d.rare_skills), "rare_weight": d.rare_weight, "skill_map_size": d.skill_map_size,
+                    "instruction": self.config.eval.instruction}
+        outputs = ["data/train.jsonl", "data/heldout.jsonl", "data/test.jsonl", "data/original_mix.jsonl",
+                   "stat/data/train.jsonl", "stat/data/heldout.jsonl"]
+
+        def run():
+            splits = task.make_splits(self.config.seed, {"train": d.train_size, "heldout": d.heldout_size,
+                                                         "test": d.test_size},
+                                      {s: d.rare_weight for s in d.rare_skills})
+            for name, rows in splits.items():
+                io.write_jsonl(self.path(f"data/{name}.jsonl"), (p.to_dict() for p in rows))
+            io.write_jsonl(self.path("data/original_mix.jsonl"),
+                           (reference_example(p, self.config.eval.instruction).to_dict() for p in splits["train"]))
+            # The STAT pipeline's own data files: the questions the teacher labels (the Skill-Map pool the
+            # selection draws from) and the held-out questions the student is profiled on.
+            pool = random.Random(f"skill-map:{self.config.seed}").sample(splits["train"], d.skill_map_size)
+            io.write_jsonl(self.path("stat/data/train.jsonl"), (p.to_dict() for p in pool))
+            io.write_jsonl(self.path("stat/data/heldout.jsonl"), (p.to_dict() for p in splits["heldout"]))
+            return {k: len(v) for k, v in splits.items()}
+
+        return _step(self.root, "data", settings, [], outputs, run)
+
+    # student ----------------------------------------------------------------------------------------------
+    def student(self) -> str:
+        d = self.d
+        init_settings = {"seed": self.config.seed, "arch": [d.hidden_size, d.num_layers, d.num_heads, d.max_seq_len]}
+        _step(self.root, "student/init", init_settings, [], ["student/init/config.json"],
+              lambda: make_initial_student(self.config, self.path("student/init")))
+        settings = {**init_settings, "steps": d.pretrain_steps, "batch": d.pretrain_batch_size, "lr": d.pretrain_lr}
+
+        def run():
+            start = time.monotonic()
+            export = train(self.config, self.path("student/pretrain"), self.path("student/init"),
+                           [self.path("data/original_mix.jsonl")], steps=d.pretrain_steps,
+                           batch_size=d.pretrain_batch_size, lr=d.pretrain_lr, seed=self.config.seed)
+            io.write_json(self.path("student/base.json"), {"model": str(export)})
+            return {"seconds": round(time.monotonic() - start, 1)}
+
+        return _step(self.root, "student/base", settings, ["data/original_mix.jsonl", "student/init/config.json"],
+                     ["student/base.json"], run)
+
+    @property
+    def base_model(self) -> Path:
+        return Path(io.read_json(self.path("student/base.json"))["model"])
+
+    # STAT --------------------------------------------------------------------------------------------------
+    def stat(self) -> dict[str, str]:
+        """The STAT pipeline's stages on the base student, with the offline teacher and the rollout backend."""
+        from stat_jax.demo.offline_teacher import OfflineTeacher
+        from stat_jax.stat.pipeline import run_pipeline
+
+        d = self.d
+        config = _sub_config(self.config, self.root, **{"model.path": str(self.base_model),
+                                                         "stat.run_dir": str(self.path("stat")),
+                                                         "stat.stages": STAT_STAGES})
+        teacher = OfflineTeacher(seed=self.config.seed, solution_slip_rate=d.teacher_slip_rate,
+                                 label_noise=d.teacher_label_noise, max_missing_skills=config.stat.diagnose_max_skills)
+        # The pipeline builds the rollout backend from config.model.path itself, lazily: a re-run whose
+        # rollout stage is up to date never loads the student.
+        return run_pipeline(config, resume=True, teacher_backend=teacher)
+
+    # fine-tuning -------------------------------------------------------------------------------------------
+    def finetune_sets(self) -> str:
+        """Per seed and method, the training examples that fill exactly the same token budget."""
+        d = self.d
+        inputs = [METHOD_FILES[m] for m in d.methods]
+        settings = {"seeds": list(d.seeds), "methods": list(d.methods), "tokens": d.finetune_tokens}
+        outputs = [f"finetune/seed{s}/{m}/train.jsonl" for s in d.seeds for m in d.methods]
+
+        def run():
+            tokenizer = _tokenizer(self.base_model)
+            stats = {}
+            for m in d.methods:
+                examples = _examples(self.path(METHOD_FILES[m]))
+                tokens = [example_tokens(tokenizer, e) for e in examples]
+                for s in d.seeds:
+                    chosen = equal_budget(examples, tokens, d.finetune_tokens, seed=1000 * s + 17)
+                    io.write_jsonl(self.path(f"finetune/seed{s}/{m}/train.jsonl"), (e.to_dict() for e in chosen))
+                    stats[f"seed{s}/{m}"] = {"examples": len(chosen), "unique_source": len(examples)}
+            return stats
+
+        return _step(self.root, "finetune/sets", settings, inputs, outputs, run)
+
+    def finetune_steps(self, train_file: Path) -> int:
+        """One pass over the budgeted set: ceil(examples / batch)."""
+        n = sum(1 for _ in train_file.open())
+        return max(1, -(-n // self.d.finetune_batch_size))
+
+    def finetune(self, seed: int, method: str) -> Path:
+        d = self.d
+        name = f"finetune/seed{seed}/{method}"
+        train_file = self.path(f"{name}/train.jsonl")
+        settings = {"batch": d.finetune_batch_size, "lr": d.finetune_lr, "seed": seed}
+
+        def run():
+            export = train(self.config, self.path(f"{name}/sft"), self.base_model, [train_file],
+                           steps=self.finetune_steps(train_file), batch_size=d.finetune_batch_size,
+                           lr=d.finetune_lr, seed=seed)
+            io.write_json(self.path(f"{name}/model.json"), {"model": str(export)})
+
+        _step(self.root, f"{name}/train", settings, [f"{name}/train.jsonl", "student/base.json"],
+              [f"{name}/model.json"], run)
+        return Path(io.read_json(self.path(f"{name}/model.json"))["model"])
+
+    def grpo(self, seed: int, method: str, start: Path) -> Path:
+        """A short GRPO from the fine-tuned student, on training-split questions (never the test split)."""
+        from stat_jax.train import grpo as grpo_mod
+
+        d = self.d
+        name = f"finetune/seed{seed}/{method}"
+        settings = {"steps": d.grpo_steps, "prompts": d.grpo_prompts, "samples": d.grpo_samples, "lr": d.grpo_lr,
+                    "seed": seed}
+
+        def run():
+            sub = _sub_config(self.config, self.path(f"{name}/grpo"), **{"model.path": str(start)})
+            sub.seed = seed
+            apply_grpo_settings(sub, self.path("data/train.jsonl"))
+            status = grpo_mod.main(sub, _Args(resume=True))
+            if status:
+                raise RuntimeError(f"stat_jax.train.grpo.main returned {status}; see {sub.workdir}")
+            export = self.path(f"{name}/grpo/hf")
+            if not (export / "config.json").exists():
+                raise RuntimeError(f"GRPO finished without an HF export at {export}")
+            io.write_json(self.path(f"{name}/grpo_model.json"), {"model": str(export)})
+
+        _step(self.root, f"{name}/grpo", settings, [f"{name}/model.json"], [f"{name}/grpo_model.json"], run)
+        return Path(io.read_json(self.path(f"{name}/grpo_model.json"))["model"])
+
+    def evaluation(self, name: str, model_file: str) -> dict[str, Any]:
+        test = _problems(self.path("data/test.jsonl"))
+        out = self.path(f"{name}/eval")
+        settings = {"eval": self.config.eval.to_dict()}
+
+        def run():
+            model = Path(io.read_json(self.path(model_file))["model"])
+            return evaluate_student(self.config, model, out, test)
+
+        _step(self.root, f"{name}/eval", settings, ["data/test.jsonl", model_file], [f"{name}/eval/per_skill.json"],
+              run)
+        return io.read_json(out / "per_skill.json")
+
+    # report --------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        d = self.d
+        start = time.monotonic()
+        grid = [(s, m) for s in d.seeds for m in d.methods]
+        steps = ["data", "student", "stat", "base eval", "sets"] + [f"seed {s} {m}" for s, m in grid] + ["report"]
+        with tqdm(total=len(steps), desc="demo", unit="step") as bar:
+            def advance(label: str):
+                bar.set_postfix_str(label)
+                bar.update(1)
+
+            self.data(); advance("data")
+            self.student(); advance("student")
+            self.stat(); advance("stat")
+            io.write_json(self.path("student/base_model.json"), {"model": str(self.base_model)})
+            results: dict[str, list[dict[str, Any]]] = {"base": [self.evaluation("student", "student/base_model.json")]}
+            advance("base eval")
+            self.finetune_sets(); advance("sets")
+            for s, m in grid:
+                self.finetune(s, m)
+                results.setdefault(m, []).append(self.evaluation(f"finetune/seed{s}/{m}",
+                                                                 f"finetune/seed{s}/{m}/model.json"))
+                if d.grpo_steps > 0:
+                    self.grpo(s, m, self.finetune(s, m))
+                    results.setdefault(f"{m}+grpo", []).append(
+                        self.evaluation(f"finetune/seed{s}/{m}/grpo_run", f"finetune/seed{s}/{m}/grpo_model.json"))
+                advance(f"seed {s} {m}")
+            report = self.report(results)
+            advance("report")
+        report["runtime_s_this_invocation"] = round(time.monotonic() - start, 1)
+        return report
+
+    def report(self, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        profile = io.read_json(self.path("stat/profile/profile.json"))
+        flagged = flagged_skills(profile, self.config.demo.flag_min_share)
+        rows = {}
+        for name, runs in results.items():
+            per_skill = {s: _spread([r["per_skill"][s] for r in runs]) for s in task.SKILL_NAMES
+                         if all(r["per_skill"][s] is not None for r in runs)}
+            flagged_acc = [statistics.fmean(r["per_skill"][s] for s in flagged) for r in runs] if flagged else []
+            rows[name] = {"overall": _spread([r["overall"] for r in runs]), "per_skill": per_skill,
+                          "flagged": _spread(flagged_acc) if flagged_acc else None, "runs": len(runs)}
+        report = {
+            "seeds": list(self.config.demo.seeds),
+            "token_budget": self.config.demo.finetune_tokens,
+            "flagged_skills": flagged,
+            "profile": profile,
+            "rows": rows,
+            "sets": io.read_json(self.path("finetune/sets/manifest.json"))["stats"],
+            "sel_stats": io.read_json(self.path("stat/sel/stats.json")),
+            "syn_stats": io.read_json(self.path("stat/syn/stats.json")),
+        }
+        io.write_json(self.path("results.json"), report)
+        plot_per_skill(rows, flagged, self.path("per_skill_accuracy.png"))
+        (self.path("results.txt")).write_text(format_table(report) + "\n")
+        return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Accuracy (%) per method: overall, on the flagged skills, and per skill, as mean±std over seeds."""
+    rows = report["rows"]
+    skills = list(task.SKILL_NAMES)
+    flagged = set(report["flagged_skills"])
+    header = ["method", "overall", "flagged"] + [(s + "*" if s in flagged else s)[:12] for s in skills]
+
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{100 * v['mean']:.1f}" + (f"±{100 * v['std']:.1f}" if v["values"] and len(v["values"]) > 1 else "")
+
+    lines = []
+    for name, r in rows.items():
+        label = METHOD_LABELS.get(name, METHOD_LABELS.get(name.split("+")[0], name) + " +GRPO")
+        lines.append([label, cell(r["overall"]), cell(r["flagged"])] + [cell(r["per_skill"].get(s)) for s in skills])
+    widths = [max(len(str(x)) for x in col) + 2 for col in zip(header, *lines)]
+    fmt = lambda row: "".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))
+    notes = (f"accuracy (%) on the test split; mean±std over seeds {report['seeds']}; equal budget of "
+             f"{report['token_budget']} training tokens per method; * = flagged by the Missing-Skill-Profile")
+    return "\n".join([notes, fmt(header)] + [fmt(r) for r in lines])
+
+
+def plot_per_skill(rows: dict[str, Any], flagged: Sequence[str], path: Path) -> None:
+    """Grouped bars: per-skill test accuracy of each method (mean over seeds, std as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    skills = list(task.SKILL_NAMES)
+    names = list(rows)
+    x = np.arange(len(skills))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(13, 4.5))
+    for i, name in enumerate(names):
+        means = [rows[name]["per_skill"].get(s, {"mean": np.nan})["mean"] * 100 for s in skills]
+        stds = [rows[name]["per_skill"].get(s, {"std": 0})["std"] * 100 for s in skills]
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=name)
+    ax.set_xticks(x, [s + ("*" if s in flagged else "") for s in skills], rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Per-skill accuracy before (base) and after fine-tuning (* = flagged by the profile)")
+    ax.legend(fontsize=8, ncol=min(4, len(names)))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def apply_grpo_settings(c, train_file: Path) -> None:
+    """The demo's GRPO settings, written into the `grpo` section the GRPO trainer reads."""
+    d = c.demo
+    c.grpo.train_files = (str(train_file),)
+    c.grpo.steps = d.grpo_steps
+    c.grpo.prompts_per_step = d.grpo_prompts
+    c.grpo.num_generations = d.grpo_samples
+    c.grpo.learning_rate = d.grpo_lr
+    c.grpo.max_new_tokens = d.max_new_tokens
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def quick_variant(config):
+    """`--quick`: the values configs/demo.py:quick changes, except those the command line overrode."""
+    from stat_jax.config import load_config_file
+
+    default = _flatten(load_config_file("configs/demo.py").to_dict())
+    quick = _flatten(load_config_file("configs/demo.py:quick").to_dict())
+    current = _flatten(config.to_dict())
+    out = config.copy_and_resolve_references()
+    out.unlock()
+    for key, value in quick.items():
+        if default.get(key) != value and current.get(key) == default.get(key):
+            node = out
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+    return out
+
+
+def main(config, args) -> int:
+    """`stat-jax demo [--quick]`: runs (or resumes) the experiment and prints the results table."""
+    if getattr(args, "quick", False):
+        config = quick_variant(config)
+    if getattr(args, "dry_run", False):
+        print(json.dumps({"workdir": config.workdir, "seeds": list(config.demo.seeds),
+                          "methods": list(config.demo.methods)}, indent=2))
+        return 0
+    report = Demo(config).run()
+    print(format_table(report))
+    print(f"\nresults: {Path(config.workdir) / 'results.json'}; plots: "
+          f"{Path(config.workdir) / 'stat/profile/profile.png'}, {Path(config.workdir) / 'per_skill_accuracy.png'}")
+    return 0

@@ -1,0 +1,349 @@
+"""`stat-jax eval`: generate answers to math benchmarks with a student, grade them, and report accuracy.
+
+`evaluate` is the library entry point: it takes any generator (a `RolloutBackend`, or a callable
+`(prompts, SamplingParams, n) -> completions[prompt][sample]` returning `Completion`s or strings), renders
+prompts with the student's chat template, grades with math-verify in a process pool, and writes under
+`out_dir`:
+  <benchmark>.jsonl          one record per question: prompt, responses, extracted answers, correctness, metrics
+  <benchmark>.summary.json   pass@1 (greedy), avg@k, pass@j, per subject and level
+  <benchmark>.settings.json  what produced the records (a resumed run must match it)
+  summary.json               all benchmarks and the settings
+Work proceeds in chunks of questions appended to the JSONL, so `resume=True` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from stat_jax.data.grader import NO_BOXED, TIMEOUT, GradeResult, GraderPool
+from stat_jax.data.prompting import DEFAULT_INSTRUCTION, render_prompts
+from stat_jax.data.records import MathProblem
+from stat_jax.eval.metrics import grouped_metrics, mean_metrics, question_metrics
+from stat_jax.rollout.base import Completion, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+GenerateFn = Callable[[list[str], SamplingParams, int], Sequence[Sequence[Completion | str]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Everything about a run that changes its numbers (the `eval` config section, typed)."""
+
+    instruction: str = DEFAULT_INSTRUCTION
+    system_prompt: str = ""
+    use_chat_template: bool = True
+    greedy: bool = True
+    num_samples: int = 0  # k for avg@k / pass@k; 0 = greedy only
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    pass_k: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
+    max_new_tokens: int = 2048
+    seed: int = 0
+    grade_workers: int = 2
+    grade_timeout: float = 10.0
+    chunk_size: int = 256  # questions per generate-grade-append step
+
+    @classmethod
+    def from_config(cls, config) -> EvalSettings:
+        """From the `eval` ConfigDict section (or a full config holding one); unknown keys are ignored."""
+        section = config.eval if "eval" in config else config
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: section[k] for k in section.keys() if k in names}
+        if "seed" in config and section is not config:
+            values["seed"] = int(config.seed)  # the run's seed, so samples are reproducible per run
+        if "pass_k" in values:
+            values["pass_k"] = tuple(int(j) for j in values["pass_k"])
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not self.greedy and self.num_samples <= 0:
+            raise ValueError("eval: nothing to do; set eval.greedy=true or eval.num_samples=k > 0")
+        if self.num_samples < 0:
+            raise ValueError(f"eval.num_samples must be >= 0, got {self.num_samples}")
+        if self.num_samples > 0 and self.temperature <= 0:
+            raise ValueError("eval.num_samples > 0 needs eval.temperature > 0 (k greedy samples would be identical)")
+
+    def sampling(self, greedy: bool) -> SamplingParams:
+        if greedy:
+            return SamplingParams(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=self.seed)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, seed=self.seed)
+
+
+def _generate_fn(generator) -> GenerateFn:
+    """A RolloutBackend (anything with .generate) or a plain callable, as one calling convention."""
+    if hasattr(generator, "generate"):
+        return lambda prompts, sampling, n: generator.generate(prompts, sampling, n)
+    if callable(generator):
+        return generator
+    raise TypeError(f"generator must be a RolloutBackend or a callable, got {type(generator).__name__}")
+
+
+def _texts(outputs, n_prompts: int, n: int) -> list[list[tuple[str, str | None]]]:
+    """Validates completions[prompt][sample] and returns (text, finish_reason) pairs."""
+    if len(outputs) != n_prompts:
+        raise RuntimeError(f"generator returned results for {len(outputs)} prompts, expected {n_prompts}")
+    out = []
+    for i, samples in enumerate(outputs):
+        if len(samples) != n:
+            raise RuntimeError(f"generator returned {len(samples)} samples for prompt {i}, expected n={n}")
+        row = []
+        for s in samples:
+            if isinstance(s, Completion):
+                row.append((s.text, s.finish_reason))
+            elif isinstance(s, str):
+                row.append((s, None))
+            else:
+                raise RuntimeError(f"generator returned a {type(s).__name__} for prompt {i}; expected Completion or str")
+        out.append(row)
+    return out
+
+
+def _sample_record(text: str, finish_reason: str | None, grade: GradeResult) -> dict[str, Any]:
+    return {"response": text, "extracted": grade.extracted, "correct": grade.correct, "reason": grade.reason,
+            "finish_reason": finish_reason}
+
+
+def _question_record(benchmark: str, problem: MathProblem, prompt: str, greedy, samples, pass_ks) -> dict[str, Any]:
+    metrics = question_metrics(greedy["correct"] if greedy else None, [s["correct"] for s in samples], pass_ks)
+    return {"id": problem.id, "benchmark": benchmark, "subject": problem.subject, "level": problem.level,
+            "answer": problem.answer, "prompt": prompt, "greedy": greedy, "samples": samples, "metrics": metrics}
+
+
+def _evaluate_chunk(generate, problems, prompts, settings, pool, benchmark) -> list[dict[str, Any]]:
+    """Generates (greedy and/or k samples), grades in the pool, and returns one record per question."""
+    runs: list[tuple[str, list[list[tuple[str, str | None]]]]] = []
+    if settings.greedy:
+        runs.append(("greedy", _texts(generate(prompts, settings.sampling(True), 1), len(prompts), 1)))
+    if settings.num_samples:
+        k = settings.num_samples
+        runs.append(("samples", _texts(generate(prompts, settings.sampling(False), k), len(prompts), k)))
+    pairs = [(text, p.answer) for _, outs in runs for p, row in zip(problems, outs) for text, _ in row]
+    grades = iter(pool.grade_many(pairs, desc=f"grading {benchmark}"))
+    graded: dict[str, list[list[dict]]] = {}
+    for kind, outs in runs:
+        graded[kind] = [[_sample_record(text, fr, next(grades)) for text, fr in row] for row in outs]
+    records = []
+    for i, (problem, prompt) in enumerate(zip(problems, prompts)):
+        greedy = graded["greedy"][i][0] if "greedy" in graded else None
+        samples = graded.get("samples", [[]] * len(problems))[i]
+        records.append(_question_record(benchmark, problem, prompt, greedy, samples, settings.pass_k))
+    return records
+
+
+def _settings_fingerprint(benchmark: str, problems: Sequence[MathProblem], settings: EvalSettings,
+                          few_shot: Sequence[MathProblem], model: str) -> dict[str, Any]:
+    numeric = {k: v for k, v in dataclasses.asdict(settings).items()
+               if k not in ("grade_workers", "chunk_size")}  # these change speed, not numbers
+    ids = hashlib.sha256("\n".join(p.id + "\t" + p.answer for p in problems).encode()).hexdigest()[:16]
+    return {"benchmark": benchmark, "questions": len(problems), "questions_hash": ids, "model": model,
+            "few_shot_ids": [p.id for p in few_shot], **numeric}
+
+
+def _read_done(records_path: Path, settings_path: Path, fingerprint: dict, resume: bool) -> list[dict]:
+    """Records already written by an identical earlier run (resume), else [] after clearing stale files."""
+    if resume and records_path.exists() and settings_path.exists():
+        previous = json.loads(settings_path.read_text())
+        fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as stored
+        if previous != fingerprint:
+            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+            raise ValueError(f"{settings_path}: cannot resume, the settings changed ({', '.join(changed)}); "
+                             "use another eval.out_dir or drop --resume to start over")
+        done, lines = [], records_path.read_text(encoding="utf-8").splitlines()
+        for line in lines:
+            try:
+                done.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut off by the interruption: redo from there
+        if len(done) < len(lines):
+            records_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
+        return done
+    settings_path.write_text(json.dumps(fingerprint, indent=2))
+    records_path.write_text("")
+    return []
+
+
+def _summarize(benchmark: str, records: Sequence[dict], seconds: float) -> dict[str, Any]:
+    samples = [s for r in records for s in ([r["greedy"]] if r["greedy"] else []) + r["samples"]]
+    finish = [s["finish_reason"] for s in samples if s["finish_reason"] is not None]
+    return {
+        "benchmark": benchmark,
+        "n": len(records),
+        **mean_metrics([r["metrics"] for r in records]),
+        "no_boxed_rate": sum(s["reason"] == NO_BOXED for s in samples) / max(1, len(samples)),
+        "truncated_rate": (sum(f == "length" for f in finish) / len(finish)) if finish else None,
+        "grading_timeouts": sum(s["reason"] == TIMEOUT for s in samples),
+        "by_subject": grouped_metrics(records, "subject"),
+        "by_level": grouped_metrics(records, "level"),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _evaluate_benchmark(name, problems, generate, tokenizer, settings, few_shot, pool, out_dir, resume, model):
+    start = time.perf_counter()
+    records_path, settings_path = out_dir / f"{name}.jsonl", out_dir / f"{name}.settings.json"
+    fingerprint = _settings_fingerprint(name, problems, settings, few_shot, model)
+    records = _read_done(records_path, settings_path, fingerprint, resume)
+    if records:
+        logger.info("%s: resuming after %d/%d questions from %s", name, len(records), len(problems), records_path)
+    prompts = render_prompts(tokenizer, problems, instruction=settings.instruction,
+                             system_prompt=settings.system_prompt, few_shot=few_shot,
+                             use_chat_template=settings.use_chat_template)
+    chunk = settings.chunk_size if settings.chunk_size > 0 else len(problems)
+    for lo in range(len(records), len(problems), chunk):
+        hi = min(lo + chunk, len(problems))
+        logger.info("%s: questions %d-%d of %d", name, lo, hi, len(problems))
+        new = _evaluate_chunk(generate, problems[lo:hi], prompts[lo:hi], settings, pool, name)
+        with open(records_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+        records.extend(new)
+    summary = _summarize(name, records, time.perf_counter() - start)
+    (out_dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate(
+    generator,
+    benchmarks: Mapping[str, Sequence[MathProblem]],
+    tokenizer,
+    config,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    few_shot: Sequence[MathProblem] = (),
+    resume: bool = False,
+    model_name: str = "",
+    pool: GraderPool | None = None,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """Evaluates `generator` on each named benchmark; writes records and summaries under `out_dir`.
+
+    `config` is a full config, its `eval` section, or an EvalSettings; `out_dir` defaults to eval.out_dir,
+    else <workdir>/eval. Returns the overall summary dict.
+    """
+    settings = config if isinstance(config, EvalSettings) else EvalSettings.from_config(config)
+    settings.validate()
+    out = Path(out_dir or _default_out_dir(config))
+    out.mkdir(parents=True, exist_ok=True)
+    generate = _generate_fn(generator)
+    own_pool = pool is None
+    pool = pool or GraderPool(workers=settings.grade_workers, timeout=settings.grade_timeout)
+    try:
+        results = {name: _evaluate_benchmark(name, list(problems), generate, tokenizer, settings, few_shot, pool,
+                                             out, resume, model_name)
+                   for name, problems in benchmarks.items()}
+    finally:
+        if own_pool:
+            pool.close()
+    summary = {"model": model_name, "settings": dataclasses.asdict(settings),
+               "few_shot_ids": [p.id for p in few_shot], "benchmarks": results}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if print_table:
+        print(format_table(summary))
+    return summary
+
+
+def _default_out_dir(config) -> Path:
+    if not isinstance(config, EvalSettings):
+        section = config.eval if "eval" in config else config
+        if section.get("out_dir"):
+            return Path(section.out_dir)
+        if config.get("workdir"):
+            return Path(config.workdir) / "eval"
+    raise ValueError("evaluate: pass out_dir=..., or a config with eval.out_dir or workdir set")
+
+
+def _metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = [k for r in rows for k in r if "@" in k]
+    return list(dict.fromkeys(keys))
+
+
+def _table(title: str, rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    columns = _metric_columns([r for _, r in rows])
+    width = max([len(title)] + [len(name) for name, _ in rows]) + 2
+    lines = [title.ljust(width) + "n".rjust(6) + "".join(c.rjust(10) for c in columns)]
+    for name, r in rows:
+        cells = "".join((f"{100 * r[c]:.1f}" if c in r else "-").rjust(10) for c in columns)
+        lines.append(name.ljust(width) + str(r["n"]).rjust(6) + cells)
+    return "\n".join(lines)
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """Accuracy (%) per benchmark, then per subject and per level where the benchmark has them."""
+    benchmarks = summary["benchmarks"]
+    parts = [_table("benchmark", [(name, b) for name, b in benchmarks.items()])]
+    for name, b in benchmarks.items():
+        for group in ("by_subject", "by_level"):
+            if b[group]:
+                parts.append(_table(f"{name} {group[3:]}", list(b[group].items())))
+    return "\n\n".join(parts)
+
+
+def _benchmark_names(value) -> list[str]:
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError("eval.benchmarks is empty; e.g. --config.eval.benchmarks=math500,aime24")
+    return names
+
+
+def load_eval_benchmarks(config) -> tuple[dict[str, list[MathProblem]], list[MathProblem]]:
+    """The benchmarks named in config.eval (local paths from eval.paths, else the hub) and the few-shot examples."""
+    from stat_jax.data.math_datasets import BENCHMARKS, load_benchmark
+
+    ev = config.eval
+
+    def source(name: str) -> str | None:
+        return (ev.paths.get(name) or None) if name in ev.paths else None
+
+    benchmarks = {}
+    for name in _benchmark_names(ev.benchmarks):
+        if name not in BENCHMARKS:
+            raise ValueError(f"eval.benchmarks: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        benchmarks[name] = load_benchmark(name, source(name), limit=ev.limit or None, on_bad_row=ev.on_bad_row)
+    few_shot = []
+    if ev.few_shot > 0:
+        few_shot = load_benchmark(ev.few_shot_from, source(ev.few_shot_from), limit=ev.few_shot)
+    return benchmarks, few_shot
+
+
+def main(config, args) -> int:
+    """`stat-jax eval`: load the student and its tokenizer, build the rollout backend, evaluate."""
+    benchmarks, few_shot = load_eval_benchmarks(config)
+    out_dir = Path(config.eval.out_dir or Path(config.workdir) / "eval")
+    if getattr(args, "dry_run", False):
+        print(json.dumps({"out_dir": str(out_dir), "model": config.model.path,
+                          "benchmarks": {k: len(v) for k, v in benchmarks.items()},
+                          "few_shot": [p.id for p in few_shot]}, indent=2))
+        return 0
+    if not config.model.path:
+        raise ValueError("stat-jax eval needs a student: --config.model.path=/path/to/hf_checkpoint")
+
+    import transformers
+
+    from stat_jax import sharding
+    from stat_jax.models import load_hf_checkpoint
+    from stat_jax.models.hub import resolve_model_path
+    from stat_jax.rollout import make_rollout_backend  # the engine is heavy: import only when generating
+
+    model_path = resolve_model_path(config.model.path)
+    tokenizer_path = config.model.tokenizer_path or model_path
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path))
+    mesh = sharding.mesh_from_config(config.mesh)
+    model = load_hf_checkpoint(model_path, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    with make_rollout_backend(config, model, tokenizer) as backend:
+        evaluate(backend, benchmarks, tokenizer, config, out_dir=out_dir, few_shot=few_shot,
+                 resume=bool(getattr(args, "resume", False)), model_name=str(config.model.path))
+    logger.info("eval results in %s", out_dir)
+    return 0

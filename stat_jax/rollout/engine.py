@@ -1,0 +1,357 @@
+"""A JetStream 0.2.2 `Engine` over the stat-jax decoder (`DecoderLM.decode` / `init_cache`).
+
+The life of a request, in JetStream's terms:
+- `prefill`: the prompt, right-padded to a power-of-two length bucket (16 .. max_prefill_length), runs as a
+  batch of one into a fresh cache; the first token is sampled from the logits at `true_length - 1`.
+- `insert`: writes that prefix cache into one slot (row) of the decode cache, with the slot's sampling
+  settings, key and stop ids.
+- `generate`: one step for every slot: emits each slot's pending token (marked invalid when it is a stop id,
+  which ends the request without returning it), feeds it at the slot's next cache position and samples the
+  next one.
+Compilations are bounded: one prefill and one insert per bucket, one generate. Parameters are read from a
+`ParamHolder` on every call, so swapping `holder.state` updates every JetStream thread without recompiling
+(0.2.2 binds params once per thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stat_jax import sharding
+from stat_jax.models.build import as_dtype
+from stat_jax.models.transformer import CACHE_AXES, DecoderLM, KVCache
+from stat_jax.rollout.base import SamplingParams
+from stat_jax.rollout.jetstream_compat import load_jetstream
+from stat_jax.rollout.sampling import request_key, sample_tokens, step_keys
+
+js = load_jetstream()
+
+MAX_STOP_IDS = 16  # per request: EOS ids + SamplingParams.stop_token_ids, padded with -1
+NO_STOP = -1
+
+
+def prefill_buckets(max_prefill_length: int) -> list[int]:
+    """JetStream 0.2.2's padding buckets (`token_utils.pad_tokens`): powers of two from 16 to the maximum."""
+    buckets = [16 * 2**i for i in range(12)]
+    if max_prefill_length not in buckets:
+        raise ValueError(
+            f"rollout.max_prefill_length={max_prefill_length} must be one of JetStream's prefill buckets {buckets}"
+        )
+    return buckets[: buckets.index(max_prefill_length) + 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """Static shapes of the engine: they decide what gets compiled."""
+
+    max_concurrent_decodes: int = 8  # decode slots (the generate batch)
+    max_prefill_length: int = 1024  # largest prompt bucket
+    max_target_length: int = 3072  # cache length per slot: prompt + generated tokens must fit below it
+    cache_dtype: str = ""  # "" = the model's compute dtype
+
+    def __post_init__(self):
+        prefill_buckets(self.max_prefill_length)
+        if self.max_concurrent_decodes < 1:
+            raise ValueError(f"rollout.max_concurrent_decodes must be >= 1, got {self.max_concurrent_decodes}")
+        if self.max_target_length <= self.max_prefill_length:
+            raise ValueError(
+                f"rollout.max_target_length={self.max_target_length} must exceed rollout.max_prefill_length="
+                f"{self.max_prefill_length} (the cache holds the prompt and the generated tokens)"
+            )
+
+
+class ParamHolder:
+    """Mutable box the engine reads on every call; `state` is an nnx.State of the model's parameters."""
+
+    def __init__(self, state: nnx.State):
+        self.state = state
+        self.version = 0
+
+    def swap(self, state: nnx.State) -> None:
+        self.state = state
+        self.version += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestSampling:
+    """Per-request sampling that JetStream's proto cannot carry; attached to in-process requests."""
+
+    sampling: SamplingParams
+    prompt_index: int
+    sample_index: int
+
+
+@flax.struct.dataclass
+class Prefix:
+    """A prefilled request: its batch-1 cache and everything `insert` needs for its slot."""
+
+    cache: KVCache
+    first_token: jax.Array  # int32 []
+    length: jax.Array  # int32 [], the prompt length = the next cache position
+    key: jax.Array  # uint32 [2]
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    stop_ids: jax.Array  # int32 [MAX_STOP_IDS]
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """All slots: the shared cache, the pending (sampled, not yet emitted) token and per-slot settings."""
+
+    cache: KVCache
+    tokens: jax.Array  # int32 [slots]: emitted by the next generate step, then fed to the model
+    positions: jax.Array  # int32 [slots]: cache position the pending token is written at
+    generated: jax.Array  # int32 [slots]: 1-based index of the pending token among the generated ones
+    keys: jax.Array  # uint32 [slots, 2]
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    stop_ids: jax.Array  # int32 [slots, MAX_STOP_IDS]
+
+
+class HFTokenizer(js.tokenizer_api.Tokenizer):
+    """JetStream tokenizer backed by a Hugging Face tokenizer.
+
+    Text is taken as already rendered (chat template included), so it is encoded with
+    `add_special_tokens=False`; requests normally arrive as token ids.
+    """
+
+    def __init__(self, hf_tokenizer, extra_eos_ids: Sequence[int] = ()):
+        self.hf = hf_tokenizer
+        eos = hf_tokenizer.eos_token_id
+        eos_ids = ([eos] if isinstance(eos, int) else list(eos or [])) + list(extra_eos_ids)
+        if not eos_ids:
+            raise ValueError(f"tokenizer {hf_tokenizer.name_or_path!r} has no eos_token_id; rollouts cannot stop")
+        self.eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids))
+        pad = hf_tokenizer.pad_token_id
+        self._pad_id = int(pad) if pad is not None else self.eos_ids[0]
+        bos = hf_tokenizer.bos_token_id
+        self._bos_id = int(bos) if bos is not None else self._pad_id
+
+    def encode(self, s: str, **kwargs):
+        ids = np.asarray(self.hf(s, add_special_tokens=False)["input_ids"], np.int32)
+        return js.token_utils.pad_tokens(
+            ids, self._bos_id, self._pad_id, is_bos=False,
+            max_prefill_length=kwargs.get("max_prefill_length"), jax_padding=kwargs.get("jax_padding", False),
+        )
+
+    def decode(self, token_ids: list[int], **kwargs) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=kwargs.get("skip_special_tokens", True))
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.eos_ids[0]
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def stop_tokens(self) -> set[int]:
+        # Not the pad id (JetStream's default): a model may legitimately emit it, and HF generate does not stop.
+        return set(self.eos_ids)
+
+
+def stop_id_row(eos_ids: Sequence[int], extra: Sequence[int]) -> np.ndarray:
+    """EOS ids then the request's stop ids, padded with NO_STOP to MAX_STOP_IDS."""
+    ids = list(dict.fromkeys([*eos_ids, *extra]))
+    if len(ids) > MAX_STOP_IDS:
+        raise ValueError(f"at most {MAX_STOP_IDS} stop ids (EOS included) per request, got {len(ids)}: {ids}")
+    return np.asarray(ids + [NO_STOP] * (MAX_STOP_IDS - len(ids)), np.int32)
+
+
+# ----- jitted kernels (module level: one compilation cache for every engine; `graphdef` is static) --------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype"))
+def _prefill(graphdef, state, tokens, true_length, seed, prompt_index, sample_index, temperature, top_p, top_k,
+             stop_ids, *, cache_dtype):
+    model: DecoderLM = nnx.merge(graphdef, state)
+    bucket = tokens.shape[0]
+    cache = model.init_cache(1, bucket, cache_dtype)
+    positions = jnp.arange(bucket, dtype=jnp.int32)[None, :]
+    logits, cache = model.decode(tokens[None, :], positions, cache, jnp.zeros((1,), jnp.int32))
+    key = request_key(seed, prompt_index, sample_index)
+    last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, axis=0, keepdims=True)
+    first = sample_tokens(last, step_keys(key[None], jnp.zeros((1,), jnp.int32)), temperature[None],
+                          top_p[None], top_k[None])[0]
+    return Prefix(cache=cache, first_token=first, length=true_length, key=key, temperature=temperature,
+                  top_p=top_p, top_k=top_k, stop_ids=stop_ids)
+
+
+@functools.partial(jax.jit, donate_argnums=(1,))
+def _insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
+    def put(buffer, row):
+        return jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), (slot, 0, 0, 0))
+
+    cache = KVCache(keys=tuple(map(put, state.cache.keys, prefix.cache.keys)),
+                    values=tuple(map(put, state.cache.values, prefix.cache.values)))
+    return DecodeState(
+        cache=cache,
+        tokens=state.tokens.at[slot].set(prefix.first_token),
+        positions=state.positions.at[slot].set(prefix.length),
+        generated=state.generated.at[slot].set(1),
+        keys=state.keys.at[slot].set(prefix.key),
+        temperature=state.temperature.at[slot].set(prefix.temperature),
+        top_p=state.top_p.at[slot].set(prefix.top_p),
+        top_k=state.top_k.at[slot].set(prefix.top_k),
+        stop_ids=state.stop_ids.at[slot].set(prefix.stop_ids),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
+def _generate(graphdef, params, state: DecodeState):
+    model: DecoderLM = nnx.merge(graphdef, params)
+    # Finished slots keep stepping until JetStream reuses them; clamping keeps their writes in their own row.
+    positions = jnp.minimum(state.positions, state.cache.max_length - 1)
+    logits, cache = model.decode(state.tokens[:, None], positions[:, None], state.cache, positions)
+    next_tokens = sample_tokens(logits[:, 0], step_keys(state.keys, state.generated), state.temperature,
+                                state.top_p, state.top_k)
+    emitted_is_stop = jnp.any(state.tokens[:, None] == state.stop_ids, axis=-1)
+    result = jnp.stack([state.tokens, (~emitted_is_stop).astype(jnp.int32), state.generated], axis=-1)
+    new_state = state.replace(cache=cache, tokens=next_tokens, positions=state.positions + 1,
+                              generated=state.generated + 1)
+    return new_state, result
+
+
+def _zeros_decode_state(cfg, slots: int, length: int, dtype) -> DecodeState:
+    cache = KVCache.zeros(cfg, slots, length, dtype)
+    cache = KVCache(keys=tuple(sharding.constrain(k, CACHE_AXES) for k in cache.keys),
+                    values=tuple(sharding.constrain(v, CACHE_AXES) for v in cache.values))
+    zeros = jnp.zeros((slots,), jnp.int32)
+    return DecodeState(cache=cache, tokens=zeros, positions=zeros, generated=zeros,
+                       keys=jnp.zeros((slots, 2), jnp.uint32), temperature=jnp.zeros((slots,), jnp.float32),
+                       top_p=jnp.ones((slots,), jnp.float32), top_k=zeros,
+                       stop_ids=jnp.full((slots, MAX_STOP_IDS), NO_STOP, jnp.int32))
+
+
+def mesh_of(state: nnx.State) -> jax.sharding.Mesh | None:
+    """The mesh the parameters live on, or None for single-device (unsharded) params."""
+    for leaf in jax.tree.leaves(state):
+        s = getattr(leaf, "sharding", None)
+        if isinstance(s, jax.sharding.NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
+
+
+class StudentEngine(js.engine_api.Engine):
+    """JetStream 0.2.2 engine for a stat-jax `DecoderLM` (Llama / Qwen2 / Qwen3)."""
+
+    def __init__(self, model: DecoderLM, tokenizer: HFTokenizer, settings: EngineSettings,
+                 default_sampling: SamplingParams = SamplingParams()):
+        graphdef, state = nnx.split(model)
+        self.graphdef = graphdef
+        self.model_config = model.config
+        self.params = ParamHolder(state)
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.default_sampling = default_sampling  # for requests that carry none (gRPC)
+        self.cache_dtype = as_dtype(settings.cache_dtype) if settings.cache_dtype else model.dtype
+        self.buckets = prefill_buckets(settings.max_prefill_length)
+        self._mesh = mesh_of(state)
+        self._pending = threading.local()
+        self._request_counter = itertools.count()
+
+    # ----- stat-jax extensions ------------------------------------------------------------------------
+    def mesh_context(self):
+        return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
+
+    def set_pending_request(self, request_sampling: RequestSampling | None) -> None:
+        """Called by the prefill thread just before `prefill`: the request's sampling and identity."""
+        self._pending.value = request_sampling
+
+    def compilation_counts(self) -> dict[str, int]:
+        """Compiled variants held by each kernel (shared by all engines in the process)."""
+        return {"prefill": _prefill._cache_size(), "insert": _insert._cache_size(),
+                "generate": _generate._cache_size()}
+
+    def _request_sampling(self) -> RequestSampling:
+        pending = getattr(self._pending, "value", None)
+        self._pending.value = None
+        if pending is not None:
+            return pending
+        # A gRPC request: engine-wide sampling, keyed by arrival order (the proto has no seed field).
+        return RequestSampling(self.default_sampling, next(self._request_counter), 0)
+
+    # ----- JetStream Engine API -----------------------------------------------------------------------
+    def prefill(self, *, params, existing_prefix=None, padded_tokens, true_length: int) -> Prefix:
+        if existing_prefix is not None:
+            raise ValueError("StudentEngine.prefill: continuing an existing prefix (session cache) is not offered")
+        state = params.state if isinstance(params, ParamHolder) else params
+        req = self._request_sampling()
+        s = req.sampling
+        stop_ids = stop_id_row(self.tokenizer.eos_ids, s.stop_token_ids)
+        with self.mesh_context():
+            return _prefill(
+                self.graphdef, state, jnp.asarray(padded_tokens, jnp.int32), jnp.int32(true_length),
+                jnp.uint32(s.seed), jnp.int32(req.prompt_index), jnp.int32(req.sample_index),
+                jnp.float32(s.temperature), jnp.float32(s.top_p), jnp.int32(s.top_k), jnp.asarray(stop_ids),
+                cache_dtype=self.cache_dtype,
+            )
+
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
+        with self.mesh_context():
+            return _insert(prefix, decode_state, jnp.int32(slot))
+
+    def generate(self, params, decode_state: DecodeState):
+        state = params.state if isinstance(params, ParamHolder) else params
+        with self.mesh_context():
+            decode_state, result = _generate(self.graphdef, state, decode_state)
+        tokens = js.engine_api.ResultTokens(data=result, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
+                                            samples_per_slot=1)
+        return decode_state, tokens
+
+    def load_params(self, *args, **kwargs) -> ParamHolder:
+        return self.params
+
+    def get_prefix_destination_sharding(self) -> Any:
+        return None  # interleaved mode: prefill and generate share devices, nothing is transferred
+
+    def get_tokenizer(self):
+        return js.tokenizer_pb2.TokenizerParameters(path=str(getattr(self.tokenizer.hf, "name_or_path", "")))
+
+    def build_tokenizer(self, metadata) -> HFTokenizer:
+        return self.tokenizer
+
+    def init_decode_state(self, *args, **kwargs) -> DecodeState:
+        s = self.settings
+        with self.mesh_context():
+            return jax.jit(_zeros_decode_state, static_argnums=(0, 1, 2, 3))(
+                self.model_config, s.max_concurrent_decodes, s.max_target_length, self.cache_dtype)
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self.settings.max_concurrent_decodes
+
+    @property
+    def samples_per_slot(self) -> int:
+        return 1
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self.settings.max_prefill_length
+
+    @property
+    def mesh(self):
+        return self._mesh
+
+    @property
+    def colocated_cpus(self):
+        return None

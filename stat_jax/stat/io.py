@@ -1,0 +1,98 @@
+"""Run-directory files for the STAT stages: atomic JSON/JSONL writes, hashes, and per-stage manifests.
+
+A stage is finished when `<stage>/manifest.json` exists and records the same stage config and input
+hashes as now, and every output it lists still has the recorded hash. Anything else re-runs the stage
+(teacher answers come back from the cache, so a re-run costs nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from stat_jax.teacher.cache import atomic_write_text
+
+MANIFEST = "manifest.json"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); delete it and re-run its stage") from None
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
+    lines = [json.dumps(dict(r), sort_keys=True, default=str) for r in rows]
+    atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); delete the file and re-run "
+                                     "its stage") from None
+    return rows
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _hashes(run_dir: Path, names: Sequence[str]) -> dict[str, str]:
+    return {name: file_hash(run_dir / name) for name in names}
+
+
+def stage_is_done(run_dir: Path, stage: str, stage_config: Any, inputs: Sequence[str]) -> bool:
+    """True when the stage's manifest matches the current config and inputs and its outputs are intact."""
+    manifest_path = run_dir / stage / MANIFEST
+    if not manifest_path.exists():
+        return False
+    try:
+        manifest = read_json(manifest_path)
+        if manifest.get("config_hash") != json_hash(stage_config):
+            return False
+        if manifest.get("inputs") != _hashes(run_dir, inputs):
+            return False
+        return all((run_dir / n).exists() and file_hash(run_dir / n) == h for n, h in manifest["outputs"].items())
+    except (ValueError, FileNotFoundError, KeyError):
+        return False
+
+
+def write_manifest(run_dir: Path, stage: str, stage_config: Any, inputs: Sequence[str], outputs: Sequence[str],
+                   extra: Mapping[str, Any] | None = None) -> None:
+    missing = [n for n in outputs if not (run_dir / n).exists()]
+    if missing:
+        raise RuntimeError(f"stage {stage!r} finished without writing {missing} under {run_dir}")
+    write_json(run_dir / stage / MANIFEST, {
+        "stage": stage, "config": stage_config, "config_hash": json_hash(stage_config),
+        "inputs": _hashes(run_dir, inputs), "outputs": _hashes(run_dir, outputs),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(dict(extra) if extra else {}),
+    })

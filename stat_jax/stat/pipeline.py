@@ -1,0 +1,489 @@
+"""`stat-jax run`: the STAT pipeline as a list of stages over one run directory.
+
+Each stage reads files written by earlier stages and writes its own files plus `<stage>/manifest.json`
+(the stage's config, input hashes, output hashes). A stage whose manifest still matches is skipped, so
+re-running after a crash, a budget stop or a config change redoes only what changed; teacher answers come
+from the cache, so redoing a teacher stage costs nothing. Teacher stages run on process 0 only; the other
+processes of a multi-host job wait for the manifest and read the files.
+
+    data -> skills -> label -> rollout -> hard -> diagnose -> profile -> sel / syn -> sft -> eval [-> grpo -> eval]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from stat_jax.data.records import MathProblem, SFTExample
+from stat_jax.stat import hard as hard_mod
+from stat_jax.stat import io
+from stat_jax.stat import profile as profile_mod
+from stat_jax.stat import sel as sel_mod
+from stat_jax.stat import skills as skills_mod
+from stat_jax.stat import syn as syn_mod
+from stat_jax.teacher.base import BudgetExceeded, TeacherBackend, TeacherError
+
+log = logging.getLogger(__name__)
+
+EXIT_BUDGET = 3  # `stat-jax run` exit status when the teacher budget stopped a stage (resumable)
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What stages share: the config, the run directory, and lazily built teacher/student/scorer."""
+
+    config: Any
+    run_dir: Path
+    teacher_backend: TeacherBackend | None = None
+    rollout_backend: Any = None  # a RolloutBackend; built from config.model when None
+    tokenizer: Any = None
+    scorer: Any = None  # a hard.ResponseScorer; built from config.stat.scorer when None
+    resume: bool = True
+    _teacher: Any = None
+
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            from stat_jax.teacher.build import build_teacher_client
+
+            self._teacher = build_teacher_client(self.config, self.run_dir, self.teacher_backend)
+        return self._teacher
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+    @property
+    def instruction(self) -> str:
+        return self.config.stat.instruction or self.config.eval.instruction
+
+    def student_tokenizer(self):
+        if self.tokenizer is None:
+            import transformers
+
+            from stat_jax.models.hub import resolve_model_path
+
+            if not self.config.model.path:
+                raise ValueError("the rollout stage needs a student: --config.model.path=/path/to/hf_checkpoint")
+            path = self.config.model.tokenizer_path or resolve_model_path(self.config.model.path)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        return self.tokenizer
+
+    def student_backend(self):
+        if self.rollout_backend is None:
+            from stat_jax import sharding
+            from stat_jax.models import load_hf_checkpoint
+            from stat_jax.models.hub import resolve_model_path
+            from stat_jax.rollout import make_rollout_backend  # heavy: only when the student generates
+
+            c = self.config
+            mesh = sharding.mesh_from_config(c.mesh)
+            model = load_hf_checkpoint(resolve_model_path(c.model.path), mesh, dtype=c.model.dtype,
+                                       param_dtype=c.model.param_dtype)
+            self.rollout_backend = make_rollout_backend(c, model, self.student_tokenizer())
+        return self.rollout_backend
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step: `run(ctx) -> stats` turns `inputs` into `outputs` (paths relative to the run directory)."""
+
+    name: str
+    run: Callable[[StageContext], dict[str, Any] | None]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    config_keys: tuple[str, ...]  # dotted config fields that change this stage's result
+    process0_only: bool = True  # False: every process takes part (device work), process 0 writes
+
+
+def _select(config: Any, keys: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node.to_dict() if hasattr(node, "to_dict") else (list(node) if isinstance(node, tuple) else node)
+    return out
+
+
+def _problems(path: Path) -> list[MathProblem]:
+    return [MathProblem.from_dict(r) for r in io.read_jsonl(path)]
+
+
+def _write_examples(path: Path, examples: Sequence[SFTExample]) -> int:
+    return io.write_jsonl(path, (e.to_dict() for e in examples))
+
+
+# ----- stages --------------------------------------------------------------------------------------------------
+def stage_data(ctx: StageContext) -> dict[str, Any]:
+    """Snapshots the training and held-out questions into the run directory (later stages read only these)."""
+    from stat_jax.data.math_datasets import load_benchmark
+
+    s = ctx.config.stat
+    train = load_benchmark(s.train_benchmark, s.train_source or None, limit=s.train_limit or None)
+    heldout = load_benchmark(s.heldout_benchmark, s.heldout_source or None, limit=s.heldout_limit or None)
+    overlap = {p.problem for p in train} & {p.problem for p in heldout}
+    if overlap:
+        raise ValueError(f"{len(overlap)} held-out questions also appear in the training data "
+                         f"({s.train_benchmark} vs {s.heldout_benchmark}); the profile must come from unseen questions")
+    io.write_jsonl(ctx.path("data/train.jsonl"), (p.to_dict() for p in train))
+    io.write_jsonl(ctx.path("data/heldout.jsonl"), (p.to_dict() for p in heldout))
+    return {"train": len(train), "heldout": len(heldout)}
+
+
+def stage_skills(ctx: StageContext) -> dict[str, Any]:
+    """Teacher proposes skills for a per-subject sample of training questions, then merges them per subject."""
+    s = ctx.config.stat
+    sample = skills_mod.sample_per_subject(_problems(ctx.path("data/train.jsonl")), s.skills_sample_per_subject,
+                                           ctx.config.seed)
+    proposed = skills_mod.propose_skills(ctx.teacher, sample, s.propose_max_skills)
+    io.write_jsonl(ctx.path("skills/proposed.jsonl"), proposed)
+    catalog = skills_mod.merge_catalog(ctx.teacher, skills_mod.count_proposed(proposed), s.catalog_max_skills)
+    io.write_json(ctx.path("skills/catalog.json"), catalog)
+    return {"questions": len(sample), "catalog_sizes": {k: len(v) for k, v in catalog.items()}}
+
+
+def stage_label(ctx: StageContext) -> dict[str, Any]:
+    """The Skill-Map: every training question gets 1-3 catalog skills."""
+    catalog = io.read_json(ctx.path("skills/catalog.json"))
+    labelled = skills_mod.label_problems(ctx.teacher, _problems(ctx.path("data/train.jsonl")), catalog,
+                                         ctx.config.stat.label_max_skills)
+    io.write_jsonl(ctx.path("label/skill_map.jsonl"), (p.to_dict() for p in labelled))
+    return {"labelled": len(labelled)}
+
+
+def stage_rollout(ctx: StageContext) -> dict[str, Any]:
+    """The student answers every held-out question `rollout_samples` times."""
+    from stat_jax.data.prompting import render_prompts
+    from stat_jax.rollout.base import SamplingParams
+    from stat_jax.stat.rollout import sample_responses
+
+    s, ev = ctx.config.stat, ctx.config.eval
+    heldout = _problems(ctx.path("data/heldout.jsonl"))
+    prompts = render_prompts(ctx.student_tokenizer(), heldout, instruction=ctx.instruction,
+                             system_prompt=ev.system_prompt, use_chat_template=ev.use_chat_template)
+    sampling = SamplingParams(temperature=s.rollout_temperature, top_p=s.rollout_top_p,
+                              max_new_tokens=s.rollout_max_new_tokens, seed=ctx.config.seed)
+    rows = sample_responses(ctx.student_backend(), heldout, prompts, sampling, s.rollout_samples,
+                            ctx.path("rollout/partial.jsonl"), chunk_size=s.rollout_chunk_size)
+    if _is_process0():
+        io.write_jsonl(ctx.path("rollout/responses.jsonl"), rows)
+    return {"questions": len(rows), "samples": s.rollout_samples}
+
+
+def _build_scorer(ctx: StageContext):
+    s = ctx.config.stat
+    if ctx.scorer is not None:
+        return ctx.scorer
+    if s.scorer == "accuracy":
+        return hard_mod.AccuracyScorer(workers=s.grade_workers, timeout=ctx.config.eval.grade_timeout)
+    if s.scorer == "prm":
+        if not s.prm_path:
+            raise ValueError("stat.scorer='prm' needs --config.stat.prm_path=/path/to/Qwen2.5-Math-PRM checkpoint")
+        return hard_mod.PRMScorer(s.prm_path, aggregate=s.prm_aggregate, batch_size=s.prm_batch_size)
+    raise ValueError(f"stat.scorer={s.scorer!r}: choose 'accuracy' or 'prm'")
+
+
+def stage_hard(ctx: StageContext) -> dict[str, Any]:
+    """Scores every response and keeps the `num_hard` questions with the lowest mean score."""
+    s = ctx.config.stat
+    heldout = _problems(ctx.path("data/heldout.jsonl"))
+    rows = {r["id"]: r for r in io.read_jsonl(ctx.path("rollout/responses.jsonl"))}
+    missing = [p.id for p in heldout if p.id not in rows]
+    if missing:
+        raise ValueError(f"{ctx.path('rollout/responses.jsonl')} lacks {len(missing)} held-out questions "
+                         f"(first: {missing[0]}); re-run the rollout stage")
+    responses = [rows[p.id]["responses"] for p in heldout]
+    scorer = _build_scorer(ctx)
+    scores = scorer.score(heldout, responses)
+    io.write_jsonl(ctx.path("hard/scores.jsonl"), ({"id": p.id, "scores": sc} for p, sc in zip(heldout, scores)))
+    hard = hard_mod.select_hard(heldout, responses, scores, s.num_hard, ctx.config.seed, threshold=s.hard_threshold)
+    io.write_jsonl(ctx.path("hard/hard.jsonl"), hard)
+    return {"scorer": scorer.name, "heldout": len(heldout), "hard": len(hard),
+            "mean_score": sum(map(sum, scores)) / max(1, sum(map(len, scores)))}
+
+
+def stage_diagnose(ctx: StageContext) -> dict[str, Any]:
+    """Teacher names the 2-3 catalog skills the student failed to apply on each hard question."""
+    rows = profile_mod.diagnose_hard(ctx.teacher, io.read_jsonl(ctx.path("hard/hard.jsonl")),
+                                     io.read_json(ctx.path("skills/catalog.json")), ctx.config.stat.diagnose_max_skills)
+    io.write_jsonl(ctx.path("diagnose/diagnoses.jsonl"), rows)
+    return {"diagnosed": len(rows)}
+
+
+def stage_profile(ctx: StageContext) -> dict[str, Any]:
+    """The Missing-Skill-Profile as JSON and as a bar chart."""
+    profile = profile_mod.missing_skill_profile(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
+    io.write_json(ctx.path("profile/profile.json"), profile)
+    profile_mod.plot_profile(profile, ctx.path("profile/profile.png"), title=f"Missing-Skill-Profile ({ctx.run_dir.name})")
+    top = profile["skills"][:5]
+    log.info("top missing skills: %s", ", ".join(f"{r['skill']} ({r['count']})" for r in top))
+    return {"skills": len(profile["skills"]), "top": [r["skill"] for r in top]}
+
+
+def stage_sel(ctx: StageContext) -> dict[str, Any]:
+    """STAT-Sel: training questions and answers chosen through the Skill-Map for each missing skill."""
+    s = ctx.config.stat
+    pairs = sel_mod.missing_pairs(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
+    by_skill = skills_mod.problems_by_skill(_problems(ctx.path("label/skill_map.jsonl")))
+    selected = sel_mod.select_by_profile(pairs, by_skill, s.sel_questions_per_skill, ctx.config.seed)
+    examples, stats = sel_mod.build_sel(
+        ctx.teacher if s.sel_answer_source != "dataset" else None, selected, source=s.sel_answer_source,
+        answers_per_question=s.sel_answers_per_question, target_size=s.sel_target_size, seed=ctx.config.seed,
+        instruction=ctx.instruction, system_prompt=ctx.config.eval.system_prompt, grade_workers=s.grade_workers)
+    _write_examples(ctx.path("sel/stat_sel.jsonl"), examples)
+    io.write_json(ctx.path("sel/stats.json"), stats)
+    return stats
+
+
+def stage_syn(ctx: StageContext) -> dict[str, Any]:
+    """STAT-Syn: teacher-written questions per missing skill, kept when their solutions agree."""
+    s = ctx.config.stat
+    pairs = sel_mod.missing_pairs(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
+    hard_subject = {r["id"]: r.get("subject") or skills_mod.DEFAULT_SUBJECT
+                    for r in io.read_jsonl(ctx.path("hard/hard.jsonl"))}
+    by_skill = skills_mod.problems_by_skill(_problems(ctx.path("label/skill_map.jsonl")))
+    catalog = io.read_json(ctx.path("skills/catalog.json"))
+    descriptions = {sk["name"]: sk["description"] for subject in sorted(catalog) for sk in catalog[subject]}
+    examples, questions, stats = syn_mod.build_syn(
+        ctx.teacher, pairs, hard_subject, by_skill, descriptions, num_references=s.syn_reference_questions,
+        num_new=s.syn_new_questions, num_solutions=s.syn_solutions, min_agree=s.syn_min_agree, seed=ctx.config.seed,
+        temperature=ctx.config.teacher.temperature, instruction=ctx.instruction,
+        system_prompt=ctx.config.eval.system_prompt)
+    examples = sel_mod.subsample(examples, s.syn_target_size, ctx.config.seed)
+    stats["examples_after_subsample"] = len(examples)
+    _write_examples(ctx.path("syn/stat_syn.jsonl"), examples)
+    io.write_jsonl(ctx.path("syn/questions.jsonl"), questions)
+    io.write_json(ctx.path("syn/stats.json"), stats)
+    return stats
+
+
+# ----- training and evaluation (other packages; imported lazily by name) ------------------------------------
+def _sft_files(ctx: StageContext) -> list[str]:
+    method = ctx.config.stat.method
+    files = {"sel": ["sel/stat_sel.jsonl"], "syn": ["syn/stat_syn.jsonl"],
+             "sel+syn": ["sel/stat_sel.jsonl", "syn/stat_syn.jsonl"]}
+    if method not in files:
+        raise ValueError(f"stat.method={method!r}: choose one of {sorted(files)}")
+    return files[method]
+
+
+def _sub_config(ctx: StageContext, workdir: str):
+    config = ctx.config.copy_and_resolve_references()
+    config.unlock()
+    config.workdir = str(ctx.path(workdir))
+    return config
+
+
+def stage_sft(ctx: StageContext) -> dict[str, Any]:
+    """SFT of the student on the STAT set through `stat_jax.train.sft.main` (its own checkpoints and resume)."""
+    from stat_jax.train import sft
+
+    config = _sub_config(ctx, "sft")
+    config.data.train_files = tuple(str(ctx.path(f)) for f in _sft_files(ctx))
+    status = sft.main(config, _Args(resume=ctx.resume))
+    if status:
+        raise RuntimeError(f"stat_jax.train.sft.main returned {status}; see {config.workdir}")
+    export = ctx.path("sft/hf")
+    if not (export / "config.json").exists():
+        raise RuntimeError(f"SFT finished but wrote no HF export at {export} (expected train.export_dir there)")
+    io.write_json(ctx.path("sft/done.json"), {"model": str(export)})
+    return {"model": str(export)}
+
+
+def _evaluate(ctx: StageContext, model_file: str, out: str) -> dict[str, Any]:
+    from stat_jax.eval import evaluate
+
+    config = _sub_config(ctx, out)
+    config.model.path = io.read_json(ctx.path(model_file))["model"]
+    config.eval.out_dir = str(ctx.path(out))
+    status = evaluate.main(config, _Args(resume=ctx.resume))
+    if status:
+        raise RuntimeError(f"stat_jax.eval.evaluate.main returned {status}; see {config.eval.out_dir}")
+    return io.read_json(ctx.path(f"{out}/summary.json")).get("benchmarks", {})
+
+
+def stage_eval(ctx: StageContext) -> dict[str, Any]:
+    """Evaluates the SFT student on config.eval.benchmarks."""
+    return {"benchmarks": _evaluate(ctx, "sft/done.json", "eval")}
+
+
+def stage_grpo(ctx: StageContext) -> dict[str, Any]:
+    """GRPO starting from the SFT student through `stat_jax.train.grpo.main`."""
+    from stat_jax.train import grpo
+
+    config = _sub_config(ctx, "grpo")
+    config.model.path = io.read_json(ctx.path("sft/done.json"))["model"]
+    status = grpo.main(config, _Args(resume=ctx.resume))
+    if status:
+        raise RuntimeError(f"stat_jax.train.grpo.main returned {status}; see {config.workdir}")
+    export = ctx.path("grpo/hf")
+    if not (export / "config.json").exists():
+        raise RuntimeError(f"GRPO finished but wrote no HF export at {export}")
+    io.write_json(ctx.path("grpo/done.json"), {"model": str(export)})
+    return {"model": str(export)}
+
+
+def stage_eval_grpo(ctx: StageContext) -> dict[str, Any]:
+    """Evaluates the GRPO student."""
+    return {"benchmarks": _evaluate(ctx, "grpo/done.json", "eval_grpo")}
+
+
+@dataclasses.dataclass
+class _Args:
+    resume: bool = True
+    only: str | None = None
+    dry_run: bool = False
+    quick: bool = False
+
+
+_DATA_KEYS = ("stat.train_benchmark", "stat.train_source", "stat.train_limit", "stat.heldout_benchmark",
+              "stat.heldout_source", "stat.heldout_limit")
+_TEACHER_KEYS = ("teacher.backend", "teacher.model", "teacher.max_output_tokens")
+_PROMPT_KEYS = ("stat.instruction", "eval.instruction", "eval.system_prompt")
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", stage_data, (), ("data/train.jsonl", "data/heldout.jsonl"), _DATA_KEYS),
+    Stage("skills", stage_skills, ("data/train.jsonl",), ("skills/proposed.jsonl", "skills/catalog.json"),
+          _TEACHER_KEYS + ("seed", "stat.skills_sample_per_subject", "stat.propose_max_skills",
+                           "stat.catalog_max_skills")),
+    Stage("label", stage_label, ("data/train.jsonl", "skills/catalog.json"), ("label/skill_map.jsonl",),
+          _TEACHER_KEYS + ("stat.label_max_skills",)),
+    Stage("rollout", stage_rollout, ("data/heldout.jsonl",), ("rollout/responses.jsonl",),
+          _PROMPT_KEYS + ("seed", "model.path", "eval.use_chat_template", "stat.rollout_samples",
+                          "stat.rollout_temperature", "stat.rollout_top_p", "stat.rollout_max_new_tokens"),
+          process0_only=False),
+    Stage("hard", stage_hard, ("data/heldout.jsonl", "rollout/responses.jsonl"), ("hard/scores.jsonl", "hard/hard.jsonl"),
+          ("seed", "stat.scorer", "stat.prm_path", "stat.prm_aggregate", "stat.num_hard", "stat.hard_threshold")),
+    Stage("diagnose", stage_diagnose, ("hard/hard.jsonl", "skills/catalog.json"), ("diagnose/diagnoses.jsonl",),
+          _TEACHER_KEYS + ("stat.diagnose_max_skills",)),
+    Stage("profile", stage_profile, ("diagnose/diagnoses.jsonl",), ("profile/profile.json", "profile/profile.png"), ()),
+    Stage("sel", stage_sel, ("diagnose/diagnoses.jsonl", "label/skill_map.jsonl"), ("sel/stat_sel.jsonl", "sel/stats.json"),
+          _TEACHER_KEYS + _PROMPT_KEYS + ("seed", "stat.sel_questions_per_skill", "stat.sel_answers_per_question",
+                                          "stat.sel_answer_source", "stat.sel_target_size")),
+    Stage("syn", stage_syn, ("diagnose/diagnoses.jsonl", "label/skill_map.jsonl", "hard/hard.jsonl",
+                             "skills/catalog.json"),
+          ("syn/stat_syn.jsonl", "syn/questions.jsonl", "syn/stats.json"),
+          _TEACHER_KEYS + _PROMPT_KEYS + ("seed", "teacher.temperature", "stat.syn_reference_questions",
+                                          "stat.syn_new_questions", "stat.syn_solutions", "stat.syn_min_agree",
+                                          "stat.syn_target_size")),
+    Stage("sft", stage_sft, (), ("sft/done.json",), ("stat.method", "model", "data", "train"), process0_only=False),
+    Stage("eval", stage_eval, ("sft/done.json",), ("eval/summary.json",), ("eval",), process0_only=False),
+    Stage("grpo", stage_grpo, ("sft/done.json",), ("grpo/done.json",), ("grpo",), process0_only=False),
+    Stage("eval_grpo", stage_eval_grpo, ("grpo/done.json",), ("eval_grpo/summary.json",), ("eval",),
+          process0_only=False),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _is_process0() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _multi_process() -> bool:
+    import jax
+
+    return jax.process_count() > 1
+
+
+def _inputs_for(stage: Stage, ctx: StageContext) -> tuple[str, ...]:
+    # SFT's inputs are whichever STAT sets stat.method trains on.
+    return tuple(_sft_files(ctx)) if stage.name == "sft" else stage.inputs
+
+
+def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
+    """Runs one stage unless its manifest says it is done; returns "done", "skipped" or "waited"."""
+    inputs = _inputs_for(stage, ctx)
+    missing = [n for n in inputs if not ctx.path(n).exists()]
+    if missing:
+        raise FileNotFoundError(f"stage {stage.name!r} needs {missing} under {ctx.run_dir}: run the stages before it "
+                                f"(order: {', '.join(STAGE_NAMES)})")
+    stage_config = _select(ctx.config, stage.config_keys)
+    if not force and io.stage_is_done(ctx.run_dir, stage.name, stage_config, inputs):
+        log.info("stage %s: up to date, skipped", stage.name)
+        return "skipped"
+    if stage.process0_only and _multi_process() and not _is_process0():
+        _wait_for(stage, ctx, stage_config, inputs)
+        return "waited"
+    log.info("stage %s: running", stage.name)
+    start = time.monotonic()
+    stats = stage.run(ctx) or {}
+    if _is_process0():
+        io.write_manifest(ctx.run_dir, stage.name, stage_config, inputs, stage.outputs,
+                          extra={"stats": stats, "seconds": round(time.monotonic() - start, 3)})
+    if _multi_process() and not stage.process0_only and not _is_process0():
+        _wait_for(stage, ctx, stage_config, inputs)
+    log.info("stage %s: done in %.1fs %s", stage.name, time.monotonic() - start, json.dumps(stats, default=str)[:300])
+    return "done"
+
+
+def _wait_for(stage: Stage, ctx: StageContext, stage_config: Any, inputs: Sequence[str]) -> None:
+    timeout = ctx.config.stat.wait_timeout_s
+    deadline = time.monotonic() + timeout
+    log.info("stage %s: waiting for process 0 to write %s", stage.name, ctx.path(stage.name) / io.MANIFEST)
+    while not io.stage_is_done(ctx.run_dir, stage.name, stage_config, inputs):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stage {stage.name!r}: process 0 did not finish within {timeout}s "
+                               f"(stat.wait_timeout_s); is {ctx.run_dir} on storage every host shares?")
+        time.sleep(2.0)
+
+
+def stages_to_run(config: Any, only: str | None) -> list[Stage]:
+    """The configured stage list (`stat.stages`), or the stages named in `--only` in pipeline order."""
+    names = [n.strip() for n in (only.split(",") if only else config.stat.stages) if n.strip()]
+    unknown = [n for n in names if n not in STAGE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGE_NAMES)}")
+    return [s for s in STAGES if s.name in names]
+
+
+def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, force: bool = False,
+                 teacher_backend: TeacherBackend | None = None, rollout_backend: Any = None, tokenizer: Any = None,
+                 scorer: Any = None) -> dict[str, str]:
+    """Runs the stages in order; returns {stage: "done"|"skipped"|"waited"}. Raises BudgetExceeded resumably."""
+    run_dir = Path(config.stat.run_dir or Path(config.workdir) / "stat")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(config, run_dir, teacher_backend=teacher_backend, rollout_backend=rollout_backend,
+                       tokenizer=tokenizer, scorer=scorer, resume=resume)
+    results = {}
+    try:
+        for stage in stages_to_run(config, only):
+            results[stage.name] = run_stage(stage, ctx, force=force and bool(only))
+    finally:
+        if ctx._teacher is not None:
+            summary = ctx._teacher.summary()
+            log.info("teacher: %d calls this session (%d failed), %d cache hits, %d tokens, ~$%.4f; run total %d calls",
+                     summary["session"]["calls"], summary["session"]["failed_calls"], summary["cache_hits"],
+                     summary["session"]["input_tokens"] + summary["session"]["output_tokens"],
+                     summary["session"]["cost_usd"], summary["run_total"]["calls"])
+            if _is_process0():
+                io.write_json(run_dir / "teacher" / "summary.json", summary)
+        if rollout_backend is None and ctx.rollout_backend is not None:
+            ctx.rollout_backend.close()
+    return results
+
+
+def main(config, args) -> int:
+    """`stat-jax run [--only=stage[,stage]] [--resume]`."""
+    only = getattr(args, "only", None)
+    if getattr(args, "dry_run", False):
+        print(json.dumps({"run_dir": config.stat.run_dir or str(Path(config.workdir) / "stat"),
+                          "stages": [s.name for s in stages_to_run(config, only)]}, indent=2))
+        return 0
+    try:
+        results = run_pipeline(config, only=only, resume=bool(getattr(args, "resume", False)), force=bool(only))
+    except BudgetExceeded as e:
+        log.error("%s", e)
+        print(f"stat-jax run: stopped: {e}")
+        return EXIT_BUDGET
+    except TeacherError as e:
+        print(f"stat-jax run: teacher error: {e}")
+        return 1
+    print(json.dumps(results, indent=2))
+    return 0

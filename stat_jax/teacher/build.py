@@ -1,0 +1,45 @@
+"""Builds the teacher backend and its `TeacherClient` from `config.teacher`."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from stat_jax.teacher.base import TeacherBackend, TeacherError
+from stat_jax.teacher.client import Budget, Pricing, RetryPolicy, TeacherClient
+
+
+def build_backend(tc: Any) -> TeacherBackend:
+    """`teacher.backend`: "gemini", or "module.path:ClassName" for any other `TeacherBackend` (e.g. the demo's)."""
+    if tc.backend == "gemini":
+        from stat_jax.teacher.gemini import GeminiTeacher
+
+        return GeminiTeacher(tc.model, api_key_env=tc.api_key_env, base_url=tc.base_url, vertexai=tc.vertexai,
+                             project=tc.project, location=tc.location, timeout_s=tc.timeout_s,
+                             max_output_tokens=tc.max_output_tokens)
+    module_name, _, class_name = tc.backend.partition(":")
+    if not class_name:
+        raise TeacherError(f"teacher.backend={tc.backend!r}: use 'gemini' or 'package.module:ClassName'")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise TeacherError(f"teacher.backend={tc.backend!r} cannot be imported: {e}") from e
+    return cls()
+
+
+def build_teacher_client(config: Any, run_dir: str | Path, backend: TeacherBackend | None = None) -> TeacherClient:
+    """A `TeacherClient` whose cache and ledger live in `teacher.cache_dir` (default: `<run_dir>/teacher`)."""
+    tc = config.teacher
+    root = Path(tc.cache_dir) if tc.cache_dir else Path(run_dir) / "teacher"
+    return TeacherClient(
+        backend if backend is not None else build_backend(tc),
+        cache_dir=root / "cache",
+        ledger_path=root / "ledger.jsonl",
+        max_workers=tc.max_workers,
+        retry=RetryPolicy(max_retries=tc.max_retries, initial_delay=tc.backoff_initial_s,
+                          max_delay=tc.backoff_max_s, max_reasks=tc.max_reasks),
+        budget=Budget(max_calls=tc.max_calls, max_tokens=tc.max_tokens),
+        pricing=Pricing(input_per_mtok=tc.price_input_per_mtok, output_per_mtok=tc.price_output_per_mtok),
+        seed=config.seed,
+    )

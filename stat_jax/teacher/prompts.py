@@ -1,0 +1,188 @@
+"""Every prompt the teacher sees, in one place: one function per task, each returning a `TeacherRequest`.
+
+A request carries the rendered `prompt` (for an LLM teacher), the structured `payload` it was rendered from
+(an offline teacher answers from these keys without parsing text) and the JSON `schema` the answer must fit.
+The payload keys and schemas are the contract with every backend; docs/ARCHITECTURE.md ("Teacher tasks")
+lists them. Skill names are short snake_case identifiers; catalog-constrained answers use a JSON-schema
+`enum` of the catalog names, so an answer naming an unknown skill fails validation and is re-asked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from stat_jax.teacher.base import TeacherRequest
+
+PROMPT_VERSION = "v1"  # part of every prompt, hence of every cache key: bump it when a prompt changes meaning
+
+_SKILL_OBJECT = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "description": {"type": "string"}},
+    "required": ["name", "description"],
+}
+
+
+def _skill_names_schema(catalog: Sequence[dict[str, str]], min_items: int, max_items: int) -> dict[str, Any]:
+    names = sorted({s["name"] for s in catalog})
+    return {"type": "array", "items": {"type": "string", "enum": names}, "minItems": min_items,
+            "maxItems": max_items}
+
+
+def _catalog_text(catalog: Sequence[dict[str, str]]) -> str:
+    return "\n".join(f"- {s['name']}: {s.get('description', '')}" for s in catalog)
+
+
+def _header(task: str) -> str:
+    return f"[stat-jax teacher prompt {PROMPT_VERSION}: {task}]\nYou are an expert mathematics teacher.\n"
+
+
+def propose_skills(problem: str, solution: str | None, subject: str, *, max_skills: int = 3) -> TeacherRequest:
+    """Asks for the fine-grained skills needed to solve one question (Didolkar et al. 2024, stage 1).
+
+    payload: problem, solution (str or None), subject, max_skills.
+    schema: {"skills": [{"name": snake_case str, "description": str}, ...]} (at least one).
+    """
+    prompt = (
+        _header("propose_skills")
+        + f"Subject: {subject}\n\nQuestion:\n{problem}\n\n"
+        + (f"Reference solution:\n{solution}\n\n" if solution else "")
+        + f"Name up to {max_skills} fine-grained mathematical skills a student must apply to solve this question. "
+        "Each skill gets a short snake_case name (e.g. completing_the_square) and a one-sentence description. "
+        'Answer with JSON: {"skills": [{"name": ..., "description": ...}]}.'
+    )
+    schema = {"type": "object", "properties": {"skills": {"type": "array", "items": _SKILL_OBJECT, "minItems": 1}},
+              "required": ["skills"]}
+    payload = {"problem": problem, "solution": solution, "subject": subject, "max_skills": max_skills}
+    return TeacherRequest(task="propose_skills", prompt=prompt, schema=schema, payload=payload)
+
+
+def merge_skills(subject: str, proposed: Sequence[dict[str, Any]], *, max_skills: int = 25) -> TeacherRequest:
+    """Asks to merge the skills proposed for one subject into a compact catalog (Didolkar et al. 2024, stage 2).
+
+    payload: subject, skills ([{"name", "description", "count"}], count = how many questions proposed it),
+      max_skills.
+    schema: {"skills": [{"name", "description", "merged_from": [proposed names] (optional)}]} (at least one).
+    """
+    listing = "\n".join(f"- {s['name']} (x{s.get('count', 1)}): {s.get('description', '')}" for s in proposed)
+    prompt = (
+        _header("merge_skills")
+        + f"Subject: {subject}\n\nThese fine-grained skills were named for individual questions:\n{listing}\n\n"
+        f"Merge them into a compact catalog of at most {max_skills} distinct skills for this subject: group "
+        "near-duplicates and overly specific skills under one representative snake_case name with a "
+        "one-sentence description, and list the proposed names each catalog skill covers. "
+        'Answer with JSON: {"skills": [{"name": ..., "description": ..., "merged_from": [...]}]}.'
+    )
+    item = {"type": "object",
+            "properties": {**_SKILL_OBJECT["properties"], "merged_from": {"type": "array", "items": {"type": "string"}}},
+            "required": ["name", "description"]}
+    schema = {"type": "object", "properties": {"skills": {"type": "array", "items": item, "minItems": 1}},
+              "required": ["skills"]}
+    payload = {"subject": subject, "skills": [dict(s) for s in proposed], "max_skills": max_skills}
+    return TeacherRequest(task="merge_skills", prompt=prompt, schema=schema, payload=payload)
+
+
+def label_skills(problem: str, solution: str | None, subject: str, catalog: Sequence[dict[str, str]],
+                 *, max_skills: int = 3) -> TeacherRequest:
+    """Asks which 1..max_skills catalog skills a question exercises (the Skill-Map).
+
+    payload: problem, solution (str or None), subject, catalog ([{"name", "description"}]), max_skills.
+    schema: {"skills": [catalog name, ...]} with 1..max_skills items, names from the catalog (enum).
+    """
+    prompt = (
+        _header("label_skills")
+        + f"Subject: {subject}\n\nSkill catalog:\n{_catalog_text(catalog)}\n\nQuestion:\n{problem}\n\n"
+        + (f"Reference solution:\n{solution}\n\n" if solution else "")
+        + f"Which 1 to {max_skills} skills from the catalog does solving this question require most? "
+        'Use catalog names exactly. Answer with JSON: {"skills": [...]}.'
+    )
+    schema = {"type": "object", "properties": {"skills": _skill_names_schema(catalog, 1, max_skills)},
+              "required": ["skills"]}
+    payload = {"problem": problem, "solution": solution, "subject": subject,
+               "catalog": [dict(s) for s in catalog], "max_skills": max_skills}
+    return TeacherRequest(task="label_skills", prompt=prompt, schema=schema, payload=payload)
+
+
+def diagnose(problem: str, reference_solution: str | None, reference_answer: str, response: str, subject: str,
+             catalog: Sequence[dict[str, str]], *, max_skills: int = 3) -> TeacherRequest:
+    """Asks which 2-3 catalog skills the student failed to apply in its answer (the Missing-Skill-Profile input).
+
+    payload: problem, reference_solution (str or None), reference_answer, response (the student's answer),
+      subject, catalog ([{"name", "description"}]), max_skills.
+    schema: {"missing_skills": [catalog name, ...] (0..max_skills, enum), "explanation": str}. An empty list
+      means the teacher found no missing skill (e.g. the answer was right after all).
+    """
+    prompt = (
+        _header("diagnose")
+        + f"Subject: {subject}\n\nSkill catalog:\n{_catalog_text(catalog)}\n\nQuestion:\n{problem}\n\n"
+        + (f"Reference solution:\n{reference_solution}\n\n" if reference_solution else "")
+        + f"Reference final answer: {reference_answer}\n\nStudent's answer:\n{response}\n\n"
+        f"Read the student's answer step by step. Name the 2 to {max_skills} skills from the catalog that the "
+        "student failed to apply correctly (catalog names exactly), most important first, and explain briefly. "
+        'Answer with JSON: {"missing_skills": [...], "explanation": ...}.'
+    )
+    schema = {"type": "object",
+              "properties": {"missing_skills": _skill_names_schema(catalog, 0, max_skills),
+                             "explanation": {"type": "string"}},
+              "required": ["missing_skills", "explanation"]}
+    payload = {"problem": problem, "reference_solution": reference_solution, "reference_answer": reference_answer,
+               "response": response, "subject": subject, "catalog": [dict(s) for s in catalog],
+               "max_skills": max_skills}
+    return TeacherRequest(task="diagnose", prompt=prompt, schema=schema, payload=payload)
+
+
+def synthesize(skill: str, skill_description: str, examples: Sequence[dict[str, Any]], subject: str,
+               *, n: int = 2, temperature: float = 0.7) -> TeacherRequest:
+    """Asks for `n` new questions that exercise `skill`, modelled on reference questions (STAT-Syn).
+
+    payload: skill (catalog name), skill_description, examples ([{"problem", "solution"}] reference questions
+      labelled with the skill), subject, n.
+    schema: {"problems": [{"problem": str}, ...]} with exactly n items.
+    """
+    shown = "\n\n".join(f"Example {i + 1}:\n{e['problem']}" for i, e in enumerate(examples))
+    prompt = (
+        _header("synthesize")
+        + f"Subject: {subject}\nSkill: {skill} -- {skill_description}\n\n{shown}\n\n"
+        f"Write {n} new, self-contained questions that require the skill above, of similar difficulty to the "
+        "examples but not copies of them, each with a single well-defined final answer. "
+        'Answer with JSON: {"problems": [{"problem": ...}]}.'
+    )
+    schema = {"type": "object",
+              "properties": {"problems": {"type": "array", "minItems": n, "maxItems": n,
+                                          "items": {"type": "object", "properties": {"problem": {"type": "string"}},
+                                                    "required": ["problem"]}}},
+              "required": ["problems"]}
+    payload = {"skill": skill, "skill_description": skill_description,
+               "examples": [{"problem": e["problem"], "solution": e.get("solution")} for e in examples],
+               "subject": subject, "n": n}
+    return TeacherRequest(task="synthesize", prompt=prompt, schema=schema, payload=payload, temperature=temperature)
+
+
+def solve(problem: str, subject: str | None = None, *, sample_index: int = 0, temperature: float = 0.7) -> TeacherRequest:
+    """Asks for a step-by-step solution ending in \\boxed{answer} (STAT-Sel/Syn answers); one sample per index.
+
+    payload: problem, subject (str or None).
+    schema: {"solution": str (ends with \\boxed{...}), "answer": str (the boxed final answer)}.
+    """
+    prompt = (
+        _header("solve")
+        + (f"Subject: {subject}\n\n" if subject else "")
+        + f"Question:\n{problem}\n\nSolve the question step by step and end the solution with the final answer "
+        "in \\boxed{}. Answer with JSON: {\"solution\": ..., \"answer\": ...} where answer is the boxed content."
+    )
+    schema = {"type": "object",
+              "properties": {"solution": {"type": "string"}, "answer": {"type": "string"}},
+              "required": ["solution", "answer"]}
+    payload = {"problem": problem, "subject": subject}
+    return TeacherRequest(task="solve", prompt=prompt, schema=schema, payload=payload, temperature=temperature,
+                          sample_index=sample_index)
+
+
+def parse_json_answer(text: str) -> Any:
+    """Parses a teacher answer, tolerating a ```json fence around it (some models add one)."""
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.split("\n", 1)[1] if "\n" in stripped else ""
+        stripped = stripped.rsplit("```", 1)[0]
+    return json.loads(stripped)

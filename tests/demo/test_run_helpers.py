@@ -1,0 +1,64 @@
+"""The demo runner's pure pieces: equal token budgets, per-skill accuracy, flagged skills, the table."""
+
+import pytest
+
+from stat_jax.data.char_tokenizer import build_char_tokenizer
+from stat_jax.data.records import MathProblem
+from stat_jax.demo import run, task
+
+
+def test_equal_budget_fills_the_same_tokens_for_any_set():
+    tok = build_char_tokenizer()
+    problems = task.make_splits(0, {"train": 50})["train"]
+    short = [run.reference_example(p, "") for p in problems if len(p.skills) == 1]
+    long = [run.reference_example(p, "") for p in problems if len(p.skills) == 3]
+    budget = 3000
+    totals = []
+    for examples in (short, long):
+        tokens = [run.example_tokens(tok, e) for e in examples]
+        chosen = run.equal_budget(examples, tokens, budget, seed=1)
+        lengths = {id(e): t for e, t in zip(examples, tokens)}
+        total = sum(lengths[id(e)] for e in chosen)
+        assert budget <= total < budget + max(tokens)  # stops right after the budget is reached
+        totals.append(total)
+        assert chosen == run.equal_budget(examples, tokens, budget, seed=1)
+        assert chosen != run.equal_budget(examples, tokens, budget, seed=2)
+    assert len(run.equal_budget(short, [10] * len(short), 10 * len(short) * 2 + 5, 0)) == 2 * len(short) + 1
+    with pytest.raises(ValueError, match="empty"):
+        run.equal_budget([], [], 10, 0)
+
+
+def test_example_tokens_counts_the_rendered_chat():
+    tok = build_char_tokenizer()
+    p = task.make_splits(0, {"train": 1})["train"][0]
+    e = run.reference_example(p, "")
+    rendered = tok.apply_chat_template(e.messages, tokenize=False, add_generation_prompt=True) + e.response
+    assert run.example_tokens(tok, e) == len(rendered) - len("<bos><|user|><|end|><|assistant|>") + 4 + 1
+
+
+def test_per_skill_accuracy_and_flags():
+    problems = [MathProblem(id=str(i), problem="", answer="", skills=skills)
+                for i, skills in enumerate([["percent"], ["percent", "halving"], ["halving"], ["rounding"]])]
+    records = [{"id": str(i), "greedy": {"correct": ok}} for i, ok in enumerate([True, False, False, True])]
+    acc = run.per_skill_accuracy(records, problems)
+    assert acc["overall"] == 0.5
+    assert acc["per_skill"]["percent"] == 0.5 and acc["per_skill"]["halving"] == 0.0
+    assert acc["per_skill"]["rounding"] == 1.0 and acc["per_skill"]["comparison"] is None
+    with pytest.raises(ValueError, match="lack 1 test questions"):
+        run.per_skill_accuracy(records[:3], problems)
+    profile = {"skills": [{"skill": "percent", "frequency": 0.5}, {"skill": "halving", "frequency": 0.3},
+                          {"skill": "rounding", "frequency": 0.05}]}
+    assert run.flagged_skills(profile, 0.1) == ["percent", "halving"]
+
+
+def test_table_shows_mean_and_spread():
+    def row(values):
+        return {"overall": run._spread(values), "flagged": run._spread(values),
+                "per_skill": {s: run._spread(values) for s in task.SKILL_NAMES}, "runs": len(values)}
+
+    report = {"seeds": [0, 1], "token_budget": 100, "flagged_skills": ["percent"],
+              "rows": {"base": row([0.25]), "stat_sel": row([0.5, 0.7]), "stat_sel+grpo": row([0.6, 0.6])}}
+    table = run.format_table(report)
+    assert "STAT-Sel" in table and "STAT-Sel +GRPO" in table and "percent*" in table
+    assert "60.0±14.1" in table and "25.0" in table
+

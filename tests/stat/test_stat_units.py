@@ -1,0 +1,96 @@
+"""Hand-built cases for the Missing-Skill-Profile, the STAT-Sel sampling rule and the STAT-Syn filter."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from stat_jax.data.records import MathProblem
+from stat_jax.stat.hard import select_hard
+from stat_jax.stat.profile import missing_skill_profile
+from stat_jax.stat.sel import answer_slots, build_sel, missing_pairs, select_by_profile, subsample
+from stat_jax.stat.syn import answers_equal, consistency_filter
+
+
+def test_profile_counts_each_skill_once_per_question():
+    diagnoses = [
+        {"id": "a", "missing_skills": ["fractions", "algebra"]},
+        {"id": "b", "missing_skills": ["fractions", "fractions"]},  # a repeat inside one diagnosis counts once
+        {"id": "c", "missing_skills": ["geometry", "fractions", "algebra"]},
+        {"id": "d", "missing_skills": []},
+    ]
+    p = missing_skill_profile(diagnoses)
+    assert [(s["skill"], s["count"]) for s in p["skills"]] == [("fractions", 3), ("algebra", 2), ("geometry", 1)]
+    assert p["total_mentions"] == 6 and p["num_questions"] == 4 and p["num_with_missing_skills"] == 3
+    assert [s["frequency"] for s in p["skills"]] == [0.5, pytest.approx(1 / 3), pytest.approx(1 / 6)]
+    assert p["skills"][0]["question_fraction"] == 0.75
+
+
+def _pool(skill, n):
+    return [MathProblem(id=f"{skill}{i}", problem=f"{skill} q{i}", answer=str(i), solution=f"\\boxed{{{i}}}")
+            for i in range(n)]
+
+
+def test_sel_takes_exactly_k_distinct_questions_per_pair_deterministically():
+    by_skill = {"fractions": _pool("fractions", 12), "algebra": _pool("algebra", 3)}
+    pairs = missing_pairs([{"id": "h1", "missing_skills": ["fractions", "algebra"]},
+                           {"id": "h2", "missing_skills": ["fractions", "unknown_skill"]}])
+    selected = select_by_profile(pairs, by_skill, per_pair=5, seed=7)
+    per_pair = collections.Counter((s["hard_id"], s["skill"]) for s in selected)
+    assert per_pair == {("h1", "fractions"): 5, ("h1", "algebra"): 3, ("h2", "fractions"): 5}
+    for key in per_pair:
+        ids = [s["problem"].id for s in selected if (s["hard_id"], s["skill"]) == key]
+        assert len(set(ids)) == len(ids) and all(i.startswith(key[1]) for i in ids)
+    assert [s["problem"].id for s in select_by_profile(pairs, by_skill, 5, seed=7)] == [
+        s["problem"].id for s in selected]
+    assert [s["problem"].id for s in select_by_profile(pairs, by_skill, 5, seed=8)] != [
+        s["problem"].id for s in selected]
+    # One pair's draw does not depend on the other pairs.
+    alone = select_by_profile([("h2", "fractions")], by_skill, 5, seed=7)
+    assert [s["problem"].id for s in alone] == [s["problem"].id for s in selected if s["hard_id"] == "h2"]
+
+
+def test_sel_answer_slots_and_subsample():
+    assert answer_slots("dataset+teacher", 3, True) == ["dataset", 0, 1]
+    assert answer_slots("dataset+teacher", 3, False) == [0, 1, 2]
+    assert answer_slots("teacher", 3, True) == [0, 1, 2]
+    assert answer_slots("dataset", 3, True) == ["dataset"]
+    with pytest.raises(ValueError, match="sel_answer_source"):
+        answer_slots("web", 3, True)
+    items = list(range(100))
+    a = subsample(items, 30, seed=1)
+    assert len(a) == 30 and a == sorted(a) and a == subsample(items, 30, seed=1) != subsample(items, 30, seed=2)
+    assert subsample(items, 0, 1) == items and subsample(items, 500, 1) == items
+
+
+def test_sel_dataset_answers_need_no_teacher():
+    selected = select_by_profile([("h", "fractions")], {"fractions": _pool("fractions", 8)}, 5, seed=0)
+    examples, stats = build_sel(None, selected, source="dataset", answers_per_question=3, target_size=4, seed=0,
+                                instruction="Solve.")
+    assert stats["answer_slots"] == 5 and len(examples) == 4 and stats["teacher_solutions"] == 0
+    assert all(e.response.startswith("\\boxed") and e.messages[-1]["content"].endswith("Solve.") for e in examples)
+
+
+def test_consistency_filter_hand_built_cases():
+    exact = lambda a, b: a == b  # noqa: E731
+    assert consistency_filter(["4", "4", "5"], 2, exact) == ([0, 1], "4")
+    assert consistency_filter(["4", "5", "6"], 2, exact) == ([], None)
+    assert consistency_filter(["7", "7", "7"], 2, exact) == ([0, 1, 2], "7")
+    assert consistency_filter(["3", None, "3"], 2, exact) == ([0, 2], "3")
+    assert consistency_filter([None, None, "3"], 2, exact) == ([], None)
+    assert consistency_filter(["1", "2", "2", "1"], 2, exact) == ([0, 3], "1")  # tie: the group formed first
+    assert consistency_filter(["4", "4", "5"], 3, exact) == ([], None)
+    # math-verify equivalence, not string equality.
+    assert consistency_filter(["\\frac{1}{2}", "0.5", "\\dfrac12"], 3) == ([0, 1, 2], "\\frac{1}{2}")
+    assert consistency_filter(["\\frac{1}{2}", "1/3", "2"], 2) == ([], None)
+    assert answers_equal("2\\sqrt{2}", "\\sqrt{8}") and not answers_equal("3", "4")
+
+
+def test_select_hard_orders_by_score_and_keeps_worst_response():
+    problems = [MathProblem(id=str(i), problem=f"q{i}", answer="1") for i in range(4)]
+    responses = [["a", "b"], ["c", "d"], ["e", "f"], ["g", "h"]]
+    scores = [[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]]
+    rows = select_hard(problems, responses, scores, num_hard=2, seed=0)
+    assert rows[0]["id"] == "2" and rows[1]["id"] in {"1", "3"} and rows[1]["score"] == 0.5
+    assert {r["response"] for r in select_hard(problems, responses, scores, 5, seed=0)} == {"e", "c", "h"}
