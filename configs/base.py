@@ -32,6 +32,60 @@ def get_config() -> ConfigDict:
     c.mesh.fsdp = -1  # -1: all remaining devices
     c.mesh.tensor = 1
 
+    # SFT data (stat_jax.data.sft_data): records {prompt | messages, response}, rendered with the chat template.
+    c.data = ConfigDict()
+    c.data.train_files = ()  # JSON/JSONL files (or save_to_disk dirs); on the CLI: --config.data.train_files=a.jsonl,b.jsonl
+    c.data.dataset = ""  # a `datasets` hub name or local path, added to train_files
+    c.data.dataset_split = "train"
+    c.data.max_length = 2048  # tokens per training row; longer examples are dropped (and counted), not truncated
+    c.data.packing = True  # several examples per row with per-example attention (False: one padded example per row)
+
+    # Optimizer, loop, checkpoints (stat_jax.train.sft; optimizer/checkpoint/metrics helpers shared with grpo).
+    c.train = ConfigDict()
+    c.train.steps = 0  # optimizer updates; 0 = train.epochs passes over the data
+    c.train.epochs = 3.0
+    c.train.batch_size = 64  # rows (packed sequences) per optimizer update, over all devices and hosts
+    c.train.grad_accum_steps = 1  # micro-batches per update (batch_size must be a multiple of it)
+    c.train.learning_rate = 1e-5
+    c.train.lr_schedule = "cosine"  # cosine | linear | constant, after a linear warmup
+    c.train.warmup_steps = 0
+    c.train.warmup_ratio = 0.03  # used when warmup_steps is 0
+    c.train.min_lr_ratio = 0.0
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.eps = 1e-8
+    c.train.max_grad_norm = 1.0  # 0 = no clipping
+    c.train.checkpoint_every = 500  # steps; a checkpoint is also written at the end and on SIGTERM
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpointing = True
+    c.train.log_every = 1
+    c.train.export_dir = ""  # HF export of the final weights; default <workdir>/hf
+    c.train.export_dtype = "float32"
+    c.train.tensorboard = True  # event files under <workdir>/tensorboard when tensorboardX is installed
+
+    # Student rollouts (stat_jax.rollout): JetStream in-process, or a client of `stat-jax serve`.
+    c.rollout = ConfigDict()
+    c.rollout.backend = "jetstream"  # jetstream (in-process, same mesh) | client (rollout.address)
+    c.rollout.max_concurrent_decodes = 64  # decode slots = the generate batch
+    c.rollout.max_prefill_length = 1024  # largest prompt bucket (a power of two >= 16); buckets 16, 32, ...
+    c.rollout.max_target_length = 3072  # KV cache per slot: prompt + new tokens must stay below it
+    c.rollout.cache_dtype = ""  # "" = model.dtype
+    c.rollout.truncate_long_prompts = False  # True: keep the last max_prefill_length tokens, with a warning
+    c.rollout.host = "127.0.0.1"  # `stat-jax serve` binds here; "::" or "0.0.0.0" exposes it
+    c.rollout.port = 9000
+    c.rollout.server_threads = 0  # gRPC handler threads; 0 = 2 x max_concurrent_decodes
+    # Sampling for served requests that carry none (plain JetStream clients); stat-jax clients send their own.
+    c.rollout.temperature = 0.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.seed = 0
+    c.rollout.address = ""  # HOST:PORT of a `stat-jax serve` server, for backend=client
+    c.rollout.client_max_workers = 64  # concurrent streaming Decode calls
+    c.rollout.client_retries = 3  # on UNAVAILABLE / RESOURCE_EXHAUSTED, with exponential backoff
+    c.rollout.client_backoff_s = 1.0
+    c.rollout.client_timeout_s = 3600.0
+
     c.eval = ConfigDict()
     c.eval.benchmarks = ("math500",)  # on the CLI: --config.eval.benchmarks=math500,aime24
     # Local copies (JSON/JSONL/parquet or a MATH-style tree); "" loads the default hub copy.

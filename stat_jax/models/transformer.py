@@ -129,8 +129,11 @@ class DecoderLM(nnx.Module):
         return constrain(logits, ("batch", "length", "act_vocab"))
 
     # ----- full sequence --------------------------------------------------------------------------------
-    def hidden_states(self, tokens, positions=None, attention_mask=None) -> jax.Array:
-        """Final-norm hidden states [b, t, e] for a full sequence (causal + padding mask)."""
+    def hidden_states(self, tokens, positions=None, attention_mask=None, segment_ids=None) -> jax.Array:
+        """Final-norm hidden states [b, t, e] for a full sequence (causal + padding mask).
+
+        `segment_ids` [b, t] (packed sequences): a token attends only to tokens with the same segment id.
+        """
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -138,15 +141,17 @@ class DecoderLM(nnx.Module):
         mask = jnp.broadcast_to(causal, (b, t, t))
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, :]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         x = self.embed_tokens(tokens)
         call = nnx.remat(_layer_call) if self.remat else _layer_call
         for layer in self.layers:
             x = call(layer, x, positions, mask)
         return self.final_norm(x)
 
-    def __call__(self, tokens, positions=None, attention_mask=None) -> jax.Array:
+    def __call__(self, tokens, positions=None, attention_mask=None, segment_ids=None) -> jax.Array:
         """Logits [b, t, vocab] in the compute dtype."""
-        return self.logits_from_hidden(self.hidden_states(tokens, positions, attention_mask))
+        return self.logits_from_hidden(self.hidden_states(tokens, positions, attention_mask, segment_ids))
 
     # ----- incremental decoding ---------------------------------------------------------------------------
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:

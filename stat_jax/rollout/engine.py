@@ -34,6 +34,7 @@ from stat_jax.models.build import as_dtype
 from stat_jax.models.transformer import CACHE_AXES, DecoderLM, KVCache
 from stat_jax.rollout.base import SamplingParams
 from stat_jax.rollout.jetstream_compat import load_jetstream
+from stat_jax.rollout.protocol import RequestSampling
 from stat_jax.rollout.sampling import request_key, sample_tokens, step_keys
 
 js = load_jetstream()
@@ -82,15 +83,6 @@ class ParamHolder:
     def swap(self, state: nnx.State) -> None:
         self.state = state
         self.version += 1
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestSampling:
-    """Per-request sampling that JetStream's proto cannot carry; attached to in-process requests."""
-
-    sampling: SamplingParams
-    prompt_index: int
-    sample_index: int
 
 
 @flax.struct.dataclass
@@ -231,6 +223,7 @@ def _generate(graphdef, params, state: DecodeState):
     return new_state, result
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _zeros_decode_state(cfg, slots: int, length: int, dtype) -> DecodeState:
     cache = KVCache.zeros(cfg, slots, length, dtype)
     cache = KVCache(keys=tuple(sharding.constrain(k, CACHE_AXES) for k in cache.keys),
@@ -333,8 +326,8 @@ class StudentEngine(js.engine_api.Engine):
     def init_decode_state(self, *args, **kwargs) -> DecodeState:
         s = self.settings
         with self.mesh_context():
-            return jax.jit(_zeros_decode_state, static_argnums=(0, 1, 2, 3))(
-                self.model_config, s.max_concurrent_decodes, s.max_target_length, self.cache_dtype)
+            return _zeros_decode_state(self.model_config, s.max_concurrent_decodes, s.max_target_length,
+                                       self.cache_dtype)
 
     @property
     def max_concurrent_decodes(self) -> int:

@@ -219,7 +219,7 @@ def stage_profile(ctx: StageContext) -> dict[str, Any]:
     """The Missing-Skill-Profile as JSON and as a bar chart."""
     profile = profile_mod.missing_skill_profile(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
     io.write_json(ctx.path("profile/profile.json"), profile)
-    profile_mod.plot_profile(profile, ctx.path("profile/profile.png"), title=f"Missing-Skill-Profile ({ctx.run_dir.name})")
+    profile_mod.plot_profile(profile, ctx.path("profile/profile.png"), title=f"Missing-Skill-Profile ({Path(ctx.config.workdir).name})")
     top = profile["skills"][:5]
     log.info("top missing skills: %s", ", ".join(f"{r['skill']} ({r['count']})" for r in top))
     return {"skills": len(profile["skills"]), "top": [r["skill"] for r in top]}
@@ -405,6 +405,9 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
         raise FileNotFoundError(f"stage {stage.name!r} needs {missing} under {ctx.run_dir}: run the stages before it "
                                 f"(order: {', '.join(STAGE_NAMES)})")
     stage_config = _select(ctx.config, stage.config_keys)
+    if "teacher.backend" in stage.config_keys and ctx.teacher_backend is not None:
+        # An injected backend (e.g. the demo's offline teacher) is named by its id, which covers its settings.
+        stage_config["teacher.backend_id"] = ctx.teacher_backend.backend_id
     if not force and io.stage_is_done(ctx.run_dir, stage.name, stage_config, inputs):
         log.info("stage %s: up to date, skipped", stage.name)
         return "skipped"

@@ -59,6 +59,7 @@ def plot_profile(profile: dict[str, Any], path: Path, *, top: int = 30, title: s
     bars = ax.barh(names, counts, color="#4C72B0")
     ax.bar_label(bars, labels=[f"{c} ({100 * c / max(1, profile['total_mentions']):.0f}%)" for c in counts],
                  padding=3, fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # counts
     ax.set_xlabel(f"times missing, over {profile['num_questions']} hard questions")
     ax.set_title(title)
     ax.margins(x=0.15)

@@ -10,8 +10,16 @@ import torch
 import transformers
 
 from stat_jax.data.char_tokenizer import save_char_tokenizer
-from stat_jax.models import CheckpointError, UnsupportedModelError, export_hf_checkpoint, load_hf_checkpoint
+from stat_jax.models import (
+    CheckpointError,
+    ModelConfig,
+    UnsupportedModelError,
+    export_hf_checkpoint,
+    load_hf_checkpoint,
+)
 from stat_jax.models.checkpoint import SafetensorsFile, hf_key_names, write_safetensors
+from stat_jax.models.llama import llama3_2_1b
+from stat_jax.models.qwen import qwen2_5_3b, tiny_qwen3
 from tests.models.hf_fixtures import hf_logits, max_abs_diff_valid, padded_batch, save_variants
 
 VARIANTS = ("llama", "qwen2")  # untied + tied, with and without q/k/v bias
@@ -65,7 +73,8 @@ def test_tokenizer_files_are_copied(checkpoints, tmp_path):
     original = transformers.AutoTokenizer.from_pretrained(src)
     copied = transformers.AutoTokenizer.from_pretrained(out)
     messages = [{"role": "user", "content": "1+2=?"}]
-    assert copied.apply_chat_template(messages, tokenize=False) == original.apply_chat_template(messages, tokenize=False)
+    rendered = copied.apply_chat_template(messages, tokenize=False)
+    assert rendered == original.apply_chat_template(messages, tokenize=False) and "<|user|>" in rendered
     assert copied("x = 42").input_ids == original("x = 42").input_ids
     assert copied.eos_token == original.eos_token
 
@@ -239,20 +248,20 @@ _LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "orig
 
 
 def _hf_view(d):
-    """How transformers itself reads a config dict: (theta, rope type, rope params, tied, bias)."""
+    """How transformers itself reads a config dict: (theta, rope type, factor, original length, tied)."""
     cfg = transformers.AutoConfig.for_model(d["model_type"], **{k: v for k, v in d.items() if k != "model_type"})
     rope = cfg.rope_parameters
-    return rope["rope_theta"], rope["rope_type"], rope.get("factor"), rope.get("original_max_position_embeddings"), \
-        cfg.tie_word_embeddings
+    original_max = rope.get("original_max_position_embeddings") if rope["rope_type"] == "llama3" else None
+    return (rope["rope_theta"], rope["rope_type"], rope.get("factor"), original_max, cfg.tie_word_embeddings)
 
 
 def _our_view(d):
-    from stat_jax.models import ModelConfig
-
     c = ModelConfig.from_hf_dict(d)
+    if c.rope_scaling is None:
+        return (c.rope_theta, "default", None, None, c.tie_word_embeddings)
     s = c.rope_scaling
-    return c.rope_theta, s.rope_type if s else "default", s.factor if s else None, \
-        s.original_max_position_embeddings if s and s.rope_type == "llama3" else None, c.tie_word_embeddings
+    original_max = s.original_max_position_embeddings if s.rope_type == "llama3" else None
+    return (c.rope_theta, s.rope_type, s.factor, original_max, c.tie_word_embeddings)
 
 
 @pytest.mark.parametrize(
@@ -281,11 +290,7 @@ def test_config_dict_read_like_transformers(d):
     assert _our_view(d) == _hf_view(d)
 
 
-def test_config_survives_to_hf_dict_and_transformers(checkpoints):
-    from stat_jax.models import ModelConfig
-    from stat_jax.models.llama import llama3_2_1b
-    from stat_jax.models.qwen import qwen2_5_3b, tiny_qwen3
-
+def test_config_survives_to_hf_dict_and_transformers():
     for cfg in (llama3_2_1b(), qwen2_5_3b(), tiny_qwen3()):
         d = cfg.to_hf_dict()
         assert ModelConfig.from_hf_dict(d) == cfg
@@ -293,8 +298,6 @@ def test_config_survives_to_hf_dict_and_transformers(checkpoints):
 
 
 def test_bias_on_llama_is_rejected():
-    from stat_jax.models import ModelConfig
-
     d = dict(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True, **_BASE)
     with pytest.raises(UnsupportedModelError, match="attention_bias"):
         ModelConfig.from_hf_dict(d)

@@ -2,13 +2,15 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
-from stat_jax.models import init_model, load_hf_checkpoint
+from stat_jax.models import ModelConfig, init_model, load_hf_checkpoint
 from stat_jax.models.llama import tiny_llama
 from tests.models.hf_fixtures import VARIANTS, hf_logits, max_abs_diff_valid, padded_batch, save_variants
 
@@ -39,8 +41,6 @@ def test_logits_match_transformers(checkpoints, variant, padding):
 
 
 def test_config_parsed_from_transformers_checkpoint(checkpoints):
-    from stat_jax.models import ModelConfig
-
     expect = {
         "llama": dict(architecture="llama", tie_word_embeddings=False, attention_bias=False, rope_theta=1e4),
         "llama_tied": dict(architecture="llama", tie_word_embeddings=True, rope_theta=5e5),
@@ -93,9 +93,6 @@ def test_padding_does_not_change_valid_logits(checkpoints):
 
 def test_remat_gives_identical_logits_and_grads():
     """remat=True recomputes activations in the backward pass: same numbers, different program."""
-    import jax
-    from flax import nnx
-
     cfg = tiny_llama(num_layers=1)  # remat wraps each layer; one is enough and halves compile time
     tokens, mask, positions = (jnp.asarray(a) for a in padded_batch("right"))
     results = {}

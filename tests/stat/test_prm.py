@@ -34,6 +34,7 @@ def prm_dir(tmp_path_factory):
         for name, p in backbone.named_parameters():  # non-trivial norms and biases
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+        head[0].weight.mul_(3.0)  # spread the step probabilities so the comparison means something
     tensors = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
     tensors |= {f"score.{k}": v.contiguous() for k, v in head.state_dict().items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -56,7 +57,7 @@ def test_prm_step_probabilities_match_torch(prm_dir):
     pairs = [("What is 2+3?", "2+3 = 5.\n\nSo the answer is \\boxed{5}."),
              ("Compute 7*6.", "7*6 = 40.\n\nCheck: 40/6 is not 7.\n\nAnswer: \\boxed{40}"),
              ("Solve x+1=2.", "x = 1 \\boxed{1}")]
-    ids = [tok(prm.render(q, r), add_special_tokens=False)["input_ids"] for q, r in pairs]
+    ids = [prm.tokenizer(prm.render(q, r), add_special_tokens=False)["input_ids"] for q, r in pairs]
     ours = prm.step_scores(ids)  # one padded batch of ragged lengths
     for seq, got in zip(ids, ours):
         want = torch_step_probs(backbone, head, seq, prm.separator_id)
@@ -68,7 +69,8 @@ def test_prm_step_probabilities_match_torch(prm_dir):
     prm.aggregate = "product"
     np.testing.assert_allclose(prm.score_responses(pairs), [np.prod(s) for s in ours], atol=1e-5)
     flat = [p for s in ours for p in s]
-    assert 0.05 < min(flat) and max(flat) < 0.95 and max(flat) - min(flat) > 0.01  # a non-trivial comparison
+    # Unsaturated and distinct per step, so a wrong position or a wrong head would show.
+    assert 1e-3 < min(flat) and max(flat) < 1 - 1e-3 and len({round(p, 6) for p in flat}) == len(flat)
 
 
 def test_aggregate_steps():

@@ -235,3 +235,25 @@ def test_only_runs_one_stage_and_needs_its_inputs(tmp_path, fake):
     with pytest.raises(FileNotFoundError, match="diagnose/diagnoses.jsonl"):
         run(make_config(tmp_path, paths, "only"), fake, only="profile")
     assert fake.count() == 0
+
+
+def test_run_command_only_profile_and_budget_exit_code(tmp_path, fake, capsys):
+    import argparse
+
+    from stat_jax.stat.pipeline import EXIT_BUDGET, main
+
+    paths, _, _ = write_fixture(tmp_path)
+    config = make_config(tmp_path, paths, "cli", max_calls=5)
+    config.teacher.base_url = fake.base_url
+    config.stat.stages = ("data", "skills")
+    # The command cannot inject a student, so run only teacher stages through it.
+    assert main(config, argparse.Namespace(only=None, resume=True, dry_run=False)) == EXIT_BUDGET
+    assert "raise it and re-run with --resume" in capsys.readouterr().out
+    run(make_config(tmp_path, paths, "cli"), fake)
+    profile = tmp_path / "cli/stat/profile/profile.json"
+    before = profile.stat().st_mtime_ns
+    config = make_config(tmp_path, paths, "cli")
+    config.teacher.base_url = fake.base_url
+    assert main(config, argparse.Namespace(only="profile", resume=True, dry_run=False)) == 0
+    assert profile.stat().st_mtime_ns != before  # --only re-runs the named stage
+    assert '"profile": "done"' in capsys.readouterr().out

@@ -1,0 +1,77 @@
+"""JetStream's orchestrator `Driver`, adapted to stat-jax: one interleaved engine, checked prompts, seeds.
+
+What differs from 0.2.2's Driver (by overriding two of its methods, nothing copied):
+- `place_request_on_prefill_queue` checks the prompt before it enters the pipeline: a prompt longer than the
+  largest bucket is an error naming the config keys (or, when configured, keeps its last tokens with a
+  warning); prompt + max_tokens must fit the cache. 0.2.2 would truncate silently with a wrong true_length.
+- `_process_prefill_content` pads token ids as given (prompts are complete, BOS included when the tokenizer
+  wants one; 0.2.2 crashes on token lists without BOS) and hands the request's sampling to the engine.
+- Per-request sampling travels in-process as `request.stat_jax_sampling`, over gRPC in `session_cache`
+  (stat_jax/rollout/protocol.py).
+- Thread failures are recorded (see jetstream_compat) and reported by `failure()` instead of killing the process.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from stat_jax.rollout.engine import StudentEngine, js
+from stat_jax.rollout.jetstream_compat import thread_failure
+from stat_jax.rollout.protocol import sampling_from_session
+
+logger = logging.getLogger(__name__)
+
+class PromptTooLongError(ValueError):
+    """A prompt does not fit the engine's buckets or cache."""
+
+
+def fit_prompt(ids, max_new_tokens: int, engine: StudentEngine, truncate: bool) -> np.ndarray:
+    """The prompt ids the engine will run, or PromptTooLongError saying which limit to raise."""
+    ids = np.asarray(ids, np.int32).reshape(-1)
+    s = engine.settings
+    if ids.size == 0:
+        raise PromptTooLongError("empty prompt: a rollout needs at least one prompt token")
+    if ids.size > s.max_prefill_length:
+        if not truncate:
+            raise PromptTooLongError(
+                f"prompt of {ids.size} tokens exceeds the largest prefill bucket rollout.max_prefill_length="
+                f"{s.max_prefill_length}; raise it (a power of two) or set rollout.truncate_long_prompts=True")
+        logger.warning("prompt of %d tokens truncated to its last %d (rollout.truncate_long_prompts=True)",
+                       ids.size, s.max_prefill_length)
+        ids = ids[-s.max_prefill_length:]
+    if ids.size + max_new_tokens >= s.max_target_length:
+        raise PromptTooLongError(
+            f"prompt of {ids.size} tokens + max_new_tokens={max_new_tokens} does not fit the cache "
+            f"(rollout.max_target_length={s.max_target_length}); raise rollout.max_target_length")
+    return ids
+
+
+class StatDriver(js.orchestrator.Driver):
+    """The 0.2.2 Driver running one StudentEngine for both prefill and generate (interleaved mode)."""
+
+    def __init__(self, engine: StudentEngine, *, truncate_long_prompts: bool = False):
+        # Set before super().__init__, which starts the threads that read them.
+        self.engine = engine
+        self.truncate_long_prompts = truncate_long_prompts
+        super().__init__(prefill_engines=[engine], generate_engines=[engine], prefill_params=[engine.params],
+                         generate_params=[engine.params], interleaved_mode=True, jax_padding=False)
+
+    def failure(self):
+        """The first driver thread that died with an exception (its `.error`), or None."""
+        return thread_failure(self._all_threads)
+
+    def place_request_on_prefill_queue(self, request) -> None:
+        content = request.prefill_content
+        if isinstance(content, str):
+            content = self.engine.tokenizer.hf(content, add_special_tokens=False)["input_ids"]
+        request.prefill_content = fit_prompt(content, request.max_tokens, self.engine, self.truncate_long_prompts)
+        super().place_request_on_prefill_queue(request)
+
+    def _process_prefill_content(self, request, tokenizer, is_bos, max_prefill_length):
+        sampling = getattr(request, "stat_jax_sampling", None) or sampling_from_session(request.history_path)
+        self.engine.set_pending_request(sampling)
+        return js.token_utils.pad_tokens(
+            np.asarray(request.prefill_content, np.int32), tokenizer.bos_id, tokenizer.pad_id, is_bos=False,
+            max_prefill_length=max_prefill_length, jax_padding=False)
