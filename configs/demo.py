@@ -34,7 +34,7 @@ def get_config(variant: str = "default") -> ConfigDict:
 
     d = c.demo = ConfigDict()
     # The task: sizes of the splits; the train split's skill weights make some skills rare (the gaps STAT finds).
-    d.train_size = 12000
+    d.train_size = 20000
     d.heldout_size = 400  # profiling questions (the paper's MATH validation split)
     d.test_size = 600  # never used for any choice: only the final table
     d.rare_skills = ("borrow_subtraction", "modular_reduction", "percent")
@@ -43,7 +43,7 @@ def get_config(variant: str = "default") -> ConfigDict:
     d.hidden_size = 128
     d.num_layers = 2
     d.num_heads = 4
-    d.max_seq_len = 112
+    d.max_seq_len = 128  # positions; SFT rows are data.max_length tokens (packed)
     # Pre-training on the (imbalanced) train split.
     d.pretrain_steps = 700
     d.pretrain_batch_size = 32
@@ -71,9 +71,17 @@ def get_config(variant: str = "default") -> ConfigDict:
     d.grpo_lr = 2e-4
     d.max_new_tokens = 48
 
+    # The real SFT trainer's settings (configs/base.py `data`/`train`); steps and learning rates are set per run.
+    _set(c, "data", max_length=128, packing=True)
+    _set(c, "train", warmup_steps=10, min_lr_ratio=0.1, checkpoint_every=200, keep_checkpoints=1,
+         async_checkpointing=False, log_every=10, tensorboard=False)
+
+    # The rollout backend (JetStream in-process): prompts are < 128 tokens, answers < 48.
+    _set(c, "rollout", max_concurrent_decodes=64, max_prefill_length=128, max_target_length=192)
+
     c.eval.instruction = ""  # the demo's prompts are the bare problem text: short, like its training data
     c.eval.max_new_tokens = d.max_new_tokens
-    _set(c, "eval", grade_workers=0, chunk_size=1024)
+    _set(c, "eval", grade_workers=1, chunk_size=1024)
 
     if variant == "quick":
         quick(c)

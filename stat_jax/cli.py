@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from stat_jax.config import CONFIG_DIR, ConfigError, build_config, split_override_args
+from stat_jax.distributed import DistributedConfigError, maybe_initialize_distributed
 
 # command -> (module, default config file, help)
 COMMANDS: dict[str, tuple[str, str | None, str]] = {
@@ -35,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="demo: the small variant used by the test suite")
     p.add_argument("--dry-run", action="store_true", help="print what would run, do nothing")
     p.add_argument("--log-level", default="INFO")
+    # Multi-process JAX (several hosts or GPUs); also read from JAX_*/SLURM_*/OMPI_* env, see stat_jax/distributed.py.
+    p.add_argument("--coordinator-address", default=None, help="multi-process: process 0's HOST:PORT")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-process: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's index")
+    p.add_argument("--distributed", action="store_true", help="multi-process: let JAX detect the cluster (TPU pod)")
     return p
 
 
@@ -56,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(spec, overrides)
     except ConfigError as e:
         print(f"stat-jax {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    try:  # before the command touches JAX's devices
+        maybe_initialize_distributed(args)
+    except DistributedConfigError as e:
+        print(f"stat-jax {args.command}: distributed setup error: {e}", file=sys.stderr)
         return 2
     module = importlib.import_module(module_name)
     return int(module.main(config, args) or 0)

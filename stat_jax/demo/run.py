@@ -157,27 +157,22 @@ def make_initial_student(config, out_dir: Path) -> dict[str, Any]:
 
 def train(config, workdir: Path, init_model: Path, files: Sequence[Path], *, steps: int, batch_size: int,
           lr: float, seed: int) -> Path:
-    """SFT through `stat_jax.train.sft` (the real trainer); returns the HF export directory."""
-    from stat_jax.train import sft
+    """SFT through `stat_jax.train.sft.train_sft` (the real trainer); returns the HF export directory.
+
+    steps=0 means one epoch over `files` (the equal-budget sets): with packed rows, equal tokens give equal steps.
+    """
+    from stat_jax.train.sft import train_sft
 
     sub = _sub_config(config, workdir, **{"model.path": str(init_model), "data.train_files": tuple(map(str, files))})
     sub.seed = seed
-    apply_train_settings(sub, steps=steps, batch_size=batch_size, lr=lr)
-    status = sft.main(sub, _Args(resume=True))
-    if status:
-        raise RuntimeError(f"stat_jax.train.sft.main returned {status}; see {workdir}")
-    export = workdir / "hf"
-    if not (export / "config.json").exists():
-        raise RuntimeError(f"SFT finished without an HF export at {export}")
-    return export
-
-
-def apply_train_settings(c, *, steps: int, batch_size: int, lr: float) -> None:
-    """The demo's trainer settings, written into the `train`/`data` sections the SFT trainer reads."""
-    c.train.steps = steps
-    c.train.batch_size = batch_size
-    c.train.learning_rate = lr
-    c.data.max_length = c.demo.max_seq_len
+    sub.train.steps = steps
+    sub.train.epochs = 1.0
+    sub.train.batch_size = batch_size
+    sub.train.learning_rate = lr
+    result = train_sft(sub, None, workdir, resume=True)
+    if result.get("preempted"):
+        raise RuntimeError(f"SFT in {workdir} was stopped at step {result['steps']}; re-run the demo to resume")
+    return Path(result["export_dir"])
 
 
 def evaluate_student(config, model_dir: Path, out_dir: Path, test: Sequence[MathProblem]) -> dict[str, Any]:
@@ -312,11 +307,6 @@ class Demo:
 
         return _step(self.root, "finetune/sets", settings, inputs, outputs, run)
 
-    def finetune_steps(self, train_file: Path) -> int:
-        """One pass over the budgeted set: ceil(examples / batch)."""
-        n = sum(1 for _ in train_file.open())
-        return max(1, -(-n // self.d.finetune_batch_size))
-
     def finetune(self, seed: int, method: str) -> Path:
         d = self.d
         name = f"finetune/seed{seed}/{method}"
@@ -324,9 +314,8 @@ class Demo:
         settings = {"batch": d.finetune_batch_size, "lr": d.finetune_lr, "seed": seed}
 
         def run():
-            export = train(self.config, self.path(f"{name}/sft"), self.base_model, [train_file],
-                           steps=self.finetune_steps(train_file), batch_size=d.finetune_batch_size,
-                           lr=d.finetune_lr, seed=seed)
+            export = train(self.config, self.path(f"{name}/sft"), self.base_model, [train_file], steps=0,
+                           batch_size=d.finetune_batch_size, lr=d.finetune_lr, seed=seed)
             io.write_json(self.path(f"{name}/model.json"), {"model": str(export)})
 
         _step(self.root, f"{name}/train", settings, [f"{name}/train.jsonl", "student/base.json"],

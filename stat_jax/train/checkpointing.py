@@ -53,6 +53,9 @@ class CheckpointManager:
     """orbax `CheckpointManager` for (state pytree, JSON meta) with async, keep-last-K, atomic saves."""
 
     def __init__(self, directory: str | Path, *, save_every: int, keep: int = 3, async_save: bool = True):
+        # orbax logs several INFO lines per save through absl; keep them unless the user configured absl.
+        if logging.getLogger("absl").level == logging.NOTSET:
+            logging.getLogger("absl").setLevel(logging.WARNING)
         if save_every <= 0:
             raise ValueError(f"checkpoint save_every must be positive, got {save_every}")
         self.directory = Path(directory).absolute()
@@ -158,6 +161,10 @@ class PreemptionGuard:
         return self.requested
 
     def __enter__(self) -> PreemptionGuard:
+        # Several processes: jax.distributed's preemption notifier owns SIGTERM and turns it into a step every
+        # process agrees on (`reached_preemption`); a Python handler here would replace it and no host would stop.
+        if jax.process_count() > 1:
+            return self
         if threading.current_thread() is threading.main_thread():  # signal handlers only install there
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handler)

@@ -13,7 +13,7 @@ from stat_jax.rollout.base import RolloutError, SamplingParams
 from stat_jax.rollout.engine import EngineSettings
 from stat_jax.rollout.inprocess import JetStreamBackend, params_state_like
 
-from .conftest import QUESTIONS, SETTINGS, chat_prompts
+from tests.rollout.fixtures import QUESTIONS, SETTINGS, chat_prompts
 
 MAX_NEW = 12
 GREEDY = SamplingParams(max_new_tokens=MAX_NEW)

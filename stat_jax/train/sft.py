@@ -1,0 +1,354 @@
+"""`stat-jax sft`: supervised fine-tuning of a student on {prompt | messages, response} records.
+
+The step is one jitted pure function `train_step(state, batch) -> (state, metrics)` with explicit shardings
+over the (data, fsdp, tensor) mesh; the loop around it is data -> step -> log -> checkpoint. Programmatic use
+(the STAT pipeline, the demo): `train_sft(config, examples_or_path, workdir, resume)`.
+
+Training state: `{"step": int32, "params": pure dict of the model's parameters, "opt_state": optax state}`.
+The loss is the token-mean cross entropy over response tokens of the whole optimizer batch; with gradient
+accumulation the micro-batch sums are added before dividing, so k micro-batches equal one k-times larger batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from stat_jax import sharding
+from stat_jax.config import config_hash, config_to_dict
+from stat_jax.data import sft_data
+from stat_jax.data.records import SFTExample
+from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state
+from stat_jax.train.metrics import MetricsLogger
+from stat_jax.train.optim import build_optimizer, optimizer_shardings
+
+log = logging.getLogger(__name__)
+
+# Exit status of `main` when SIGTERM stopped the run after a checkpoint (128 + SIGTERM, like a killed shell).
+PREEMPTED_STATUS = 143
+BATCH_AXES = (None, "batch", "length")  # [micro-batch index, rows, tokens]
+
+
+# ----- the step --------------------------------------------------------------------------------------------
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token cross entropy [b, t] in float32 from logits [b, t, V] (any dtype)."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked cross entropy, number of loss tokens) of one micro-batch [rows, t]."""
+    model = nnx.merge(graphdef, nnx.State(params))
+    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    weights = batch["weights"]
+    return jnp.sum(token_cross_entropy(logits, batch["targets"]) * weights), jnp.sum(weights)
+
+
+def accumulated_gradients(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
+    """(token-mean loss, its gradient, loss tokens) over micro-batches batch[k], summed before normalising."""
+
+    def one(carry, micro):
+        grad_sum, loss_sum, token_sum = carry
+        (ce_sum, tokens), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, graphdef, micro)
+        return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + ce_sum, token_sum + tokens), None
+
+    if batch["tokens"].shape[0] == 1:  # no accumulation: skip the scan (and its zero-initialised buffers)
+        (ce_sum, tokens), grad_sum = jax.value_and_grad(loss_sums, has_aux=True)(
+            params, graphdef, jax.tree.map(lambda x: x[0], batch))
+    else:
+        init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
+        (grad_sum, ce_sum, tokens), _ = jax.lax.scan(one, init, batch)
+    denom = jnp.maximum(tokens, 1.0)
+    return ce_sum / denom, jax.tree.map(lambda g: g / denom, grad_sum), tokens
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
+    """The pure step `(state, batch) -> (state, metrics)`; batch leaves are [micro_batches, rows, t]."""
+
+    def train_step(state: dict, batch: dict[str, jax.Array]) -> tuple[dict, dict[str, jax.Array]]:
+        loss, grads, tokens = accumulated_gradients(state["params"], graphdef, batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),  # before clipping
+            "lr": schedule(state["step"]),
+            "loss_tokens": tokens,
+            "tokens": jnp.sum(batch["segment_ids"] > 0),
+        }
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return train_step
+
+
+def state_shardings_for(params_shapes: dict, param_shardings: dict, tx, mesh: Mesh) -> dict:
+    """NamedShardings of the whole training state (moments follow their parameter)."""
+    repl = sharding.replicated(mesh)
+    return {"step": repl, "params": param_shardings,
+            "opt_state": optimizer_shardings(tx, params_shapes, param_shardings, repl)}
+
+
+def batch_shardings(mesh: Mesh, shape: Sequence[int]) -> dict[str, NamedSharding]:
+    named = sharding.named_sharding(mesh, BATCH_AXES, shape)
+    return {k: named for k in sft_data.BATCH_KEYS}
+
+
+def compile_train_step(graphdef, tx, schedule, state_sh: dict, batch_sh: dict, mesh: Mesh) -> Callable:
+    """`train_step` jitted with explicit in/out shardings; the old state's buffers are donated."""
+    step = jax.jit(
+        make_train_step(graphdef, tx, schedule),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    def run(state, batch):
+        with jax.set_mesh(mesh):  # so the model's `constrain` hints see the mesh
+            return step(state, batch)
+
+    return run
+
+
+def to_device_batch(host: dict[str, np.ndarray], micro_batches: int, batch_sh: dict[str, NamedSharding]) -> dict:
+    """Host rows [local_rows, t] -> global arrays [micro_batches, rows, t] on the mesh."""
+    out = {}
+    for key, x in host.items():
+        local = x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+        named = batch_sh[key]
+        if jax.process_count() == 1:
+            out[key] = jax.device_put(local, named)
+        else:
+            global_shape = (local.shape[0], local.shape[1] * jax.process_count(), *local.shape[2:])
+            out[key] = jax.make_array_from_process_local_data(named, local, global_shape)
+    return out
+
+
+# ----- setup -----------------------------------------------------------------------------------------------
+def _load_tokenizer(config):
+    import transformers
+
+    from stat_jax.models.hub import resolve_model_path
+
+    path = resolve_model_path(config.model.tokenizer_path or config.model.path)
+    return transformers.AutoTokenizer.from_pretrained(str(path)), path
+
+
+def _examples(config, examples_or_path) -> list[SFTExample]:
+    if examples_or_path is None:
+        return sft_data.load_sft_examples(tuple(config.data.train_files), config.data.dataset,
+                                          config.data.dataset_split)
+    if isinstance(examples_or_path, (str, Path)):
+        return sft_data.load_sft_examples([examples_or_path], split=config.data.dataset_split)
+    items = list(examples_or_path)
+    if items and isinstance(items[0], (str, Path)):
+        return sft_data.load_sft_examples(items, split=config.data.dataset_split)
+    return [sft_data.parse_record(ex.to_dict() if isinstance(ex, SFTExample) else ex, f"examples[{i}]")
+            for i, ex in enumerate(items)]
+
+
+def total_steps_for(train_cfg, batches: sft_data.SFTBatches) -> int:
+    if train_cfg.steps > 0:
+        return int(train_cfg.steps)
+    if train_cfg.epochs <= 0:
+        raise ValueError("set train.steps > 0 or train.epochs > 0")
+    return max(1, math.ceil(train_cfg.epochs * batches.batches_in_epoch(0)))
+
+
+def _validate(config) -> None:
+    t = config.train
+    if t.batch_size <= 0 or t.grad_accum_steps <= 0:
+        raise ValueError(f"train.batch_size={t.batch_size} and train.grad_accum_steps={t.grad_accum_steps} "
+                         "must be positive")
+    if t.batch_size % t.grad_accum_steps:
+        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of "
+                         f"train.grad_accum_steps={t.grad_accum_steps}")
+    if config.data.max_length < 2:
+        raise ValueError(f"data.max_length={config.data.max_length} is too small")
+
+
+def _check_batch_divides_mesh(micro_rows: int, mesh: Mesh) -> None:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro_rows % ways:
+        # sharding.logical_to_spec then replicates the batch: correct, but every device computes every row.
+        log.warning("sft: each micro-batch has %d rows (train.batch_size / train.grad_accum_steps), not a multiple "
+                    "of the %d-way batch split (mesh.data * mesh.fsdp): the batch is replicated, not split",
+                    micro_rows, ways)
+
+
+def _run_fingerprint(config) -> str:
+    """Hash of what must not change across a resume (model, data, optimizer; not mesh or logging)."""
+    d = config_to_dict(config)
+    keep = {k: d.get(k) for k in ("seed", "model", "data")}
+    keep["train"] = {k: v for k, v in d.get("train", {}).items()
+                     if k not in ("checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every",
+                                  "export_dir", "export_dtype", "tensorboard")}
+    keep["model"] = {k: v for k, v in (keep["model"] or {}).items() if k != "remat"}
+    return config_hash(keep)
+
+
+# ----- the loop --------------------------------------------------------------------------------------------
+def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, resume: bool = False,
+              mesh: Mesh | None = None) -> dict[str, Any]:
+    """Fine-tunes config.model.path on the examples and exports an HF directory; returns paths and metrics.
+
+    `examples_or_path`: SFTExample/dict records, a JSON/JSONL path (or list of them), or None for
+    config.data.train_files / config.data.dataset. Result keys: export_dir, metrics_path, checkpoint_dir,
+    steps, final_loss, preempted.
+    """
+    from stat_jax.models import abstract_model, export_hf_checkpoint, load_hf_checkpoint
+    from stat_jax.models.config import ModelConfig
+    from stat_jax.models.hub import resolve_model_path
+
+    _validate(config)
+    workdir = Path(workdir or config.workdir)
+    is_writer = jax.process_index() == 0
+    export_dir = Path(config.train.export_dir) if config.train.export_dir else workdir / "hf"
+    result_path = workdir / "sft_result.json"
+    fingerprint = _run_fingerprint(config)
+    if resume and result_path.exists() and (export_dir / "config.json").exists():
+        done = json.loads(result_path.read_text())
+        if done.get("fingerprint") == fingerprint:
+            log.info("sft: %s already finished (step %s); nothing to do", workdir, done.get("steps"))
+            return done
+
+    mesh = mesh or sharding.mesh_from_config(config.mesh)
+    model_path = resolve_model_path(config.model.path)
+    model_cfg = ModelConfig.from_hf_dir(model_path)
+    tokenizer, tokenizer_path = _load_tokenizer(config)
+
+    examples = _examples(config, examples_or_path)
+    tokenized = sft_data.tokenize_examples(tokenizer, examples, model_cfg.eos_token_ids)
+    tokenized, dropped = sft_data.drop_too_long(tokenized, config.data.max_length)
+    if dropped:
+        log.warning("sft: dropped %d of %d examples longer than data.max_length=%d tokens",
+                    dropped, len(examples), config.data.max_length)
+    batches = sft_data.SFTBatches(
+        tokenized, batch_size=config.train.batch_size, seq_len=config.data.max_length, seed=config.seed,
+        packing=config.data.packing, process_index=jax.process_index(), process_count=jax.process_count())
+    total_steps = total_steps_for(config.train, batches)
+    micro = config.train.grad_accum_steps
+    _check_batch_divides_mesh(config.train.batch_size // micro, mesh)
+    tx, schedule = build_optimizer(config.train, total_steps)
+
+    model_kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+    graphdef, abstract_params = nnx.split(abstract_model(model_cfg, **model_kw))
+    params_shapes = nnx.to_pure_dict(abstract_params)
+    param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
+    state_sh = state_shardings_for(params_shapes, param_sh, tx, mesh)
+    batch_sh = batch_shardings(mesh, (micro, config.train.batch_size // micro, config.data.max_length))
+
+    ckpt = CheckpointManager(workdir / "checkpoints", save_every=config.train.checkpoint_every,
+                             keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing)
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+        ckpt.close()
+        raise FileExistsError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
+                              "to continue that run, or choose another workdir")
+    if latest is not None:
+        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shapes,
+                  "opt_state": jax.eval_shape(tx.init, params_shapes)}
+        state, meta = ckpt.restore(abstract_state(shapes, state_sh))
+        if meta.get("fingerprint") != fingerprint:
+            log.warning("sft: resuming %s with a changed model/data/optimizer config (hash %s -> %s)",
+                        workdir, meta.get("fingerprint"), fingerprint)
+        batches.restore(meta["data"])
+        log.info("sft: resumed from step %d (epoch %d, batch %d)", latest, batches.epoch, batches.batch)
+    else:
+        model = load_hf_checkpoint(model_path, mesh, **model_kw)
+        params = nnx.to_pure_dict(nnx.split(model)[1])
+        opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
+        state = {"step": jax.device_put(jnp.int32(0), state_sh["step"]), "params": params, "opt_state": opt_state}
+    start_step = int(jax.device_get(state["step"]))
+
+    if is_writer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2, default=str))
+    step_fn = compile_train_step(graphdef, tx, schedule, state_sh, batch_sh, mesh)
+    metrics_path = workdir / "metrics.jsonl"
+    logger = MetricsLogger(metrics_path, total_steps=total_steps, start_step=start_step, desc="sft",
+                           tensorboard_dir=workdir / "tensorboard" if config.train.tensorboard else None,
+                           is_writer=is_writer)
+    log.info("sft: %d examples (%d dropped), %d rows/step x %d tokens, %d steps (%d batches/epoch), mesh %s",
+             len(tokenized), dropped, config.train.batch_size, config.data.max_length, total_steps,
+             batches.batches_in_epoch(0), dict(mesh.shape))
+
+    def meta() -> dict[str, Any]:
+        return {"data": batches.state(), "fingerprint": fingerprint, "total_steps": total_steps}
+
+    pending: tuple[int, dict, int] | None = None  # metrics are read one step late so the host never stalls the device
+    last_time = time.perf_counter()
+    final_loss = None
+    preempted = False
+
+    def flush(pending_step: int, metrics: dict, epoch: int) -> float:
+        nonlocal last_time
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        values["tokens_per_s"] = values["tokens"] / max(now - last_time, 1e-9)
+        values["epoch"] = epoch
+        last_time = now
+        if pending_step % config.train.log_every == 0 or pending_step == total_steps:
+            logger.log(pending_step, values)
+        return values["loss"]
+
+    try:
+        with PreemptionGuard() as guard:
+            for step in range(start_step + 1, total_steps + 1):
+                batch = to_device_batch(next(batches), micro, batch_sh)
+                epoch = batches.epoch
+                state, metrics = step_fn(state, batch)
+                if pending is not None:
+                    final_loss = flush(*pending)
+                pending = (step, metrics, epoch)
+                if step == total_steps:
+                    break
+                ckpt.maybe_save(step, state, meta)
+                if guard.should_stop(ckpt, step):
+                    final_loss = flush(*pending)
+                    pending = None
+                    ckpt.save(step, state, meta(), force=True)
+                    ckpt.wait()
+                    log.warning("sft: stopped by SIGTERM at step %d after checkpointing; resume with --resume", step)
+                    preempted = True
+                    break
+            if pending is not None:
+                final_loss = flush(*pending)
+            if not preempted:
+                ckpt.save(total_steps, state, meta(), force=True)
+    finally:
+        logger.close()
+        ckpt.close()
+
+    end_step = int(jax.device_get(state["step"]))
+    result = {"export_dir": str(export_dir), "metrics_path": str(metrics_path), "checkpoint_dir": str(ckpt.directory),
+              "steps": end_step, "total_steps": total_steps, "final_loss": final_loss, "preempted": preempted,
+              "fingerprint": fingerprint, "examples": len(tokenized), "dropped_examples": dropped}
+    if preempted:
+        return result
+    model = nnx.merge(graphdef, nnx.State(state["params"]))
+    export_hf_checkpoint(model, export_dir, tokenizer_source=tokenizer_path, dtype=config.train.export_dtype)
+    if is_writer:
+        result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(config, args) -> int:
+    """`stat-jax sft --config=configs/sft_*.py [--resume]`."""
+    result = train_sft(config, workdir=config.workdir, resume=bool(getattr(args, "resume", False)))
+    if result["preempted"]:
+        return PREEMPTED_STATUS
+    print(json.dumps({k: result[k] for k in ("export_dir", "metrics_path", "steps", "final_loss")}))
+    return 0
