@@ -161,7 +161,7 @@ def main() -> None:
     p.add_argument("--model", default="small", help="'small' (~35M Llama) or a released shape, e.g. llama3_2_1b")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=4,
+    p.add_argument("--rounds", type=int, default=3,
                    help="timed rounds; each round runs matmul peak, a stat-jax step, a torch step (medians reported)")
     p.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
     p.add_argument("--remat", action="store_true")

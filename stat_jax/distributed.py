@@ -9,7 +9,7 @@ A job is multi-process when any of these says so (first match wins):
      `OMPI_COMM_WORLD_RANK`); the coordinator address comes from 1/2 or JAX's own SLURM/Open MPI detection,
   4. flag `--distributed` or env `STAT_JAX_DISTRIBUTED=1`: JAX detects everything itself (Cloud TPU pods,
      where the TPU VM metadata names the workers; `launch/tpu.sh` sets it on multi-host slices).
-Otherwise the job is one process and nothing is initialized.
+Otherwise the job is one process and nothing is initialized; `STAT_JAX_DISTRIBUTED=0` forces that.
 
 Every process runs the same program on its own devices; `jax.devices()` then lists all processes' devices,
 so a mesh built from it spans every host. Host-side side effects (teacher calls, run manifests, exports)
@@ -27,6 +27,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TRUE_VALUES = ("1", "true", "yes", "auto", "on")
+FALSE_VALUES = ("0", "false", "no", "off")
 
 
 class DistributedConfigError(ValueError):
@@ -77,7 +78,7 @@ def _from_flags(flags: Any) -> tuple[str | None, int | None, int | None, bool]:
         _field(flags, "coordinator_address") or None,
         _as_int(_field(flags, "num_processes"), "--num-processes"),
         _as_int(_field(flags, "process_id"), "--process-id"),
-        str(section).lower() in TRUE_VALUES if section not in (None, False) else False,
+        section is not None and section is not False and str(section).lower() in TRUE_VALUES,
     )
 
 
@@ -94,6 +95,8 @@ def _from_cluster_env(env: Mapping[str, str]) -> tuple[int | None, int | None, s
 def resolve_distributed(flags: Any = None, env: Mapping[str, str] | None = None) -> DistributedSpec | None:
     """The multi-process job described by flags and environment, or None for a single-process job."""
     env = os.environ if env is None else env
+    if env.get("STAT_JAX_DISTRIBUTED", "").lower() in FALSE_VALUES:  # e.g. a shell inside `salloc -n 4`
+        return None
     address, count, pid, auto = _from_flags(flags)
     source = "flags" if (address or count is not None or pid is not None) else None
     if address is None and env.get("JAX_COORDINATOR_ADDRESS"):

@@ -20,6 +20,8 @@ def test_single_process_when_nothing_asks_for_more():
     assert resolve_distributed(_flags(), env={}) is None
     assert resolve_distributed(None, env={"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
     assert resolve_distributed(_flags(num_processes=1), env={}) is None
+    # A shell inside a SLURM allocation that is not an srun task: the user opts out.
+    assert resolve_distributed(None, env={"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "STAT_JAX_DISTRIBUTED": "0"}) is None
 
 
 def test_flags_win_over_env():

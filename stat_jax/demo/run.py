@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.demo import task
+from stat_jax.rollout.base import RolloutBackend
 from stat_jax.stat import io
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ def _step(root: Path, name: str, settings: dict[str, Any], inputs: Sequence[str]
     io.write_manifest(root, name, settings, inputs, outputs,
                       extra={"stats": stats, "seconds": round(time.monotonic() - start, 2)})
     return "done"
+
+
+def _model_record(export: Path) -> dict[str, Any]:
+    """Where a trained student is, and a hash of its weights (so steps that read it notice a retrain)."""
+    weights = sorted(export.glob("*.safetensors"))
+    return {"model": str(export), "weights_sha256": [io.file_hash(w) for w in weights]}
 
 
 def _problems(path: Path) -> list[MathProblem]:
@@ -175,28 +182,68 @@ def train(config, workdir: Path, init_model: Path, files: Sequence[Path], *, ste
     return Path(result["export_dir"])
 
 
-def evaluate_student(config, model_dir: Path, out_dir: Path, test: Sequence[MathProblem]) -> dict[str, Any]:
-    """Greedy answers to the test split through the rollout backend, graded; per-skill accuracy."""
-    from stat_jax.eval.evaluate import evaluate
-
-    tokenizer = _tokenizer(model_dir)
-    with student_backend(config, model_dir, tokenizer) as backend:
-        evaluate(backend, {"test": test}, tokenizer, config.eval, out_dir=out_dir, model_name=str(model_dir),
-                 print_table=False)
-    result = per_skill_accuracy(io.read_jsonl(out_dir / "test.jsonl"), test)
-    io.write_json(out_dir / "per_skill.json", result)
-    return result
-
-
-def student_backend(config, model_dir: Path, tokenizer):
-    """The rollout backend (JetStream by default) serving the student checkpoint in `model_dir`."""
+def load_student(config, model_dir: Path):
     from stat_jax import sharding
     from stat_jax.models import load_hf_checkpoint
-    from stat_jax.rollout import make_rollout_backend
 
     mesh = sharding.mesh_from_config(config.mesh)
-    model = load_hf_checkpoint(model_dir, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-    return make_rollout_backend(config, model, tokenizer)
+    return load_hf_checkpoint(model_dir, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+
+
+class StudentServer:
+    """One rollout backend (JetStream by default) for every student of the demo: built and compiled once,
+    then each checkpoint's weights are swapped in with `update_params` (same shapes, nothing recompiles)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.backend = None
+        self.tokenizer = None
+        self.pool = None
+        self.serving: Path | None = None
+
+    def serve(self, model_dir: Path):
+        from stat_jax.rollout import make_rollout_backend
+
+        if self.serving == model_dir:
+            return self.backend
+        model = load_student(self.config, model_dir)
+        if self.backend is None:
+            self.tokenizer = _tokenizer(model_dir)
+            self.backend = make_rollout_backend(self.config, model, self.tokenizer)
+        else:
+            self.backend.update_params(model)
+        self.serving = model_dir
+        return self.backend
+
+    def evaluate(self, model_dir: Path, out_dir: Path, test: Sequence[MathProblem]) -> dict[str, Any]:
+        """Greedy answers to the test split through the rollout backend, graded; per-skill accuracy."""
+        from stat_jax.data.grader import GraderPool
+        from stat_jax.eval.evaluate import evaluate
+
+        backend = self.serve(model_dir)
+        if self.pool is None:
+            self.pool = GraderPool(workers=self.config.eval.grade_workers, timeout=self.config.eval.grade_timeout)
+        evaluate(backend, {"test": test}, self.tokenizer, self.config.eval, out_dir=out_dir,
+                 model_name=str(model_dir), pool=self.pool, print_table=False)
+        result = per_skill_accuracy(io.read_jsonl(out_dir / "test.jsonl"), test)
+        io.write_json(out_dir / "per_skill.json", result)
+        return result
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        if self.pool is not None:
+            self.pool.close()
+
+
+class LazyBackend(RolloutBackend):
+    """Builds the real backend on the first generate() (stages that are up to date never pay for it)."""
+
+    def __init__(self, build: Callable[[], RolloutBackend]):
+        self._build = build
+
+    def generate(self, prompts, sampling, n=1, *, progress=True):
+        return self._build().generate(prompts, sampling, n, progress=progress)
 
 
 class _Args:
@@ -216,6 +263,8 @@ class Demo:
         self.d = config.demo
         self.root = Path(config.workdir)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.server = StudentServer(config)
+        self.grpo_skipped: str | None = None
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -252,18 +301,23 @@ class Demo:
         init_settings = {"seed": self.config.seed, "arch": [d.hidden_size, d.num_layers, d.num_heads, d.max_seq_len]}
         _step(self.root, "student/init", init_settings, [], ["student/init/config.json"],
               lambda: make_initial_student(self.config, self.path("student/init")))
-        settings = {**init_settings, "steps": d.pretrain_steps, "batch": d.pretrain_batch_size, "lr": d.pretrain_lr}
+        settings = {**init_settings, "steps": d.pretrain_steps, "batch": d.pretrain_batch_size, "lr": d.pretrain_lr,
+                    **self.trainer_settings()}
 
         def run():
             start = time.monotonic()
             export = train(self.config, self.path("student/pretrain"), self.path("student/init"),
                            [self.path("data/original_mix.jsonl")], steps=d.pretrain_steps,
                            batch_size=d.pretrain_batch_size, lr=d.pretrain_lr, seed=self.config.seed)
-            io.write_json(self.path("student/base.json"), {"model": str(export)})
+            io.write_json(self.path("student/base.json"), _model_record(export))
             return {"seconds": round(time.monotonic() - start, 1)}
 
         return _step(self.root, "student/base", settings, ["data/original_mix.jsonl", "student/init/config.json"],
                      ["student/base.json"], run)
+
+    def trainer_settings(self) -> dict[str, Any]:
+        """The trainer's config sections: changing any of them retrains."""
+        return {k: self.config[k].to_dict() for k in ("model", "data", "train")}
 
     @property
     def base_model(self) -> Path:
@@ -281,9 +335,10 @@ class Demo:
                                                          "stat.stages": STAT_STAGES})
         teacher = OfflineTeacher(seed=self.config.seed, solution_slip_rate=d.teacher_slip_rate,
                                  label_noise=d.teacher_label_noise, max_missing_skills=config.stat.diagnose_max_skills)
-        # The pipeline builds the rollout backend from config.model.path itself, lazily: a re-run whose
-        # rollout stage is up to date never loads the student.
-        return run_pipeline(config, resume=True, teacher_backend=teacher)
+        # The rollout stage samples through the demo's one backend, serving the base student; a re-run whose
+        # rollout stage is up to date never builds it.
+        return run_pipeline(config, resume=True, teacher_backend=teacher, tokenizer=_tokenizer(self.base_model),
+                            rollout_backend=LazyBackend(lambda: self.server.serve(self.base_model)))
 
     # fine-tuning -------------------------------------------------------------------------------------------
     def finetune_sets(self) -> str:
@@ -311,12 +366,12 @@ class Demo:
         d = self.d
         name = f"finetune/seed{seed}/{method}"
         train_file = self.path(f"{name}/train.jsonl")
-        settings = {"batch": d.finetune_batch_size, "lr": d.finetune_lr, "seed": seed}
+        settings = {"batch": d.finetune_batch_size, "lr": d.finetune_lr, "seed": seed, **self.trainer_settings()}
 
         def run():
             export = train(self.config, self.path(f"{name}/sft"), self.base_model, [train_file], steps=0,
                            batch_size=d.finetune_batch_size, lr=d.finetune_lr, seed=seed)
-            io.write_json(self.path(f"{name}/model.json"), {"model": str(export)})
+            io.write_json(self.path(f"{name}/model.json"), _model_record(export))
 
         _step(self.root, f"{name}/train", settings, [f"{name}/train.jsonl", "student/base.json"],
               [f"{name}/model.json"], run)
@@ -341,7 +396,7 @@ class Demo:
             export = self.path(f"{name}/grpo/hf")
             if not (export / "config.json").exists():
                 raise RuntimeError(f"GRPO finished without an HF export at {export}")
-            io.write_json(self.path(f"{name}/grpo_model.json"), {"model": str(export)})
+            io.write_json(self.path(f"{name}/grpo_model.json"), _model_record(export))
 
         _step(self.root, f"{name}/grpo", settings, [f"{name}/model.json"], [f"{name}/grpo_model.json"], run)
         return Path(io.read_json(self.path(f"{name}/grpo_model.json"))["model"])
@@ -353,7 +408,7 @@ class Demo:
 
         def run():
             model = Path(io.read_json(self.path(model_file))["model"])
-            return evaluate_student(self.config, model, out, test)
+            return self.server.evaluate(model, out, test)
 
         _step(self.root, f"{name}/eval", settings, ["data/test.jsonl", model_file], [f"{name}/eval/per_skill.json"],
               run)
@@ -365,6 +420,19 @@ class Demo:
         start = time.monotonic()
         grid = [(s, m) for s in d.seeds for m in d.methods]
         steps = ["data", "student", "stat", "base eval", "sets"] + [f"seed {s} {m}" for s, m in grid] + ["report"]
+        try:
+            report = self._run_steps(steps, grid)
+        finally:
+            self.server.close()
+        report["runtime_s_this_invocation"] = round(time.monotonic() - start, 1)
+        return report
+
+    def _run_steps(self, steps: list[str], grid: list[tuple[int, str]]) -> dict[str, Any]:
+        d = self.d
+        with_grpo = d.grpo_steps > 0 and grpo_available()
+        if d.grpo_steps > 0 and not with_grpo:
+            self.grpo_skipped = "stat_jax.train.grpo is not installed in this checkout; the +GRPO rows are missing"
+            log.warning("demo: %s", self.grpo_skipped)
         with tqdm(total=len(steps), desc="demo", unit="step") as bar:
             def advance(label: str):
                 bar.set_postfix_str(label)
@@ -373,7 +441,7 @@ class Demo:
             self.data(); advance("data")
             self.student(); advance("student")
             self.stat(); advance("stat")
-            io.write_json(self.path("student/base_model.json"), {"model": str(self.base_model)})
+            io.write_json(self.path("student/base_model.json"), io.read_json(self.path("student/base.json")))
             results: dict[str, list[dict[str, Any]]] = {"base": [self.evaluation("student", "student/base_model.json")]}
             advance("base eval")
             self.finetune_sets(); advance("sets")
@@ -381,14 +449,13 @@ class Demo:
                 self.finetune(s, m)
                 results.setdefault(m, []).append(self.evaluation(f"finetune/seed{s}/{m}",
                                                                  f"finetune/seed{s}/{m}/model.json"))
-                if d.grpo_steps > 0:
+                if with_grpo:
                     self.grpo(s, m, self.finetune(s, m))
                     results.setdefault(f"{m}+grpo", []).append(
                         self.evaluation(f"finetune/seed{s}/{m}/grpo_run", f"finetune/seed{s}/{m}/grpo_model.json"))
                 advance(f"seed {s} {m}")
             report = self.report(results)
             advance("report")
-        report["runtime_s_this_invocation"] = round(time.monotonic() - start, 1)
         return report
 
     def report(self, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -411,6 +478,8 @@ class Demo:
             "sel_stats": io.read_json(self.path("stat/sel/stats.json")),
             "syn_stats": io.read_json(self.path("stat/syn/stats.json")),
         }
+        if self.grpo_skipped:
+            report["grpo_skipped"] = self.grpo_skipped
         io.write_json(self.path("results.json"), report)
         plot_per_skill(rows, flagged, self.path("per_skill_accuracy.png"))
         (self.path("results.txt")).write_text(format_table(report) + "\n")
@@ -422,7 +491,7 @@ def format_table(report: dict[str, Any]) -> str:
     rows = report["rows"]
     skills = list(task.SKILL_NAMES)
     flagged = set(report["flagged_skills"])
-    header = ["method", "overall", "flagged"] + [(s + "*" if s in flagged else s)[:12] for s in skills]
+    header = ["method", "overall", "flagged"] + [s[:11] + ("*" if s in flagged else "") for s in skills]
 
     def cell(v):
         if v is None:
@@ -465,6 +534,12 @@ def plot_per_skill(rows: dict[str, Any], flagged: Sequence[str], path: Path) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def grpo_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("stat_jax.train.grpo") is not None
 
 
 def apply_grpo_settings(c, train_file: Path) -> None:
@@ -511,6 +586,7 @@ def main(config, args) -> int:
     """`stat-jax demo [--quick]`: runs (or resumes) the experiment and prints the results table."""
     if getattr(args, "quick", False):
         config = quick_variant(config)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
     if getattr(args, "dry_run", False):
         print(json.dumps({"workdir": config.workdir, "seeds": list(config.demo.seeds),
                           "methods": list(config.demo.methods)}, indent=2))

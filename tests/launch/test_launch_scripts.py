@@ -167,3 +167,57 @@ def test_shellcheck_passes_on_every_launch_script():
     proc = subprocess.run([shellcheck, "--external-sources", *scripts], capture_output=True, text=True, cwd=REPO,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# A stand-in for gcloud: records every call and plays a spot queued resource that is preempted on the
+# first run (status 143 = the trainer checkpointed after SIGTERM) and then finishes (or fails, see RUN_CODES).
+echo "$*" >> "$FAKE_DIR/calls"
+case "$*" in
+  *"queued-resources describe"*) cat "$FAKE_DIR/state" 2>/dev/null || exit 1 ;;
+  *"queued-resources create"*) echo ACTIVE > "$FAKE_DIR/state" ;;
+  *"queued-resources delete"*) rm -f "$FAKE_DIR/state" ;;
+  *"tpu-vm describe"*) echo 4 ;;
+  *"tpu-vm ssh"*"--resume"*)
+    n=$(( $(cat "$FAKE_DIR/runs" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$FAKE_DIR/runs"
+    code=$(echo "$RUN_CODES" | cut -d, -f"$n")
+    [ "$code" = 143 ] && echo SUSPENDED > "$FAKE_DIR/state"
+    exit "$code" ;;
+esac
+exit 0
+"""
+
+
+def _spot_with_fake_gcloud(tmp_path, run_codes: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_DIR=str(tmp_path), RUN_CODES=run_codes, TMPDIR=str(tmp_path))
+    proc = subprocess.run(
+        ["bash", str(TPU), "spot", "--name", "stat-v5p", "--zone", "us-east5-a", "--type", "v5p-32", "--run-id", "s",
+         "--mount-bucket", "b", "--poll-seconds", "0", "--logs-dir", str(tmp_path / "logs"), "--",
+         "sft", "--config=configs/sft_tiny.py", "--config.workdir=gcs/runs/x"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    return proc, (tmp_path / "calls").read_text().splitlines()
+
+
+def test_spot_loop_recreates_a_preempted_slice_and_resumes(tmp_path):
+    proc, calls = _spot_with_fake_gcloud(tmp_path, "143,0")
+    assert proc.returncode == 0, proc.stderr
+    verbs = [" ".join(c.split()[1:4]) for c in calls]
+    runs = [c for c in calls if "tpu-vm ssh" in c and "--resume" in c]
+    assert len(runs) == 2 and all("logs/s-attempt" in r for r in runs)
+    assert verbs.count("tpus queued-resources create") == 2
+    # preempted -> delete the suspended resource -> create again -> set up again -> run again
+    second = verbs.index("tpus queued-resources create", verbs.index("tpus queued-resources create") + 1)
+    assert "tpus queued-resources delete" in verbs[verbs.index("tpus tpu-vm ssh"):second]
+    assert verbs[-1] == "tpus queued-resources delete"  # finished: the slice is given back
+    assert "attempt 1 ended with status 143" in proc.stderr
+
+
+def test_spot_loop_stops_on_a_real_failure_and_keeps_the_slice(tmp_path):
+    proc, calls = _spot_with_fake_gcloud(tmp_path, "1")
+    assert proc.returncode == 2 and "not a preemption" in proc.stderr
+    assert not any("queued-resources delete" in c for c in calls)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stat_jax import cli, sharding
+from stat_jax import cli
 from stat_jax.config import build_config
 from stat_jax.data import sft_data
 from stat_jax.data.char_tokenizer import build_char_tokenizer
@@ -59,9 +59,10 @@ def test_masked_loss_of_a_packed_row_matches_hand_computation(tok, tiny_model):
     graphdef, params = nnx.split(tiny_model)
     loss, _, tokens = sft.accumulated_gradients(nnx.to_pure_dict(params), graphdef, batch)
 
+    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
     total, count = 0.0, 0
     for ids, mask in zip(data.ids, data.loss_mask):  # each example alone, unpacked, in float64
-        logp = _log_softmax(tiny_model(ids[None, :-1])[0])
+        logp = _log_softmax(forward(params, ids[None, :-1])[0])
         for j in range(len(ids) - 1):
             if mask[j + 1]:  # the target token is a response token (or the closing EOS)
                 total -= logp[j, ids[j + 1]]
