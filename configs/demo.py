@@ -43,10 +43,10 @@ def get_config(variant: str = "default") -> ConfigDict:
     d.hidden_size = 128
     d.num_layers = 2
     d.num_heads = 4
-    d.max_seq_len = 128  # positions; SFT rows are data.max_length tokens (packed)
+    d.max_seq_len = 128  # longest prompt + answer; positions restart per packed example
     # Pre-training on the (imbalanced) train split.
-    d.pretrain_steps = 700
-    d.pretrain_batch_size = 32
+    d.pretrain_steps = 500
+    d.pretrain_batch_size = 16  # rows of data.max_length tokens, ~3 packed examples each
     d.pretrain_lr = 3e-3
     # STAT: the pipeline's own settings (configs/base.py `stat`), sized for the demo.
     _set(c, "stat", skills_sample_per_subject=200, label_max_skills=3, rollout_samples=4, rollout_temperature=0.7,
@@ -62,9 +62,9 @@ def get_config(variant: str = "default") -> ConfigDict:
     # Fine-tuning after the base model, at an equal token budget per method.
     d.seeds = (0, 1, 2)
     d.methods = ("sft", "stat_sel", "stat_syn")
-    d.finetune_tokens = 200_000
-    d.finetune_batch_size = 32
-    d.finetune_lr = 3e-4  # about where pre-training's cosine schedule ended
+    d.finetune_tokens = 300_000
+    d.finetune_batch_size = 16
+    d.finetune_lr = 5e-4  # about where pre-training's cosine schedule ended
     d.grpo_steps = 8  # 0 disables the +GRPO rows
     d.grpo_prompts = 16
     d.grpo_samples = 4
@@ -72,7 +72,7 @@ def get_config(variant: str = "default") -> ConfigDict:
     d.max_new_tokens = 48
 
     # The real SFT trainer's settings (configs/base.py `data`/`train`); steps and learning rates are set per run.
-    _set(c, "data", max_length=128, packing=True)
+    _set(c, "data", max_length=256, packing=True)
     _set(c, "train", warmup_steps=10, min_lr_ratio=0.1, checkpoint_every=200, keep_checkpoints=1,
          async_checkpointing=False, log_every=10, tensorboard=False)
 
@@ -97,13 +97,13 @@ def quick(c: ConfigDict) -> ConfigDict:
     d.train_size, d.heldout_size, d.test_size = 2000, 60, 100
     d.hidden_size, d.num_layers, d.num_heads = 64, 2, 2
     d.pretrain_steps = 120
-    d.pretrain_batch_size = 16
+    d.pretrain_batch_size = 8
     d.skill_map_size = 400
     c.stat.rollout_samples = 2
     c.stat.num_hard = 30
     d.seeds = (0, 1)
     d.finetune_tokens = 6_000
-    d.finetune_batch_size = 16
+    d.finetune_batch_size = 8
     d.grpo_steps = 2
     d.grpo_prompts = 4
     d.grpo_samples = 2

@@ -416,6 +416,7 @@ class Demo:
 
     # report --------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Runs (or resumes) every step and returns the report (also written to results.json)."""
         d = self.d
         start = time.monotonic()
         grid = [(s, m) for s in d.seeds for m in d.methods]
@@ -438,13 +439,14 @@ class Demo:
                 bar.set_postfix_str(label)
                 bar.update(1)
 
-            self.data(); advance("data")
-            self.student(); advance("student")
-            self.stat(); advance("stat")
+            for label, stage in (("data", self.data), ("student", self.student), ("stat", self.stat)):
+                stage()
+                advance(label)
             io.write_json(self.path("student/base_model.json"), io.read_json(self.path("student/base.json")))
             results: dict[str, list[dict[str, Any]]] = {"base": [self.evaluation("student", "student/base_model.json")]}
             advance("base eval")
-            self.finetune_sets(); advance("sets")
+            self.finetune_sets()
+            advance("sets")
             for s, m in grid:
                 self.finetune(s, m)
                 results.setdefault(m, []).append(self.evaluation(f"finetune/seed{s}/{m}",
@@ -543,14 +545,17 @@ def grpo_available() -> bool:
 
 
 def apply_grpo_settings(c, train_file: Path) -> None:
-    """The demo's GRPO settings, written into the `grpo` section the GRPO trainer reads."""
+    """The demo's GRPO settings, written into the `grpo` section the GRPO trainer reads (fields must exist)."""
     d = c.demo
-    c.grpo.train_files = (str(train_file),)
-    c.grpo.steps = d.grpo_steps
-    c.grpo.prompts_per_step = d.grpo_prompts
-    c.grpo.num_generations = d.grpo_samples
-    c.grpo.learning_rate = d.grpo_lr
-    c.grpo.max_new_tokens = d.max_new_tokens
+    values = {"train_files": (str(train_file),), "steps": d.grpo_steps, "prompts_per_step": d.grpo_prompts,
+              "num_generations": d.grpo_samples, "learning_rate": d.grpo_lr, "max_new_tokens": d.max_new_tokens}
+    if "grpo" not in c:
+        raise KeyError("configs/base.py has no `grpo` section; the demo's +GRPO step needs stat_jax.train.grpo's config")
+    for key, value in values.items():
+        if key not in c.grpo:
+            raise KeyError(f"config grpo.{key} does not exist (fields: {sorted(c.grpo)}); update "
+                           "stat_jax/demo/run.py:apply_grpo_settings to the GRPO trainer's config")
+        c.grpo[key] = value
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -48,6 +48,7 @@ class KVCache:
         )
 
 
+CAUSAL_ATTENTION_BLOCK = 128  # query block size of the full-sequence attention (see dot_product_attention)
 CACHE_AXES = ("cache_batch", "cache_length", "act_kv_heads", "head_dim")
 
 
@@ -75,7 +76,9 @@ class DecoderLayer(nnx.Module):
             cache_v = constrain(_write_rows(cache_v, v, cache_starts), CACHE_AXES)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
             cache_kv = (cache_k, cache_v)
-        x = x + self.attention.output(dot_product_attention(q, k, v, mask))
+        # Full sequences are causal and aligned, so attention can skip the masked upper triangle.
+        block = None if cache_kv is not None else CAUSAL_ATTENTION_BLOCK
+        x = x + self.attention.output(dot_product_attention(q, k, v, mask, causal_block=block))
         x = x + self.mlp(self.post_attention_norm(x))
         return x, cache_kv
 

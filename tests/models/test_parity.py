@@ -111,3 +111,16 @@ def test_remat_gives_identical_logits_and_grads():
     np.testing.assert_allclose(np.asarray(logits_remat), np.asarray(logits_plain), atol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_plain), jax.tree.leaves(grads_remat), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_logits_match_with_small_causal_attention_blocks(checkpoints, padding, monkeypatch):
+    """Block-wise causal attention (used for long sequences) must not change the numbers: force blocks of 5
+    on a 12-token batch, so a ragged last block and padded rows both cross block boundaries."""
+    from stat_jax.models import transformer
+
+    monkeypatch.setattr(transformer, "CAUSAL_ATTENTION_BLOCK", 5, raising=False)
+    path, hf_model = checkpoints["qwen3"]
+    tokens, mask, positions = padded_batch(padding)
+    ours = flax_logits(load_hf_checkpoint(path), tokens, mask, positions)
+    assert max_abs_diff_valid(ours, hf_logits(hf_model, tokens, mask, positions), mask) <= TOL
