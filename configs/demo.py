@@ -62,9 +62,9 @@ def get_config(variant: str = "default") -> ConfigDict:
     # Fine-tuning after the base model, at an equal token budget per method.
     d.seeds = (0, 1, 2)
     d.methods = ("sft", "stat_sel", "stat_syn")
-    d.finetune_tokens = 300_000
+    d.finetune_tokens = 200_000
     d.finetune_batch_size = 16
-    d.finetune_lr = 5e-4  # about where pre-training's cosine schedule ended
+    d.finetune_lr = 3e-4  # about where pre-training's cosine schedule ended
     d.grpo_steps = 8  # 0 disables the +GRPO rows
     d.grpo_prompts = 16
     d.grpo_samples = 4

@@ -306,7 +306,8 @@ class Demo:
 
         def run():
             start = time.monotonic()
-            export = train(self.config, self.path("student/pretrain"), self.path("student/init"),
+            export = train(self.config, self.path(f"student/pretrain-{io.json_hash(settings)[:10]}"),
+                           self.path("student/init"),
                            [self.path("data/original_mix.jsonl")], steps=d.pretrain_steps,
                            batch_size=d.pretrain_batch_size, lr=d.pretrain_lr, seed=self.config.seed)
             io.write_json(self.path("student/base.json"), _model_record(export))
@@ -369,7 +370,10 @@ class Demo:
         settings = {"batch": d.finetune_batch_size, "lr": d.finetune_lr, "seed": seed, **self.trainer_settings()}
 
         def run():
-            export = train(self.config, self.path(f"{name}/sft"), self.base_model, [train_file], steps=0,
+            # The trainer's directory is named by the settings: a killed run resumes its own checkpoints, and a
+            # changed setting starts fresh instead of resuming another run's.
+            workdir = self.path(f"{name}/sft-{io.json_hash([settings, io.file_hash(train_file)])[:10]}")
+            export = train(self.config, workdir, self.base_model, [train_file], steps=0,
                            batch_size=d.finetune_batch_size, lr=d.finetune_lr, seed=seed)
             io.write_json(self.path(f"{name}/model.json"), _model_record(export))
 
@@ -387,13 +391,14 @@ class Demo:
                     "seed": seed}
 
         def run():
-            sub = _sub_config(self.config, self.path(f"{name}/grpo"), **{"model.path": str(start)})
+            workdir = self.path(f"{name}/grpo-{io.json_hash([settings, str(start)])[:10]}")
+            sub = _sub_config(self.config, workdir, **{"model.path": str(start)})
             sub.seed = seed
             apply_grpo_settings(sub, self.path("data/train.jsonl"))
             status = grpo_mod.main(sub, _Args(resume=True))
             if status:
                 raise RuntimeError(f"stat_jax.train.grpo.main returned {status}; see {sub.workdir}")
-            export = self.path(f"{name}/grpo/hf")
+            export = workdir / "hf"
             if not (export / "config.json").exists():
                 raise RuntimeError(f"GRPO finished without an HF export at {export}")
             io.write_json(self.path(f"{name}/grpo_model.json"), _model_record(export))
