@@ -171,4 +171,35 @@ def get_config() -> ConfigDict:
     c.stat.syn_min_agree = 2
     c.stat.syn_target_size = 0  # 0 = keep all
     c.stat.wait_timeout_s = 86400.0  # other hosts wait this long for process 0's teacher stages
+    c.grpo = ConfigDict()
+    c.grpo.train_files = ()  # JSONL of {problem, answer} rows (e.g. MATH train, or a STAT-Sel question list)
+    c.grpo.instruction = ""  # "" = eval.instruction
+    c.grpo.steps = 200
+    c.grpo.prompts_per_step = 32
+    c.grpo.num_generations = 8  # G samples per prompt (G requests to JetStream)
+    c.grpo.num_iterations = 1  # optimisation passes (mu) over each rollout batch; old log-probs computed once
+    c.grpo.micro_batches = 1  # gradient accumulation over the prompts_per_step * G rows
+    c.grpo.max_length = 1024  # tokens per training row: prompt + completion must fit
+    c.grpo.max_new_tokens = 768
+    c.grpo.temperature = 1.0
+    c.grpo.top_p = 1.0
+    c.grpo.top_k = 0
+    c.grpo.epsilon_low = 0.2
+    c.grpo.epsilon_high = 0.2  # > epsilon_low gives DAPO's clip-higher
+    c.grpo.beta = 0.0  # k3 KL coefficient to the frozen start model; 0 does not even keep a reference copy
+    c.grpo.scale_rewards = True  # divide advantages by the group std (GRPO); False = Dr. GRPO
+    c.grpo.loss_aggregation = "token"  # token: mean over all completion tokens | sequence: mean of per-row means
+    c.grpo.format_reward = 0.0  # added when the response has a \\boxed{} answer
+    c.grpo.learning_rate = 1e-6
+    c.grpo.lr_schedule = "constant"
+    c.grpo.warmup_steps = 0
+    c.grpo.warmup_ratio = 0.0
+    c.grpo.weight_decay = 0.0
+    c.grpo.max_grad_norm = 1.0
+    c.grpo.b1 = 0.9
+    c.grpo.b2 = 0.99
+    c.grpo.checkpoint_every = 20
+    c.grpo.keep_checkpoints = 2
+    c.grpo.async_checkpointing = True
+    c.grpo.export_dtype = "float32"
     return c

@@ -246,14 +246,6 @@ class LazyBackend(RolloutBackend):
         return self._build().generate(prompts, sampling, n, progress=progress)
 
 
-class _Args:
-    def __init__(self, resume: bool = True):
-        self.resume = resume
-        self.only = None
-        self.dry_run = False
-        self.quick = False
-
-
 # ----- the experiment ------------------------------------------------------------------------------------------
 class Demo:
     """The steps of the demo over one work directory."""
@@ -395,9 +387,9 @@ class Demo:
             sub = _sub_config(self.config, workdir, **{"model.path": str(start)})
             sub.seed = seed
             apply_grpo_settings(sub, self.path("data/train.jsonl"))
-            status = grpo_mod.main(sub, _Args(resume=True))
-            if status:
-                raise RuntimeError(f"stat_jax.train.grpo.main returned {status}; see {sub.workdir}")
+            result = grpo_mod.train_grpo(sub, workdir=sub.workdir, resume=True)
+            if result["preempted"]:
+                raise RuntimeError(f"GRPO was stopped by SIGTERM; re-run the demo to resume ({sub.workdir})")
             export = workdir / "hf"
             if not (export / "config.json").exists():
                 raise RuntimeError(f"GRPO finished without an HF export at {export}")
@@ -553,7 +545,9 @@ def apply_grpo_settings(c, train_file: Path) -> None:
     """The demo's GRPO settings, written into the `grpo` section the GRPO trainer reads (fields must exist)."""
     d = c.demo
     values = {"train_files": (str(train_file),), "steps": d.grpo_steps, "prompts_per_step": d.grpo_prompts,
-              "num_generations": d.grpo_samples, "learning_rate": d.grpo_lr, "max_new_tokens": d.max_new_tokens}
+              "num_generations": d.grpo_samples, "learning_rate": d.grpo_lr, "max_new_tokens": d.max_new_tokens,
+              # prompts fit the largest prefill bucket; rows hold prompt + completion
+              "max_length": int(c.rollout.max_prefill_length) + int(d.max_new_tokens)}
     if "grpo" not in c:
         raise KeyError("configs/base.py has no `grpo` section; the demo's +GRPO step needs stat_jax.train.grpo's config")
     for key, value in values.items():

@@ -37,6 +37,15 @@ from stat_jax.rollout.jetstream_compat import load_jetstream
 from stat_jax.rollout.protocol import RequestSampling
 from stat_jax.rollout.sampling import request_key, sample_tokens, step_keys
 
+_DEVICE_LOCK = threading.RLock()  # see StudentEngine.mesh_context
+
+
+def _finish(outputs):
+    """On CPU, waits for the program so no two multi-device programs overlap (see mesh_context)."""
+    if jax.default_backend() == "cpu":
+        jax.block_until_ready(outputs)
+    return outputs
+
 js = load_jetstream()
 
 MAX_STOP_IDS = 16  # per request: EOS ids + SamplingParams.stop_token_ids, padded with -1
@@ -263,8 +272,18 @@ class StudentEngine(js.engine_api.Engine):
         self._request_counter = itertools.count()
 
     # ----- stat-jax extensions ------------------------------------------------------------------------
+    @contextlib.contextmanager
     def mesh_context(self):
-        return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
+        """Mesh for the `constrain` hints, and one device program at a time.
+
+        JetStream's prefill and generate threads launch sharded programs concurrently. On the CPU backend,
+        two multi-device programs with collectives in flight at once can interleave their rendezvous and abort
+        the process, so device work is serialised under a process-wide lock (and, on CPU, completed before the
+        lock is released). Accelerators order launches on their streams; there only the launch is serialised.
+        """
+        with _DEVICE_LOCK:
+            with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
+                yield
 
     def set_pending_request(self, request_sampling: RequestSampling | None) -> None:
         """Called by the prefill thread just before `prefill`: the request's sampling and identity."""
@@ -292,21 +311,21 @@ class StudentEngine(js.engine_api.Engine):
         s = req.sampling
         stop_ids = stop_id_row(self.tokenizer.eos_ids, s.stop_token_ids)
         with self.mesh_context():
-            return _prefill(
+            return _finish(_prefill(
                 self.graphdef, state, jnp.asarray(padded_tokens, jnp.int32), jnp.int32(true_length),
                 jnp.uint32(s.seed), jnp.int32(req.prompt_index), jnp.int32(req.sample_index),
                 jnp.float32(s.temperature), jnp.float32(s.top_p), jnp.int32(s.top_k), jnp.asarray(stop_ids),
                 cache_dtype=self.cache_dtype,
-            )
+            ))
 
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
         with self.mesh_context():
-            return _insert(prefix, decode_state, jnp.int32(slot))
+            return _finish(_insert(prefix, decode_state, jnp.int32(slot)))
 
     def generate(self, params, decode_state: DecodeState):
         state = params.state if isinstance(params, ParamHolder) else params
         with self.mesh_context():
-            decode_state, result = _generate(self.graphdef, state, decode_state)
+            decode_state, result = _finish(_generate(self.graphdef, state, decode_state))
         tokens = js.engine_api.ResultTokens(data=result, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
                                             samples_per_slot=1)
         return decode_state, tokens

@@ -32,9 +32,8 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(tmp_path):
     assert seconds < 240, f"--quick took {seconds:.0f}s; it must stay under 3 minutes on 2 cores"
 
     results = json.loads((workdir / "results.json").read_text())
-    methods = ["base", "sft", "stat_sel", "stat_syn"]
-    if "grpo_skipped" not in results:  # GRPO rows come with stat_jax.train.grpo
-        methods += ["sft+grpo", "stat_sel+grpo", "stat_syn+grpo"]
+    assert "grpo_skipped" not in results
+    methods = ["base", "sft", "sft+grpo", "stat_sel", "stat_sel+grpo", "stat_syn", "stat_syn+grpo"]
     assert list(results["rows"]) == methods
     assert results["seeds"] == [0, 1]
     for name, row in results["rows"].items():

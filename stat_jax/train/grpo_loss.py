@@ -1,0 +1,95 @@
+"""GRPO's pieces as pure functions: group advantages, per-token log-probs, the clipped objective, k3 KL.
+
+Shapes: completions are rows of a [rows, t] batch; `mask` [rows, t] marks completion tokens (the prompt and
+padding are 0). Rows come in groups of G samples of the same prompt, consecutive.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOG_RATIO_CLAMP = 20.0  # keeps exp() finite when a token's probability moved by many orders of magnitude
+
+
+def group_advantages(rewards: np.ndarray, group_size: int, *, scale_by_std: bool = True,
+                     eps: float = 1e-6) -> np.ndarray:
+    """Per-sample advantage: reward minus its group's mean, optionally divided by the group's std.
+
+    Default scale_by_std=True is GRPO as published (DeepSeekMath) and as used with STAT; False is the
+    Dr. GRPO variant, which avoids up-weighting groups whose rewards barely differ (a difficulty bias).
+    The std is the sample std (ddof=1). A group with identical rewards gets advantage 0 either way.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    if rewards.size % group_size:
+        raise ValueError(f"{rewards.size} rewards do not split into groups of {group_size}")
+    groups = rewards.reshape(-1, group_size)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    if scale_by_std and group_size > 1:
+        centred = centred / (groups.std(axis=1, ddof=1, keepdims=True) + eps)
+    return centred.reshape(rewards.shape).astype(np.float32)
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) [rows, t] in float32 from logits [rows, t, V]."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+    """Entropy of the next-token distribution [rows, t]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """Schulman's k3 estimator of KL(policy || reference) per token: exp(d) - d - 1 with d = ref - policy."""
+    d = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return jnp.exp(d) - d - 1.0
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+    """'token': mean over every completion token of the batch; 'sequence': mean over rows of each row's token mean."""
+    mask = mask.astype(jnp.float32)
+    if mode == "token":
+        return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    if mode == "sequence":
+        per_row = jnp.sum(per_token * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+        has_tokens = (jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
+        return jnp.sum(per_row * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+    raise ValueError(f"loss aggregation {mode!r} is not 'token' or 'sequence'")
+
+
+def grpo_objective(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    ref_logp: jax.Array | None = None,
+    beta: float = 0.0,
+    aggregation: str = "token",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The clipped importance-ratio loss (to minimise) plus beta * k3 KL; returns (loss, metrics).
+
+    advantages: [rows] (one per completion, broadcast over its tokens).
+    """
+    log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
+    per_token = -jnp.minimum(unclipped, clipped)
+    m = mask.astype(jnp.float32)
+    metrics = {"clip_fraction": jnp.sum((clipped < unclipped).astype(jnp.float32) * m) / jnp.maximum(jnp.sum(m), 1.0)}
+    if ref_logp is not None and beta:
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + beta * kl
+        metrics["kl"] = jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
+    loss = aggregate(per_token, mask, aggregation)
+    metrics["loss"] = loss
+    return loss, metrics
