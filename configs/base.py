@@ -177,11 +177,11 @@ def get_config() -> ConfigDict:
     c.grpo.steps = 200
     c.grpo.prompts_per_step = 32
     c.grpo.num_generations = 8  # G samples per prompt (G requests to JetStream)
-    c.grpo.num_iterations = 1  # optimisation passes (mu) over each rollout batch; old log-probs computed once
+    c.grpo.num_iterations = 1  # updates (mu) per rollout batch; old log-probs computed once (skipped when 1)
     c.grpo.micro_batches = 1  # gradient accumulation over the prompts_per_step * G rows
     c.grpo.max_length = 1024  # tokens per training row: prompt + completion must fit
     c.grpo.max_new_tokens = 768
-    c.grpo.temperature = 1.0
+    c.grpo.temperature = 1.0  # sampling temperature; the trained log-probs are of logits / temperature
     c.grpo.top_p = 1.0
     c.grpo.top_k = 0
     c.grpo.epsilon_low = 0.2
@@ -190,6 +190,7 @@ def get_config() -> ConfigDict:
     c.grpo.scale_rewards = True  # divide advantages by the group std (GRPO); False = Dr. GRPO
     c.grpo.loss_aggregation = "token"  # token: mean over all completion tokens | sequence: mean of per-row means
     c.grpo.format_reward = 0.0  # added when the response has a \\boxed{} answer
+    c.grpo.reward = "math"  # math: 1 if the grader accepts the final answer | "package.module:function"
     c.grpo.learning_rate = 1e-6
     c.grpo.lr_schedule = "constant"
     c.grpo.warmup_steps = 0

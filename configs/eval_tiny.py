@@ -15,4 +15,7 @@ def get_config():
     c.eval.temperature = 1.0
     c.eval.grade_workers = 1
     c.eval.chunk_size = 2
+    c.rollout.max_concurrent_decodes = 8
+    c.rollout.max_prefill_length = 256  # the default instruction makes ~150-character prompts
+    c.rollout.max_target_length = 288
     return c

@@ -10,7 +10,6 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
 
 from stat_jax.config import CONFIG_DIR, ConfigError, build_config, split_override_args
 from stat_jax.distributed import DistributedConfigError, maybe_initialize_distributed

@@ -197,7 +197,6 @@ def _prefill(graphdef, state, tokens, true_length, seed, prompt_index, sample_in
                   top_p=top_p, top_k=top_k, stop_ids=stop_ids)
 
 
-@functools.partial(jax.jit, donate_argnums=(1,))
 def _insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
     def put(buffer, row):
         return jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), (slot, 0, 0, 0))
@@ -217,7 +216,6 @@ def _insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
 def _generate(graphdef, params, state: DecodeState):
     model: DecoderLM = nnx.merge(graphdef, params)
     # Finished slots keep stepping until JetStream reuses them; clamping keeps their writes in their own row.
@@ -232,7 +230,6 @@ def _generate(graphdef, params, state: DecodeState):
     return new_state, result
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _zeros_decode_state(cfg, slots: int, length: int, dtype) -> DecodeState:
     cache = KVCache.zeros(cfg, slots, length, dtype)
     cache = KVCache(keys=tuple(sharding.constrain(k, CACHE_AXES) for k in cache.keys),
@@ -245,10 +242,10 @@ def _zeros_decode_state(cfg, slots: int, length: int, dtype) -> DecodeState:
 
 
 def mesh_of(state: nnx.State) -> jax.sharding.Mesh | None:
-    """The mesh the parameters live on, or None for single-device (unsharded) params."""
+    """The mesh the parameters live on (even a 1-device one), or None for plain single-device arrays."""
     for leaf in jax.tree.leaves(state):
         s = getattr(leaf, "sharding", None)
-        if isinstance(s, jax.sharding.NamedSharding) and s.mesh.size > 1:
+        if isinstance(s, jax.sharding.NamedSharding):
             return s.mesh
     return None
 
@@ -268,6 +265,13 @@ class StudentEngine(js.engine_api.Engine):
         self.cache_dtype = as_dtype(settings.cache_dtype) if settings.cache_dtype else model.dtype
         self.buckets = prefill_buckets(settings.max_prefill_length)
         self._mesh = mesh_of(state)
+        # Per-engine jits with pinned output shardings: GSPMD may otherwise hand back pass-through fields
+        # with a different sharding after a step, which would compile a second variant of every kernel.
+        shardings = self._decode_state_shardings()
+        self._init_fn = jax.jit(_zeros_decode_state, static_argnums=(0, 1, 2, 3), out_shardings=shardings)
+        self._insert_fn = jax.jit(_insert, donate_argnums=(1,), out_shardings=shardings)
+        self._generate_fn = jax.jit(_generate, static_argnames=("graphdef",), donate_argnums=(2,),
+                                    out_shardings=None if shardings is None else (shardings, self._replicated()))
         self._pending = threading.local()
         self._request_counter = itertools.count()
 
@@ -289,10 +293,23 @@ class StudentEngine(js.engine_api.Engine):
         """Called by the prefill thread just before `prefill`: the request's sampling and identity."""
         self._pending.value = request_sampling
 
+    def _replicated(self):
+        return sharding.replicated(self._mesh)
+
+    def _decode_state_shardings(self) -> DecodeState | None:
+        if self._mesh is None:
+            return None
+        s = self.settings
+        shapes = jax.eval_shape(lambda: _zeros_decode_state(self.model_config, s.max_concurrent_decodes,
+                                                            s.max_target_length, self.cache_dtype))
+        cache = jax.tree.map(lambda x: sharding.named_sharding(self._mesh, CACHE_AXES, x.shape), shapes.cache)
+        rest = jax.tree.map(lambda x: self._replicated(), shapes.replace(cache=None))
+        return rest.replace(cache=cache)
+
     def compilation_counts(self) -> dict[str, int]:
-        """Compiled variants held by each kernel (shared by all engines in the process)."""
-        return {"prefill": _prefill._cache_size(), "insert": _insert._cache_size(),
-                "generate": _generate._cache_size()}
+        """Compiled variants held by each kernel (prefill is shared by all engines in the process)."""
+        return {"prefill": _prefill._cache_size(), "insert": self._insert_fn._cache_size(),
+                "generate": self._generate_fn._cache_size()}
 
     def _request_sampling(self) -> RequestSampling:
         pending = getattr(self._pending, "value", None)
@@ -320,12 +337,12 @@ class StudentEngine(js.engine_api.Engine):
 
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
         with self.mesh_context():
-            return _finish(_insert(prefix, decode_state, jnp.int32(slot)))
+            return _finish(self._insert_fn(prefix, decode_state, jnp.int32(slot)))
 
     def generate(self, params, decode_state: DecodeState):
         state = params.state if isinstance(params, ParamHolder) else params
         with self.mesh_context():
-            decode_state, result = _finish(_generate(self.graphdef, state, decode_state))
+            decode_state, result = _finish(self._generate_fn(self.graphdef, state, decode_state))
         tokens = js.engine_api.ResultTokens(data=result, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
                                             samples_per_slot=1)
         return decode_state, tokens
@@ -345,8 +362,8 @@ class StudentEngine(js.engine_api.Engine):
     def init_decode_state(self, *args, **kwargs) -> DecodeState:
         s = self.settings
         with self.mesh_context():
-            return _zeros_decode_state(self.model_config, s.max_concurrent_decodes, s.max_target_length,
-                                       self.cache_dtype)
+            return _finish(self._init_fn(self.model_config, s.max_concurrent_decodes, s.max_target_length,
+                                         self.cache_dtype))
 
     @property
     def max_concurrent_decodes(self) -> int:

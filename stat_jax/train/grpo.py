@@ -1,18 +1,32 @@
 """`stat-jax grpo`: Group Relative Policy Optimisation of a (STAT-trained) student with a verifiable reward.
 
 Each step: take `prompts_per_step` problems, sample G completions each through the rollout backend
-(JetStream, with the current params swapped in without recompiling), reward them with the math grader,
-normalise rewards within each group, recompute the old-policy (and, if beta > 0, reference) log-probs on
-device -- JetStream returns none -- then run `num_iterations` jitted updates of the clipped objective.
+(JetStream in-process, with the current params swapped in without recompiling), reward them with the math
+grader, normalise rewards within each group, recompute the old-policy (and, if beta > 0, reference) log-probs
+on device -- JetStream returns none -- then run `num_iterations` (mu) jitted updates of the clipped objective.
+With mu = 1 the old policy IS the current one, so the step uses stop_gradient(log p) and skips that forward pass.
 Checkpointing, resume and metrics reuse the SFT machinery. Programmatic use: `train_grpo(config, ...)`.
 
-Defaults (configs/base.py `grpo`): rewards scaled by the group std (GRPO as published; `scale_rewards=false`
-gives Dr. GRPO), loss aggregated per token over the whole batch (long correct answers are not down-weighted
-relative to short ones, unlike a per-sequence mean; `loss_aggregation=sequence` gives the original form).
+Defaults (configs/base.py `grpo`), and why:
+- rewards scaled by the group std (`scale_rewards=true`): GRPO as published (DeepSeekMath), Tunix's default,
+  so a run after STAT compares with published GRPO numbers; `false` gives Dr. GRPO, which drops the std because it up-weights groups that are nearly all right or
+  all wrong (a question-difficulty bias).
+- loss aggregated per token over the whole batch (`loss_aggregation=token`): every generated token weighs the
+  same, so long answers are not down-weighted relative to short ones as with a per-sequence mean
+  (`sequence`, the original form), which also biases towards long wrong answers (DAPO, Dr. GRPO).
+- beta = 0: no KL penalty and no reference model in memory (DAPO / Dr. GRPO practice for verifiable rewards);
+  beta > 0 keeps a frozen copy of the start weights and adds beta * k3 KL to the loss.
+- log-probs are of the temperature-scaled policy (logits / grpo.temperature), the distribution rollouts sample.
+
+Metrics per step (tqdm bar + <workdir>/metrics.jsonl): reward_mean/std, accuracy, zero_std_groups,
+response_length, truncated; from the last of the mu updates: loss, clip_fraction, entropy, grad_norm, lr, and
+kl (only when beta > 0: without a reference there is no KL to report); rollout_tokens_per_s (weight swap
+included, weight_sync_s alone) and train_tokens_per_s (old/reference log-probs and the mu updates) separately.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -30,7 +44,7 @@ from jax.sharding import Mesh
 from stat_jax import sharding
 from stat_jax.config import config_hash, config_to_dict
 from stat_jax.data.records import MathProblem
-from stat_jax.rollout.base import Completion, RolloutBackend, SamplingParams
+from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
 from stat_jax.train import grpo_loss
 from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state
 from stat_jax.train.metrics import MetricsLogger
@@ -39,7 +53,7 @@ from stat_jax.train.optim import build_optimizer, optimizer_shardings
 log = logging.getLogger(__name__)
 
 PREEMPTED_STATUS = 143
-BATCH_KEYS = ("tokens", "targets", "positions", "attention_mask", "weights", "advantages")
+ROW_KEYS = ("tokens", "targets", "positions", "attention_mask", "weights")  # [rows, t]
 RewardFn = Callable[[str, MathProblem], float]
 
 
@@ -54,6 +68,22 @@ def math_reward(format_reward: float = 0.0) -> RewardFn:
         return float(result.correct) + bonus
 
     return reward
+
+
+def resolve_reward(spec: str, format_reward: float = 0.0) -> RewardFn:
+    """`grpo.reward`: "math" (the grader), or "package.module:function" taking (response, MathProblem) -> float."""
+    if spec == "math":
+        return math_reward(format_reward)
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"grpo.reward={spec!r}: use 'math' or 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"grpo.reward={spec!r}: cannot import it ({e})") from e
+    if not callable(fn):
+        raise ValueError(f"grpo.reward={spec!r} is not callable")
+    return fn
 
 
 def load_prompts(path: str | Path) -> list[MathProblem]:
@@ -100,6 +130,7 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Seque
     mask = np.zeros((n, seq_len), np.float32)
     attention = np.zeros((n, seq_len), np.int32)
     for i, (prompt, completion) in enumerate(rows):
+        # The stop token was sampled too, so it is trained on: that is how the policy learns to stop.
         generated = list(completion.token_ids) + ([eos_id] if completion.finish_reason == "stop" else [])
         full = list(prompt) + generated
         if len(full) - 1 > seq_len:
@@ -113,6 +144,14 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Seque
     positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy()
     return {"tokens": tokens, "targets": targets, "positions": positions, "attention_mask": attention,
             "weights": np.asarray(token_weights(mask, aggregation)), "advantages": advantages.astype(np.float32)}
+
+
+def check_groups(completions: Sequence[Sequence[Completion]], prompts: int, group_size: int) -> None:
+    """Advantages compare the G samples of one prompt, so a backend must return exactly G for each prompt."""
+    sizes = [len(group) for group in completions]
+    if len(sizes) != prompts or any(n != group_size for n in sizes):
+        raise RolloutError(f"the rollout backend returned groups of sizes {sizes} for {prompts} prompts; "
+                           f"expected {group_size} (grpo.num_generations) completions for each")
 
 
 def token_weights(mask: np.ndarray, aggregation: str) -> np.ndarray:
@@ -131,73 +170,145 @@ def token_weights(mask: np.ndarray, aggregation: str) -> np.ndarray:
 
 
 # ----- device side ---------------------------------------------------------------------------------------
-def _logits(params, graphdef, micro):
+def policy_logits(params, graphdef, micro, temperature: float = 1.0) -> jax.Array:
+    """float32 logits [rows, t, V] of the temperature-scaled policy the rollouts sample from."""
     model = nnx.merge(graphdef, nnx.State(params))
-    return model(micro["tokens"], positions=micro["positions"], attention_mask=micro["attention_mask"])
+    logits = model(micro["tokens"], positions=micro["positions"], attention_mask=micro["attention_mask"])
+    logits = logits.astype(jnp.float32)
+    return logits / temperature if temperature != 1.0 else logits
 
 
-def make_logprob_fn(graphdef) -> Callable:
-    """(params, batch [k, rows, t]) -> per-token log-probs [k, rows, t]."""
+def make_logprob_fn(graphdef, temperature: float = 1.0) -> Callable:
+    """(params, batch [k, rows, t]) -> per-token log-probs [k, rows, t] (no gradient; old or reference policy)."""
 
     def logprobs(params, batch):
-        return jax.lax.map(lambda micro: grpo_loss.token_logprobs(_logits(params, graphdef, micro), micro["targets"]),
-                           batch)
+        return jax.lax.map(
+            lambda micro: grpo_loss.token_logprobs(policy_logits(params, graphdef, micro, temperature),
+                                                   micro["targets"]), batch)
 
     return logprobs
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, epsilon_low: float,
-                    epsilon_high: float, beta: float) -> Callable:
-    """`(state, batch) -> (state, metrics)`; batch leaves [k micro-batches, rows, t] incl. old/ref log-probs."""
+                    epsilon_high: float, beta: float, temperature: float = 1.0) -> Callable:
+    """`(state, batch) -> (state, metrics)`; batch leaves [k micro-batches, rows, t].
+
+    batch["old_logp"] is the rollout policy's log-probs; without it (mu = 1) the current params ARE the old
+    policy, so stop_gradient(log p) stands in: the same value and gradient without a second forward pass.
+    batch["ref_logp"] is needed when beta > 0. Loss and metrics are sums of batch["weights"]-weighted
+    per-token terms, so k micro-batches add up exactly to the full-batch value.
+    """
 
     def micro_loss(params, micro):
-        logits = _logits(params, graphdef, micro)
+        logits = policy_logits(params, graphdef, micro, temperature)
         logp = grpo_loss.token_logprobs(logits, micro["targets"])
+        old_logp = micro["old_logp"] if "old_logp" in micro else jax.lax.stop_gradient(logp)
+        per_token, terms = grpo_loss.per_token_terms(
+            logp, old_logp, micro["advantages"], epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+            ref_logp=micro.get("ref_logp"), beta=beta)
         w = micro["weights"]
-        ratio = jnp.exp(jnp.clip(logp - micro["old_logp"], -grpo_loss.LOG_RATIO_CLAMP, grpo_loss.LOG_RATIO_CLAMP))
-        adv = micro["advantages"][:, None]
-        unclipped, clipped = ratio * adv, jnp.clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
-        per_token = -jnp.minimum(unclipped, clipped)
-        kl = grpo_loss.k3_kl(logp, micro["ref_logp"]) if beta else jnp.zeros_like(logp)
-        loss = jnp.sum((per_token + beta * kl) * w)
-        aux = {"kl": jnp.sum(kl * w), "clip_fraction": jnp.sum((clipped < unclipped) * w),
+        aux = {"clip_fraction": jnp.sum(terms["clipped"] * w),
                "entropy": jnp.sum(jax.lax.stop_gradient(grpo_loss.token_entropy(logits)) * w)}
-        return loss, aux
+        if "kl" in terms:
+            aux["kl"] = jnp.sum(jax.lax.stop_gradient(terms["kl"]) * w)
+        return jnp.sum(per_token * w), aux
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(state, batch):
-        def one(carry, micro):
-            grads_acc, loss_acc, aux_acc = carry
-            (loss, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(state["params"], micro)
-            return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
-                    jax.tree.map(jnp.add, aux_acc, aux)), None
+        params = state["params"]
+        if batch["tokens"].shape[0] == 1:  # no accumulation: skip the scan and its zero-initialised buffers
+            (loss, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        else:
+            def one(carry, micro):
+                (loss, aux), grads = grad_fn(params, micro)
+                return jax.tree.map(jnp.add, carry, (grads, loss, aux)), None
 
-        zeros_aux = {"kl": jnp.float32(0), "clip_fraction": jnp.float32(0), "entropy": jnp.float32(0)}
-        init = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.float32(0), zeros_aux)
-        (grads, loss, aux), _ = jax.lax.scan(one, init, batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+            aux_keys = ("clip_fraction", "entropy") + (("kl",) if beta else ())
+            init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), {k: jnp.float32(0) for k in aux_keys})
+            (grads, loss, aux), _ = jax.lax.scan(one, init, batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]), **aux}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        return {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                "opt_state": opt_state}, metrics
 
     return train_step
 
 
+def compile_train_step(train_step: Callable, state_sh: dict, batch_sh: dict, mesh: Mesh) -> Callable:
+    """`train_step` jitted with explicit shardings; only the optimizer state is donated, because the rollout
+    engine serves the very param buffers the step reads (no copy in update_params) until the next swap."""
+
+    def split_step(params, opt_state, step, batch):
+        return train_step({"step": step, "params": params, "opt_state": opt_state}, batch)
+
+    jitted = jax.jit(split_step, in_shardings=(state_sh["params"], state_sh["opt_state"], state_sh["step"], batch_sh),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(1,))
+
+    def run(state, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state["params"], state["opt_state"], state["step"], batch)
+
+    return run
+
+
 # ----- the loop ------------------------------------------------------------------------------------------
+def rollout_metrics(rewards: np.ndarray, completions: Sequence[Sequence[Completion]]) -> dict[str, float]:
+    """Reward statistics of one step's rollouts; rewards [prompts, G]. Accuracy = share of full rewards (>= 1)."""
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "accuracy": float((rewards >= 1.0).mean()),
+            # groups whose G rewards are all equal: zero advantage, no learning signal
+            "zero_std_groups": float((rewards.std(axis=1) == 0).mean()),
+            "response_length": sum(len(c.token_ids) for group in completions for c in group) / rewards.size,
+            "truncated": sum(c.finish_reason == "length" for group in completions for c in group) / rewards.size}
+
+
+def throughput(completions, host: dict[str, np.ndarray], mu: int, *, rollout_s: float, sync_s: float,
+               train_s: float) -> dict[str, float]:
+    """Rollout tokens/s (generated tokens, weight swap included) and training tokens/s (rows' tokens x mu)."""
+    generated = sum(len(c.token_ids) for group in completions for c in group)
+    trained = float(host["attention_mask"].sum()) * mu
+    return {"rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
+            "train_tokens_per_s": trained / max(train_s, 1e-9),
+            "rollout_s": rollout_s, "weight_sync_s": sync_s, "train_s": train_s}
+
+
+def reference_params(params: dict, compute_dtype: str) -> dict:
+    """The frozen reference: float params cast to the compute dtype (a no-op, no copy, when they already are)."""
+    from stat_jax.models.build import as_dtype
+
+    dtype = as_dtype(compute_dtype)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def _validate(g) -> None:
-    if g.num_generations < 2:
-        raise ValueError(f"grpo.num_generations must be >= 2 (advantages are relative within a group), "
-                         f"got {g.num_generations}")
-    rows = g.prompts_per_step * g.num_generations
-    if rows % g.micro_batches:
-        raise ValueError(f"grpo.prompts_per_step * num_generations = {rows} must be a multiple of "
-                         f"grpo.micro_batches={g.micro_batches}")
-    if g.steps < 1:
-        raise ValueError(f"grpo.steps must be >= 1, got {g.steps}")
-    if g.beta < 0:
-        raise ValueError(f"grpo.beta must be >= 0, got {g.beta}")
+    """Fails fast, naming the grpo.* key, before any model is loaded."""
+    checks = [
+        (g.num_generations >= 2, f"grpo.num_generations must be >= 2 (advantages are relative within a group), "
+                                 f"got {g.num_generations}"),
+        (g.prompts_per_step >= 1, f"grpo.prompts_per_step must be >= 1, got {g.prompts_per_step}"),
+        ((g.prompts_per_step * g.num_generations) % max(g.micro_batches, 1) == 0 and g.micro_batches >= 1,
+         f"grpo.prompts_per_step * num_generations = {g.prompts_per_step * g.num_generations} must be a multiple "
+         f"of grpo.micro_batches={g.micro_batches}"),
+        (g.steps >= 1, f"grpo.steps must be >= 1, got {g.steps}"),
+        (g.num_iterations >= 1, f"grpo.num_iterations must be >= 1, got {g.num_iterations}"),
+        (g.beta >= 0, f"grpo.beta must be >= 0, got {g.beta}"),
+        (g.temperature > 0, f"grpo.temperature must be > 0 (greedy samples of a group are identical and carry "
+                            f"no advantage), got {g.temperature}"),
+        (0 < g.epsilon_low < 1 and g.epsilon_high > 0,
+         f"grpo.epsilon_low must be in (0, 1) and grpo.epsilon_high > 0, got {g.epsilon_low}, {g.epsilon_high}"),
+        (0 <= g.format_reward < 1, f"grpo.format_reward must be in [0, 1) so that accuracy (reward >= 1) still "
+                                   f"means a correct answer, got {g.format_reward}"),
+        (g.loss_aggregation in ("token", "sequence"),
+         f"grpo.loss_aggregation={g.loss_aggregation!r}: choose 'token' or 'sequence'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 def _fingerprint(config) -> str:
+    """Hash of what must not change across a resume (model, GRPO settings, seed; not mesh or logging)."""
     return config_hash({"model": config_to_dict(config.model), "grpo": config_to_dict(config.grpo),
                         "seed": config.seed})
 
@@ -205,7 +316,11 @@ def _fingerprint(config) -> str:
 def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: str | Path | None = None,
                resume: bool = False, *, backend: RolloutBackend | None = None, reward_fn: RewardFn | None = None,
                mesh: Mesh | None = None) -> dict[str, Any]:
-    """Runs GRPO from config.model.path; exports an HF dir to <workdir>/hf and returns paths and metrics."""
+    """Runs GRPO from config.model.path; exports an HF dir to <workdir>/hf and returns paths and metrics.
+
+    problems: default `grpo.train_files`; backend: default JetStream in-process on the training mesh (params
+    swapped in each step); reward_fn: default `grpo.reward` (the math grader).
+    """
     import transformers
 
     from stat_jax.data.prompting import render_prompt
@@ -215,6 +330,9 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
 
     g = config.grpo
     _validate(g)
+    if backend is None and config.rollout.backend != "jetstream":
+        raise ValueError(f"grpo samples with the policy being trained, so it needs rollout.backend=jetstream "
+                         f"(in-process, params swapped each step), not {config.rollout.backend!r}")
     workdir = Path(workdir or config.workdir)
     is_writer = jax.process_index() == 0
     export_dir = workdir / "hf"
@@ -230,7 +348,9 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
             raise ValueError("grpo needs prompts: --config.grpo.train_files=problems.jsonl")
         problems = [p for f in g.train_files for p in load_prompts(f)]
     problems = list(problems)
-    reward_fn = reward_fn or math_reward(float(g.format_reward))
+    if not problems:
+        raise ValueError("grpo: the problem list is empty")
+    reward_fn = reward_fn or resolve_reward(str(g.reward), float(g.format_reward))
     mesh = mesh or sharding.mesh_from_config(config.mesh)
     model_path = resolve_model_path(config.model.path)
     model_cfg = ModelConfig.from_hf_dir(model_path)
@@ -239,11 +359,16 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_cfg.eos_token_ids[0]
 
     prompt_texts = [render_prompt(tokenizer, p.problem, instruction=g.instruction or config.eval.instruction,
+                                  system_prompt=config.eval.system_prompt,
                                   use_chat_template=bool(config.eval.use_chat_template)) for p in problems]
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
 
     total_steps = int(g.steps)
-    tx, schedule = build_optimizer(g, total_steps)
+    mu = int(g.num_iterations)
+    beta = float(g.beta)
+    temperature = float(g.temperature)
+    # The optimizer (and its learning-rate schedule) counts updates: mu of them per GRPO step.
+    tx, schedule = build_optimizer(g, total_steps * mu)
     model_kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
     graphdef, abstract_params = nnx.split(abstract_model(model_cfg, **model_kw))
     params_shapes = nnx.to_pure_dict(abstract_params)
@@ -255,6 +380,11 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     k = int(g.micro_batches)
     batch_named = sharding.named_sharding(mesh, (None, "batch", "length"), (k, rows // k, int(g.max_length)))
     row_named = sharding.named_sharding(mesh, (None, "batch"), (k, rows // k))
+    batch_sh = {key: batch_named for key in ROW_KEYS} | {"advantages": row_named}
+    if mu > 1:
+        batch_sh["old_logp"] = batch_named
+    if beta:
+        batch_sh["ref_logp"] = batch_named
 
     ckpt = CheckpointManager(workdir / "checkpoints", save_every=int(g.checkpoint_every), keep=int(g.keep_checkpoints),
                              async_save=bool(g.async_checkpointing))
@@ -265,24 +395,34 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
                               "to continue that run, or choose another workdir")
     model = load_hf_checkpoint(model_path, mesh, **model_kw)
     initial_params = nnx.to_pure_dict(nnx.split(model)[1])
-    # beta == 0 turns the reference model off: no copy of the initial weights is kept at all.
-    ref_params = jax.tree.map(jnp.copy, initial_params) if g.beta else None
+    del model
+    # The reference is the start model, frozen, kept in the compute dtype: the model casts every weight to it
+    # anyway, so its logits are unchanged and a bf16 run holds half the bytes. beta == 0 turns it off: nothing
+    # is kept, and the start weights are dropped once the state exists.
+    ref_params = reference_params(initial_params, config.model.dtype) if beta else None
     if latest is not None:
         shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shapes,
                   "opt_state": jax.eval_shape(tx.init, params_shapes)}
         del initial_params
-        state, _ = ckpt.restore(abstract_state(shapes, state_sh))
+        state, meta = ckpt.restore(abstract_state(shapes, state_sh))
+        if meta.get("fingerprint") != fingerprint:
+            log.warning("grpo: resuming %s with a changed model/grpo config (hash %s -> %s)",
+                        workdir, meta.get("fingerprint"), fingerprint)
+        if int(jax.device_get(state["step"])) != latest * mu:
+            raise ValueError(f"{ckpt.directory}/{latest}: the checkpoint holds {int(jax.device_get(state['step']))} "
+                             f"optimizer updates, not {latest} steps x grpo.num_iterations={mu}; resume with the "
+                             f"num_iterations it was written with")
         log.info("grpo: resumed from step %d", latest)
     else:
         opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(initial_params)
         state = {"step": jax.device_put(jnp.int32(0), repl), "params": initial_params, "opt_state": opt_state}
-    del model
-    start_step = int(jax.device_get(state["step"]))
+        del initial_params
+    start_step = latest or 0  # GRPO steps done (state["step"] counts optimizer updates)
 
-    train_step = jax.jit(make_train_step(graphdef, tx, schedule, epsilon_low=float(g.epsilon_low),
-                                         epsilon_high=float(g.epsilon_high), beta=float(g.beta)),
-                         out_shardings=(state_sh, repl))  # no donation: the rollout engine shares these params
-    logprob_fn = jax.jit(make_logprob_fn(graphdef), out_shardings=batch_named)
+    train_step = compile_train_step(
+        make_train_step(graphdef, tx, schedule, epsilon_low=float(g.epsilon_low), epsilon_high=float(g.epsilon_high),
+                        beta=beta, temperature=temperature), state_sh, batch_sh, mesh)
+    logprob_fn = jax.jit(make_logprob_fn(graphdef, temperature), out_shardings=batch_named)
 
     own_backend = backend is None
     if own_backend:
@@ -296,10 +436,11 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
                            is_writer=is_writer)
 
     def device_batch(host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        # Every process holds the whole (identically seeded) rollout batch; each places only its own shards.
         out = {}
         for key, x in host.items():
             x = x.reshape(k, rows // k, *x.shape[1:])
-            out[key] = jax.device_put(x, batch_named if x.ndim == 3 else row_named)
+            out[key] = jax.make_array_from_callback(x.shape, batch_sh[key], lambda index, x=x: x[index])
         return out
 
     last = {}
@@ -308,14 +449,17 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
         with PreemptionGuard() as guard:
             for step in range(start_step + 1, total_steps + 1):
                 chosen = prompts_for_step(len(problems), int(g.prompts_per_step), step, int(config.seed))
-                sampling = SamplingParams(temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k),
+                # Seeded by step, so a resumed run samples exactly what the uninterrupted one did.
+                sampling = SamplingParams(temperature=temperature, top_p=float(g.top_p), top_k=int(g.top_k),
                                           max_new_tokens=int(g.max_new_tokens),
                                           seed=int(config.seed) * 1_000_003 + step)
                 t0 = time.perf_counter()
                 backend.update_params(state["params"])
+                sync_s = time.perf_counter() - t0
                 completions = backend.generate([prompt_ids[i] for i in chosen], sampling, int(g.num_generations),
                                                progress=False)
                 rollout_s = time.perf_counter() - t0
+                check_groups(completions, len(chosen), int(g.num_generations))
                 rewards = np.array([[reward_fn(c.text, problems[i]) for c in group]
                                     for i, group in zip(chosen, completions)], np.float32)
                 advantages = grpo_loss.group_advantages(rewards.reshape(-1), int(g.num_generations),
@@ -325,20 +469,16 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
                 t1 = time.perf_counter()
                 with jax.set_mesh(mesh):
                     batch = device_batch(host)
-                    batch["old_logp"] = logprob_fn(state["params"], batch)
-                    batch["ref_logp"] = logprob_fn(ref_params, batch) if g.beta else batch["old_logp"]
-                    for _ in range(int(g.num_iterations)):
-                        state, metrics = train_step(state, batch)
-                    metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}
+                    if mu > 1:  # computed once, before the first of the mu updates moves the params
+                        batch["old_logp"] = logprob_fn(state["params"], batch)
+                    if beta:
+                        batch["ref_logp"] = logprob_fn(ref_params, batch)
+                for _ in range(mu):
+                    state, metrics = train_step(state, batch)
+                metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}  # the last update's
                 train_s = time.perf_counter() - t1
-                generated = sum(len(c.token_ids) for group in completions for c in group)
-                trained = float(host["attention_mask"].sum()) * int(g.num_iterations)
-                last = {**metrics, "reward_mean": float(rewards.mean()),
-                        "accuracy": float((rewards >= 1.0).mean()),
-                        "response_length": generated / rewards.size,
-                        "rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
-                        "train_tokens_per_s": trained / max(train_s, 1e-9),
-                        "rollout_s": rollout_s, "train_s": train_s}
+                last = {**metrics, **rollout_metrics(rewards, completions),
+                        **throughput(completions, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)}
                 logger.log(step, last)
                 meta = {"fingerprint": fingerprint, "total_steps": total_steps}
                 if step < total_steps:
@@ -358,8 +498,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
             backend.close()
 
     result = {"export_dir": str(export_dir), "metrics_path": str(workdir / "metrics.jsonl"),
-              "steps": int(jax.device_get(state["step"])), "total_steps": total_steps, "preempted": preempted,
-              "fingerprint": fingerprint, "last_metrics": last}
+              "checkpoint_dir": str(workdir / "checkpoints"), "steps": int(jax.device_get(state["step"])) // mu,
+              "total_steps": total_steps, "preempted": preempted, "fingerprint": fingerprint, "last_metrics": last}
     if preempted:
         return result
     model = nnx.merge(graphdef, nnx.State(state["params"]))

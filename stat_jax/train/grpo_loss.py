@@ -1,7 +1,8 @@
 """GRPO's pieces as pure functions: group advantages, per-token log-probs, the clipped objective, k3 KL.
 
 Shapes: completions are rows of a [rows, t] batch; `mask` [rows, t] marks completion tokens (the prompt and
-padding are 0). Rows come in groups of G samples of the same prompt, consecutive.
+padding are 0). Rows come in groups of G samples of the same prompt, consecutive. The trainer
+(`stat_jax.train.grpo`) builds its loss from `per_token_terms`, so what the tests check here is what it trains.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ def group_advantages(rewards: np.ndarray, group_size: int, *, scale_by_std: bool
                      eps: float = 1e-6) -> np.ndarray:
     """Per-sample advantage: reward minus its group's mean, optionally divided by the group's std.
 
-    Default scale_by_std=True is GRPO as published (DeepSeekMath) and as used with STAT; False is the
+    Default scale_by_std=True is GRPO as published (DeepSeekMath) and Tunix's default; False is the
     Dr. GRPO variant, which avoids up-weighting groups whose rewards barely differ (a difficulty bias).
     The std is the sample std (ddof=1). A group with identical rewards gets advantage 0 either way.
     """
     rewards = np.asarray(rewards, np.float64)
-    if rewards.size % group_size:
+    if group_size < 1 or rewards.size % group_size:
         raise ValueError(f"{rewards.size} rewards do not split into groups of {group_size}")
     groups = rewards.reshape(-1, group_size)
     centred = groups - groups.mean(axis=1, keepdims=True)
@@ -45,13 +46,20 @@ def token_entropy(logits: jax.Array) -> jax.Array:
 
 
 def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
-    """Schulman's k3 estimator of KL(policy || reference) per token: exp(d) - d - 1 with d = ref - policy."""
+    """Schulman's k3 estimator of KL(policy || reference) per token: exp(d) - d - 1 with d = ref - policy.
+
+    Unbiased for samples drawn from the policy, never negative, and exactly 0 where policy == reference.
+    """
     d = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return jnp.exp(d) - d - 1.0
 
 
 def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
-    """'token': mean over every completion token of the batch; 'sequence': mean over rows of each row's token mean."""
+    """'token': mean over every completion token of the batch; 'sequence': mean over rows of each row's token mean.
+
+    'token' (the default) weighs every generated token equally, so a long answer's tokens are not
+    down-weighted relative to a short one's (DAPO / Dr. GRPO); 'sequence' is the original GRPO form.
+    """
     mask = mask.astype(jnp.float32)
     if mode == "token":
         return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -60,6 +68,34 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
         has_tokens = (jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
         return jnp.sum(per_row * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
     raise ValueError(f"loss aggregation {mode!r} is not 'token' or 'sequence'")
+
+
+def per_token_terms(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    ref_logp: jax.Array | None = None,
+    beta: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token loss [rows, t] = -min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta k3, and per-token diagnostics.
+
+    advantages: [rows] (one per completion, broadcast over its tokens). Diagnostics: `clipped` (1 where the
+    clip removed the token's gradient) and, when a reference is used, `kl`.
+    """
+    ratio = jnp.exp(jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
+    per_token = -jnp.minimum(unclipped, clipped)
+    # min() picks the clipped branch exactly when A > 0 and r > 1+eps_high, or A < 0 and r < 1-eps_low.
+    terms = {"clipped": (clipped < unclipped).astype(jnp.float32)}
+    if ref_logp is not None and beta:
+        terms["kl"] = k3_kl(logp, ref_logp)
+        per_token = per_token + beta * terms["kl"]
+    return per_token, terms
 
 
 def grpo_objective(
@@ -74,22 +110,12 @@ def grpo_objective(
     beta: float = 0.0,
     aggregation: str = "token",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The clipped importance-ratio loss (to minimise) plus beta * k3 KL; returns (loss, metrics).
-
-    advantages: [rows] (one per completion, broadcast over its tokens).
-    """
-    log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = jnp.exp(log_ratio)
-    adv = advantages[:, None]
-    unclipped = ratio * adv
-    clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
-    per_token = -jnp.minimum(unclipped, clipped)
-    m = mask.astype(jnp.float32)
-    metrics = {"clip_fraction": jnp.sum((clipped < unclipped).astype(jnp.float32) * m) / jnp.maximum(jnp.sum(m), 1.0)}
-    if ref_logp is not None and beta:
-        kl = k3_kl(logp, ref_logp)
-        per_token = per_token + beta * kl
-        metrics["kl"] = jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
+    """The clipped importance-ratio loss (to minimise) plus beta * k3 KL, aggregated; returns (loss, metrics)."""
+    per_token, terms = per_token_terms(logp, old_logp, advantages, epsilon_low=epsilon_low,
+                                       epsilon_high=epsilon_high, ref_logp=ref_logp, beta=beta)
     loss = aggregate(per_token, mask, aggregation)
-    metrics["loss"] = loss
+    m = mask.astype(jnp.float32)
+    metrics = {"loss": loss, "clip_fraction": jnp.sum(terms["clipped"] * m) / jnp.maximum(jnp.sum(m), 1.0)}
+    if "kl" in terms:
+        metrics["kl"] = jnp.sum(terms["kl"] * m) / jnp.maximum(jnp.sum(m), 1.0)
     return loss, metrics

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import stat_jax.rollout
 from stat_jax import cli
 from stat_jax.data.char_tokenizer import build_char_tokenizer
 from stat_jax.data.grader import GraderPool
@@ -16,7 +15,7 @@ from stat_jax.data.records import MathProblem
 from stat_jax.eval.evaluate import EvalSettings, evaluate
 from stat_jax.models import export_hf_checkpoint, init_model
 from stat_jax.models.llama import tiny_llama
-from stat_jax.rollout.base import Completion, RolloutBackend
+from stat_jax.rollout.base import Completion
 
 PROBLEMS = [
     MathProblem(id="t/0", problem="What is 1+1?", answer="2", subject="Algebra", level="Level 1"),
@@ -172,16 +171,6 @@ def decode_generator(model, tok):
     return generate
 
 
-class TinyDecodeBackend(RolloutBackend):
-    """A RolloutBackend over decode_generator, standing in for the engine in the CLI test."""
-
-    def __init__(self, model, tok):
-        self._generate = decode_generator(model, tok)
-
-    def generate(self, prompts, sampling, n=1, *, progress=True):
-        return self._generate(list(prompts), sampling, n)
-
-
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory, tok):
     path = tmp_path_factory.mktemp("student")
@@ -197,11 +186,9 @@ def _write_math500(path, n=3):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_cli_eval_with_tiny_student(tmp_path, student_dir, monkeypatch, capsys):
-    # The engine factory is replaced by a real decode loop so this checks the command's own plumbing:
-    # config -> local benchmark file -> checkpoint + tokenizer from disk -> evaluate -> files.
-    monkeypatch.setattr(stat_jax.rollout, "make_rollout_backend",
-                        lambda config, model, tokenizer: TinyDecodeBackend(model, tokenizer), raising=False)
+def test_cli_eval_with_tiny_student(tmp_path, student_dir, capsys):
+    # The whole command: config -> local benchmark file -> checkpoint + tokenizer from disk -> the JetStream
+    # rollout backend -> grading -> files.
     _write_math500(tmp_path / "math500.jsonl")
     out = tmp_path / "eval"
     argv = ["eval", "--config=configs/eval_tiny.py", f"--config.model.path={student_dir}",

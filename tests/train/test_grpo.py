@@ -1,16 +1,25 @@
-"""GRPO: the objective against hand computations, and learning on a toy verifiable task through JetStream."""
+"""GRPO: the objective against hand computations, the jitted step against the objective, learning on a toy
+verifiable task through JetStream, and resume after an exception and after kill -9."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from stat_jax import sharding
-from stat_jax.config import load_config_file
+from stat_jax.config import build_config
 from stat_jax.data.char_tokenizer import save_char_tokenizer
 from stat_jax.data.records import MathProblem
 from stat_jax.models import export_hf_checkpoint, init_model
@@ -69,6 +78,33 @@ def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
     assert float(m["kl"]) == 0.0
 
 
+def test_kl_term_and_its_gradient_match_hand_reference():
+    rng = np.random.default_rng(3)
+    logp = rng.normal(-2.0, 0.5, (2, 4)).astype(np.float32)
+    ref = logp + rng.normal(0, 0.4, (2, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0], [0, 1, 1, 1]], np.float32)
+    beta = 0.3
+
+    def loss_fn(lp):  # ratio = 1 and zero advantages: the loss is the KL penalty alone
+        return grpo_loss.grpo_objective(lp, jax.lax.stop_gradient(lp), jnp.zeros(2), jnp.asarray(mask),
+                                        ref_logp=jnp.asarray(ref), beta=beta)[0]
+
+    d = ref - logp
+    n = mask.sum()
+    assert float(loss_fn(jnp.asarray(logp))) == pytest.approx(beta * np.sum((np.exp(d) - d - 1) * mask) / n, rel=1e-5)
+    expected = beta * (1.0 - np.exp(d)) * mask / n  # d/dlogp of e^(ref-logp) - (ref-logp) - 1
+    np.testing.assert_allclose(np.asarray(jax.grad(loss_fn)(jnp.asarray(logp))), expected, rtol=1e-5, atol=1e-8)
+
+
+def test_sequence_aggregation_weighs_rows_equally():
+    per_token = jnp.asarray([[1.0, 1.0, 1.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    mask = jnp.asarray([[1, 1, 1, 1], [1, 0, 0, 0]])
+    assert float(grpo_loss.aggregate(per_token, mask, "token")) == pytest.approx(9 / 5)
+    assert float(grpo_loss.aggregate(per_token, mask, "sequence")) == pytest.approx((1 + 5) / 2)
+    with pytest.raises(ValueError, match="'token' or 'sequence'"):
+        grpo_loss.aggregate(per_token, mask, "row")
+
+
 @pytest.mark.parametrize("mode", ["token", "sequence"])
 def test_token_weights_reproduce_aggregation(mode):
     rng = np.random.default_rng(2)
@@ -79,11 +115,31 @@ def test_token_weights_reproduce_aggregation(mode):
     assert weighted == pytest.approx(float(grpo_loss.aggregate(jnp.asarray(x), jnp.asarray(mask), mode)), rel=1e-5)
 
 
+def test_math_reward_uses_the_grader_and_the_optional_format_bonus():
+    problem = MathProblem(id="p", problem="What is 1/2 + 1/4?", answer="3/4")
+    reward = grpo.math_reward(format_reward=0.1)
+    assert reward("so the answer is \\boxed{\\frac{3}{4}}", problem) == pytest.approx(1.1)  # equivalent form
+    assert reward("\\boxed{0.5}", problem) == pytest.approx(0.1)  # boxed but wrong: format bonus only
+    assert reward("3/4", problem) == 0.0  # no final boxed answer
+    assert grpo.resolve_reward("math")("\\boxed{0.75}", problem) == 1.0
+    with pytest.raises(ValueError, match="package.module:function"):
+        grpo.resolve_reward("even_digit")
+
+
 def test_prompt_order_is_seeded_and_covers_every_problem_each_epoch():
     steps = [grpo.prompts_for_step(10, 5, s, seed=3) for s in (1, 2)]
     assert sorted(steps[0] + steps[1]) == list(range(10))
     assert grpo.prompts_for_step(10, 5, 2, seed=3) == steps[1]
     assert grpo.prompts_for_step(10, 5, 1, seed=4) != steps[0]
+
+
+def test_a_backend_returning_short_groups_is_an_error():
+    from stat_jax.rollout.base import Completion, RolloutError
+
+    c = Completion(0, 0, [1], "1", "stop")
+    grpo.check_groups([[c, c], [c, c]], 2, 2)
+    with pytest.raises(RolloutError, match=r"sizes \[2, 1\] for 2 prompts"):
+        grpo.check_groups([[c, c], [c]], 2, 2)
 
 
 def test_bad_prompt_file_names_line(tmp_path):
@@ -93,12 +149,86 @@ def test_bad_prompt_file_names_line(tmp_path):
         grpo.load_prompts(path)
 
 
+# ----- the jitted step against the objective ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def step_inputs(seed=0, rows=4, t=8, prompt_len=3):
+    cfg = tiny_llama(vocab_size=40, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, head_dim=16)
+    graphdef, params = nnx.split(init_model(cfg, seed=seed))
+    params = nnx.to_pure_dict(params)
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 40, (rows, t + 1)).astype(np.int32)
+    lengths = np.array([t + 1, t - 2, t, t - 3])[:rows]  # right padding on some rows
+    attention = (np.arange(t)[None, :] < (lengths[:, None] - 1)).astype(np.int32)
+    mask = attention * (np.arange(t)[None, :] >= prompt_len - 1)
+    batch = {"tokens": tokens[:, :-1] * attention, "targets": tokens[:, 1:] * attention,
+             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy(),
+             "attention_mask": attention, "weights": grpo.token_weights(mask.astype(np.float32), "token"),
+             "advantages": rng.normal(0, 1, rows).astype(np.float32)}
+    return graphdef, params, batch, mask.astype(np.float32), rng
+
+
+def _micro(batch, k):
+    return {key: jnp.asarray(x).reshape(k, x.shape[0] // k, *x.shape[1:]) for key, x in batch.items()}
+
+
+def test_train_step_matches_objective_on_model_logits_and_accumulates_exactly(step_inputs):
+    temperature, beta = 0.7, 0.1
+    graphdef, params, batch, mask, _ = step_inputs
+    rng = np.random.default_rng(1)
+    logp0 = np.asarray(grpo.make_logprob_fn(graphdef, temperature)(params, _micro(batch, 1))[0])
+    noise = lambda: rng.normal(0, 0.4, logp0.shape).astype(np.float32)  # noqa: E731
+    old_logp, ref_logp = logp0 + noise(), logp0 + noise()  # ratios far from 1: some tokens are clipped
+
+    def reference(p, old):  # the tested pure objective on hand-tempered logits
+        model = nnx.merge(graphdef, nnx.State(p))
+        logits = model(jnp.asarray(batch["tokens"]), positions=jnp.asarray(batch["positions"]),
+                       attention_mask=jnp.asarray(batch["attention_mask"]))
+        logp = grpo_loss.token_logprobs(logits / temperature, jnp.asarray(batch["targets"]))
+        old = jax.lax.stop_gradient(logp) if old is None else jnp.asarray(old)
+        return grpo_loss.grpo_objective(logp, old, jnp.asarray(batch["advantages"]), jnp.asarray(mask),
+                                        epsilon_high=0.28, ref_logp=jnp.asarray(ref_logp), beta=beta)
+
+    # SGD with lr 1 exposes the gradient: new params = params - grad.
+    step = jax.jit(grpo.make_train_step(graphdef, optax.sgd(1.0), lambda s: 1.0, epsilon_low=0.2, epsilon_high=0.28,
+                                        beta=beta, temperature=temperature))
+    for old in (old_logp, None):  # explicit old log-probs (mu > 1), and the on-policy shortcut (mu = 1)
+        (want_loss, want_metrics), want_grads = jax.jit(jax.value_and_grad(reference, has_aux=True))(params, old)
+        assert float(want_metrics["clip_fraction"]) > (0.05 if old is not None else -1)
+        # k = 2 micro-batches against the full-batch reference is the accumulation check; each k is a compile.
+        for k in ((2,) if old is not None else (1,)):
+            inputs = {**batch, "ref_logp": ref_logp} | ({"old_logp": old} if old is not None else {})
+            state = {"step": jnp.int32(0), "params": params, "opt_state": optax.sgd(1.0).init(params)}
+            new_state, metrics = step(state, _micro(inputs, k))
+            got_grads = jax.tree.map(lambda a, b: a - b, params, new_state["params"])
+            assert float(metrics["loss"]) == pytest.approx(float(want_loss), rel=1e-5, abs=1e-7)
+            assert float(metrics["kl"]) == pytest.approx(float(want_metrics["kl"]), rel=1e-5)
+            assert float(metrics["clip_fraction"]) == pytest.approx(float(want_metrics["clip_fraction"]), abs=1e-6)
+            jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-6), got_grads, want_grads)
+
+
+def test_reference_params_are_cast_to_the_compute_dtype_without_copying_float32(step_inputs):
+    graphdef, params, *_ = step_inputs
+    same = grpo.reference_params(params, "float32")
+    assert all(a is b for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(params)))
+    half = grpo.reference_params(params, "bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype("bfloat16")}
+
+
 # ----- the toy verifiable task ------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
 EVEN = set("02468")
 
 
 def even_digit_reward(response: str, problem: MathProblem) -> float:
+    """The toy rule: the answer must start with an even digit (also used by the CLI runs, via grpo.reward)."""
     return 1.0 if response[:1] in EVEN else 0.0
+
+
+PROBLEMS = [MathProblem(id=f"q{i}", problem=f"Say an even digit ({i}).", answer="0") for i in range(8)]
+TOY = {"grpo.prompts_per_step": 4, "grpo.num_generations": 8, "grpo.max_new_tokens": 2, "grpo.learning_rate": 2e-2,
+       "grpo.checkpoint_every": 3, "grpo.instruction": "{problem}"}  # bare question: fits the 64-token prefill
+# Resume runs exercise the other code paths too: mu = 2 updates per batch (old log-probs), and a KL reference.
+RESUME = {**TOY, "grpo.steps": 6, "grpo.num_iterations": 2, "grpo.beta": 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -112,21 +242,9 @@ def toy_student(tmp_path_factory):
     return out
 
 
-def toy_config(student, workdir, steps):
-    c = load_config_file("configs/grpo_tiny.py")
-    c.model.path = str(student)
-    c.workdir = str(workdir)
-    c.grpo.steps = steps
-    c.grpo.prompts_per_step = 4
-    c.grpo.num_generations = 8
-    c.grpo.max_new_tokens = 2
-    c.grpo.learning_rate = 2e-2
-    c.grpo.checkpoint_every = 3
-    c.grpo.instruction = "{problem}"  # the bare question: keeps prompts inside the 64-token prefill bucket
-    return c
-
-
-PROBLEMS = [MathProblem(id=f"q{i}", problem=f"Say an even digit ({i}).", answer="0") for i in range(8)]
+def toy_config(student, workdir, **values):
+    overrides = {"model.path": student, "workdir": workdir, **values}
+    return build_config(str(REPO / "configs/grpo_tiny.py"), [(k, str(v)) for k, v in overrides.items()])
 
 
 def one_device_mesh():
@@ -134,46 +252,96 @@ def one_device_mesh():
 
 
 def test_grpo_raises_reward_on_toy_task(toy_student, tmp_path):
-    result = grpo.train_grpo(toy_config(toy_student, tmp_path / "run", steps=24), PROBLEMS, mesh=one_device_mesh(),
-                             reward_fn=even_digit_reward)
+    result = grpo.train_grpo(toy_config(toy_student, tmp_path / "run", **TOY, **{"grpo.steps": 24}), PROBLEMS,
+                             mesh=one_device_mesh(), reward_fn=even_digit_reward)
     rows = read_metrics(result["metrics_path"])
     rewards = [r["reward_mean"] for r in rows]
     assert len(rewards) == 24
     first, last = np.mean(rewards[:6]), np.mean(rewards[-6:])
     assert last > first + 0.25, rewards
-    for key in ("loss", "kl", "clip_fraction", "entropy", "response_length", "rollout_tokens_per_s",
-                "train_tokens_per_s", "accuracy"):
+    for key in ("loss", "clip_fraction", "entropy", "response_length", "rollout_tokens_per_s", "train_tokens_per_s",
+                "accuracy", "zero_std_groups", "grad_norm"):
         assert key in rows[-1]
+    assert "kl" not in rows[-1]  # beta = 0: there is no reference, so no KL is claimed
+    assert all(r["clip_fraction"] == 0.0 for r in rows)  # mu = 1: every update is on-policy, ratio exactly 1
     assert (tmp_path / "run" / "hf" / "config.json").exists()
 
 
-class Interrupt(Exception):
-    pass
+@pytest.fixture(scope="module")
+def uninterrupted(toy_student, tmp_path_factory):
+    """The reference for the resume tests: 6 uninterrupted steps with mu = 2 and beta > 0, on one device."""
+    workdir = tmp_path_factory.mktemp("grpo_uninterrupted")
+    result = grpo.train_grpo(toy_config(toy_student, workdir, **RESUME), PROBLEMS, mesh=one_device_mesh(),
+                             reward_fn=even_digit_reward)
+    return {r["step"]: r for r in read_metrics(result["metrics_path"])}
 
 
-def test_resume_after_interruption_reproduces_next_steps(toy_student, tmp_path):
-    reference = grpo.train_grpo(toy_config(toy_student, tmp_path / "a", steps=6), PROBLEMS, mesh=one_device_mesh(),
-                                reward_fn=even_digit_reward)
+def assert_same_steps(got, want, steps):
+    for step in steps:
+        assert got[step]["reward_mean"] == want[step]["reward_mean"], step
+        for key in ("loss", "kl", "clip_fraction", "entropy"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_sigterm_checkpoints_stops_and_resumes_to_the_same_run(toy_student, uninterrupted, tmp_path):
+    assert uninterrupted[6]["kl"] > 0 and max(r["clip_fraction"] for r in uninterrupted.values()) > 0
     calls = {"n": 0}
 
-    def dying_reward(response, problem):
+    def reward_then_sigterm(response, problem):
         calls["n"] += 1
-        if calls["n"] > 4 * 32:  # dies during step 5, after the step-3 checkpoint
-            raise Interrupt
+        if calls["n"] == 4 * 32 + 1:  # during step 5: the guard lets the step finish, checkpoints it, stops
+            os.kill(os.getpid(), signal.SIGTERM)
         return even_digit_reward(response, problem)
 
-    with pytest.raises(Interrupt):
-        grpo.train_grpo(toy_config(toy_student, tmp_path / "b", steps=6), PROBLEMS, mesh=one_device_mesh(),
-                        reward_fn=dying_reward)
-    resumed = grpo.train_grpo(toy_config(toy_student, tmp_path / "b", steps=6), PROBLEMS, mesh=one_device_mesh(),
-                              reward_fn=even_digit_reward, resume=True)
-    a = {r["step"]: r for r in read_metrics(reference["metrics_path"])}
-    b = {r["step"]: r for r in read_metrics(resumed["metrics_path"])}
-    assert sorted(b) == list(range(1, 7))
-    for step in (4, 5, 6):
-        assert b[step]["reward_mean"] == a[step]["reward_mean"]
-        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4, abs=1e-6)
+    config = toy_config(toy_student, tmp_path / "b", **RESUME)
+    stopped = grpo.train_grpo(config, PROBLEMS, mesh=one_device_mesh(), reward_fn=reward_then_sigterm)
+    assert stopped["preempted"] and stopped["steps"] == 5
+    assert (tmp_path / "b" / "checkpoints" / "5").is_dir() and not (tmp_path / "b" / "grpo_result.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        grpo.train_grpo(config, PROBLEMS, mesh=one_device_mesh(), reward_fn=even_digit_reward)
+    resumed = grpo.train_grpo(config, PROBLEMS, mesh=one_device_mesh(), reward_fn=even_digit_reward, resume=True)
+    got = {r["step"]: r for r in read_metrics(resumed["metrics_path"])}
+    assert sorted(got) == list(range(1, 7))
+    assert_same_steps(got, uninterrupted, range(1, 7))
     assert json.loads((tmp_path / "b" / "grpo_result.json").read_text())["steps"] == 6
+
+
+def _cli(student, workdir, prompts, *flags):
+    values = {"model.path": student, "workdir": workdir, "grpo.train_files": prompts, **RESUME,
+              "grpo.reward": "tests.train.test_grpo:even_digit_reward"}
+    return [sys.executable, "-m", "stat_jax.cli", "grpo", f"--config={REPO / 'configs/grpo_tiny.py'}",
+            *(f"--config.{k}={v}" for k, v in values.items()), *flags]
+
+
+def test_kill9_then_resume_reproduces_the_uninterrupted_run(toy_student, uninterrupted, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"problem": p.problem, "answer": p.answer, "id": p.id}) + "\n"
+                               for p in PROBLEMS))
+    workdir = tmp_path / "run"
+    # One CPU device, like the in-process reference's one-device mesh.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(_cli(toy_student, workdir, prompts), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while True:  # kill right after step 4 is logged: past the step-3 checkpoint, before the end
+        rows = read_metrics(workdir / "metrics.jsonl")
+        if rows and rows[-1]["step"] >= 4 and (workdir / "checkpoints" / "3").is_dir():
+            break
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "the GRPO run did not reach step 4 in time"
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL: no handler, no final checkpoint
+    proc.wait()
+    proc.stdout.close()
+    killed_at = read_metrics(workdir / "metrics.jsonl")[-1]["step"]
+    assert killed_at < 6 and not (workdir / "grpo_result.json").exists()
+
+    done = subprocess.run(_cli(toy_student, workdir, prompts, "--resume"), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = {r["step"]: r for r in read_metrics(workdir / "metrics.jsonl")}
+    assert sorted(got) == list(range(1, 7))  # the replayed step is not duplicated
+    assert_same_steps(got, uninterrupted, range(1, 7))
 
 
 def test_cli_runs_with_the_math_grader_reward(toy_student, tmp_path, capsys):
@@ -189,3 +357,19 @@ def test_cli_runs_with_the_math_grader_reward(toy_student, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["steps"] == 2 and 0.0 <= out["last_metrics"]["reward_mean"] <= 1.0
     assert cli_main(["grpo", "--config=configs/grpo_tiny.py", "--config.grpo.num_generations=one"]) == 2
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("grpo.num_generations", 1, "num_generations must be >= 2"),
+    ("grpo.temperature", 0.0, "temperature must be > 0"),
+    ("grpo.micro_batches", 3, "multiple of grpo.micro_batches=3"),
+    ("grpo.loss_aggregation", "row", "'token' or 'sequence'"),
+    ("grpo.format_reward", 1.0, "format_reward must be in"),
+    ("rollout.backend", "client", "rollout.backend=jetstream"),
+    ("grpo.reward", "no_such_module:fn", "cannot import"),
+])
+def test_bad_settings_fail_fast_naming_the_key(key, value, message, tmp_path):
+    config = toy_config(tmp_path / "missing_model", tmp_path / "run", **{key: value})
+    with pytest.raises(ValueError, match=message):
+        grpo.train_grpo(config, PROBLEMS)
+    assert not (tmp_path / "run").exists()  # nothing was started
