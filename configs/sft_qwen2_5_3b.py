@@ -10,16 +10,8 @@ from stat_jax.config import load_config_file
 
 
 def get_config():
-    c = load_config_file(str(Path(__file__).with_name("base.py")))
+    # The same recipe as the 1B student (bf16 compute, f32 master weights, remat, 2048-token rows).
+    c = load_config_file(str(Path(__file__).with_name("sft_llama3_2_1b.py")))
     c.workdir = "runs/sft_qwen2_5_3b"
     c.model.path = "Qwen/Qwen2.5-3B-Instruct"
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.remat = True  # 2048-token rows x 64: activations dominate memory without it
-    c.data.max_length = 2048
-    c.train.epochs = 3.0
-    c.train.batch_size = 64
-    c.train.learning_rate = 1e-5
-    c.train.warmup_ratio = 0.03
-    c.train.export_dtype = "bfloat16"
     return c
