@@ -263,6 +263,24 @@ def load_benchmark(
     return problems
 
 
+def load_answer_file(path: str | Path) -> list[MathProblem]:
+    """Problems with an explicit answer ({problem | question, answer, ...}) from a local file or folder.
+
+    For prompt lists that are no named benchmark (GRPO prompts, STAT question lists); JSON, JSONL or parquet.
+    A malformed row raises DatasetError naming the file and line.
+    """
+    problems = []
+    for default_id, where, row in _iter_local(str(path)):
+        if isinstance(row, DatasetError):
+            raise row
+        problem = _answer_row(row, _row_id(row, default_id), where)
+        problem.source = str(path)
+        problems.append(problem)
+    if not problems:
+        raise DatasetError(f"{path}: no problems")
+    return problems
+
+
 def _check_unique_ids(problems: Sequence[MathProblem], source: str) -> None:
     seen: set[str] = set()
     for p in problems:

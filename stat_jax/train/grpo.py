@@ -87,26 +87,12 @@ def resolve_reward(spec: str, format_reward: float = 0.0) -> RewardFn:
 
 
 def load_prompts(path: str | Path) -> list[MathProblem]:
-    """Problems with a reference answer from a JSONL file ({problem, answer, ...} per line)."""
-    path = Path(path)
-    if not path.is_file():
+    """Problems with a reference answer ({problem, answer, ...} rows; JSON, JSONL or parquet)."""
+    from stat_jax.data.math_datasets import load_answer_file
+
+    if not Path(path).exists():
         raise FileNotFoundError(f"grpo.train_files: {path} does not exist")
-    problems = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from e
-            if not isinstance(row, dict) or not row.get("problem") or row.get("answer") in (None, ""):
-                raise ValueError(f"{path}:{line_no}: a GRPO prompt row needs non-empty 'problem' and 'answer'")
-            row.setdefault("id", f"{path.stem}-{line_no}")
-            problems.append(MathProblem.from_dict({**row, "answer": str(row["answer"])}))
-    if not problems:
-        raise ValueError(f"{path}: no prompts")
-    return problems
+    return load_answer_file(path)
 
 
 def prompts_for_step(num_problems: int, per_step: int, step: int, seed: int) -> list[int]:
