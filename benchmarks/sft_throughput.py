@@ -7,6 +7,7 @@ machine hits all three alike. Reported: medians (the ratio is the median of per-
 round of each (least disturbed); compare the spread of `step_s_all` and the load averages before trusting either.
 
     .venv/bin/python benchmarks/sft_throughput.py                      # ~35M-param Llama, seq 512 (CPU default)
+    .venv/bin/python benchmarks/sft_throughput.py --dtype=bfloat16     # bf16 compute vs torch.autocast(bf16)
     .venv/bin/python benchmarks/sft_throughput.py --model=llama3_2_1b --dtype=bfloat16 --batch=8 --no-torch  # GPU
 """
 
@@ -81,8 +82,9 @@ def stat_jax_step(cfg, tokens: np.ndarray, *, dtype: str, remat: bool, total_ste
     b, t = tokens.shape[0], tokens.shape[1] - 1
     batch_sh = sft.batch_shardings(mesh, (1, b, t))
     pure = nnx.to_pure_dict(params)
-    state = {"step": jnp.int32(0), "params": pure,
-             "opt_state": jax.jit(tx.init, out_shardings=state_sh["opt_state"])(pure)}
+    # Placed exactly as the trainer places it: an unplaced state would make the first timed step recompile.
+    state = jax.device_put({"step": jnp.int32(0), "params": pure,
+                            "opt_state": jax.jit(tx.init, out_shardings=state_sh["opt_state"])(pure)}, state_sh)
     host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32),
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)), "segment_ids": np.ones((b, t), np.int32)}
     batch = sft.to_device_batch(host, 1, batch_sh)
@@ -102,6 +104,7 @@ def matmul_peak_step(dtype: str, n: int = 2048, chain: int = 4):
     import jax
 
     from stat_jax.models import as_dtype
+    from stat_jax.models.layers import matmul
 
     dt = as_dtype(dtype)
     keys = jax.random.split(jax.random.key(0), chain + 1)
@@ -111,7 +114,7 @@ def matmul_peak_step(dtype: str, n: int = 2048, chain: int = 4):
     @jax.jit
     def f(x, ws):
         for w in ws:
-            x = x @ w
+            x = matmul("ij,jk->ik", x, w)  # the model's own product, so both pick the same kernel
         return x
 
     f(x, ws).block_until_ready()
@@ -119,8 +122,14 @@ def matmul_peak_step(dtype: str, n: int = 2048, chain: int = 4):
 
 
 # ----- transformers + torch --------------------------------------------------------------------------------
-def torch_step(cfg, tokens: np.ndarray):
-    """(one plain-loop training step of transformers' Llama with torch AdamW, info dict)."""
+def torch_step(cfg, tokens: np.ndarray, *, dtype: str = "float32"):
+    """(one plain-loop training step of transformers' Llama with torch AdamW, info dict).
+
+    A low-precision `dtype` runs the forward under `torch.autocast` (float32 master weights), the torch
+    counterpart of stat-jax's compute dtype with float32 params.
+    """
+    import contextlib
+
     import torch
     import transformers
 
@@ -134,8 +143,12 @@ def torch_step(cfg, tokens: np.ndarray):
     targets = torch.from_numpy(tokens[:, 1:].astype(np.int64))
     losses = []
 
+    autocast = (contextlib.nullcontext() if dtype == "float32"
+                else torch.autocast("cpu", dtype=getattr(torch, dtype)))
+
     def step():
-        logits = model(input_ids=inputs).logits
+        with autocast:
+            logits = model(input_ids=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
@@ -144,6 +157,7 @@ def torch_step(cfg, tokens: np.ndarray):
         losses.append(loss.item())
 
     return step, {"losses": losses, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "autocast": None if dtype == "float32" else dtype,
                   "transformers": transformers.__version__, "attn_implementation": hf._attn_implementation}
 
 
@@ -163,7 +177,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3,
                    help="timed rounds; each round runs matmul peak, a stat-jax step, a torch step (medians reported)")
-    p.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
+    p.add_argument("--dtype", default="float32",
+                   help="compute dtype of both frameworks (params stay float32; torch uses autocast)")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--no-torch", action="store_true", help="skip the torch reference (large models, GPU runs)")
     args = p.parse_args()
@@ -177,7 +192,7 @@ def main() -> None:
     peak_fn, peak_flops = matmul_peak_step(args.dtype)
     jax_fn, jax_info = stat_jax_step(cfg, tokens, dtype=args.dtype, remat=args.remat, total_steps=args.rounds + 1)
     compile_s = _seconds(jax_fn)
-    torch_fn, torch_info = (None, {}) if args.no_torch else torch_step(cfg, tokens)
+    torch_fn, torch_info = (None, {}) if args.no_torch else torch_step(cfg, tokens, dtype=args.dtype)
     if torch_fn:
         torch_fn()  # warm-up (allocator, thread pool)
     # Interleaved rounds: load from other processes hits both frameworks (and the peak) alike.

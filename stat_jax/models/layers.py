@@ -6,6 +6,7 @@ Activations are hinted with `sharding.constrain`, a no-op outside a mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,6 +15,51 @@ from flax import nnx
 
 from stat_jax.models.config import ModelConfig, RopeScaling
 from stat_jax.sharding import constrain
+
+
+def matmul(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(equation, x, w)` in x's dtype (w is cast to it).
+
+    On CPU, low-precision products go through `_cpu_low_precision_einsum`: XLA CPU lowers a bfloat16 x
+    bfloat16 -> bfloat16 dot (and mixed-dtype dots) to its float32 kernel (~0.19 TFLOP/s on a 2-core
+    AVX512-BF16 machine), but bfloat16 x bfloat16 -> float32 to the native BF16 kernel (~0.39). GPU and TPU
+    dots already accumulate in float32 and write bfloat16, so they keep the plain einsum.
+    """
+    w = w.astype(x.dtype)
+    if x.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        return _cpu_low_precision_einsum(equation, x, w)
+    return jnp.einsum(equation, x, w)
+
+
+def _gradient_equations(equation: str) -> tuple[str, str]:
+    """The einsums giving d/dx and d/dw of a two-operand einsum from the output cotangent."""
+    inputs, out = equation.split("->")
+    xs, ws = inputs.split(",")
+    if not (set(xs) <= set(ws) | set(out) and set(ws) <= set(xs) | set(out)):
+        raise ValueError(f"{equation!r}: an index summed within one operand has no einsum gradient here")
+    return f"{out},{ws}->{xs}", f"{xs},{out}->{ws}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cpu_low_precision_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    # Rounding the float32 result gives the same values as a bfloat16-output dot; only the kernel differs.
+    return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _cpu_low_precision_einsum_fwd(equation, x, w):
+    return _cpu_low_precision_einsum(equation, x, w), (x, w)
+
+
+def _cpu_low_precision_einsum_bwd(equation, residuals, g):
+    # Autodiff of the forward would hand the backward dots a float32 cotangent, i.e. mixed-dtype dots on
+    # the slow float32 kernel; written out, every backward product stays bfloat16 x bfloat16 -> float32.
+    x, w = residuals
+    dx_eq, dw_eq = _gradient_equations(equation)
+    g = g.astype(x.dtype)
+    return (_cpu_low_precision_einsum(dx_eq, g, w), _cpu_low_precision_einsum(dw_eq, x, g))
+
+
+_cpu_low_precision_einsum.defvjp(_cpu_low_precision_einsum_fwd, _cpu_low_precision_einsum_bwd)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float) -> nnx.Param:
@@ -70,18 +116,16 @@ def attention_weights_mask_value(dtype) -> float:
 
 
 def _attention_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    b, t, h, d = q.shape
-    kv, s = k.shape[2], k.shape[1]
-    groups = h // kv
+    """Head-major attention: q [b, kv, groups, t, d], k/v [b, kv, s, d], mask [b, t, s] -> [b, kv, groups, t, d]."""
+    b, kv, groups, t, d = q.shape
+    s = k.shape[2]
     # Query heads of one KV group are stacked along the row axis so each score matmul is a plain
     # [rows, d] x [d, s] product per (batch, kv head): XLA CPU/GPU lower that to its fast GEMM path.
-    q_rows = q.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, d)
-    scores = jnp.einsum("bkqd,bskd->bkqs", q_rows, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kv, groups * t, d), k, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kv, groups, t, s) * (1.0 / math.sqrt(d))
     scores = jnp.where(mask[:, None, None, :, :], scores, attention_weights_mask_value(jnp.float32))
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, groups * t, s)
-    out = jnp.einsum("bkqs,bskd->bkqd", probs, v)
-    return out.reshape(b, kv, groups, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return matmul("bkqs,bksd->bkqd", probs, v).reshape(b, kv, groups, t, d)
 
 
 def dot_product_attention(
@@ -93,16 +137,23 @@ def dot_product_attention(
     With `causal_block`, q and k must be the same positions and `mask` causal: query block i then only
     visits keys [0, end of block i), skipping the all-masked upper triangle (~40% less work at 512 tokens).
     """
-    t = q.shape[1]
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    # One transpose to head-major per call, not one per block: XLA CPU materialises each transpose.
+    qh = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if not causal_block or t <= causal_block:
-        return _attention_block(q, k, v, mask)
-    if k.shape[1] != t:
-        raise ValueError(f"causal_block needs aligned queries and keys, got {t} queries and {k.shape[1]} keys")
-    outputs = []
-    for start in range(0, t, causal_block):
-        end = min(start + causal_block, t)
-        outputs.append(_attention_block(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
-    return jnp.concatenate(outputs, axis=1)
+        out = _attention_block(qh, kh, vh, mask)
+    else:
+        if k.shape[1] != t:
+            raise ValueError(f"causal_block needs aligned queries and keys, got {t} queries and {k.shape[1]} keys")
+        blocks = []
+        for start in range(0, t, causal_block):
+            end = min(start + causal_block, t)
+            blocks.append(_attention_block(qh[:, :, :, start:end], kh[:, :, :end], vh[:, :, :end],
+                                           mask[:, start:end, :end]))
+        out = jnp.concatenate(blocks, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):
@@ -129,7 +180,7 @@ class Attention(nnx.Module):
         self.rope = (d, cfg.rope_theta, cfg.rope_scaling)
 
     def _project(self, x, kernel, bias, axes):
-        y = jnp.einsum("bte,ehd->bthd", x, kernel[...].astype(self.dtype))
+        y = matmul("bte,ehd->bthd", x.astype(self.dtype), kernel[...])
         if bias is not None:
             y = y + bias[...].astype(self.dtype)
         return constrain(y, axes)
@@ -144,7 +195,7 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def output(self, attn: jax.Array) -> jax.Array:
-        y = jnp.einsum("bthd,hde->bte", attn, self.o_proj[...].astype(self.dtype))
+        y = matmul("bthd,hde->bte", attn.astype(self.dtype), self.o_proj[...])
         return constrain(y, ("batch", "length", "act_embed"))
 
 
@@ -159,7 +210,8 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), param_dtype, std)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ self.gate_proj[...].astype(self.dtype)
-        up = x @ self.up_proj[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        gate = matmul("bte,em->btm", x, self.gate_proj[...])
+        up = matmul("bte,em->btm", x, self.up_proj[...])
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return constrain(hidden @ self.down_proj[...].astype(self.dtype), ("batch", "length", "act_embed"))
+        return constrain(matmul("btm,me->bte", hidden, self.down_proj[...]), ("batch", "length", "act_embed"))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stat_jax.models.config import ModelConfig
-from stat_jax.models.layers import MLP, Attention, RMSNorm, dot_product_attention
+from stat_jax.models.layers import MLP, Attention, RMSNorm, dot_product_attention, matmul
 from stat_jax.sharding import constrain
 
 
@@ -126,9 +126,9 @@ class DecoderLM(nnx.Module):
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
-            logits = jnp.einsum("bte,ve->btv", hidden, self.embed[...].astype(self.dtype))
+            logits = matmul("bte,ve->btv", hidden.astype(self.dtype), self.embed[...])
         else:
-            logits = hidden @ self.lm_head[...].astype(self.dtype)
+            logits = matmul("bte,ev->btv", hidden.astype(self.dtype), self.lm_head[...])
         return constrain(logits, ("batch", "length", "act_vocab"))
 
     # ----- full sequence --------------------------------------------------------------------------------
