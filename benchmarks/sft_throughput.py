@@ -22,6 +22,9 @@ import time
 import numpy as np
 
 
+WARMUP_STEPS = 2  # untimed steps of each framework before the timed rounds
+
+
 def small_llama(vocab: int = 8192):
     """~35M parameters: 8 layers, width 512, untied embeddings."""
     from stat_jax.models.llama import tiny_llama
@@ -175,7 +178,7 @@ def main() -> None:
     p.add_argument("--model", default="small", help="'small' (~35M Llama) or a released shape, e.g. llama3_2_1b")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=5,
                    help="timed rounds; each round runs matmul peak, a stat-jax step, a torch step (medians reported)")
     p.add_argument("--dtype", default="float32",
                    help="compute dtype of both frameworks (params stay float32; torch uses autocast)")
@@ -190,11 +193,15 @@ def main() -> None:
     flops_per_token = cfg.flops_per_token(args.seq)
 
     peak_fn, peak_flops = matmul_peak_step(args.dtype)
-    jax_fn, jax_info = stat_jax_step(cfg, tokens, dtype=args.dtype, remat=args.remat, total_steps=args.rounds + 1)
+    jax_fn, jax_info = stat_jax_step(cfg, tokens, dtype=args.dtype, remat=args.remat,
+                                     total_steps=args.rounds + 1 + WARMUP_STEPS)
     compile_s = _seconds(jax_fn)
+    for _ in range(WARMUP_STEPS):  # the first steps after compiling pay for fresh buffers' page faults
+        jax_fn()
     torch_fn, torch_info = (None, {}) if args.no_torch else torch_step(cfg, tokens, dtype=args.dtype)
     if torch_fn:
-        torch_fn()  # warm-up (allocator, thread pool)
+        for _ in range(WARMUP_STEPS):  # allocator, thread pool
+            torch_fn()
     # Interleaved rounds: load from other processes hits both frameworks (and the peak) alike.
     peaks, jax_times, torch_times = [], [], []
     for _ in range(args.rounds):

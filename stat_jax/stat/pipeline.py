@@ -7,6 +7,10 @@ from the cache, so redoing a teacher stage costs nothing. Teacher stages run on 
 processes of a multi-host job wait for the manifest and read the files.
 
     data -> skills -> label -> rollout -> hard -> diagnose -> profile -> sel / syn -> sft -> eval [-> grpo -> eval]
+
+The last four stages run `stat-jax sft / eval / grpo / eval` in <run_dir>/<stage>/ (models exported to sft/hf and
+grpo/hf, GRPO prompts default to data/train.jsonl); they resume only work started from the same config and
+inputs, and remove work left there by other ones.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +50,7 @@ class StageContext:
     scorer: Any = None  # a hard.ResponseScorer; built from config.stat.scorer when None
     resume: bool = True
     _teacher: Any = None
+    _owns_rollout_backend: bool = False
 
     @property
     def teacher(self):
@@ -81,11 +87,20 @@ class StageContext:
             from stat_jax.rollout import make_rollout_backend  # heavy: only when the student generates
 
             c = self.config
+            tokenizer = self.student_tokenizer()  # first: it says what to pass when model.path is unset
             mesh = sharding.mesh_from_config(c.mesh)
             model = load_hf_checkpoint(resolve_model_path(c.model.path), mesh, dtype=c.model.dtype,
                                        param_dtype=c.model.param_dtype)
-            self.rollout_backend = make_rollout_backend(c, model, self.student_tokenizer())
+            self.rollout_backend = make_rollout_backend(c, model, tokenizer)
+            self._owns_rollout_backend = True
         return self.rollout_backend
+
+    def release_student_backend(self) -> None:
+        """Closes a backend this context built, so its weights and KV cache leave the devices before training."""
+        if self._owns_rollout_backend and self.rollout_backend is not None:
+            self.rollout_backend.close()
+            self.rollout_backend = None
+            self._owns_rollout_backend = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +183,14 @@ def stage_rollout(ctx: StageContext) -> dict[str, Any]:
                              system_prompt=ev.system_prompt, use_chat_template=ev.use_chat_template)
     sampling = SamplingParams(temperature=s.rollout_temperature, top_p=s.rollout_top_p,
                               max_new_tokens=s.rollout_max_new_tokens, seed=ctx.config.seed)
-    rows = sample_responses(ctx.student_backend(), heldout, prompts, sampling, s.rollout_samples,
-                            ctx.path("rollout/partial.jsonl"), chunk_size=s.rollout_chunk_size)
+    # Partial rows are reused by prompt only, so the file is named by everything else that shapes a response:
+    # an interrupted run with other sampling settings or another student never leaks into this one.
+    partial = ctx.path(f"rollout/partial-{_stage_key(ctx, 'rollout')[:12]}.jsonl")
+    try:
+        rows = sample_responses(ctx.student_backend(), heldout, prompts, sampling, s.rollout_samples, partial,
+                                chunk_size=s.rollout_chunk_size)
+    finally:
+        ctx.release_student_backend()
     if _is_process0():
         io.write_jsonl(ctx.path("rollout/responses.jsonl"), rows)
     return {"questions": len(rows), "samples": s.rollout_samples}
@@ -279,58 +300,120 @@ def _sub_config(ctx: StageContext, workdir: str):
     return config
 
 
+def _stage_key(ctx: StageContext, name: str) -> str:
+    """Hash of a stage's config and input files: what its result is a function of."""
+    stage = next(s for s in STAGES if s.name == name)
+    inputs = {n: io.file_hash(ctx.path(n)) for n in _inputs_for(stage, ctx)}
+    return io.json_hash({"config": _select(ctx.config, stage.config_keys), "inputs": inputs})
+
+
+def _prepare_subrun(ctx: StageContext, name: str, stale: Sequence[str]) -> tuple[str, bool]:
+    """(stage key, whether the trainer/evaluator may resume the work in <run_dir>/<name>).
+
+    Only work started from the same config and inputs may continue. Work for other inputs is stale: its
+    checkpoints, results and export (`stale`, relative to the stage directory) are removed, because the
+    trainers' own resume check sees the same file paths and would otherwise continue or return it.
+    """
+    key = _stage_key(ctx, name)
+    key_file = ctx.path(f"{name}/stage_key.json")
+    same = key_file.exists() and io.read_json(key_file).get("key") == key
+    if not same and _is_process0():
+        for rel in stale:
+            path = ctx.path(f"{name}/{rel}")
+            if path.is_dir():
+                log.warning("stage %s: removing %s, written for other inputs or settings", name, path)
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        io.write_json(key_file, {"key": key})
+    if _multi_process():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"stat-{name}-prepared")  # nobody reads what process 0 removes
+    return key, same and ctx.resume
+
+
+def _check_status(status: int, what: str, workdir: Path) -> None:
+    from stat_jax.train.sft import PREEMPTED_STATUS
+
+    if status == PREEMPTED_STATUS:
+        raise RuntimeError(f"{what} stopped by SIGTERM after writing a checkpoint under {workdir}/checkpoints; "
+                           "re-run `stat-jax run --resume` to continue it")
+    if status:
+        raise RuntimeError(f"{what} returned exit status {status}; its log and files are under {workdir}")
+
+
+def _done_record(ctx: StageContext, name: str, key: str, result_file: str) -> dict[str, Any]:
+    """<stage>/done.json: the exported model, and the stage key so later stages re-run when it is retrained."""
+    export = ctx.path(f"{name}/hf")
+    if not (export / "config.json").exists():
+        raise RuntimeError(f"stage {name!r} finished but {export}/config.json is missing: the trainer's HF export "
+                           f"did not land where the pipeline set it; see {ctx.path(f'{name}/{result_file}')}")
+    result = io.read_json(ctx.path(f"{name}/{result_file}"))
+    record = {"model": str(export), "stage_key": key, "steps": result.get("steps")}
+    if "final_loss" in result:
+        record["final_loss"] = result["final_loss"]
+    io.write_json(ctx.path(f"{name}/done.json"), record)
+    return record
+
+
 def stage_sft(ctx: StageContext) -> dict[str, Any]:
     """SFT of the student on the STAT set through `stat_jax.train.sft.main` (its own checkpoints and resume)."""
     from stat_jax.train import sft
 
+    key, resume = _prepare_subrun(ctx, "sft", ("checkpoints", "hf", "sft_result.json", "done.json"))
     config = _sub_config(ctx, "sft")
     config.data.train_files = tuple(str(ctx.path(f)) for f in _sft_files(ctx))
-    status = sft.main(config, _Args(resume=ctx.resume))
-    if status:
-        raise RuntimeError(f"stat_jax.train.sft.main returned {status}; see {config.workdir}")
-    export = ctx.path("sft/hf")
-    if not (export / "config.json").exists():
-        raise RuntimeError(f"SFT finished but wrote no HF export at {export} (expected train.export_dir there)")
-    io.write_json(ctx.path("sft/done.json"), {"model": str(export)})
-    return {"model": str(export)}
+    config.train.export_dir = str(ctx.path("sft/hf"))  # explicit: done.json and the eval stage read it there
+    _check_status(sft.main(config, _Args(resume=resume)), "stat_jax.train.sft.main", ctx.path("sft"))
+    return _done_record(ctx, "sft", key, "sft_result.json")
 
 
-def _evaluate(ctx: StageContext, model_file: str, out: str) -> dict[str, Any]:
+def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
     from stat_jax.eval import evaluate
 
-    config = _sub_config(ctx, out)
+    _, resume = _prepare_subrun(ctx, name, ("summary.json",))
+    config = _sub_config(ctx, name)
     config.model.path = io.read_json(ctx.path(model_file))["model"]
-    config.eval.out_dir = str(ctx.path(out))
-    status = evaluate.main(config, _Args(resume=ctx.resume))
-    if status:
-        raise RuntimeError(f"stat_jax.eval.evaluate.main returned {status}; see {config.eval.out_dir}")
-    return io.read_json(ctx.path(f"{out}/summary.json")).get("benchmarks", {})
+    config.eval.out_dir = str(ctx.path(name))
+    _check_status(evaluate.main(config, _Args(resume=resume)), "stat_jax.eval.evaluate.main", ctx.path(name))
+    summary_path = ctx.path(f"{name}/summary.json")
+    results = io.read_json(summary_path).get("benchmarks", {})
+    wanted = config.eval.benchmarks.split(",") if isinstance(config.eval.benchmarks, str) else config.eval.benchmarks
+    missing = [b.strip() for b in wanted if b.strip() and b.strip() not in results]
+    if missing:
+        raise RuntimeError(f"{summary_path} has no results for {missing} (eval.benchmarks); see the "
+                           f"<benchmark>.jsonl records beside it")
+    return {b: {k: v for k, v in r.items() if not isinstance(v, (dict, list))} for b, r in results.items()}
 
 
 def stage_eval(ctx: StageContext) -> dict[str, Any]:
     """Evaluates the SFT student on config.eval.benchmarks."""
-    return {"benchmarks": _evaluate(ctx, "sft/done.json", "eval")}
+    return {"benchmarks": _evaluate(ctx, "eval", "sft/done.json")}
+
+
+def _grpo_prompt_files(ctx: StageContext) -> tuple[str, ...]:
+    """grpo.train_files, else the run's own training questions ({problem, answer} rows from the data stage)."""
+    return tuple(str(f) for f in ctx.config.grpo.train_files) or ("data/train.jsonl",)
 
 
 def stage_grpo(ctx: StageContext) -> dict[str, Any]:
-    """GRPO starting from the SFT student through `stat_jax.train.grpo.main`."""
+    """GRPO starting from the SFT student through `stat_jax.train.grpo.main`; it exports to <workdir>/hf."""
     from stat_jax.train import grpo
 
+    key, resume = _prepare_subrun(ctx, "grpo", ("checkpoints", "hf", "grpo_result.json", "done.json"))
     config = _sub_config(ctx, "grpo")
     config.model.path = io.read_json(ctx.path("sft/done.json"))["model"]
-    status = grpo.main(config, _Args(resume=ctx.resume))
-    if status:
-        raise RuntimeError(f"stat_jax.train.grpo.main returned {status}; see {config.workdir}")
-    export = ctx.path("grpo/hf")
-    if not (export / "config.json").exists():
-        raise RuntimeError(f"GRPO finished but wrote no HF export at {export}")
-    io.write_json(ctx.path("grpo/done.json"), {"model": str(export)})
-    return {"model": str(export)}
+    config.grpo.train_files = tuple(str(ctx.path(f)) for f in _grpo_prompt_files(ctx))
+    # GRPO samples the prompt SFT trained on (stat.instruction), unless it names its own.
+    config.grpo.instruction = ctx.config.grpo.instruction or ctx.instruction
+    _check_status(grpo.main(config, _Args(resume=resume)), "stat_jax.train.grpo.main", ctx.path("grpo"))
+    return _done_record(ctx, "grpo", key, "grpo_result.json")
 
 
 def stage_eval_grpo(ctx: StageContext) -> dict[str, Any]:
     """Evaluates the GRPO student."""
-    return {"benchmarks": _evaluate(ctx, "grpo/done.json", "eval_grpo")}
+    return {"benchmarks": _evaluate(ctx, "eval_grpo", "grpo/done.json")}
 
 
 @dataclasses.dataclass
@@ -345,6 +428,8 @@ _DATA_KEYS = ("stat.train_benchmark", "stat.train_source", "stat.train_limit", "
               "stat.heldout_source", "stat.heldout_limit")
 _TEACHER_KEYS = ("teacher.backend", "teacher.model", "teacher.max_output_tokens")
 _PROMPT_KEYS = ("stat.instruction", "eval.instruction", "eval.system_prompt")
+_STUDENT_KEYS = ("model.tokenizer_path", "model.dtype", "model.param_dtype")  # model.path is the stage's input
+_EVAL_KEYS = ("seed", "eval") + _STUDENT_KEYS
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", stage_data, (), ("data/train.jsonl", "data/heldout.jsonl"), _DATA_KEYS),
@@ -354,7 +439,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("label", stage_label, ("data/train.jsonl", "skills/catalog.json"), ("label/skill_map.jsonl",),
           _TEACHER_KEYS + ("stat.label_max_skills",)),
     Stage("rollout", stage_rollout, ("data/heldout.jsonl",), ("rollout/responses.jsonl",),
-          _PROMPT_KEYS + ("seed", "model.path", "eval.use_chat_template", "stat.rollout_samples",
+          _PROMPT_KEYS + _STUDENT_KEYS + ("seed", "model.path", "eval.use_chat_template", "stat.rollout_samples",
                           "stat.rollout_temperature", "stat.rollout_top_p", "stat.rollout_max_new_tokens"),
           process0_only=False),
     Stage("hard", stage_hard, ("data/heldout.jsonl", "rollout/responses.jsonl"), ("hard/scores.jsonl", "hard/hard.jsonl"),
@@ -371,10 +456,12 @@ STAGES: tuple[Stage, ...] = (
           _TEACHER_KEYS + _PROMPT_KEYS + ("seed", "teacher.temperature", "stat.syn_reference_questions",
                                           "stat.syn_new_questions", "stat.syn_solutions", "stat.syn_min_agree",
                                           "stat.syn_target_size")),
-    Stage("sft", stage_sft, (), ("sft/done.json",), ("stat.method", "model", "data", "train"), process0_only=False),
-    Stage("eval", stage_eval, ("sft/done.json",), ("eval/summary.json",), ("eval",), process0_only=False),
-    Stage("grpo", stage_grpo, ("sft/done.json",), ("grpo/done.json",), ("grpo",), process0_only=False),
-    Stage("eval_grpo", stage_eval_grpo, ("grpo/done.json",), ("eval_grpo/summary.json",), ("eval",),
+    Stage("sft", stage_sft, (), ("sft/done.json",), ("seed", "stat.method", "model", "data", "train"),
+          process0_only=False),
+    Stage("eval", stage_eval, ("sft/done.json",), ("eval/summary.json",), _EVAL_KEYS, process0_only=False),
+    Stage("grpo", stage_grpo, ("sft/done.json",), ("grpo/done.json",),
+          _PROMPT_KEYS + _STUDENT_KEYS + ("seed", "grpo", "eval.use_chat_template"), process0_only=False),
+    Stage("eval_grpo", stage_eval_grpo, ("grpo/done.json",), ("eval_grpo/summary.json",), _EVAL_KEYS,
           process0_only=False),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -393,8 +480,12 @@ def _multi_process() -> bool:
 
 
 def _inputs_for(stage: Stage, ctx: StageContext) -> tuple[str, ...]:
-    # SFT's inputs are whichever STAT sets stat.method trains on.
-    return tuple(_sft_files(ctx)) if stage.name == "sft" else stage.inputs
+    # SFT's inputs are whichever STAT sets stat.method trains on; GRPO's include its prompt files.
+    if stage.name == "sft":
+        return tuple(_sft_files(ctx))
+    if stage.name == "grpo":
+        return stage.inputs + _grpo_prompt_files(ctx)
+    return stage.inputs
 
 
 def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
@@ -416,7 +507,11 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
         return "waited"
     log.info("stage %s: running", stage.name)
     start = time.monotonic()
-    stats = stage.run(ctx) or {}
+    try:
+        stats = stage.run(ctx) or {}
+    except Exception as e:
+        e.add_note(f"stat-jax run: stage {stage.name!r} failed; its files are under {ctx.path(stage.name)}")
+        raise
     if _is_process0():
         io.write_manifest(ctx.run_dir, stage.name, stage_config, inputs, stage.outputs,
                           extra={"stats": stats, "seconds": round(time.monotonic() - start, 3)})
@@ -467,8 +562,7 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
                      summary["session"]["cost_usd"], summary["run_total"]["calls"])
             if _is_process0():
                 io.write_json(run_dir / "teacher" / "summary.json", summary)
-        if rollout_backend is None and ctx.rollout_backend is not None:
-            ctx.rollout_backend.close()
+        ctx.release_student_backend()
     return results
 
 
