@@ -1,4 +1,4 @@
-"""The CPU bfloat16 matmul path: same values and gradients as float32 math on the same inputs."""
+"""`layers.matmul` on CPU (custom VJP): same values and gradients as float32 autodiff on the same inputs."""
 
 from __future__ import annotations
 
@@ -52,7 +52,21 @@ def test_bfloat16_values_and_gradients_match_float32_math(equation, x_shape, w_s
         np.testing.assert_allclose(np.asarray(g, np.float32), ref, rtol=2e-2, atol=2e-2 * scale)
 
 
-def test_float32_weights_are_cast_and_float32_inputs_take_the_plain_path():
+@pytest.mark.parametrize("equation,x_shape,w_shape", CASES)
+def test_float32_values_and_gradients_equal_autodiff(equation, x_shape, w_shape):
+    x, w = (a.astype(jnp.float32) for a in _inputs(x_shape, w_shape, seed=3))
+    cot = jax.random.normal(jax.random.key(4), jnp.einsum(equation, x, w).shape)
+
+    def grads(fn):
+        return jax.grad(lambda a, b: jnp.sum(fn(a, b) * cot), (0, 1))(x, w)
+
+    np.testing.assert_allclose(layers.matmul(equation, x, w), jnp.einsum(equation, x, w), rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads(lambda a, b: layers.matmul(equation, a, b)),
+                         grads(lambda a, b: jnp.einsum(equation, a, b))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_weights_are_cast_to_the_input_dtype():
     x, w = _inputs((2, 5, 8), (8, 6))
     got = layers.matmul("bte,em->btm", x, w.astype(jnp.float32))  # master weights are float32
     assert got.dtype == jnp.bfloat16
