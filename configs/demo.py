@@ -29,7 +29,7 @@ def get_config(variant: str = "default") -> ConfigDict:
     c = _base()
     c.seed = 0
     c.workdir = "runs/demo"
-    c.model.dtype = "float32"  # CPU: float32 is faster than emulated bfloat16
+    c.model.dtype = "float32"  # the demo's recorded results are float32 runs; bf16 would change them
     c.model.param_dtype = "float32"
 
     d = c.demo = ConfigDict()

@@ -12,7 +12,7 @@ from stat_jax.config import load_config_file
 def get_config():
     c = load_config_file(str(Path(__file__).with_name("base.py")))
     c.workdir = "runs/sft_tiny"
-    c.model.dtype = "float32"  # CPU: emulated bfloat16 is slower than float32
+    c.model.dtype = "float32"  # tests compare against float32 references
     c.mesh.fsdp = -1
     c.data.max_length = 64
     c.train.steps = 10
