@@ -1,9 +1,7 @@
 """STAT-Syn for Llama-3.2-1B-Instruct (the paper's setting): `stat-jax run --config=configs/stat_syn_llama3_2_1b.py`.
 
-Needs GEMINI_API_KEY (or Vertex AI settings) for the teacher; `--only=profile` runs a single stage.
-The SFT stage uses the 1B SFT recipe (configs/sft_llama3_2_1b.py); the optional GRPO stages, added with
-`--config.stat.stages=data,skills,...,sft,eval,grpo,eval_grpo`, use the 1B GRPO recipe's `grpo` section
-and default to the run's MATH training questions (data/train.jsonl) as prompts.
+The STAT-Sel config (configs/stat_sel_llama3_2_1b.py) with the synthesized set in place of the selected one:
+same student, teacher, SFT and GRPO recipes and evaluation.
 """
 
 from pathlib import Path
@@ -12,11 +10,8 @@ from stat_jax.config import load_config_file
 
 
 def get_config():
-    c = load_config_file(str(Path(__file__).with_name("sft_llama3_2_1b.py")))
-    c.grpo = load_config_file(str(Path(__file__).with_name("grpo_llama3_2_1b.py"))).grpo
+    c = load_config_file(str(Path(__file__).with_name("stat_sel_llama3_2_1b.py")))
     c.workdir = "runs/stat_syn_llama3_2_1b"
-    c.model.path = "meta-llama/Llama-3.2-1B-Instruct"
     c.stat.method = "syn"
-    c.stat.stages = ("data", "skills", "label", "rollout", "hard", "diagnose", "profile", "syn", "sft", "eval")
-    c.eval.benchmarks = ("math500", "aime24", "aime25", "amc23", "gsm8k")
+    c.stat.stages = tuple("syn" if name == "sel" else name for name in c.stat.stages)
     return c

@@ -290,7 +290,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _benchmark_names(value) -> list[str]:
+def benchmark_names(value) -> list[str]:
+    """eval.benchmarks (a tuple, or "a,b" from the command line) as a list of names; empty is an error."""
     names = value.split(",") if isinstance(value, str) else list(value)
     names = [n.strip() for n in names if n.strip()]
     if not names:
@@ -308,7 +309,7 @@ def load_eval_benchmarks(config) -> tuple[dict[str, list[MathProblem]], list[Mat
         return (ev.paths.get(name) or None) if name in ev.paths else None
 
     benchmarks = {}
-    for name in _benchmark_names(ev.benchmarks):
+    for name in benchmark_names(ev.benchmarks):
         if name not in BENCHMARKS:
             raise ValueError(f"eval.benchmarks: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
         benchmarks[name] = load_benchmark(name, source(name), limit=ev.limit or None, on_bad_row=ev.on_bad_row)

@@ -379,8 +379,7 @@ def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
     _check_status(evaluate.main(config, _Args(resume=resume)), "stat_jax.eval.evaluate.main", ctx.path(name))
     summary_path = ctx.path(f"{name}/summary.json")
     results = io.read_json(summary_path).get("benchmarks", {})
-    wanted = config.eval.benchmarks.split(",") if isinstance(config.eval.benchmarks, str) else config.eval.benchmarks
-    missing = [b.strip() for b in wanted if b.strip() and b.strip() not in results]
+    missing = [b for b in evaluate.benchmark_names(config.eval.benchmarks) if b not in results]
     if missing:
         raise RuntimeError(f"{summary_path} has no results for {missing} (eval.benchmarks); see the "
                            f"<benchmark>.jsonl records beside it")
