@@ -25,7 +25,10 @@ def get_config() -> ConfigDict:
     c.model.tokenizer_path = ""  # defaults to model.path
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
-    c.model.remat = False
+    # Rematerialisation of the training forward (stat_jax/models/transformer.py REMAT_POLICIES): none | full
+    # (recompute each layer) | dots (keep matmul outputs); true/false still mean full/none. Default: see below.
+    c.model.remat = "dots"
+
 
     c.mesh = ConfigDict()
     c.mesh.data = 1
@@ -45,7 +48,13 @@ def get_config() -> ConfigDict:
     c.train.steps = 0  # optimizer updates; 0 = train.epochs passes over the data
     c.train.epochs = 3.0
     c.train.batch_size = 64  # rows (packed sequences) per optimizer update, over all devices and hosts
-    c.train.grad_accum_steps = 1  # micro-batches per update (batch_size must be a multiple of it)
+    # Micro-batches per update (batch_size must be a multiple of it); 0 = the fewest that fit the memory budget,
+    # by XLA's memory analysis of the compiled step (stat_jax.train.memory), so a smaller machine runs slower
+    # instead of running out of memory; a step that cannot fit at all stops before loading the model.
+    c.train.grad_accum_steps = 0
+    c.train.memory_budget_gb = 0.0  # per device; 0 = train.memory_fraction of the device's memory
+    c.train.memory_fraction = 0.85  # on CPU: of the host's RAM (or cgroup limit) split over its local devices
+    c.train.loss_chunk_tokens = 2048  # rows x positions of float32 logits alive at once in the loss; 0 = all
     c.train.learning_rate = 1e-5
     c.train.lr_schedule = "cosine"  # cosine | linear | constant, after a linear warmup
     c.train.warmup_steps = 0
@@ -178,7 +187,10 @@ def get_config() -> ConfigDict:
     c.grpo.prompts_per_step = 32
     c.grpo.num_generations = 8  # G samples per prompt (G requests to JetStream)
     c.grpo.num_iterations = 1  # updates (mu) per rollout batch; old log-probs computed once (skipped when 1)
-    c.grpo.micro_batches = 1  # gradient accumulation over the prompts_per_step * G rows
+    c.grpo.micro_batches = 0  # gradient accumulation over the prompts_per_step * G rows; 0 = fit the budget
+    c.grpo.memory_budget_gb = 0.0  # per device, for the update step; 0 = grpo.memory_fraction of the device
+    c.grpo.memory_fraction = 0.6  # lower than SFT's: the rollout engine's KV cache lives beside the step
+    c.grpo.loss_chunk_tokens = 2048  # rows x positions of float32 logits alive at once; 0 = all at once
     c.grpo.max_length = 1024  # tokens per training row: prompt + completion must fit
     c.grpo.max_new_tokens = 768
     c.grpo.temperature = 1.0  # sampling temperature; the trained log-probs are of logits / temperature

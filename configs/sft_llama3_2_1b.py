@@ -15,7 +15,7 @@ def get_config():
     c.model.path = "meta-llama/Llama-3.2-1B-Instruct"
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
-    c.model.remat = True  # 2048-token rows x 64: activations dominate memory without it
+    c.model.remat = "full"  # 2048-token rows x 64: activations dominate memory without it
     c.data.max_length = 2048
     c.train.epochs = 3.0
     c.train.batch_size = 64

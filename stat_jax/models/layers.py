@@ -12,17 +12,24 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from stat_jax.models.config import ModelConfig, RopeScaling
 from stat_jax.sharding import constrain
+
+
+# Every matmul output carries this checkpoint name, so the `dots` remat policy (models/transformer.py) can save
+# exactly them: a policy on the dot_general primitive cannot see inside `_cpu_einsum`'s custom VJP.
+MATMUL_NAME = "matmul"
 
 
 def matmul(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """`jnp.einsum(equation, x, w)` in x's dtype (w is cast to it); on CPU through `_cpu_einsum`."""
     w = w.astype(x.dtype)
     if jax.default_backend() == "cpu":
-        return _cpu_einsum(equation, x, w)
-    return jnp.einsum(equation, x, w)  # GPU/TPU dots already accumulate in float32 and need no help
+        return checkpoint_name(_cpu_einsum(equation, x, w), MATMUL_NAME)
+    # GPU/TPU dots already accumulate in float32 and need no help
+    return checkpoint_name(jnp.einsum(equation, x, w), MATMUL_NAME)
 
 
 def _gradient_equations(equation: str) -> tuple[str, str]:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stat_jax.models.config import ModelConfig
-from stat_jax.models.layers import MLP, Attention, RMSNorm, dot_product_attention, matmul
+from stat_jax.models.layers import MATMUL_NAME, MLP, Attention, RMSNorm, dot_product_attention, matmul
 from stat_jax.sharding import constrain
 
 
@@ -46,6 +46,36 @@ class KVCache:
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
         )
+
+
+# Rematerialisation of the training forward (`model.remat`): what each layer keeps for the backward pass.
+#   none  every intermediate is saved: fastest, most memory (~100 KB per token per layer at SmolLM2's shape)
+#   full  only each layer's input is saved and the layer is recomputed in the backward pass ("per layer")
+#   dots  each layer saves its matmul outputs (layers.MATMUL_NAME) and recomputes only the cheap elementwise
+#         ops and the attention scores/softmax: less recompute than `full`, ~1/4 of `none`'s memory
+REMAT_POLICIES = ("none", "full", "dots")
+_REMAT_ALIASES = {"false": "none", "off": "none", "": "none", "true": "full", "per_layer": "full", "layer": "full",
+                  "matmuls": "dots", "dots_with_no_batch_dims": "dots"}
+
+
+def resolve_remat(value) -> str:
+    """`model.remat` -> a name in REMAT_POLICIES; True/False (and "true"/"false") stay accepted as full/none."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    name = str(value).strip().lower()
+    name = _REMAT_ALIASES.get(name, name)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={value!r}: choose one of {', '.join(REMAT_POLICIES)} "
+                         f"(or true = full, false = none)")
+    return name
+
+
+def _remat_layer_call(policy: str):
+    if policy == "none":
+        return _layer_call
+    if policy == "full":
+        return nnx.remat(_layer_call)
+    return nnx.remat(_layer_call, policy=jax.checkpoint_policies.save_only_these_names(MATMUL_NAME))
 
 
 CAUSAL_ATTENTION_BLOCK = 128  # query block size of the full-sequence attention (see dot_product_attention)
@@ -96,12 +126,12 @@ class DecoderLM(nnx.Module):
         *,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
         rngs: nnx.Rngs,
     ):
         self.config = cfg
         self.dtype = dtype
-        self.remat = remat
+        self.remat = resolve_remat(remat)  # a policy name in REMAT_POLICIES (static: part of the graphdef)
         std = cfg.initializer_range
         self.embed = nnx.Param(
             std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
@@ -147,7 +177,7 @@ class DecoderLM(nnx.Module):
         if segment_ids is not None:
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         x = self.embed_tokens(tokens)
-        call = nnx.remat(_layer_call) if self.remat else _layer_call
+        call = _remat_layer_call(self.remat)
         for layer in self.layers:
             x = call(layer, x, positions, mask)
         return self.final_norm(x)

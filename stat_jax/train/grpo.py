@@ -45,7 +45,8 @@ from stat_jax import sharding
 from stat_jax.config import config_hash, config_to_dict
 from stat_jax.data.records import MathProblem
 from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
-from stat_jax.train import grpo_loss
+from stat_jax.train import chunked_loss, grpo_loss
+from stat_jax.train import memory as train_memory
 from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state
 from stat_jax.train.metrics import MetricsLogger
 from stat_jax.train.optim import build_optimizer, optimizer_shardings
@@ -156,27 +157,32 @@ def token_weights(mask: np.ndarray, aggregation: str) -> np.ndarray:
 
 
 # ----- device side ---------------------------------------------------------------------------------------
-def policy_logits(params, graphdef, micro, temperature: float = 1.0) -> jax.Array:
-    """float32 logits [rows, t, V] of the temperature-scaled policy the rollouts sample from."""
+def policy_token_stats(params, graphdef, micro, temperature: float = 1.0, *,
+                       chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, entropy: bool = False) -> dict:
+    """Per-token {"logp"[, "entropy"]} [rows, t] of the temperature-scaled policy the rollouts sample from.
+
+    The logits are computed `chunk_tokens` (rows x positions) at a time and never exist whole (0 = at once).
+    """
     model = nnx.merge(graphdef, nnx.State(params))
-    logits = model(micro["tokens"], positions=micro["positions"], attention_mask=micro["attention_mask"])
-    logits = logits.astype(jnp.float32)
-    return logits / temperature if temperature != 1.0 else logits
+    hidden = model.hidden_states(micro["tokens"], positions=micro["positions"], attention_mask=micro["attention_mask"])
+    return chunked_loss.token_stats(model, hidden, micro["targets"], chunk_tokens=chunk_tokens,
+                                    temperature=temperature, entropy=entropy)
 
 
-def make_logprob_fn(graphdef, temperature: float = 1.0) -> Callable:
+def make_logprob_fn(graphdef, temperature: float = 1.0, *,
+                    chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
     """(params, batch [k, rows, t]) -> per-token log-probs [k, rows, t] (no gradient; old or reference policy)."""
 
     def logprobs(params, batch):
-        return jax.lax.map(
-            lambda micro: grpo_loss.token_logprobs(policy_logits(params, graphdef, micro, temperature),
-                                                   micro["targets"]), batch)
+        return jax.lax.map(lambda micro: policy_token_stats(params, graphdef, micro, temperature,
+                                                            chunk_tokens=chunk_tokens)["logp"], batch)
 
     return logprobs
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, epsilon_low: float,
-                    epsilon_high: float, beta: float, temperature: float = 1.0) -> Callable:
+                    epsilon_high: float, beta: float, temperature: float = 1.0,
+                    chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
     """`(state, batch) -> (state, metrics)`; batch leaves [k micro-batches, rows, t].
 
     batch["old_logp"] is the rollout policy's log-probs; without it (mu = 1) the current params ARE the old
@@ -186,15 +192,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, eps
     """
 
     def micro_loss(params, micro):
-        logits = policy_logits(params, graphdef, micro, temperature)
-        logp = grpo_loss.token_logprobs(logits, micro["targets"])
+        stats = policy_token_stats(params, graphdef, micro, temperature, chunk_tokens=chunk_tokens, entropy=True)
+        logp = stats["logp"]
         old_logp = micro["old_logp"] if "old_logp" in micro else jax.lax.stop_gradient(logp)
         per_token, terms = grpo_loss.per_token_terms(
             logp, old_logp, micro["advantages"], epsilon_low=epsilon_low, epsilon_high=epsilon_high,
             ref_logp=micro.get("ref_logp"), beta=beta)
         w = micro["weights"]
         aux = {"clip_fraction": jnp.sum(terms["clipped"] * w),
-               "entropy": jnp.sum(jax.lax.stop_gradient(grpo_loss.token_entropy(logits)) * w)}
+               "entropy": jnp.sum(stats["entropy"] * w)}
         if "kl" in terms:
             aux["kl"] = jnp.sum(jax.lax.stop_gradient(terms["kl"]) * w)
         return jnp.sum(per_token * w), aux
@@ -221,21 +227,74 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, eps
     return train_step
 
 
-def compile_train_step(train_step: Callable, state_sh: dict, batch_sh: dict, mesh: Mesh) -> Callable:
-    """`train_step` jitted with explicit shardings; only the optimizer state is donated, because the rollout
-    engine serves the very param buffers the step reads (no copy in update_params) until the next swap."""
+def jit_train_step(train_step: Callable, state_sh: dict, batch_sh: dict, mesh: Mesh):
+    """`train_step` as jitted `(params, opt_state, step, batch)` with explicit shardings; only the optimizer
+    state is donated, because the rollout engine serves the very param buffers the step reads (no copy in
+    update_params) until the next swap."""
 
     def split_step(params, opt_state, step, batch):
         return train_step({"step": step, "params": params, "opt_state": opt_state}, batch)
 
-    jitted = jax.jit(split_step, in_shardings=(state_sh["params"], state_sh["opt_state"], state_sh["step"], batch_sh),
-                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(1,))
+    return jax.jit(split_step, in_shardings=(state_sh["params"], state_sh["opt_state"], state_sh["step"], batch_sh),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(1,))
+
+
+def run_on_mesh(step, mesh: Mesh) -> Callable:
+    """`(state, batch) -> (state, metrics)` calling a jitted or compiled `(params, opt_state, step, batch)`."""
 
     def run(state, batch):
         with jax.set_mesh(mesh):
-            return jitted(state["params"], state["opt_state"], state["step"], batch)
+            return step(state["params"], state["opt_state"], state["step"], batch)
 
     return run
+
+
+def compile_train_step(train_step: Callable, state_sh: dict, batch_sh: dict, mesh: Mesh) -> Callable:
+    """The jitted step (compiled on its first call) as `(state, batch) -> (state, metrics)`."""
+    return run_on_mesh(jit_train_step(train_step, state_sh, batch_sh, mesh), mesh)
+
+
+def batch_shardings(mesh: Mesh, k: int, rows: int, length: int, *, old_logp: bool, ref_logp: bool) -> dict:
+    """NamedShardings of the update's batch: [k, rows // k, length] per row key, [k, rows // k] advantages."""
+    batch_named = sharding.named_sharding(mesh, (None, "batch", "length"), (k, rows // k, length))
+    row_named = sharding.named_sharding(mesh, (None, "batch"), (k, rows // k))
+    batch_sh = {key: batch_named for key in ROW_KEYS} | {"advantages": row_named}
+    if old_logp:
+        batch_sh["old_logp"] = batch_named
+    if ref_logp:
+        batch_sh["ref_logp"] = batch_named
+    return batch_sh
+
+
+def abstract_batch(batch_sh: dict, k: int, rows: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The update's batch as ShapeDtypeStructs (what `build_batch` returns, reshaped to micro-batches)."""
+    floats = {"weights", "advantages", "old_logp", "ref_logp"}
+    return {key: jax.ShapeDtypeStruct((k, rows // k) if key == "advantages" else (k, rows // k, length),
+                                      jnp.float32 if key in floats else jnp.int32, sharding=named)
+            for key, named in batch_sh.items()}
+
+
+def fit_train_step(g, train_step: Callable, state_sh: dict, abstract_train_state: dict, mesh: Mesh, *,
+                   old_logp: bool, ref_logp: bool):
+    """(k, batch shardings, compiled `(params, opt_state, step, batch)`, StepMemory): the update compiled for
+    the fewest micro-batches that fit `grpo.memory_budget_gb` (grpo.micro_batches = 0), or checked at the user's."""
+    rows, length = int(g.prompts_per_step) * int(g.num_generations), int(g.max_length)
+    budget, source = train_memory.budget_bytes(g, "grpo")
+    state_args = (abstract_train_state["params"], abstract_train_state["opt_state"], abstract_train_state["step"])
+
+    def compile_for(k: int):
+        batch_sh = batch_shardings(mesh, k, rows, length, old_logp=old_logp, ref_logp=ref_logp)
+        with jax.set_mesh(mesh):
+            return jit_train_step(train_step, state_sh, batch_sh, mesh).lower(
+                *state_args, abstract_batch(batch_sh, k, rows, length)).compile()
+
+    advice = ("Lower grpo.prompts_per_step, grpo.num_generations or grpo.max_length, set model.remat=full "
+              "(recompute each layer), spread the batch over more devices (mesh.fsdp), or raise "
+              "grpo.memory_budget_gb / grpo.memory_fraction.")
+    k, compiled, mem = train_memory.fit_micro_batches(
+        compile_for, rows, train_memory.sharded_batch_ways(mesh), budget, budget_source=source,
+        fixed=int(g.micro_batches) or None, key="grpo.micro_batches", advice=advice)
+    return k, batch_shardings(mesh, k, rows, length, old_logp=old_logp, ref_logp=ref_logp), compiled, mem
 
 
 # ----- the loop ------------------------------------------------------------------------------------------
@@ -273,9 +332,9 @@ def _validate(g) -> None:
         (g.num_generations >= 2, f"grpo.num_generations must be >= 2 (advantages are relative within a group), "
                                  f"got {g.num_generations}"),
         (g.prompts_per_step >= 1, f"grpo.prompts_per_step must be >= 1, got {g.prompts_per_step}"),
-        ((g.prompts_per_step * g.num_generations) % max(g.micro_batches, 1) == 0 and g.micro_batches >= 1,
+        ((g.prompts_per_step * g.num_generations) % max(g.micro_batches, 1) == 0 and g.micro_batches >= 0,
          f"grpo.prompts_per_step * num_generations = {g.prompts_per_step * g.num_generations} must be a multiple "
-         f"of grpo.micro_batches={g.micro_batches}"),
+         f"of grpo.micro_batches={g.micro_batches} (0 = derived from grpo.memory_budget_gb)"),
         (g.steps >= 1, f"grpo.steps must be >= 1, got {g.steps}"),
         (g.num_iterations >= 1, f"grpo.num_iterations must be >= 1, got {g.num_iterations}"),
         (g.beta >= 0, f"grpo.beta must be >= 0, got {g.beta}"),
@@ -295,8 +354,11 @@ def _validate(g) -> None:
 
 def _fingerprint(config) -> str:
     """Hash of what must not change across a resume (model, GRPO settings, seed; not mesh or logging)."""
-    return config_hash({"model": config_to_dict(config.model), "grpo": config_to_dict(config.grpo),
-                        "seed": config.seed})
+    # Memory settings (micro-batches, budget, loss chunks, remat) change how the update is computed, not what.
+    memory_keys = ("micro_batches", "memory_budget_gb", "memory_fraction", "loss_chunk_tokens")
+    grpo = {k: v for k, v in config_to_dict(config.grpo).items() if k not in memory_keys}
+    model = {k: v for k, v in config_to_dict(config.model).items() if k != "remat"}
+    return config_hash({"model": model, "grpo": grpo, "seed": config.seed})
 
 
 def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: str | Path | None = None,
@@ -310,6 +372,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     import transformers
 
     from stat_jax.data.prompting import render_prompt
+    from stat_jax.data.stop_tokens import end_token_id
     from stat_jax.models import abstract_model, export_hf_checkpoint, load_hf_checkpoint
     from stat_jax.models.config import ModelConfig
     from stat_jax.models.hub import resolve_model_path
@@ -342,11 +405,13 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     model_cfg = ModelConfig.from_hf_dir(model_path)
     tokenizer_path = config.model.tokenizer_path or model_path
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path))
-    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_cfg.eos_token_ids[0]
+    # The end-of-turn token a finished completion is scored on: the same one rollouts stop at and SFT teaches.
+    eos_id = end_token_id(tokenizer, model_cfg.eos_token_ids)
 
     prompt_texts = [render_prompt(tokenizer, p.problem, instruction=g.instruction or config.eval.instruction,
                                   system_prompt=config.eval.system_prompt,
-                                  use_chat_template=bool(config.eval.use_chat_template)) for p in problems]
+                                  use_chat_template=bool(config.eval.use_chat_template),
+                                  date_string=str(config.eval.date_string)) for p in problems]
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
 
     total_steps = int(g.steps)
@@ -362,15 +427,19 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     repl = sharding.replicated(mesh)
     state_sh = {"step": repl, "params": param_sh,
                 "opt_state": optimizer_shardings(tx, params_shapes, param_sh, repl)}
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shapes,
+              "opt_state": jax.eval_shape(tx.init, params_shapes)}
     rows = g.prompts_per_step * g.num_generations
-    k = int(g.micro_batches)
-    batch_named = sharding.named_sharding(mesh, (None, "batch", "length"), (k, rows // k, int(g.max_length)))
-    row_named = sharding.named_sharding(mesh, (None, "batch"), (k, rows // k))
-    batch_sh = {key: batch_named for key in ROW_KEYS} | {"advantages": row_named}
-    if mu > 1:
-        batch_sh["old_logp"] = batch_named
-    if beta:
-        batch_sh["ref_logp"] = batch_named
+    chunk_tokens = int(g.loss_chunk_tokens)
+    step_impl = make_train_step(graphdef, tx, schedule, epsilon_low=float(g.epsilon_low),
+                                epsilon_high=float(g.epsilon_high), beta=beta, temperature=temperature,
+                                chunk_tokens=chunk_tokens)
+    # Compiled from abstract arrays before any weight is loaded, so an update that cannot fit stops here.
+    k, batch_sh, compiled_step, step_memory = fit_train_step(g, step_impl, state_sh, abstract_state(shapes, state_sh),
+                                                             mesh, old_logp=mu > 1, ref_logp=bool(beta))
+    batch_named = batch_sh["tokens"]
+    log.info("grpo: %d rows x %d tokens per update in %d micro-batches, step memory %s per device",
+             rows, int(g.max_length), k, step_memory.describe())
 
     ckpt = CheckpointManager(workdir / "checkpoints", save_every=int(g.checkpoint_every), keep=int(g.keep_checkpoints),
                              async_save=bool(g.async_checkpointing))
@@ -387,8 +456,6 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     # is kept, and the start weights are dropped once the state exists.
     ref_params = reference_params(initial_params, config.model.dtype) if beta else None
     if latest is not None:
-        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shapes,
-                  "opt_state": jax.eval_shape(tx.init, params_shapes)}
         del initial_params
         state, meta = ckpt.restore(abstract_state(shapes, state_sh))
         if meta.get("fingerprint") != fingerprint:
@@ -405,10 +472,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
         del initial_params
     start_step = latest or 0  # GRPO steps done (state["step"] counts optimizer updates)
 
-    train_step = compile_train_step(
-        make_train_step(graphdef, tx, schedule, epsilon_low=float(g.epsilon_low), epsilon_high=float(g.epsilon_high),
-                        beta=beta, temperature=temperature), state_sh, batch_sh, mesh)
-    logprob_fn = jax.jit(make_logprob_fn(graphdef, temperature), out_shardings=batch_named)
+    train_step = run_on_mesh(compiled_step, mesh)
+    logprob_fn = jax.jit(make_logprob_fn(graphdef, temperature, chunk_tokens=chunk_tokens), out_shardings=batch_named)
 
     own_backend = backend is None
     if own_backend:

@@ -11,6 +11,7 @@ accumulation the micro-batch sums are added before dividing, so k micro-batches 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -30,6 +31,8 @@ from stat_jax import sharding
 from stat_jax.config import config_hash, config_to_dict
 from stat_jax.data import sft_data
 from stat_jax.data.records import SFTExample
+from stat_jax.train import chunked_loss
+from stat_jax.train import memory as train_memory
 from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state
 from stat_jax.train.metrics import MetricsLogger
 from stat_jax.train.optim import build_optimizer, optimizer_shardings
@@ -42,32 +45,31 @@ BATCH_AXES = (None, "batch", "length")  # [micro-batch index, rows, tokens]
 
 
 # ----- the step --------------------------------------------------------------------------------------------
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token cross entropy [b, t] in float32 from logits [b, t, V] (any dtype)."""
-    logits = logits.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], *,
+              chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked cross entropy, number of loss tokens) of one micro-batch [rows, t].
 
-
-def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked cross entropy, number of loss tokens) of one micro-batch [rows, t]."""
+    The logits are computed `chunk_tokens` at a time (`chunked_loss.token_stats`); 0 = all at once.
+    """
     model = nnx.merge(graphdef, nnx.State(params))
-    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    hidden = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logp = chunked_loss.token_stats(model, hidden, batch["targets"], chunk_tokens=chunk_tokens)["logp"]
     weights = batch["weights"]
-    return jnp.sum(token_cross_entropy(logits, batch["targets"]) * weights), jnp.sum(weights)
+    return -jnp.sum(logp * weights), jnp.sum(weights)
 
 
-def accumulated_gradients(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
+def accumulated_gradients(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], *,
+                          chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS):
     """(token-mean loss, its gradient, loss tokens) over micro-batches batch[k], summed before normalising."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_sums, chunk_tokens=chunk_tokens), has_aux=True)
 
     def one(carry, micro):
         grad_sum, loss_sum, token_sum = carry
-        (ce_sum, tokens), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, graphdef, micro)
+        (ce_sum, tokens), grads = grad_fn(params, graphdef, micro)
         return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + ce_sum, token_sum + tokens), None
 
     if batch["tokens"].shape[0] == 1:  # no accumulation: skip the scan (and its zero-initialised buffers)
-        (ce_sum, tokens), grad_sum = jax.value_and_grad(loss_sums, has_aux=True)(
-            params, graphdef, jax.tree.map(lambda x: x[0], batch))
+        (ce_sum, tokens), grad_sum = grad_fn(params, graphdef, jax.tree.map(lambda x: x[0], batch))
     else:
         init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
         (grad_sum, ce_sum, tokens), _ = jax.lax.scan(one, init, batch)
@@ -75,11 +77,12 @@ def accumulated_gradients(params: dict, graphdef: nnx.GraphDef, batch: dict[str,
     return ce_sum / denom, jax.tree.map(lambda g: g / denom, grad_sum), tokens
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
     """The pure step `(state, batch) -> (state, metrics)`; batch leaves are [micro_batches, rows, t]."""
 
     def train_step(state: dict, batch: dict[str, jax.Array]) -> tuple[dict, dict[str, jax.Array]]:
-        loss, grads, tokens = accumulated_gradients(state["params"], graphdef, batch)
+        loss, grads, tokens = accumulated_gradients(state["params"], graphdef, batch, chunk_tokens=chunk_tokens)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
@@ -106,20 +109,62 @@ def batch_shardings(mesh: Mesh, shape: Sequence[int]) -> dict[str, NamedSharding
     return {k: named for k in sft_data.BATCH_KEYS}
 
 
-def compile_train_step(graphdef, tx, schedule, state_sh: dict, batch_sh: dict, mesh: Mesh) -> Callable:
-    """`train_step` jitted with explicit in/out shardings; the old state's buffers are donated."""
-    step = jax.jit(
-        make_train_step(graphdef, tx, schedule),
+def jit_train_step(graphdef, tx, schedule, state_sh: dict, batch_sh: dict, mesh: Mesh, *,
+                   chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS):
+    """`train_step` under `jax.jit` with explicit in/out shardings; the old state's buffers are donated."""
+    return jax.jit(
+        make_train_step(graphdef, tx, schedule, chunk_tokens=chunk_tokens),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+
+
+def run_on_mesh(step, mesh: Mesh) -> Callable:
+    """`(state, batch) -> (state, metrics)` calling a jitted or compiled step under the mesh."""
 
     def run(state, batch):
         with jax.set_mesh(mesh):  # so the model's `constrain` hints see the mesh
             return step(state, batch)
 
     return run
+
+
+def compile_train_step(graphdef, tx, schedule, state_sh: dict, batch_sh: dict, mesh: Mesh, *,
+                       chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
+    """The jitted step (compiled on its first call) as `(state, batch) -> (state, metrics)`."""
+    return run_on_mesh(jit_train_step(graphdef, tx, schedule, state_sh, batch_sh, mesh, chunk_tokens=chunk_tokens),
+                       mesh)
+
+
+def abstract_batch(batch_sh: dict[str, NamedSharding], shape: Sequence[int]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The step's batch as ShapeDtypeStructs [micro_batches, rows, t] (what `SFTBatches` yields, reshaped)."""
+    dtypes = {"weights": jnp.float32}
+    return {k: jax.ShapeDtypeStruct(tuple(shape), dtypes.get(k, jnp.int32), sharding=batch_sh[k])
+            for k in sft_data.BATCH_KEYS}
+
+
+def fit_train_step(config, graphdef, tx, schedule, state_sh: dict, abstract_train_state: dict, mesh: Mesh):
+    """(micro-batches k, batch shardings, compiled step, StepMemory): the step compiled for the fewest
+    micro-batches that fit `train.memory_budget_gb` (train.grad_accum_steps = 0), or checked at the user's k."""
+    t = config.train
+    rows, length = int(t.batch_size), int(config.data.max_length)
+    budget, source = train_memory.budget_bytes(t, "train")
+
+    def compile_for(k: int):
+        batch_sh = batch_shardings(mesh, (k, rows // k, length))
+        jitted = jit_train_step(graphdef, tx, schedule, state_sh, batch_sh, mesh,
+                                chunk_tokens=int(t.loss_chunk_tokens))
+        with jax.set_mesh(mesh):
+            return jitted.lower(abstract_train_state, abstract_batch(batch_sh, (k, rows // k, length))).compile()
+
+    advice = ("Lower train.batch_size or data.max_length, set model.remat=full (recompute each layer), spread "
+              "the batch over more devices (mesh.fsdp), or raise train.memory_budget_gb / train.memory_fraction.")
+    k, compiled, mem = train_memory.fit_micro_batches(
+        compile_for, rows, train_memory.sharded_batch_ways(mesh), budget, budget_source=source,
+        fixed=int(t.grad_accum_steps) or None, key="train.grad_accum_steps", advice=advice,
+        process_count=jax.process_count())
+    return k, batch_shardings(mesh, (k, rows // k, length)), compiled, mem
 
 
 def to_device_batch(host: dict[str, np.ndarray], micro_batches: int, batch_sh: dict[str, NamedSharding]) -> dict:
@@ -169,10 +214,10 @@ def total_steps_for(train_cfg, batches: sft_data.SFTBatches) -> int:
 
 def _validate(config) -> None:
     t = config.train
-    if t.batch_size <= 0 or t.grad_accum_steps <= 0:
-        raise ValueError(f"train.batch_size={t.batch_size} and train.grad_accum_steps={t.grad_accum_steps} "
-                         "must be positive")
-    if t.batch_size % t.grad_accum_steps:
+    if t.batch_size <= 0 or t.grad_accum_steps < 0:
+        raise ValueError(f"train.batch_size={t.batch_size} must be positive and train.grad_accum_steps="
+                         f"{t.grad_accum_steps} positive (or 0: derived from train.memory_budget_gb)")
+    if t.grad_accum_steps and t.batch_size % t.grad_accum_steps:
         raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of "
                          f"train.grad_accum_steps={t.grad_accum_steps}")
     if config.data.max_length < 2:
@@ -194,7 +239,8 @@ def _run_fingerprint(config) -> str:
     keep = {k: d.get(k) for k in ("seed", "model", "data")}
     keep["train"] = {k: v for k, v in d.get("train", {}).items()
                      if k not in ("checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every",
-                                  "export_dir", "export_dtype", "tensorboard")}
+                                  "export_dir", "export_dtype", "tensorboard", "grad_accum_steps",
+                                  "memory_budget_gb", "memory_fraction", "loss_chunk_tokens")}
     keep["model"] = {k: v for k, v in (keep["model"] or {}).items() if k != "remat"}
     return config_hash(keep)
 
@@ -230,7 +276,8 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     tokenizer, tokenizer_path = _load_tokenizer(config)
 
     examples = _examples(config, examples_or_path)
-    tokenized = sft_data.tokenize_examples(tokenizer, examples, model_cfg.eos_token_ids)
+    tokenized = sft_data.tokenize_examples(tokenizer, examples, model_cfg.eos_token_ids,
+                                           date_string=str(config.eval.date_string))
     tokenized, dropped = sft_data.drop_too_long(tokenized, config.data.max_length)
     if dropped:
         log.warning("sft: dropped %d of %d examples longer than data.max_length=%d tokens",
@@ -239,8 +286,6 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
         tokenized, batch_size=config.train.batch_size, seq_len=config.data.max_length, seed=config.seed,
         packing=config.data.packing, process_index=jax.process_index(), process_count=jax.process_count())
     total_steps = total_steps_for(config.train, batches)
-    micro = config.train.grad_accum_steps
-    _check_batch_divides_mesh(config.train.batch_size // micro, mesh)
     tx, schedule = build_optimizer(config.train, total_steps)
 
     model_kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
@@ -248,7 +293,12 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     params_shapes = nnx.to_pure_dict(abstract_params)
     param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
     state_sh = state_shardings_for(params_shapes, param_sh, tx, mesh)
-    batch_sh = batch_shardings(mesh, (micro, config.train.batch_size // micro, config.data.max_length))
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shapes,
+              "opt_state": jax.eval_shape(tx.init, params_shapes)}
+    # Compiled from abstract arrays before any weight is loaded, so a step that cannot fit stops here.
+    micro, batch_sh, compiled_step, step_memory = fit_train_step(config, graphdef, tx, schedule, state_sh,
+                                                                 abstract_state(shapes, state_sh), mesh)
+    _check_batch_divides_mesh(config.train.batch_size // micro, mesh)
 
     ckpt = CheckpointManager(workdir / "checkpoints", save_every=config.train.checkpoint_every,
                              keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing)
@@ -258,8 +308,6 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
         raise FileExistsError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
                               "to continue that run, or choose another workdir")
     if latest is not None:
-        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shapes,
-                  "opt_state": jax.eval_shape(tx.init, params_shapes)}
         state, meta = ckpt.restore(abstract_state(shapes, state_sh))
         if meta.get("fingerprint") != fingerprint:
             log.warning("sft: resuming %s with a changed model/data/optimizer config (hash %s -> %s)",
@@ -276,14 +324,15 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2, default=str))
-    step_fn = compile_train_step(graphdef, tx, schedule, state_sh, batch_sh, mesh)
+    step_fn = run_on_mesh(compiled_step, mesh)
     metrics_path = workdir / "metrics.jsonl"
     logger = MetricsLogger(metrics_path, total_steps=total_steps, start_step=start_step, desc="sft",
                            tensorboard_dir=workdir / "tensorboard" if config.train.tensorboard else None,
                            is_writer=is_writer)
-    log.info("sft: %d examples (%d dropped), %d rows/step x %d tokens, %d steps (%d batches/epoch), mesh %s",
-             len(tokenized), dropped, config.train.batch_size, config.data.max_length, total_steps,
-             batches.batches_in_epoch(0), dict(mesh.shape))
+    log.info("sft: %d examples (%d dropped), %d rows/step x %d tokens in %d micro-batches, %d steps "
+             "(%d batches/epoch), mesh %s, step memory %s per device", len(tokenized), dropped,
+             config.train.batch_size, config.data.max_length, micro, total_steps, batches.batches_in_epoch(0),
+             dict(mesh.shape), step_memory.describe())
 
     def meta() -> dict[str, Any]:
         return {"data": batches.state(), "fingerprint": fingerprint, "total_steps": total_steps}
@@ -335,7 +384,8 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     end_step = int(jax.device_get(state["step"]))
     result = {"export_dir": str(export_dir), "metrics_path": str(metrics_path), "checkpoint_dir": str(ckpt.directory),
               "steps": end_step, "total_steps": total_steps, "final_loss": final_loss, "preempted": preempted,
-              "fingerprint": fingerprint, "examples": len(tokenized), "dropped_examples": dropped}
+              "fingerprint": fingerprint, "examples": len(tokenized), "dropped_examples": dropped,
+              "micro_batches": micro, "step_memory_gb": step_memory.peak / train_memory.GB}
     if preempted:
         return result
     model = nnx.merge(graphdef, nnx.State(state["params"]))
