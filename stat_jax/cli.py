@@ -1,45 +1,115 @@
 """`stat-jax <command> --config=configs/x.py --config.a.b=value [flags]`.
 
 Each command lives in its own module and exposes `main(config, args) -> int`; this file only parses the
-command line, builds and validates the config (before any heavy import), and dispatches.
+command line, builds and validates the config and checks the command's inputs (before any heavy import),
+writes the resolved config into the workdir, and dispatches. Errors stat-jax raises on purpose
+(`stat_jax.errors.StatJaxError`) end the command with one line and their own exit status.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import logging
 import sys
+import traceback
+from pathlib import Path
 
-from stat_jax.config import CONFIG_DIR, ConfigError, build_config, split_override_args
-from stat_jax.distributed import DistributedConfigError, maybe_initialize_distributed
+from stat_jax import __version__
+from stat_jax.config import CONFIG_DIR, build_config, config_to_dict, split_override_args, write_resolved_config
+from stat_jax.errors import InputProblems, StatJaxError, format_error
 
-# command -> (module, default config file, help)
-COMMANDS: dict[str, tuple[str, str | None, str]] = {
-    "sft": ("stat_jax.train.sft", None, "supervised fine-tuning of a student"),
-    "grpo": ("stat_jax.train.grpo", None, "GRPO with rollouts and a verifiable math reward"),
-    "eval": ("stat_jax.eval.evaluate", None, "evaluate a student on math benchmarks"),
-    "serve": ("stat_jax.rollout.server", None, "serve a student over JetStream gRPC"),
-    "run": ("stat_jax.stat.pipeline", None, "run the STAT pipeline (or one stage with --only)"),
-    "demo": ("stat_jax.demo.run", "demo.py", "the complete offline STAT experiment on a built-in task"),
-    "smoke": ("stat_jax.smoke", "smoke.py", "forward pass of a tiny random model (installation check)"),
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    module: str  # holds main(config, args) -> int
+    help: str
+    sections: tuple[str, ...]  # the config sections the command reads (listed by --help)
+    flags: tuple[str, ...] = ()  # its own flags, beyond the common ones
+    default_config: str | None = None  # under configs/; None: --config is required
+    example: str = ""
+
+
+COMMANDS: dict[str, Command] = {
+    "sft": Command("stat_jax.train.sft", "supervised fine-tuning of a student",
+                   ("seed", "workdir", "model", "mesh", "data", "train"), ("resume",),
+                   example="stat-jax sft --config=configs/sft_tiny.py --config.model.path=DIR "
+                           "--config.data.train_files=train.jsonl"),
+    "grpo": Command("stat_jax.train.grpo", "GRPO with rollouts and a verifiable math reward",
+                    ("seed", "workdir", "model", "mesh", "rollout", "grpo", "eval (instruction, system_prompt)"),
+                    ("resume",),
+                    example="stat-jax grpo --config=configs/grpo_tiny.py --config.model.path=DIR "
+                            "--config.grpo.train_files=problems.jsonl"),
+    "eval": Command("stat_jax.eval.evaluate", "evaluate a student on math benchmarks",
+                    ("seed", "workdir", "model", "mesh", "rollout", "eval"), ("resume", "dry_run"),
+                    example="stat-jax eval --config=configs/eval_tiny.py --config.model.path=DIR "
+                            "--config.eval.paths.math500=math500.jsonl"),
+    "serve": Command("stat_jax.rollout.server", "serve a student over JetStream gRPC",
+                     ("workdir", "model", "mesh", "rollout"),
+                     example="stat-jax serve --config=configs/serve_tiny.py --config.model.path=DIR"),
+    "run": Command("stat_jax.stat.pipeline", "run the STAT pipeline (or one stage with --only)",
+                   ("seed", "workdir", "model", "mesh", "data", "train", "rollout", "eval", "teacher", "stat", "grpo"),
+                   ("resume", "only", "dry_run"),
+                   example="stat-jax run --config=configs/stat_sel_llama3_2_1b.py --only=profile"),
+    "demo": Command("stat_jax.demo.run", "the complete offline STAT experiment on a built-in task",
+                    ("demo", "seed", "workdir", "model", "mesh", "data", "train", "rollout", "eval", "stat", "grpo"),
+                    ("quick", "dry_run"), "demo.py", example="stat-jax demo --quick"),
+    "smoke": Command("stat_jax.smoke", "forward pass of a tiny random model (installation check)",
+                     ("seed", "batch_size", "seq_len", "mesh"), (), "smoke.py", example="stat-jax smoke"),
+}
+# Commands whose config has no workdir to write into (they write nothing).
+NO_WORKDIR = ("smoke",)
+
+_FLAGS = {  # the per-command flags: name -> (argparse kwargs)
+    "resume": dict(action="store_true", help="continue from the latest checkpoint / finished stages"),
+    "only": dict(default=None, metavar="STAGE[,STAGE]", help="run just these stages (in pipeline order)"),
+    "quick": dict(action="store_true", help="the small variant the test suite runs"),
+    "dry_run": dict(action="store_true", help="print what would run, do nothing"),
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stat-jax", description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
-    p.add_argument("--config", help="config file (Python with get_config()), optionally path.py:arg")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint / finished stages")
-    p.add_argument("--only", default=None, help="run: a single stage (or comma-separated stages)")
-    p.add_argument("--quick", action="store_true", help="demo: the small variant used by the test suite")
-    p.add_argument("--dry-run", action="store_true", help="print what would run, do nothing")
-    p.add_argument("--log-level", default="INFO")
+def _common_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("common flags")
+    g.add_argument("--config", metavar="FILE[:ARG]", help="config file (Python with get_config()); "
+                   "then any number of --config.SECTION.KEY=VALUE overrides")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (after overrides) as JSON and exit")
+    g.add_argument("--log-level", default="INFO", help="DEBUG also shows the traceback of an error")
     # Multi-process JAX (several hosts or GPUs); also read from JAX_*/SLURM_*/OMPI_* env, see stat_jax/distributed.py.
-    p.add_argument("--coordinator-address", default=None, help="multi-process: process 0's HOST:PORT")
-    p.add_argument("--num-processes", type=int, default=None, help="multi-process: number of processes")
-    p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's index")
-    p.add_argument("--distributed", action="store_true", help="multi-process: let JAX detect the cluster (TPU pod)")
+    d = p.add_argument_group("multi-process")
+    d.add_argument("--coordinator-address", default=None, help="process 0's HOST:PORT")
+    d.add_argument("--num-processes", type=int, default=None, help="number of processes")
+    d.add_argument("--process-id", type=int, default=None, help="this process's index")
+    d.add_argument("--distributed", action="store_true", help="let JAX detect the cluster (TPU pod)")
+    return p
+
+
+def _command_epilog(name: str, cmd: Command) -> str:
+    config = f"default config: configs/{cmd.default_config}" if cmd.default_config else \
+        f"--config is required (files in {CONFIG_DIR})"
+    return (f"config sections read: {', '.join(cmd.sections)}\n{config}\n"
+            f"example: {cmd.example}\n"
+            f"exit status: 0 ok; 2 config; 3 teacher budget spent (resumable); 4 data; 5 model; 6 tokenizer; "
+            f"7 teacher; 8 rollout; 9 workdir state; 10 several input problems; 143 stopped by SIGTERM")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stat-jax", description=__doc__.splitlines()[0],
+                                epilog="`stat-jax COMMAND --help` lists a command's flags and config sections.")
+    p.add_argument("--version", action="version", version=f"stat-jax {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common_flags()
+    for name, cmd in COMMANDS.items():
+        sp = sub.add_parser(name, help=cmd.help, description=cmd.help, parents=[common], epilog=_command_epilog(name, cmd),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        for flag in cmd.flags:
+            sp.add_argument("--" + flag.replace("_", "-"), **_FLAGS[flag])
+        sp.set_defaults(**{flag: _FLAGS[flag].get("default", False) for flag in _FLAGS if flag not in cmd.flags})
+    sub.add_parser("import-gguf", help="convert a GGUF model file into a Hugging Face checkpoint directory",
+                   add_help=False)
     return p
 
 
@@ -50,47 +120,94 @@ def _import_gguf(argv: list[str]) -> int:
     p.add_argument("gguf_file")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--log-level", default="INFO", help="DEBUG also shows the traceback of an error")
     args = p.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from stat_jax.models.gguf import GGUFImportError, import_gguf
+    _setup_logging(args.log_level)
+    from stat_jax.models.gguf import import_gguf
 
-    try:
-        out = import_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
-    except GGUFImportError as e:
-        print(f"stat-jax import-gguf: {e}", file=sys.stderr)
-        return 2
+    out = import_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
     print(out)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _log_level(argv: list[str]) -> str:
+    """--log-level's value, read before argparse so errors while parsing honour it too."""
+    for i, a in enumerate(argv):
+        if a.startswith("--log-level="):
+            return a.split("=", 1)[1]
+        if a == "--log-level" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "INFO"
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["import-gguf"]:
         return _import_gguf(argv[1:])
-    try:
-        overrides, rest = split_override_args(argv)
-    except ConfigError as e:
-        print(f"stat-jax: error: {e}", file=sys.stderr)
-        return 2
+    overrides, rest = split_override_args(argv)
     args = _parser().parse_args(rest)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    module_name, default_config, _ = COMMANDS[args.command]
-    spec = args.config or (str(CONFIG_DIR / default_config) if default_config else None)
+    _setup_logging(args.log_level)
+    cmd = COMMANDS[args.command]
+    spec = args.config or (str(CONFIG_DIR / cmd.default_config) if cmd.default_config else None)
     if spec is None:
-        print(f"stat-jax {args.command}: error: --config=FILE is required (see {CONFIG_DIR})", file=sys.stderr)
-        return 2
-    try:
-        config = build_config(spec, overrides)
-    except ConfigError as e:
-        print(f"stat-jax {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+        raise _config_error(f"--config=FILE is required (see {CONFIG_DIR}); e.g. {cmd.example}")
+    config = build_config(spec, overrides)
+    if args.command == "demo" and args.quick:  # resolve --quick here so --print-config and config.json show it
+        from stat_jax.demo.run import quick_variant
+
+        config = quick_variant(config)
+        config.lock()
+    if args.print_config:
+        print(json.dumps(config_to_dict(config), indent=2, sort_keys=True, default=str))
+        return 0
+    if not args.dry_run:
+        from stat_jax.preflight import check_inputs
+
+        problems = check_inputs(args.command, config, args)
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise InputProblems(problems)
+
+    from stat_jax.distributed import DistributedConfigError, is_coordinator, maybe_initialize_distributed
+
     try:  # before the command touches JAX's devices
         maybe_initialize_distributed(args)
     except DistributedConfigError as e:
-        print(f"stat-jax {args.command}: distributed setup error: {e}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(module_name)
+        e.args = (f"distributed setup error: {e}",)
+        raise
+    if not args.dry_run and args.command not in NO_WORKDIR and "workdir" in config and is_coordinator():
+        write_resolved_config(config, Path(config.workdir))
+    module = importlib.import_module(cmd.module)
     return int(module.main(config, args) or 0)
+
+
+def _config_error(message: str) -> StatJaxError:
+    from stat_jax.errors import ConfigError
+
+    return ConfigError(message, hint="")
+
+
+def _command_name(argv: list[str]) -> str:
+    return argv[0] if argv and (argv[0] in COMMANDS or argv[0] == "import-gguf") else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except StatJaxError as e:
+        if _log_level(argv).upper() == "DEBUG":
+            traceback.print_exc()
+        print(format_error(_command_name(argv), e), file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(format_error(_command_name(argv), StatJaxError("interrupted", hint="re-run with --resume to continue")),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,12 +17,10 @@ from typing import Any
 
 from ml_collections import ConfigDict, FieldReference
 
+from stat_jax.errors import ConfigError  # noqa: F401  (re-exported: `from stat_jax.config import ConfigError`)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
-
-
-class ConfigError(ValueError):
-    """A config file or an override is invalid; the message says which and how to fix it."""
 
 
 def resolve_config_path(spec: str) -> tuple[Path, str | None]:
@@ -148,6 +146,17 @@ def build_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> Config
 
 def config_to_dict(config: ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
+
+
+RESOLVED_CONFIG_FILE = "config.json"
+
+
+def write_resolved_config(config: ConfigDict, workdir: str | Path) -> Path:
+    """Writes the resolved configuration a run uses to `<workdir>/config.json` (every command, one format)."""
+    path = Path(workdir) / RESOLVED_CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True, default=str) + "\n")
+    return path
 
 
 def config_hash(config: ConfigDict | dict) -> str:

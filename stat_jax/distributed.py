@@ -24,14 +24,18 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from stat_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 TRUE_VALUES = ("1", "true", "yes", "auto", "on")
 FALSE_VALUES = ("0", "false", "no", "off")
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(ConfigError):
     """The flags/environment describe an inconsistent multi-process job."""
+
+    hint = "check --coordinator-address/--num-processes/--process-id and the JAX_*/SLURM_*/OMPI_* environment"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from stat_jax.data.grader import gsm8k_answer, last_boxed
 from stat_jax.data.records import MathProblem
+from stat_jax.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 OnBadRow = Literal["error", "skip"]
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError, ValueError):
     """A dataset could not be loaded, or one of its rows is malformed; the message says where and what to do."""
 
 

@@ -32,13 +32,14 @@ from typing import Any
 import numpy as np
 
 from stat_jax.data.records import SFTExample
+from stat_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
 
 
-class SFTDataError(ValueError):
+class SFTDataError(DataError, ValueError):
     """A malformed SFT record or data source; the message names the file and line (or row)."""
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from stat_jax import sharding
+from stat_jax.errors import ModelError, ModelFileError, ModelNotFoundError
 from stat_jax.models.build import abstract_model, as_dtype
 from stat_jax.models.config import ModelConfig
 from stat_jax.models.transformer import DecoderLM
@@ -55,7 +56,7 @@ _ST_DTYPES: dict[str, Any] = {
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError, ValueError):
     """A checkpoint directory or tensor does not match what the model expects."""
 
 
@@ -167,7 +168,7 @@ def _key_map(cfg: ModelConfig) -> list[tuple[tuple, str, Callable, Callable]]:
 def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
     """Maps every tensor name to the (memory-mapped) file holding it."""
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise ModelNotFoundError(f"checkpoint directory {path} does not exist")
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
@@ -181,7 +182,7 @@ def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
             if fname not in files:
                 fpath = path / fname
                 if not fpath.is_file():
-                    raise FileNotFoundError(f"{fpath}: listed in {index.name} for {key!r} but missing")
+                    raise ModelNotFoundError(f"{fpath}: listed in {index.name} for {key!r} but missing")
                 files[fname] = SafetensorsFile(fpath)
             out[key] = files[fname]
         return out
@@ -195,7 +196,7 @@ def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
             f = SafetensorsFile(path / name)
             out.update({k: f for k in f.keys()})
         return out
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{path}: no model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not "
         f"supported; convert with `transformers` save_pretrained(safe_serialization=True))"
     )

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from stat_jax.errors import ModelConfigKeyError, ModelError, ModelFileError, ModelNotFoundError
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
@@ -16,8 +18,10 @@ _HF_ARCH_NAME = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 _HF_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ModelError, ValueError):
     """The checkpoint's config describes a model stat-jax does not implement."""
+
+    hint = "stat-jax implements Llama-3.x and Qwen2/2.5/3 decoders; convert or pick one of those"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +107,7 @@ class ModelConfig:
 
         def need(key):
             if key not in d:
-                raise KeyError(f"{source}: required key {key!r} is missing")
+                raise ModelConfigKeyError(f"{source}: required key {key!r} is missing")
             return d[key]
 
         act = d.get("hidden_act", "silu")
@@ -158,11 +162,11 @@ class ModelConfig:
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file}: no config.json in checkpoint directory {path}")
+            raise ModelNotFoundError(f"{cfg_file}: no config.json in checkpoint directory {path}")
         try:
             d = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+            raise ModelFileError(f"{cfg_file}: not valid JSON ({e})") from e
         return cls.from_hf_dict(d, source=str(cfg_file))
 
     def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:

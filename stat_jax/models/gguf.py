@@ -13,11 +13,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from stat_jax.errors import ModelError
+
 logger = logging.getLogger(__name__)
 
 
-class GGUFImportError(ValueError):
+class GGUFImportError(ModelError, ValueError):
     """The GGUF file cannot be turned into an HF directory (missing, unreadable, unsupported architecture)."""
+
+    hint = "pass an existing GGUF file of a Llama/Qwen model and a new (or empty) OUT_DIR"
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:

@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from stat_jax.errors import RolloutFailure
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -74,5 +76,5 @@ class RolloutBackend(abc.ABC):
         return False
 
 
-class RolloutError(RuntimeError):
+class RolloutError(RolloutFailure, RuntimeError):
     """Generation failed; the message names the backend/address and what to do."""

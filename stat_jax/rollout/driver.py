@@ -17,14 +17,17 @@ import logging
 
 import numpy as np
 
+from stat_jax.errors import RolloutFailure
 from stat_jax.rollout.engine import StudentEngine, js
 from stat_jax.rollout.jetstream_compat import thread_failure
 from stat_jax.rollout.protocol import sampling_from_session
 
 logger = logging.getLogger(__name__)
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(RolloutFailure, ValueError):
     """A prompt does not fit the engine's buckets or cache."""
+
+    hint = "raise rollout.max_prefill_length / rollout.max_target_length, or shorten the prompts"
 
 
 def fit_prompt(ids, max_new_tokens: int, engine: StudentEngine, truncate: bool) -> np.ndarray:

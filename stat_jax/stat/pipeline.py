@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from stat_jax import errors
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.stat import hard as hard_mod
 from stat_jax.stat import io
@@ -31,11 +32,11 @@ from stat_jax.stat import profile as profile_mod
 from stat_jax.stat import sel as sel_mod
 from stat_jax.stat import skills as skills_mod
 from stat_jax.stat import syn as syn_mod
-from stat_jax.teacher.base import BudgetExceeded, TeacherBackend, TeacherError
+from stat_jax.teacher.base import BudgetExceeded, TeacherBackend
 
 log = logging.getLogger(__name__)
 
-EXIT_BUDGET = 3  # `stat-jax run` exit status when the teacher budget stopped a stage (resumable)
+EXIT_BUDGET = errors.EXIT_BUDGET  # `stat-jax run` exit status when the teacher budget stopped a stage (resumable)
 
 
 @dataclasses.dataclass
@@ -578,8 +579,6 @@ def main(config, args) -> int:
         log.error("%s", e)
         print(f"stat-jax run: stopped: {e}")
         return EXIT_BUDGET
-    except TeacherError as e:
-        print(f"stat-jax run: teacher error: {e}")
-        return 1
+    # Other TeacherErrors end the command through stat_jax.cli: one line on stderr, exit status 7.
     print(json.dumps(results, indent=2))
     return 0

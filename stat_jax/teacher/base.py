@@ -13,6 +13,8 @@ import hashlib
 import json
 from typing import Any
 
+from stat_jax.errors import BudgetFailure, TeacherFailure
+
 
 @dataclasses.dataclass(frozen=True)
 class TeacherRequest:
@@ -63,7 +65,7 @@ class TeacherBackend(abc.ABC):
         """Answers one request. `reask_error` carries the validation error of a previous bad answer."""
 
 
-class TeacherError(RuntimeError):
+class TeacherError(TeacherFailure, RuntimeError):
     """A teacher call failed for good (after retries); the message never contains credentials."""
 
 
@@ -71,5 +73,5 @@ class RetryableTeacherError(TeacherError):
     """A transient failure (429, 5xx, timeout) that the retry loop may try again."""
 
 
-class BudgetExceeded(TeacherError):
+class BudgetExceeded(BudgetFailure, TeacherError):  # BudgetFailure first: its exit status and hint
     """The configured call/token budget is spent; the stage stops cleanly and can be resumed."""
