@@ -104,6 +104,9 @@ def get_config() -> ConfigDict:
     c.eval.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     c.eval.system_prompt = ""
     c.eval.use_chat_template = True
+    # The date chat templates that read one (Llama-3.x) write into every prompt, instead of today's: prompts then
+    # stay identical across days (resumed rollouts, SFT vs eval). Used by rollout, SFT, eval and GRPO prompts.
+    c.eval.date_string = "26 Jul 2024"
     c.eval.few_shot = 0  # worked examples from eval.few_shot_from, as earlier chat turns
     c.eval.few_shot_from = "math_train"
     c.eval.greedy = True  # pass@1 with greedy decoding

@@ -2,6 +2,10 @@
 
 The rendered string already holds the template's special tokens (BOS, role markers): whoever tokenizes it
 must use `add_special_tokens=False`, or the BOS is doubled.
+
+Every rendering goes through `apply_chat_template` here, which passes a fixed `date_string`: Llama-3.x templates
+otherwise write today's date (`strftime_now`) into the system turn, so the same question would be a different
+prompt after midnight (a resumed rollout loses its partial rows; SFT and eval prompts drift apart).
 """
 
 from __future__ import annotations
@@ -13,6 +17,19 @@ from stat_jax.data.grader import last_boxed
 from stat_jax.data.records import MathProblem
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# The date templates that read one are given (config `eval.date_string`): Llama-3.x's own fallback when
+# `strftime_now` is unavailable, so a prompt is exactly what the released template renders offline.
+DEFAULT_DATE_STRING = "26 Jul 2024"
+
+
+def apply_chat_template(tokenizer, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool,
+                        date_string: str = DEFAULT_DATE_STRING) -> str:
+    """The template's text for `messages`, with `date_string` fixed (templates that read no date ignore it)."""
+    if not date_string:
+        raise ValueError("date_string is empty: set eval.date_string to a fixed date such as "
+                         f"{DEFAULT_DATE_STRING!r}, so prompts do not change from day to day")
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         date_string=date_string)
 
 
 def user_message(problem: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
@@ -69,6 +86,7 @@ def render_prompt(
     system_prompt: str = "",
     few_shot: Sequence[MathProblem] = (),
     use_chat_template: bool = True,
+    date_string: str = DEFAULT_DATE_STRING,
 ) -> str:
     """The generation prompt for one problem (chat template with add_generation_prompt=True)."""
     messages = build_messages(problem, instruction=instruction, system_prompt=system_prompt, few_shot=few_shot)
@@ -80,7 +98,7 @@ def render_prompt(
             "use an instruct checkpoint, or render plain 'Question:/Answer:' prompts with "
             "--config.eval.use_chat_template=false"
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return apply_chat_template(tokenizer, messages, add_generation_prompt=True, date_string=date_string)
 
 
 def render_prompts(tokenizer, problems: Sequence[MathProblem], **kwargs) -> list[str]:

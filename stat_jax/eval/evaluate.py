@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stat_jax.data.grader import NO_BOXED, TIMEOUT, GradeResult, GraderPool
-from stat_jax.data.prompting import DEFAULT_INSTRUCTION, render_prompts
+from stat_jax.data.prompting import DEFAULT_DATE_STRING, DEFAULT_INSTRUCTION, render_prompts
 from stat_jax.data.records import MathProblem
 from stat_jax.eval.metrics import grouped_metrics, mean_metrics, question_metrics
 from stat_jax.rollout.base import Completion, SamplingParams
@@ -41,6 +41,7 @@ class EvalSettings:
     instruction: str = DEFAULT_INSTRUCTION
     system_prompt: str = ""
     use_chat_template: bool = True
+    date_string: str = DEFAULT_DATE_STRING  # what date-reading chat templates (Llama-3.x) write into prompts
     greedy: bool = True
     num_samples: int = 0  # k for avg@k / pass@k; 0 = greedy only
     temperature: float = 0.6
@@ -200,7 +201,7 @@ def _evaluate_benchmark(name, problems, generate, tokenizer, settings, few_shot,
         logger.info("%s: resuming after %d/%d questions from %s", name, len(records), len(problems), records_path)
     prompts = render_prompts(tokenizer, problems, instruction=settings.instruction,
                              system_prompt=settings.system_prompt, few_shot=few_shot,
-                             use_chat_template=settings.use_chat_template)
+                             use_chat_template=settings.use_chat_template, date_string=settings.date_string)
     chunk = settings.chunk_size if settings.chunk_size > 0 else len(problems)
     for lo in range(len(records), len(problems), chunk):
         hi = min(lo + chunk, len(problems))

@@ -6,6 +6,7 @@ from typing import Any
 
 from flax import nnx
 
+from stat_jax.data.stop_tokens import stop_token_ids
 from stat_jax.models.transformer import DecoderLM
 from stat_jax.rollout.base import RolloutBackend, SamplingParams
 from stat_jax.rollout.engine import EngineSettings, HFTokenizer, StudentEngine
@@ -38,7 +39,8 @@ def as_model(model_or_params: Any) -> DecoderLM:
 
 def build_engine(config, model: DecoderLM, tokenizer) -> StudentEngine:
     r = config.rollout
-    return StudentEngine(model, HFTokenizer(tokenizer, model.config.eos_token_ids), engine_settings(r),
+    stops = stop_token_ids(tokenizer, model.config.eos_token_ids)  # EOS ids + the template's end of turn
+    return StudentEngine(model, HFTokenizer(tokenizer, stops), engine_settings(r),
                          default_sampling(r))
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from stat_jax.data.stop_tokens import stop_token_ids
 from stat_jax.models.transformer import DecoderLM
 from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
 from stat_jax.rollout.driver import StatDriver, fit_prompt
@@ -82,7 +83,8 @@ class JetStreamBackend(RolloutBackend):
     def __init__(self, model: DecoderLM, tokenizer, settings: EngineSettings = EngineSettings(), *,
                  truncate_long_prompts: bool = False, poll_s: float = 0.1):
         self.tokenizer = tokenizer
-        self.engine = StudentEngine(model, HFTokenizer(tokenizer, model.config.eos_token_ids), settings)
+        stops = stop_token_ids(tokenizer, model.config.eos_token_ids)  # EOS ids + the template's end of turn
+        self.engine = StudentEngine(model, HFTokenizer(tokenizer, stops), settings)
         self.truncate_long_prompts = truncate_long_prompts
         self._poll_s = poll_s
         self._driver: StatDriver | None = None
