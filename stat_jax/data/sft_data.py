@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from stat_jax.data.prompting import DEFAULT_DATE_STRING, apply_chat_template
 from stat_jax.data.records import SFTExample
+from stat_jax.data.stop_tokens import stop_token_ids
 from stat_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -163,42 +165,48 @@ def _prompt_messages(example: SFTExample) -> list[dict[str, str]]:
     return example.messages if example.messages is not None else [{"role": "user", "content": example.prompt}]
 
 
-def _stop_ids(tokenizer, eos_token_ids: Iterable[int]) -> set[int]:
-    stop = {int(i) for i in eos_token_ids}
-    if tokenizer.eos_token_id is not None:
-        stop.add(int(tokenizer.eos_token_id))
-    return stop
+def render_example(tokenizer, example: SFTExample,
+                   date_string: str = DEFAULT_DATE_STRING) -> tuple[str, str]:
+    """(prompt text incl. the assistant header, the rest of the conversation) from the chat template.
 
-
-def render_example(tokenizer, example: SFTExample) -> tuple[str, str]:
-    """(prompt text incl. the assistant header, the rest of the conversation) from the chat template."""
+    `date_string` is the date templates that read one get, the same as rollouts and eval use.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise SFTDataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                            "SFT renders examples with it (use an instruct tokenizer or set one)")
     messages = _prompt_messages(example)
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": example.response}],
-                                         tokenize=False)
+    prompt = apply_chat_template(tokenizer, messages, add_generation_prompt=True, date_string=date_string)
+    full = apply_chat_template(tokenizer, messages + [{"role": "assistant", "content": example.response}],
+                               add_generation_prompt=False, date_string=date_string)
     if not full.startswith(prompt):
         raise SFTDataError("the chat template renders the conversation with a different prefix than the prompt "
                            "with add_generation_prompt=True, so response tokens cannot be located")
     return prompt, full[len(prompt):]
 
 
-def tokenize_examples(tokenizer, examples: Sequence[SFTExample], eos_token_ids: Iterable[int] = ()) -> TokenizedExamples:
-    """Renders and tokenizes every example; the loss mask is 1 on the response through its first EOS."""
-    stop = _stop_ids(tokenizer, eos_token_ids)
-    if not stop:
-        raise SFTDataError("the tokenizer has no eos_token_id and the model config lists no eos_token_ids")
-    prompts, rests = zip(*(render_example(tokenizer, ex) for ex in examples)) if examples else ((), ())
+def tokenize_examples(tokenizer, examples: Sequence[SFTExample], eos_token_ids: Iterable[int] = (), *,
+                      date_string: str = DEFAULT_DATE_STRING) -> TokenizedExamples:
+    """Renders and tokenizes every example; the loss mask is 1 on the response through its end token.
+
+    The stop set is `stop_token_ids` (the template's end-of-turn token, the tokenizer's and the model's EOS
+    ids): the response ends at the first of them the template writes after it, so SFT teaches the same end
+    token generation stops at. A template that writes none gets THE end token (`stop_token_ids(...)[0]`)
+    appended.
+    """
+    try:
+        stops = stop_token_ids(tokenizer, eos_token_ids)
+    except ValueError as e:
+        raise SFTDataError(str(e)) from None
+    stop, end_id = set(stops), stops[0]
+    rendered = [render_example(tokenizer, ex, date_string) for ex in examples]
+    prompts, rests = zip(*rendered) if rendered else ((), ())
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     rest_ids = tokenizer(list(rests), add_special_tokens=False)["input_ids"]
-    eos = min(stop) if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id)
     ids_out, masks = [], []
     for p, r in zip(prompt_ids, rest_ids):
-        # Keep the response through the EOS ending the assistant turn; drop template text after it ("\n").
+        # Keep the response through the token ending the assistant turn; drop template text after it ("\n").
         end = next((i for i, t in enumerate(r) if t in stop), None)
-        response = list(r[: end + 1]) if end is not None else list(r) + [eos]
+        response = list(r[: end + 1]) if end is not None else list(r) + [end_id]
         ids = np.asarray(list(p) + response, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=bool)
         mask[len(p):] = True

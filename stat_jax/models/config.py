@@ -167,7 +167,14 @@ class ModelConfig:
             d = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
             raise ModelFileError(f"{cfg_file}: not valid JSON ({e})") from e
-        return cls.from_hf_dict(d, source=str(cfg_file))
+        cfg = cls.from_hf_dict(d, source=str(cfg_file))
+        # generation_config.json is what transformers.generate stops on, and it may list ids config.json lacks
+        # (Qwen2.5-Instruct: config.json 151645, generation_config.json [151645, 151643]); the model's EOS ids are
+        # both files' (config.json's first). Export writes the union back into config.json.
+        extra = generation_eos_ids(path)
+        if extra:
+            cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + extra)))
+        return cfg
 
     def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -203,6 +210,23 @@ class ModelConfig:
             if self.architecture == "qwen3":
                 d.update(attention_bias=self.attention_bias)
         return d
+
+
+def generation_eos_ids(path: str | Path) -> tuple[int, ...]:
+    """`eos_token_id` of `<path>/generation_config.json` (an int or a list), () when the file or key is absent."""
+    gen_file = Path(path) / "generation_config.json"
+    if not gen_file.is_file():
+        return ()
+    try:
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{gen_file}: not a JSON object ({e}); fix or delete it") from e
+    if eos is None:
+        return ()
+    ids = eos if isinstance(eos, (list, tuple)) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{gen_file}: eos_token_id must be an int or a list of ints, got {eos!r}")
+    return tuple(int(i) for i in ids)
 
 
 def _parse_rope_scaling(scaling: dict[str, Any], source: str, default_original_max: int) -> RopeScaling | None:

@@ -181,7 +181,8 @@ def stage_rollout(ctx: StageContext) -> dict[str, Any]:
     s, ev = ctx.config.stat, ctx.config.eval
     heldout = _problems(ctx.path("data/heldout.jsonl"))
     prompts = render_prompts(ctx.student_tokenizer(), heldout, instruction=ctx.instruction,
-                             system_prompt=ev.system_prompt, use_chat_template=ev.use_chat_template)
+                             system_prompt=ev.system_prompt, use_chat_template=ev.use_chat_template,
+                             date_string=ev.date_string)
     sampling = SamplingParams(temperature=s.rollout_temperature, top_p=s.rollout_top_p,
                               max_new_tokens=s.rollout_max_new_tokens, seed=ctx.config.seed)
     # Partial rows are reused by prompt only, so the file is named by everything else that shapes a response:
@@ -427,7 +428,7 @@ class _Args:
 _DATA_KEYS = ("stat.train_benchmark", "stat.train_source", "stat.train_limit", "stat.heldout_benchmark",
               "stat.heldout_source", "stat.heldout_limit")
 _TEACHER_KEYS = ("teacher.backend", "teacher.model", "teacher.max_output_tokens")
-_PROMPT_KEYS = ("stat.instruction", "eval.instruction", "eval.system_prompt")
+_PROMPT_KEYS = ("stat.instruction", "eval.instruction", "eval.system_prompt", "eval.date_string")
 _STUDENT_KEYS = ("model.tokenizer_path", "model.dtype", "model.param_dtype")  # model.path is the stage's input
 _EVAL_KEYS = ("seed", "eval") + _STUDENT_KEYS
 
@@ -456,7 +457,8 @@ STAGES: tuple[Stage, ...] = (
           _TEACHER_KEYS + _PROMPT_KEYS + ("seed", "teacher.temperature", "stat.syn_reference_questions",
                                           "stat.syn_new_questions", "stat.syn_solutions", "stat.syn_min_agree",
                                           "stat.syn_target_size")),
-    Stage("sft", stage_sft, (), ("sft/done.json",), ("seed", "stat.method", "model", "data", "train"),
+    Stage("sft", stage_sft, (), ("sft/done.json",), ("seed", "stat.method", "model", "data", "train",
+                                                     "eval.date_string"),
           process0_only=False),
     Stage("eval", stage_eval, ("sft/done.json",), ("eval/summary.json",), _EVAL_KEYS, process0_only=False),
     Stage("grpo", stage_grpo, ("sft/done.json",), ("grpo/done.json",),
