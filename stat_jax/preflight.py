@@ -180,13 +180,15 @@ def _benchmark_load_kw(ev: Any, name: str) -> dict[str, Any]:
 
 
 # ----- lengths, teacher, workdir ------------------------------------------------------------------------
-def check_lengths(config: Any) -> list[StatJaxError]:
-    """The config's length limits fit together (engineer A's validator in stat_jax.config_checks, when present)."""
+def check_lengths(config: Any, command: str) -> list[StatJaxError]:
+    """The config's token-length limits fit together (stat_jax.lengths), one problem per relation."""
     try:
-        from stat_jax.config_checks import length_problems  # noqa: PLC0415  (optional hook)
-    except ImportError:
+        from stat_jax.lengths import config_length_problems
+    except ImportError:  # the validator is newer than this module; then the stages' own checks report
+        log.debug("preflight: stat_jax.lengths.config_length_problems unavailable; lengths not checked")
         return []
-    return [p if isinstance(p, StatJaxError) else ConfigError(str(p)) for p in length_problems(config)]
+    return [ConfigError(p, hint="set the lengths so they fit (configs/base.py `rollout` says how they relate)")
+            for p in config_length_problems(config, command)]
 
 
 def check_teacher_credentials(tc: Any) -> list[StatJaxError]:
@@ -231,7 +233,7 @@ def _check_eval(config: Any, args: Any) -> list[StatJaxError]:
             problems.append(ConfigError(f"eval.benchmarks: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}",
                                         hint=f"name a known benchmark, or give its file: "
                                              f"--config.eval.paths.{name}=FILE.jsonl"))
-    return problems + check_lengths(config)
+    return problems + check_lengths(config, "eval")
 
 
 def _check_sft(config: Any, args: Any) -> list[StatJaxError]:
@@ -240,7 +242,7 @@ def _check_sft(config: Any, args: Any) -> list[StatJaxError]:
         problems.append(ConfigError("sft has no training data: data.train_files and data.dataset are empty",
                                     hint="pass --config.data.train_files=FILE.jsonl (records {prompt, response})"))
     problems += check_sft_files(config.data.train_files, "data.train_files")
-    problems += check_lengths(config)
+    problems += check_lengths(config, "sft")
     return problems + check_checkpoints(Path(config.workdir), bool(getattr(args, "resume", False)))
 
 
@@ -252,12 +254,12 @@ def _check_grpo(config: Any, args: Any) -> list[StatJaxError]:
     for f in config.grpo.train_files:
         if not Path(f).expanduser().exists():
             problems.append(DataError(f"grpo.train_files: {f}: no such file or directory"))
-    problems += check_lengths(config)
+    problems += check_lengths(config, "grpo")
     return problems + check_checkpoints(Path(config.workdir), bool(getattr(args, "resume", False)))
 
 
 def _check_serve(config: Any, args: Any) -> list[StatJaxError]:
-    return check_model_dir(config.model, "stat-jax serve") + check_lengths(config)
+    return check_model_dir(config.model, "stat-jax serve") + check_lengths(config, "serve")
 
 
 def _check_run(config: Any, args: Any) -> list[StatJaxError]:
@@ -285,7 +287,7 @@ def _check_run(config: Any, args: Any) -> list[StatJaxError]:
     if teacher_stages:
         problems += [_with_key(p, f"stages {', '.join(teacher_stages)}")
                      for p in check_teacher_credentials(config.teacher)]
-    return problems + check_lengths(config)
+    return problems + check_lengths(config, "run")
 
 
 def _stage_up_to_date(pipeline: Any, config: Any, stage: Any) -> bool:

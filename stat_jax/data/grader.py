@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
-from tqdm.auto import tqdm
+from stat_jax.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class GraderPool:
         results: list[GradeResult | None] = [None] * len(pairs)
         queue = collections.deque(range(len(pairs)))
         inner_timeout = max(1, int(self.timeout // 2))
-        with tqdm(total=len(pairs), desc=desc, disable=not progress or not pairs, leave=False) as bar:
+        with progress_bar(total=len(pairs), desc=desc, disable=not progress or not pairs, leave=False) as bar:
             while queue or any(w.task for w in self._workers):
                 for i, w in enumerate(self._workers):
                     if w.task is None and queue:

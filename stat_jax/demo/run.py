@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from stat_jax.progress import progress_bar
 
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.demo import task
@@ -431,7 +431,7 @@ class Demo:
         if d.grpo_steps > 0 and not with_grpo:
             self.grpo_skipped = "stat_jax.train.grpo is not installed in this checkout; the +GRPO rows are missing"
             log.warning("demo: %s", self.grpo_skipped)
-        with tqdm(total=len(steps), desc="demo", unit="step") as bar:
+        with progress_bar(total=len(steps), desc="demo", unit="step") as bar:
             def advance(label: str):
                 bar.set_postfix_str(label)
                 bar.update(1)

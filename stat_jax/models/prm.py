@@ -135,10 +135,10 @@ class ProcessRewardModel:
 
     def score_responses(self, pairs: Sequence[tuple[str, str]], *, batch_size: int = 8) -> list[float]:
         """One aggregated score per (question, response)."""
-        from tqdm.auto import tqdm
+        from stat_jax.progress import progress_bar
 
         scores = []
-        for start in tqdm(range(0, len(pairs), batch_size), desc="PRM", leave=False):
+        for start in progress_bar(range(0, len(pairs), batch_size), desc="PRM", leave=False):
             batch = pairs[start:start + batch_size]
             ids = [self.tokenizer(self.render(q, r), add_special_tokens=False)["input_ids"] for q, r in batch]
             too_long = [i for i, x in enumerate(ids) if len(x) > self.max_length]

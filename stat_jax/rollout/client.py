@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
-from tqdm.auto import tqdm
+from stat_jax.progress import progress_bar
 
 from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
 from stat_jax.rollout.jetstream_compat import load_jetstream
@@ -91,7 +91,7 @@ class JetStreamClient(RolloutBackend):
                 for i, ids in enumerate(prompt_ids) for j in range(n)}
         out: list[list[Completion]] = [[None] * n for _ in prompt_ids]  # type: ignore[list-item]
         try:
-            with tqdm(total=len(jobs), desc=f"rollout@{self.address}", unit="seq", disable=not progress,
+            with progress_bar(total=len(jobs), desc=f"rollout@{self.address}", unit="seq", disable=not progress,
                       leave=False) as bar:
                 for job in futures.as_completed(jobs):
                     i, j = jobs[job]

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
+from stat_jax.progress import progress_bar
 
 from stat_jax.data.stop_tokens import stop_token_ids
 from stat_jax.models.transformer import DecoderLM
@@ -144,7 +144,7 @@ class JetStreamBackend(RolloutBackend):
 
     def _wait(self, done: queue.Queue, total: int, progress: bool) -> list[_Collector]:
         collected, tokens, start = [], 0, time.perf_counter()
-        with tqdm(total=total, desc="rollout", unit="seq", disable=not progress, leave=False) as bar:
+        with progress_bar(total=total, desc="rollout", unit="seq", disable=not progress, leave=False) as bar:
             while len(collected) < total:
                 try:
                     c = done.get(timeout=self._poll_s)

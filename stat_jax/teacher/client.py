@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-from tqdm.auto import tqdm
+from stat_jax.progress import progress_bar
 
 from stat_jax.teacher.base import (BudgetExceeded, RetryableTeacherError, TeacherBackend, TeacherError,
                                    TeacherRequest, TeacherResponse)
@@ -230,7 +230,7 @@ class TeacherClient:
                 results[i] = self.ask(requests[i])
 
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="teacher") as pool, \
-                tqdm(total=len(requests), desc=desc, unit="req", leave=False) as bar:
+                progress_bar(total=len(requests), desc=desc, unit="req", leave=False) as bar:
             futures = {pool.submit(one, i): i for i in range(len(requests))}
             pending = set(futures)
             while pending:

@@ -15,13 +15,12 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from stat_jax.progress import progress_bar, progress_mode
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,8 @@ class MetricsLogger:
                 _truncate_after(self.path, start_step)
         self._file = open(self.path, "a") if is_writer else None
         if show_bar is None:
-            show_bar = is_writer and sys.stderr.isatty()
-        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
+            show_bar = is_writer and progress_mode() == "bars"  # else the log lines below
+        self._bar = progress_bar(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
                          disable=not show_bar)
         self._tb = self._open_tensorboard(tensorboard_dir) if is_writer and tensorboard_dir else None
         self._last_step = start_step
