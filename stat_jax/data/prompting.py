@@ -28,8 +28,8 @@ def apply_chat_template(tokenizer, messages: Sequence[dict[str, str]], *, add_ge
     if not date_string:
         raise ValueError("date_string is empty: set eval.date_string to a fixed date such as "
                          f"{DEFAULT_DATE_STRING!r}, so prompts do not change from day to day")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         date_string=date_string)
+    return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, date_string=date_string)
 
 
 def user_message(problem: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
