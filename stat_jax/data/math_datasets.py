@@ -4,7 +4,12 @@ Each loader takes `source`: a Hugging Face hub dataset name (default: the usual 
 loader's docstring), or a local file/directory (JSON list, JSONL, parquet, or a tree of one-problem JSON
 files as in the original MATH release). Reference answers come from the last `\\boxed{}` of a MATH solution,
 from `#### n` in GSM8K, and from the `answer` field elsewhere. A malformed row raises `DatasetError` naming
-the file and line (or row), or is skipped and counted with `on_bad_row="skip"`.
+the file and line (or row), or is skipped and counted with `on_bad_row="skip"` (`read_benchmark` returns the
+count and where each bad row is).
+
+A benchmark of the user's own (any name that is not in BENCHMARKS) is a local file whose rows hold a question
+and an answer (or a solution with a `\\boxed{}` answer); `fields` maps those roles to the file's keys
+(`parse_fields("problem:q,answer:a")`), so no code is needed for a new benchmark.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +35,9 @@ MATH_SUBJECTS = (
 )
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 OnBadRow = Literal["error", "skip"]
+# Roles a row's fields can play (`fields` / --config.eval.fields.<name>); "question" is another name for "problem".
+FIELD_ROLES = ("problem", "answer", "solution", "id", "subject", "level")
+CUSTOM_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class DatasetError(DataError, ValueError):
@@ -84,7 +93,11 @@ def _level_str(value: Any) -> str | None:
 
 def _row_id(row: Mapping[str, Any], fallback: str) -> str:
     value = _optional(row, ("unique_id", "id", "idx"))
-    return str(value) if value is not None else fallback
+    if value is None:
+        return fallback
+    # AIME 2025 numbers problems 1..15 in each of its two papers: the paper ('aime_2025_I') makes them unique.
+    competition = _optional(row, ("competition",))
+    return f"{competition}/{value}" if competition is not None else str(value)
 
 
 def _math_row(row: Mapping[str, Any], row_id: str, where: str) -> MathProblem:
@@ -109,6 +122,18 @@ def _gsm8k_row(row: Mapping[str, Any], row_id: str, where: str) -> MathProblem:
     if answer is None:
         raise DatasetError(f"{where}: field 'answer' has no '#### <number>' final answer: {solution[-120:]!r}")
     return MathProblem(id=row_id, problem=problem, answer=answer, solution=solution)
+
+
+def _reference_answer(answer: Any, solution: str | None, answer_key: str, solution_key: str, where: str) -> str:
+    """An explicit answer ('#### n' GSM8K-style answers give n), else the last \\boxed{} of the solution."""
+    if answer is not None:
+        text = _answer_str(answer)
+        return (gsm8k_answer(text) or text) if "####" in text else text
+    boxed = last_boxed(solution) if solution else None
+    if boxed is None:
+        raise DatasetError(f"{where}: no answer: field {answer_key!r} is missing or empty and field {solution_key!r} "
+                           f"has no complete \\boxed{{...}} answer" + (f": {solution[-120:]!r}" if solution else ""))
+    return boxed
 
 
 def _answer_row(row: Mapping[str, Any], row_id: str, where: str) -> MathProblem:
@@ -223,23 +248,103 @@ def _iter_hub(spec: BenchmarkSpec, hub_name: str, split: str) -> Iterator[tuple[
             yield f"{config + '/' if config else ''}{split}/{i}", f"{hub_name}[{config or 'default'}/{split}] row {i}", row
 
 
-def load_benchmark(
+def parse_fields(spec: str | Mapping[str, str], *, key: str = "fields") -> dict[str, str]:
+    """'problem:q,answer:a' (or a {role: field} mapping) -> {role: field name}; roles are FIELD_ROLES.
+
+    A file needs a problem and an answer or a solution (whose last \\boxed{} is the answer); roles left out
+    take the usual names (problem/question, answer, solution, unique_id/id, subject/type, level).
+    """
+    pairs = spec.items() if isinstance(spec, Mapping) else (
+        part.split(":", 1) if ":" in part else (part, "") for part in spec.split(",") if part.strip())
+    fields: dict[str, str] = {}
+    for role, field in pairs:
+        role, field = role.strip(), field.strip()
+        role = "problem" if role == "question" else role
+        if role not in FIELD_ROLES or not field:
+            raise DatasetError(f"{key}={spec!r}: {role!r}:{field!r} is not ROLE:FIELD with ROLE one of "
+                               f"{', '.join(FIELD_ROLES)}; e.g. problem:question,answer:final_answer")
+        fields[role] = field
+    return fields
+
+
+def _mapped_row(fields: Mapping[str, str]) -> Callable[[Mapping[str, Any], str, str], MathProblem]:
+    """A row reader for a user's file: named fields first, then the usual names for roles not mapped."""
+
+    def names(role: str, usual: tuple[str, ...]) -> tuple[str, ...]:
+        return (fields[role],) if role in fields else usual
+
+    def row_to_problem(row: Mapping[str, Any], row_id: str, where: str) -> MathProblem:
+        problem_keys = names("problem", ("problem", "question", "Problem", "Question"))
+        answer_keys = names("answer", ("answer", "Answer"))
+        solution_keys = names("solution", ("solution", "Solution"))
+        solution = _optional(row, solution_keys)
+        answer = _reference_answer(_optional(row, answer_keys), None if solution is None else str(solution),
+                                   answer_keys[0], solution_keys[0], where)
+        problem_id = _optional(row, (fields["id"],)) if "id" in fields else None
+        return MathProblem(
+            id=f"{row_id.split('/', 1)[0]}/{problem_id}" if problem_id is not None else row_id,
+            problem=str(_field(row, problem_keys, where)), answer=answer,
+            solution=None if solution is None else str(solution),
+            subject=_optional(row, names("subject", ("subject", "type"))),
+            level=_level_str(_optional(row, names("level", ("level",)))))
+
+    return row_to_problem
+
+
+def benchmark_spec(name: str, fields: Mapping[str, str] | None = None) -> BenchmarkSpec:
+    """The spec of a known benchmark (its row reader replaced when `fields` is given) or of a user's own file."""
+    if name in BENCHMARKS:
+        spec = BENCHMARKS[name]
+        return dataclasses.replace(spec, row_to_problem=_mapped_row(fields)) if fields else spec
+    if not CUSTOM_NAME.match(name):
+        raise DatasetError(f"benchmark name {name!r}: use lower-case letters, digits and '_' (a config key)")
+    return BenchmarkSpec(name, "", "", (None,), _mapped_row(fields or {}),
+                         "a question (problem), and an answer or a solution with \\boxed{answer}")
+
+
+@dataclasses.dataclass
+class LoadedBenchmark:
+    """The problems of one benchmark, and the rows that could not be read (with on_bad_row='skip')."""
+
+    name: str
+    source: str
+    problems: list[MathProblem]
+    bad_rows: list[str]  # one message per skipped row: file:line and what is wrong
+
+    def report(self, examples: int = 5) -> dict[str, Any]:
+        """For manifests and summaries: how many rows were used, how many skipped, and the first few reasons."""
+        return {"source": self.source, "problems": len(self.problems), "bad_rows": len(self.bad_rows),
+                "bad_row_examples": self.bad_rows[:examples]}
+
+
+def read_benchmark(
     name: str,
     source: str | None = None,
     *,
     split: str | None = None,
     limit: int | None = None,
     on_bad_row: OnBadRow = "error",
-) -> list[MathProblem]:
-    """Loads benchmark `name` (a key of BENCHMARKS) from `source` (hub name or local path; default hub copy)."""
-    if name not in BENCHMARKS:
-        raise DatasetError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    fields: Mapping[str, str] | str | None = None,
+) -> LoadedBenchmark:
+    """Loads benchmark `name` from `source` (hub name or local path; default hub copy), counting bad rows.
+
+    `name` is a key of BENCHMARKS, or any other name for a local file of the user's (then `source` is needed);
+    `fields` maps roles to the file's field names (see `parse_fields`).
+    """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    spec = BENCHMARKS[name]
+    fields = parse_fields(fields) if isinstance(fields, str) else fields
+    spec = benchmark_spec(name, fields)
+    if name not in BENCHMARKS and not source:
+        raise DatasetError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}. For a file of your own: "
+                           f"--config.eval.paths.{name}=FILE.jsonl [--config.eval.fields.{name}=problem:q,answer:a]")
     source = source or spec.hub_name
     split = split or spec.split
-    rows = _iter_local(source) if _is_local(source) else _iter_hub(spec, source, split)
+    local = _is_local(source)
+    if not local and name not in BENCHMARKS:
+        raise DatasetError(f"benchmark {name!r}: {source!r} is no local file or directory; the hub is only used "
+                           f"for the known benchmarks ({', '.join(BENCHMARKS)})")
+    rows = _iter_local(source) if local else _iter_hub(spec, source, split)
     problems: list[MathProblem] = []
     skipped: list[str] = []
     for default_id, where, row in rows:
@@ -252,7 +357,7 @@ def load_benchmark(
                 raise
             skipped.append(str(e))
             continue
-        problem.source = source if _is_local(source) else f"{source}:{split}"
+        problem.source = source if local else f"{source}:{split}"
         problems.append(problem)
         if limit and len(problems) >= limit:
             break
@@ -261,7 +366,20 @@ def load_benchmark(
     if not problems:
         raise DatasetError(f"{source}: no usable {name} rows" + (f" ({len(skipped)} malformed)" if skipped else ""))
     _check_unique_ids(problems, source)
-    return problems
+    return LoadedBenchmark(name, source, problems, skipped)
+
+
+def load_benchmark(
+    name: str,
+    source: str | None = None,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    on_bad_row: OnBadRow = "error",
+    fields: Mapping[str, str] | str | None = None,
+) -> list[MathProblem]:
+    """The problems of `read_benchmark(...)` (bad rows raise, or are skipped and logged)."""
+    return read_benchmark(name, source, split=split, limit=limit, on_bad_row=on_bad_row, fields=fields).problems
 
 
 def load_answer_file(path: str | Path) -> list[MathProblem]:
