@@ -87,6 +87,9 @@ def get_config() -> ConfigDict:
     # Sampling for served requests that carry none (plain JetStream clients); stat-jax clients send their own.
     c.rollout.temperature = 0.0
     c.rollout.top_p = 1.0
+    # Prompts that break the limits above (stat_jax/lengths.py), checked before any device work in eval, the
+    # rollout stage and GRPO: skip (left out, counted in summaries/manifests) | error (stop, listing them all).
+    c.rollout.on_long_prompt = "skip"
     c.rollout.top_k = 0
     c.rollout.seed = 0
     c.rollout.address = ""  # HOST:PORT of a `stat-jax serve` server, for backend=client
@@ -100,13 +103,18 @@ def get_config() -> ConfigDict:
     # Local copies (JSON/JSONL/parquet or a MATH-style tree); "" loads the default hub copy.
     c.eval.paths = ConfigDict({k: "" for k in ("math", "math_train", "math500", "gsm8k", "aime24", "aime25", "amc23")})
     c.eval.limit = 0  # first N questions per benchmark; 0 = all
-    c.eval.on_bad_row = "error"  # or "skip" (malformed rows are counted and logged)
+    c.eval.on_bad_row = "skip"  # skip: malformed rows are left out and counted in the summary | error: stop
+    c.eval.exclude_from = ""  # JSONL of questions left out of every benchmark (a STAT run's data/heldout.jsonl)
     c.eval.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     c.eval.system_prompt = ""
+    # A benchmark of your own needs no code: --config.eval.benchmarks=mine --config.eval.paths.mine=FILE.jsonl
+    # (rows with a question and an answer, or a solution with \boxed{}); new names may be added to paths/fields.
     c.eval.use_chat_template = True
     # The date chat templates that read one (Llama-3.x) write into every prompt, instead of today's: prompts then
     # stay identical across days (resumed rollouts, SFT vs eval). Used by rollout, SFT, eval and GRPO prompts.
     c.eval.date_string = "26 Jul 2024"
+    # Which of a file's fields are the problem/answer/solution/id/subject/level: fields.mine="problem:q,answer:a".
+    c.eval.fields = ConfigDict()
     c.eval.few_shot = 0  # worked examples from eval.few_shot_from, as earlier chat turns
     c.eval.few_shot_from = "math_train"
     c.eval.greedy = True  # pass@1 with greedy decoding
@@ -163,6 +171,13 @@ def get_config() -> ConfigDict:
     c.stat.rollout_samples = 4
     c.stat.rollout_temperature = 0.6
     c.stat.rollout_top_p = 0.95
+    # The profile is built on a seeded validation split of the held-out source (the paper: 1,000 of MATH test;
+    # the `math` evaluation of a run is then the other 4,000). Questions of stat.heldout_exclude (matched by
+    # MATH unique_id or problem text) never enter it, so those benchmarks stay unseen. 0 = the whole source.
+    c.stat.heldout_size = 1000
+    c.stat.heldout_seed = 0
+    c.stat.heldout_exclude = ("math500",)  # benchmark names; sources from eval.paths (else the hub)
+    c.stat.on_bad_row = "skip"  # data stage: skip (malformed rows counted in its manifest) | error: stop
     c.stat.rollout_max_new_tokens = 2048
     c.stat.rollout_chunk_size = 256
     c.stat.scorer = "accuracy"  # accuracy (grader) | prm (the paper's choice)

@@ -91,6 +91,9 @@ def get_config(variant: str = "default") -> ConfigDict:
 
 
 def quick(c: ConfigDict) -> ConfigDict:
+    # GRPO samples as many new tokens as eval; a training row holds the longest prompt plus them (the values
+    # stat_jax.demo.run.apply_grpo_settings sets, here so the shipped config's lengths agree: stat_jax/lengths.py).
+    _set(c, "grpo", max_new_tokens=d.max_new_tokens, max_length=128 + d.max_new_tokens)
     """The suite's variant: every stage runs, on tiny sizes (<= 3 minutes on 2 cores)."""
     d = c.demo
     c.workdir = "runs/demo-quick"

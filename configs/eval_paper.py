@@ -16,4 +16,6 @@ def get_config():
     c.workdir = "runs/eval_paper"
     c.eval.benchmarks = ("math", "gsm8k", "amc23", "aime24", "aime25")
     c.eval.max_new_tokens = 4096
+    # The cache holds the longest prompt the prefill admits plus every new token (stat_jax/lengths.py).
+    c.rollout.max_target_length = c.rollout.max_prefill_length + c.eval.max_new_tokens
     return c

@@ -17,37 +17,29 @@ import logging
 
 import numpy as np
 
-from stat_jax.errors import RolloutFailure
+from stat_jax.lengths import PromptLimit, PromptTooLongError  # noqa: F401  (re-exported)
 from stat_jax.rollout.engine import StudentEngine, js
 from stat_jax.rollout.jetstream_compat import thread_failure
 from stat_jax.rollout.protocol import sampling_from_session
 
 logger = logging.getLogger(__name__)
 
-class PromptTooLongError(RolloutFailure, ValueError):
-    """A prompt does not fit the engine's buckets or cache."""
-
-    hint = "raise rollout.max_prefill_length / rollout.max_target_length, or shorten the prompts"
-
-
 def fit_prompt(ids, max_new_tokens: int, engine: StudentEngine, truncate: bool) -> np.ndarray:
-    """The prompt ids the engine will run, or PromptTooLongError saying which limit to raise."""
+    """The prompt ids the engine will run, or PromptTooLongError saying which limit to raise.
+
+    The same rule (stat_jax.lengths.PromptLimit) that the stages apply to all their prompts before starting,
+    so a prompt that reaches the engine has been checked once already; this is the last line of defence.
+    """
     ids = np.asarray(ids, np.int32).reshape(-1)
     s = engine.settings
-    if ids.size == 0:
-        raise PromptTooLongError("empty prompt: a rollout needs at least one prompt token")
+    limit = PromptLimit(s.max_prefill_length, s.max_target_length, int(max_new_tokens), truncate=truncate)
+    reason = limit.problem(int(ids.size))
+    if reason is not None:
+        raise PromptTooLongError(reason)
     if ids.size > s.max_prefill_length:
-        if not truncate:
-            raise PromptTooLongError(
-                f"prompt of {ids.size} tokens exceeds the largest prefill bucket rollout.max_prefill_length="
-                f"{s.max_prefill_length}; raise it (a power of two) or set rollout.truncate_long_prompts=True")
         logger.warning("prompt of %d tokens truncated to its last %d (rollout.truncate_long_prompts=True)",
                        ids.size, s.max_prefill_length)
         ids = ids[-s.max_prefill_length:]
-    if ids.size + max_new_tokens >= s.max_target_length:
-        raise PromptTooLongError(
-            f"prompt of {ids.size} tokens + max_new_tokens={max_new_tokens} does not fit the cache "
-            f"(rollout.max_target_length={s.max_target_length}); raise rollout.max_target_length")
     return ids
 
 
