@@ -92,6 +92,18 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
         return raw
 
 
+# Sections that map a user-chosen name to a string, so the command line may add keys to them: a benchmark of
+# the user's own is `--config.eval.paths.mine=FILE` (+ `--config.eval.fields.mine=problem:q,answer:a`).
+OPEN_SECTIONS = ("eval.paths", "eval.fields")
+
+
+def _add_open_key(node: ConfigDict, section: str, name: str, raw: str) -> None:
+    if not name.isidentifier() or name != name.lower():
+        raise ConfigError(f"--config.{section}.{name}: a name here must be lower-case letters, digits and '_'")
+    with node.unlocked():
+        node[name] = raw
+
+
 def apply_overrides(config: ConfigDict, overrides: Sequence[tuple[str, str]]) -> ConfigDict:
     """Applies (dotted key, raw value) pairs; unknown keys and wrong types raise ConfigError."""
     for key, raw in overrides:
@@ -105,6 +117,10 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[tuple[str, str]]) ->
                 )
             node = node[part]
         leaf = parts[-1]
+        section = ".".join(parts[:-1])
+        if leaf not in node and section in OPEN_SECTIONS:
+            _add_open_key(node, section, leaf, raw)
+            continue
         if leaf not in node:
             raise ConfigError(f"--config.{key}: unknown key {leaf!r}; valid keys here: {sorted(node.keys())}")
         value = _parse_value(raw, node._fields[leaf] if hasattr(node, "_fields") else node[leaf], key)

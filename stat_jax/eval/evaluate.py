@@ -5,10 +5,14 @@
 prompts with the student's chat template, grades with math-verify in a process pool, and writes under
 `out_dir`:
   <benchmark>.jsonl          one record per question: prompt, responses, extracted answers, correctness, metrics
-  <benchmark>.summary.json   pass@1 (greedy), avg@k, pass@j, per subject and level
+  <benchmark>.summary.json   pass@1 (greedy), avg@k, pass@j, per subject and level; the questions it could not
+                             evaluate (malformed rows, prompts over the rollout limits) and why
   <benchmark>.settings.json  what produced the records (a resumed run must match it)
   summary.json               all benchmarks and the settings
 Work proceeds in chunks of questions appended to the JSONL, so `resume=True` continues an interrupted run.
+Every prompt is tokenized and checked against the rollout limits (`prompt_limit`) before anything is generated:
+the ones that cannot run are left out and counted (`rollout.on_long_prompt="skip"`) or stop the evaluation
+before it starts (`"error"`).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stat_jax.data.grader import NO_BOXED, TIMEOUT, GradeResult, GraderPool
+from stat_jax.data.grader import NO_BOXED, TIMEOUT, WORKER_DIED, GradeResult, GraderPool
 from stat_jax.data.prompting import DEFAULT_DATE_STRING, DEFAULT_INSTRUCTION, render_prompts
 from stat_jax.data.records import MathProblem
 from stat_jax.eval.metrics import grouped_metrics, mean_metrics, question_metrics
+from stat_jax.lengths import LongPrompt, PromptLimit, enforce_policy, long_prompt_report, prompt_token_counts, split_by_length
 from stat_jax.rollout.base import Completion, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -186,22 +191,57 @@ def _summarize(benchmark: str, records: Sequence[dict], seconds: float) -> dict[
         "no_boxed_rate": sum(s["reason"] == NO_BOXED for s in samples) / max(1, len(samples)),
         "truncated_rate": (sum(f == "length" for f in finish) / len(finish)) if finish else None,
         "grading_timeouts": sum(s["reason"] == TIMEOUT for s in samples),
+        "ungraded_samples": sum(s["reason"] in (TIMEOUT, WORKER_DIED) for s in samples),  # counted as wrong
         "by_subject": grouped_metrics(records, "subject"),
         "by_level": grouped_metrics(records, "level"),
         "seconds": round(seconds, 2),
     }
 
 
-def _evaluate_benchmark(name, problems, generate, tokenizer, settings, few_shot, pool, out_dir, resume, model):
+@dataclasses.dataclass
+class _Prepared:
+    """One benchmark's questions with their rendered prompts, minus those whose prompts cannot run."""
+
+    problems: list[MathProblem]
+    prompts: list[str]
+    long: list[LongPrompt]  # indices into the benchmark's full question list
+    all_ids: list[str]
+
+
+def _prepare(problems: Sequence[MathProblem], tokenizer, settings: EvalSettings, few_shot,
+             prompt_limit: PromptLimit | None) -> _Prepared:
+    problems = list(problems)
+    prompts = render_prompts(tokenizer, problems, instruction=settings.instruction,
+                             system_prompt=settings.system_prompt, few_shot=few_shot,
+                             use_chat_template=settings.use_chat_template, date_string=settings.date_string)
+    ids = [p.id for p in problems]
+    if prompt_limit is None:
+        return _Prepared(problems, prompts, [], ids)
+    kept, long = split_by_length(prompt_token_counts(tokenizer, prompts), prompt_limit)
+    return _Prepared([problems[i] for i in kept], [prompts[i] for i in kept], long, ids)
+
+
+def _not_evaluated(prep: _Prepared, dropped: Mapping[str, Any]) -> dict[str, Any]:
+    """Why questions of the benchmark were not evaluated: bad rows (loader), long prompts; and exclusions."""
+    report = long_prompt_report(prep.long, prep.all_ids)
+    return {"not_evaluated": {"bad_rows": int(dropped.get("bad_rows", 0)), "long_prompts": len(prep.long)},
+            "not_evaluated_examples": list(dropped.get("bad_row_examples", []))
+            + report["skipped_long_prompt_examples"],
+            "excluded": int(dropped.get("excluded", 0))}
+
+
+def _evaluate_benchmark(name, prep: _Prepared, dropped, generate, settings, few_shot, pool, out_dir, resume, model):
     start = time.perf_counter()
+    problems, prompts = prep.problems, prep.prompts
     records_path, settings_path = out_dir / f"{name}.jsonl", out_dir / f"{name}.settings.json"
     fingerprint = _settings_fingerprint(name, problems, settings, few_shot, model)
     records = _read_done(records_path, settings_path, fingerprint, resume)
     if records:
         logger.info("%s: resuming after %d/%d questions from %s", name, len(records), len(problems), records_path)
-    prompts = render_prompts(tokenizer, problems, instruction=settings.instruction,
-                             system_prompt=settings.system_prompt, few_shot=few_shot,
-                             use_chat_template=settings.use_chat_template, date_string=settings.date_string)
+    if prep.long:
+        logger.warning("%s: %d of %d prompts do not fit the rollout limits and are left out (first: %s: %s)",
+                       name, len(prep.long), len(prep.all_ids), prep.all_ids[prep.long[0].index],
+                       prep.long[0].reason)
     chunk = settings.chunk_size if settings.chunk_size > 0 else len(problems)
     for lo in range(len(records), len(problems), chunk):
         hi = min(lo + chunk, len(problems))
@@ -210,7 +250,7 @@ def _evaluate_benchmark(name, problems, generate, tokenizer, settings, few_shot,
         with open(records_path, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
         records.extend(new)
-    summary = _summarize(name, records, time.perf_counter() - start)
+    summary = {**_summarize(name, records, time.perf_counter() - start), **_not_evaluated(prep, dropped)}
     (out_dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -227,23 +267,34 @@ def evaluate(
     model_name: str = "",
     pool: GraderPool | None = None,
     print_table: bool = True,
+    prompt_limit: PromptLimit | None = None,
+    on_long_prompt: str = "skip",
+    dropped: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Evaluates `generator` on each named benchmark; writes records and summaries under `out_dir`.
 
     `config` is a full config, its `eval` section, or an EvalSettings; `out_dir` defaults to eval.out_dir,
-    else <workdir>/eval. Returns the overall summary dict.
+    else <workdir>/eval. `prompt_limit`: the rollout limits every prompt must fit (None: no check), with
+    `on_long_prompt` "skip" or "error" for the others, decided before anything is generated. `dropped`:
+    per benchmark, questions left out before this call ({"bad_rows", "bad_row_examples", "excluded"}), for
+    the summaries. Returns the overall summary dict.
     """
     settings = config if isinstance(config, EvalSettings) else EvalSettings.from_config(config)
     settings.validate()
     out = Path(out_dir or _default_out_dir(config))
     out.mkdir(parents=True, exist_ok=True)
     generate = _generate_fn(generator)
+    dropped = dropped or {}
+    prepared = {name: _prepare(problems, tokenizer, settings, few_shot, prompt_limit)
+                for name, problems in benchmarks.items()}
+    for name, prep in prepared.items():  # every benchmark is checked before the first one generates
+        enforce_policy(prep.long, on_long_prompt, f"eval benchmark {name!r}", prep.all_ids)
     own_pool = pool is None
     pool = pool or GraderPool(workers=settings.grade_workers, timeout=settings.grade_timeout)
     try:
-        results = {name: _evaluate_benchmark(name, list(problems), generate, tokenizer, settings, few_shot, pool,
+        results = {name: _evaluate_benchmark(name, prep, dropped.get(name, {}), generate, settings, few_shot, pool,
                                              out, resume, model_name)
-                   for name, problems in benchmarks.items()}
+                   for name, prep in prepared.items()}
     finally:
         if own_pool:
             pool.close()
@@ -284,6 +335,11 @@ def format_table(summary: Mapping[str, Any]) -> str:
     """Accuracy (%) per benchmark, then per subject and per level where the benchmark has them."""
     benchmarks = summary["benchmarks"]
     parts = [_table("benchmark", [(name, b) for name, b in benchmarks.items()])]
+    left_out = [f"{name}: {sum(b['not_evaluated'].values())} questions not evaluated ("
+                + ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in b["not_evaluated"].items() if n) + ")"
+                for name, b in benchmarks.items() if sum(b.get("not_evaluated", {}).values())]
+    if left_out:
+        parts.append("\n".join(left_out))
     for name, b in benchmarks.items():
         for group in ("by_subject", "by_level"):
             if b[group]:
@@ -300,34 +356,94 @@ def benchmark_names(value) -> list[str]:
     return names
 
 
-def load_eval_benchmarks(config) -> tuple[dict[str, list[MathProblem]], list[MathProblem]]:
-    """The benchmarks named in config.eval (local paths from eval.paths, else the hub) and the few-shot examples."""
-    from stat_jax.data.math_datasets import BENCHMARKS, load_benchmark
+@dataclasses.dataclass
+class EvalData:
+    """What `stat-jax eval` evaluates: the benchmarks, the few-shot examples, and what was left out of each."""
+
+    benchmarks: dict[str, list[MathProblem]]
+    few_shot: list[MathProblem]
+    dropped: dict[str, dict[str, Any]]  # per benchmark: bad_rows, bad_row_examples, excluded
+
+
+def _section_value(section, name: str) -> str:
+    return str(section[name]) if name in section and section[name] else ""
+
+
+def read_eval_benchmark(config, name: str, *, limit: int | None = None):
+    """One benchmark as config.eval reads it (eval.paths.<name>, eval.fields.<name>, eval.on_bad_row)."""
+    from stat_jax.data.math_datasets import read_benchmark
 
     ev = config.eval
+    fields = ev.fields if "fields" in ev else {}
+    return read_benchmark(name, _section_value(ev.paths, name) or None, limit=limit,
+                          on_bad_row=ev.get("on_bad_row", "error"), fields=_section_value(fields, name) or None)
 
-    def source(name: str) -> str | None:
-        return (ev.paths.get(name) or None) if name in ev.paths else None
 
-    benchmarks = {}
+def load_eval_data(config) -> EvalData:
+    """The benchmarks named in config.eval, read from eval.paths (else the hub) with eval.fields, minus the
+    questions of eval.exclude_from, and the few-shot examples.
+
+    A name that is no built-in benchmark is a file of the user's: eval.paths.<name> (and, when its keys are not
+    the usual ones, eval.fields.<name>="problem:q,answer:a").
+    """
+    from stat_jax.data.math_datasets import load_answer_file
+    from stat_jax.data.splits import shared_questions
+
+    ev = config.eval
+    excluded = load_answer_file(ev.exclude_from) if ev.get("exclude_from") else []
+    benchmarks, dropped = {}, {}
     for name in benchmark_names(ev.benchmarks):
-        if name not in BENCHMARKS:
-            raise ValueError(f"eval.benchmarks: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-        benchmarks[name] = load_benchmark(name, source(name), limit=ev.limit or None, on_bad_row=ev.on_bad_row)
+        loaded = read_eval_benchmark(config, name, limit=ev.limit or None)
+        problems = loaded.problems
+        if excluded:
+            leave_out = {p.id for p in shared_questions(problems, excluded)}
+            problems = [p for p in problems if p.id not in leave_out]
+            if not problems:
+                raise ValueError(f"eval.exclude_from={ev.exclude_from}: it holds every question of {name!r}; "
+                                 "nothing is left to evaluate")
+        benchmarks[name] = problems
+        dropped[name] = {"bad_rows": len(loaded.bad_rows), "bad_row_examples": loaded.bad_rows[:5],
+                         "excluded": len(loaded.problems) - len(problems)}
     few_shot = []
     if ev.few_shot > 0:
-        few_shot = load_benchmark(ev.few_shot_from, source(ev.few_shot_from), limit=ev.few_shot)
-    return benchmarks, few_shot
+        few_shot = read_eval_benchmark(config, ev.few_shot_from, limit=ev.few_shot).problems
+    return EvalData(benchmarks, few_shot, dropped)
+
+
+def load_eval_benchmarks(config) -> tuple[dict[str, list[MathProblem]], list[MathProblem]]:
+    """The benchmarks named in config.eval and the few-shot examples (see load_eval_data)."""
+    data = load_eval_data(config)
+    return data.benchmarks, data.few_shot
+
+
+def eval_prompt_limit(config) -> PromptLimit:
+    """The limits every eval prompt must fit: the rollout engine's, with eval.max_new_tokens new tokens."""
+    return PromptLimit.from_config(config, int(config.eval.max_new_tokens))
+
+
+def check_eval_prompts(data: EvalData, tokenizer, config) -> dict[str, int]:
+    """Prompts over the rollout limits per benchmark; with rollout.on_long_prompt=error, raises before any work."""
+    settings = EvalSettings.from_config(config)
+    limit, policy = eval_prompt_limit(config), str(config.rollout.get("on_long_prompt", "skip"))
+    counts = {}
+    for name, problems in data.benchmarks.items():
+        prep = _prepare(problems, tokenizer, settings, data.few_shot, limit)
+        enforce_policy(prep.long, policy, f"eval benchmark {name!r}", prep.all_ids)
+        counts[name] = len(prep.long)
+    return counts
 
 
 def main(config, args) -> int:
-    """`stat-jax eval`: load the student and its tokenizer, build the rollout backend, evaluate."""
-    benchmarks, few_shot = load_eval_benchmarks(config)
+    """`stat-jax eval`: check lengths, load the data, the tokenizer (prompts checked), the student; evaluate."""
+    from stat_jax.lengths import check_config_lengths
+
+    check_config_lengths(config, "eval")
+    data = load_eval_data(config)
     out_dir = Path(config.eval.out_dir or Path(config.workdir) / "eval")
     if getattr(args, "dry_run", False):
         print(json.dumps({"out_dir": str(out_dir), "model": config.model.path,
-                          "benchmarks": {k: len(v) for k, v in benchmarks.items()},
-                          "few_shot": [p.id for p in few_shot]}, indent=2))
+                          "benchmarks": {k: len(v) for k, v in data.benchmarks.items()},
+                          "not_evaluated": data.dropped, "few_shot": [p.id for p in data.few_shot]}, indent=2))
         return 0
     if not config.model.path:
         raise ValueError("stat-jax eval needs a student: --config.model.path=/path/to/hf_checkpoint")
@@ -342,10 +458,13 @@ def main(config, args) -> int:
     model_path = resolve_model_path(config.model.path)
     tokenizer_path = config.model.tokenizer_path or model_path
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path))
+    check_eval_prompts(data, tokenizer, config)  # before the weights reach a device
     mesh = sharding.mesh_from_config(config.mesh)
     model = load_hf_checkpoint(model_path, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
     with make_rollout_backend(config, model, tokenizer) as backend:
-        evaluate(backend, benchmarks, tokenizer, config, out_dir=out_dir, few_shot=few_shot,
-                 resume=bool(getattr(args, "resume", False)), model_name=str(config.model.path))
+        evaluate(backend, data.benchmarks, tokenizer, config, out_dir=out_dir, few_shot=data.few_shot,
+                 resume=bool(getattr(args, "resume", False)), model_name=str(config.model.path),
+                 prompt_limit=eval_prompt_limit(config), on_long_prompt=str(config.rollout.get("on_long_prompt", "skip")),
+                 dropped=data.dropped)
     logger.info("eval results in %s", out_dir)
     return 0
