@@ -41,6 +41,18 @@ def target_length(rollout_cfg, model_context: int | None = None) -> int:
     return min(length, int(model_context)) if model_context else length
 
 
+def local_model_context(config) -> int | None:
+    """max_position_embeddings from config.model.path/config.json when that is a local directory, else None."""
+    import json
+    from pathlib import Path
+
+    path = Path(str(config.model.path)) / "config.json" if "model" in config and config.model.path else None
+    if path is None or not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("max_position_embeddings")
+    return int(value) if value else None
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptLimit:
     """What a prompt of n tokens must satisfy to be generated from with `max_new_tokens` new tokens."""
@@ -55,8 +67,13 @@ class PromptLimit:
     @classmethod
     def from_config(cls, config, max_new_tokens: int, *, max_row_length: int = 0,
                     model_context: int | None = None) -> PromptLimit:
-        """The limits config.rollout gives (auto cache length resolved as the engine does; see target_length)."""
+        """The limits config.rollout gives (auto cache length resolved as the engine does; see target_length).
+
+        `model_context` defaults to the max_position_embeddings of a local config.model.path.
+        """
         r = config.rollout
+        if model_context is None and not int(r.max_target_length):
+            model_context = local_model_context(config)
         return cls(int(r.max_prefill_length), target_length(r, model_context), int(max_new_tokens),
                    truncate=bool(r.truncate_long_prompts), max_row_length=int(max_row_length))
 

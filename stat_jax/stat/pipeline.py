@@ -135,20 +135,74 @@ def _write_examples(path: Path, examples: Sequence[SFTExample]) -> int:
 
 
 # ----- stages --------------------------------------------------------------------------------------------------
+def _evaluated_whole(config) -> list[str]:
+    """The eval stages' benchmarks that must share no question with the held-out set.
+
+    With a validation split (stat.heldout_size > 0) the held-out benchmark itself is evaluated on the rest of
+    it (eval.exclude_from = data/heldout.jsonl), as in the paper: `math` = the 4,000 MATH test questions
+    outside the 1,000 that built the profile. Every other benchmark must be disjoint from the held-out set.
+    """
+    from stat_jax.eval.evaluate import benchmark_names
+
+    s = config.stat
+    return [n for n in benchmark_names(config.eval.benchmarks) if not (s.heldout_size and n == s.heldout_benchmark)]
+
+
+def check_heldout_unseen(config, heldout: Sequence[MathProblem]) -> None:
+    """Raises HeldoutOverlapError (listing the shared questions) when an evaluated benchmark holds a held-out one."""
+    from stat_jax.data.splits import check_disjoint
+    from stat_jax.eval.evaluate import read_eval_benchmark
+
+    for name in _evaluated_whole(config):
+        check_disjoint(heldout, read_eval_benchmark(config, name).problems,
+                       f"benchmark {name!r}, which the eval stages evaluate (eval.benchmarks); add it to "
+                       f"stat.heldout_exclude (with stat.heldout_size > 0) to keep its questions out of the profile")
+
+
 def stage_data(ctx: StageContext) -> dict[str, Any]:
-    """Snapshots the training and held-out questions into the run directory (later stages read only these)."""
-    from stat_jax.data.math_datasets import load_benchmark
+    """Snapshots the training and held-out questions into the run directory (later stages read only these).
+
+    Malformed rows are skipped and counted (stat.on_bad_row=skip) or stop the stage (error). The held-out set
+    is a seeded stat.heldout_size split of the held-out source that avoids stat.heldout_exclude's questions;
+    training questions that are also held-out questions are dropped from training (and counted).
+    """
+    from stat_jax.data import splits
+    from stat_jax.data.math_datasets import read_benchmark
+    from stat_jax.eval.evaluate import read_eval_benchmark
 
     s = ctx.config.stat
-    train = load_benchmark(s.train_benchmark, s.train_source or None, limit=s.train_limit or None)
-    heldout = load_benchmark(s.heldout_benchmark, s.heldout_source or None, limit=s.heldout_limit or None)
-    overlap = {p.problem for p in train} & {p.problem for p in heldout}
-    if overlap:
-        raise ValueError(f"{len(overlap)} held-out questions also appear in the training data "
-                         f"({s.train_benchmark} vs {s.heldout_benchmark}); the profile must come from unseen questions")
-    io.write_jsonl(ctx.path("data/train.jsonl"), (p.to_dict() for p in train))
+    on_bad_row = s.get("on_bad_row", "error")
+    train = read_benchmark(s.train_benchmark, s.train_source or None, limit=s.train_limit or None,
+                           on_bad_row=on_bad_row)
+    source = read_benchmark(s.heldout_benchmark, s.heldout_source or None, limit=s.heldout_limit or None,
+                            on_bad_row=on_bad_row)
+    heldout, kept_out = source.problems, {}
+    if s.get("heldout_size", 0):
+        exclude = []
+        for name in s.heldout_exclude:
+            if name == s.heldout_benchmark:
+                raise ValueError(f"stat.heldout_exclude names the held-out benchmark {name!r} itself; list the "
+                                 "benchmarks whose questions must stay out of the profile (e.g. math500)")
+            problems = read_eval_benchmark(ctx.config, name).problems
+            kept_out[name] = len(splits.shared_questions(heldout, problems))
+            exclude += problems
+        heldout, _ = splits.validation_split(heldout, int(s.heldout_size), int(s.heldout_seed), exclude)
+    if any(stage in s.stages for stage in ("eval", "eval_grpo")):
+        check_heldout_unseen(ctx.config, heldout)  # before any teacher call or device work is spent
+    shared = {p.id for p in splits.shared_questions(train.problems, heldout)}
+    if shared:
+        log.warning("stage data: %d training questions are also held-out questions and are left out of training "
+                    "(first: %s)", len(shared), sorted(shared)[0])
+    train_problems = [p for p in train.problems if p.id not in shared]
+    io.write_jsonl(ctx.path("data/train.jsonl"), (p.to_dict() for p in train_problems))
     io.write_jsonl(ctx.path("data/heldout.jsonl"), (p.to_dict() for p in heldout))
-    return {"train": len(train), "heldout": len(heldout)}
+    for what, loaded in (("train", train), ("heldout", source)):
+        if loaded.bad_rows:
+            log.warning("stage data: %s source %s: %d malformed rows skipped (first: %s)", what, loaded.source,
+                        len(loaded.bad_rows), loaded.bad_rows[0])
+    return {"train": len(train_problems), "heldout": len(heldout), "heldout_source": len(source.problems),
+            "heldout_kept_out": kept_out, "train_dropped_as_heldout": sorted(shared),
+            "bad_rows": {"train": train.report(), "heldout": source.report()}}
 
 
 def stage_skills(ctx: StageContext) -> dict[str, Any]:
@@ -178,11 +232,27 @@ def stage_rollout(ctx: StageContext) -> dict[str, Any]:
     from stat_jax.rollout.base import SamplingParams
     from stat_jax.stat.rollout import sample_responses
 
+    from stat_jax.lengths import PromptLimit, enforce_policy, long_prompt_report, prompt_token_counts, split_by_length
+
     s, ev = ctx.config.stat, ctx.config.eval
     heldout = _problems(ctx.path("data/heldout.jsonl"))
-    prompts = render_prompts(ctx.student_tokenizer(), heldout, instruction=ctx.instruction,
+    tokenizer = ctx.student_tokenizer()
+    prompts = render_prompts(tokenizer, heldout, instruction=ctx.instruction,
                              system_prompt=ev.system_prompt, use_chat_template=ev.use_chat_template,
                              date_string=ev.date_string)
+    # Every prompt is checked against the rollout limits before the student is loaded: the ones that cannot
+    # run are left out (and counted) or stop the stage here, never halfway through generation.
+    limit = PromptLimit.from_config(ctx.config, int(s.rollout_max_new_tokens))
+    kept, long = split_by_length(prompt_token_counts(tokenizer, prompts), limit)
+    ids = [p.id for p in heldout]
+    enforce_policy(long, str(ctx.config.rollout.get("on_long_prompt", "skip")), "stage rollout (data/heldout.jsonl)",
+                   ids)
+    skipped_rows = [{"id": ids[p.index], "prompt": prompts[p.index], "responses": [], "finish_reasons": [],
+                     "skipped": p.reason} for p in long]
+    if long:
+        log.warning("stage rollout: %d of %d held-out prompts do not fit the rollout limits and are left out "
+                    "(first: %s: %s)", len(long), len(heldout), skipped_rows[0]["id"], long[0].reason)
+    heldout, prompts = [heldout[i] for i in kept], [prompts[i] for i in kept]
     sampling = SamplingParams(temperature=s.rollout_temperature, top_p=s.rollout_top_p,
                               max_new_tokens=s.rollout_max_new_tokens, seed=ctx.config.seed)
     # Partial rows are reused by prompt only, so the file is named by everything else that shapes a response:
@@ -194,8 +264,8 @@ def stage_rollout(ctx: StageContext) -> dict[str, Any]:
     finally:
         ctx.release_student_backend()
     if _is_process0():
-        io.write_jsonl(ctx.path("rollout/responses.jsonl"), rows)
-    return {"questions": len(rows), "samples": s.rollout_samples}
+        io.write_jsonl(ctx.path("rollout/responses.jsonl"), rows + skipped_rows)
+    return {"questions": len(rows), "samples": s.rollout_samples, **long_prompt_report(long, ids)}
 
 
 def _build_scorer(ctx: StageContext):
@@ -216,6 +286,7 @@ def stage_hard(ctx: StageContext) -> dict[str, Any]:
     s = ctx.config.stat
     heldout = _problems(ctx.path("data/heldout.jsonl"))
     rows = {r["id"]: r for r in io.read_jsonl(ctx.path("rollout/responses.jsonl"))}
+    heldout = [p for p in heldout if not rows.get(p.id, {}).get("skipped")]  # prompts too long for the rollout
     missing = [p.id for p in heldout if p.id not in rows]
     if missing:
         raise ValueError(f"{ctx.path('rollout/responses.jsonl')} lacks {len(missing)} held-out questions "
@@ -378,6 +449,14 @@ def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
     config = _sub_config(ctx, name)
     config.model.path = io.read_json(ctx.path(model_file))["model"]
     config.eval.out_dir = str(ctx.path(name))
+    # No profiled question is evaluated: the held-out benchmark is evaluated on the rest of it, every other
+    # benchmark must not share a question with the held-out set (checked again: eval.benchmarks may have changed).
+    # Without data/heldout.jsonl this run built no profile (a model evaluated on its own), so nothing can leak.
+    heldout_file = ctx.path("data/heldout.jsonl")
+    if heldout_file.exists():
+        check_heldout_unseen(config, _problems(heldout_file))
+        if config.stat.get("heldout_size", 0):
+            config.eval.exclude_from = str(heldout_file)
     _check_status(evaluate.main(config, _Args(resume=resume)), "stat_jax.eval.evaluate.main", ctx.path(name))
     summary_path = ctx.path(f"{name}/summary.json")
     results = io.read_json(summary_path).get("benchmarks", {})
@@ -426,11 +505,15 @@ class _Args:
 
 
 _DATA_KEYS = ("stat.train_benchmark", "stat.train_source", "stat.train_limit", "stat.heldout_benchmark",
-              "stat.heldout_source", "stat.heldout_limit")
+              "stat.heldout_source", "stat.heldout_limit", "stat.heldout_size", "stat.heldout_seed",
+              "stat.heldout_exclude", "stat.on_bad_row", "eval.paths", "eval.fields", "eval.on_bad_row")
+# Which prompts the rollout engine can run (the others are skipped and counted, or stop the stage).
+_LENGTH_KEYS = ("rollout.max_prefill_length", "rollout.max_target_length", "rollout.truncate_long_prompts",
+                "rollout.on_long_prompt")
 _TEACHER_KEYS = ("teacher.backend", "teacher.model", "teacher.max_output_tokens")
 _PROMPT_KEYS = ("stat.instruction", "eval.instruction", "eval.system_prompt", "eval.date_string")
 _STUDENT_KEYS = ("model.tokenizer_path", "model.dtype", "model.param_dtype")  # model.path is the stage's input
-_EVAL_KEYS = ("seed", "eval") + _STUDENT_KEYS
+_EVAL_KEYS = ("seed", "eval", "stat.heldout_size", "stat.heldout_benchmark") + _STUDENT_KEYS + _LENGTH_KEYS
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", stage_data, (), ("data/train.jsonl", "data/heldout.jsonl"), _DATA_KEYS),
@@ -441,8 +524,8 @@ STAGES: tuple[Stage, ...] = (
           _TEACHER_KEYS + ("stat.label_max_skills",)),
     Stage("rollout", stage_rollout, ("data/heldout.jsonl",), ("rollout/responses.jsonl",),
           _PROMPT_KEYS + _STUDENT_KEYS + ("seed", "model.path", "eval.use_chat_template", "stat.rollout_samples",
-                          "stat.rollout_temperature", "stat.rollout_top_p", "stat.rollout_max_new_tokens"),
-          process0_only=False),
+                          "stat.rollout_temperature", "stat.rollout_top_p", "stat.rollout_max_new_tokens")
+          + _LENGTH_KEYS, process0_only=False),
     Stage("hard", stage_hard, ("data/heldout.jsonl", "rollout/responses.jsonl"), ("hard/scores.jsonl", "hard/hard.jsonl"),
           ("seed", "stat.scorer", "stat.prm_path", "stat.prm_aggregate", "stat.num_hard", "stat.hard_threshold")),
     Stage("diagnose", stage_diagnose, ("hard/hard.jsonl", "skills/catalog.json"), ("diagnose/diagnoses.jsonl",),
@@ -570,6 +653,9 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
 
 def main(config, args) -> int:
     """`stat-jax run [--only=stage[,stage]] [--resume]`."""
+    from stat_jax.lengths import check_config_lengths
+
+    check_config_lengths(config, "run")  # before any stage: a shipped config must not fail halfway
     only = getattr(args, "only", None)
     if getattr(args, "dry_run", False):
         print(json.dumps({"run_dir": config.stat.run_dir or str(Path(config.workdir) / "stat"),

@@ -128,6 +128,7 @@ def make_config(tmp_path, paths, run_name, **teacher):
     c.workdir = str(tmp_path / run_name)
     c.stat.train_benchmark, c.stat.train_source = "math_train", str(paths["train"])
     c.stat.heldout_benchmark, c.stat.heldout_source = "math", str(paths["heldout"])
+    c.stat.heldout_size = 0  # the fixture's 8 held-out questions are the whole profiling set (no split)
     c.stat.stages = ("data", "skills", "label", "rollout", "hard", "diagnose", "profile", "sel", "syn")
     c.stat.skills_sample_per_subject = 0
     c.stat.rollout_samples = 3
