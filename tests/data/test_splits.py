@@ -122,3 +122,9 @@ def test_heldout_split_needs_enough_questions(tmp_path):
     config.stat.stages = ("data",)
     with pytest.raises(md.DatasetError, match=r"split of 10 questions.*only 5.*stat.heldout_size"):
         run_pipeline(config, only="data")
+
+
+def test_strict_data_stage_stops_at_the_first_bad_row(tmp_path):
+    config = _config(tmp_path, on_bad_row="error")
+    with pytest.raises(md.DatasetError, match=r"math_train\.jsonl:5530: no complete \\boxed"):
+        run_pipeline(config, only="data")
