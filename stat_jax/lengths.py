@@ -94,8 +94,9 @@ class PromptLimit:
         if kept + self.max_new_tokens > self.max_target_length:
             return (f"prompt of {kept} tokens + max_new_tokens={self.max_new_tokens} does not fit the cache "
                     f"(rollout.max_target_length={self.max_target_length}); raise rollout.max_target_length")
-        if self.max_row_length and kept + self.max_new_tokens > self.max_row_length:
-            return (f"prompt of {kept} tokens + max_new_tokens={self.max_new_tokens} does not fit a training row "
+        # A training row holds the whole prompt as tokenized (the engine's truncation does not shorten it).
+        if self.max_row_length and n + self.max_new_tokens > self.max_row_length:
+            return (f"prompt of {n} tokens + max_new_tokens={self.max_new_tokens} does not fit a training row "
                     f"({self.row_key}={self.max_row_length}); raise {self.row_key}")
         return None
 
