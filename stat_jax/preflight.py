@@ -3,7 +3,7 @@
 `check_inputs(command, config, args)` returns a list of `StatJaxError`s, cheapest checks first: config values,
 the model directory (config.json, tokenizer, weights), local data files and their first row, lengths, the
 teacher's credentials for the stages that call it, and the workdir's state. `stat-jax` (cli.py) raises them
-as one error listing each problem on its own line. Checks read files only: nothing here imports JAX.
+as one error listing each problem on its own line. Checks read files only: no devices, weights or downloads.
 """
 
 from __future__ import annotations
@@ -182,13 +182,21 @@ def _benchmark_load_kw(ev: Any, name: str) -> dict[str, Any]:
 # ----- lengths, teacher, workdir ------------------------------------------------------------------------
 def check_lengths(config: Any, command: str) -> list[StatJaxError]:
     """The config's token-length limits fit together (stat_jax.lengths), one problem per relation."""
-    try:
-        from stat_jax.lengths import config_length_problems
-    except ImportError:  # the validator is newer than this module; then the stages' own checks report
-        log.debug("preflight: stat_jax.lengths.config_length_problems unavailable; lengths not checked")
-        return []
+    from stat_jax.lengths import config_length_problems
+
     return [ConfigError(p, hint="set the lengths so they fit (configs/base.py `rollout` says how they relate)")
             for p in config_length_problems(config, command)]
+
+
+def check_rollout_settings(r: Any) -> list[StatJaxError]:
+    """rollout.backend names a backend, and the client backend has a server address."""
+    backends = ("jetstream", "client")  # stat_jax.rollout.factory.BACKENDS, without importing the engine
+    if r.backend not in backends:
+        return [ConfigError(f"rollout.backend={r.backend!r} is not one of {backends}")]
+    if r.backend == "client" and not r.address:
+        return [ConfigError("rollout.backend=client needs rollout.address",
+                            hint="pass --config.rollout.address=HOST:PORT of a running `stat-jax serve`")]
+    return []
 
 
 def check_teacher_credentials(tc: Any) -> list[StatJaxError]:
@@ -220,7 +228,7 @@ def _check_eval(config: Any, args: Any) -> list[StatJaxError]:
     from stat_jax.eval.evaluate import benchmark_names
 
     ev = config.eval
-    problems = check_model_dir(config.model, "stat-jax eval")
+    problems = check_rollout_settings(config.rollout) + check_model_dir(config.model, "stat-jax eval")
     try:
         names = benchmark_names(ev.benchmarks)
     except ValueError as e:
@@ -247,7 +255,7 @@ def _check_sft(config: Any, args: Any) -> list[StatJaxError]:
 
 
 def _check_grpo(config: Any, args: Any) -> list[StatJaxError]:
-    problems = check_model_dir(config.model, "stat-jax grpo")
+    problems = check_rollout_settings(config.rollout) + check_model_dir(config.model, "stat-jax grpo")
     if not config.grpo.train_files:
         problems.append(ConfigError("grpo has no prompts: grpo.train_files is empty",
                                     hint="pass --config.grpo.train_files=FILE.jsonl (rows {problem, answer})"))
@@ -273,6 +281,8 @@ def _check_run(config: Any, args: Any) -> list[StatJaxError]:
     pending = [s for s in stages if not _stage_up_to_date(pipeline, config, s) or getattr(args, "only", None)]
     names = {s.name for s in pending}
     problems: list[StatJaxError] = []
+    if "rollout" in names:
+        problems += check_rollout_settings(config.rollout)
     if names & set(STUDENT_STAGES):
         problems += check_model_dir(config.model, f"stage {sorted(names & set(STUDENT_STAGES))[0]!r}")
     s = config.stat

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from stat_jax.errors import RunStateMissingError
 from stat_jax.teacher.cache import atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -27,7 +28,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first") from None
+        raise RunStateMissingError(f"{path} is missing: run the stage that writes it first") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); delete it and re-run its stage") from None
 
@@ -41,7 +42,7 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
+        raise RunStateMissingError(f"{path} is missing: run the stage that writes it first")
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

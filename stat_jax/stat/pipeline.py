@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from stat_jax import errors
+from stat_jax import errors
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.stat import hard as hard_mod
 from stat_jax.stat import io
@@ -32,7 +33,7 @@ from stat_jax.stat import profile as profile_mod
 from stat_jax.stat import sel as sel_mod
 from stat_jax.stat import skills as skills_mod
 from stat_jax.stat import syn as syn_mod
-from stat_jax.teacher.base import BudgetExceeded, TeacherBackend
+from stat_jax.teacher.base import TeacherBackend
 
 log = logging.getLogger(__name__)
 
@@ -578,8 +579,8 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
     inputs = _inputs_for(stage, ctx)
     missing = [n for n in inputs if not ctx.path(n).exists()]
     if missing:
-        raise FileNotFoundError(f"stage {stage.name!r} needs {missing} under {ctx.run_dir}: run the stages before it "
-                                f"(order: {', '.join(STAGE_NAMES)})")
+        raise errors.RunStateMissingError(f"stage {stage.name!r} needs {missing} under {ctx.run_dir}: run the "
+                                          f"stages before it (order: {', '.join(STAGE_NAMES)})")
     stage_config = _select(ctx.config, stage.config_keys)
     if "teacher.backend" in stage.config_keys and ctx.teacher_backend is not None:
         # An injected backend (e.g. the demo's offline teacher) is named by its id, which covers its settings.
@@ -661,12 +662,8 @@ def main(config, args) -> int:
         print(json.dumps({"run_dir": config.stat.run_dir or str(Path(config.workdir) / "stat"),
                           "stages": [s.name for s in stages_to_run(config, only)]}, indent=2))
         return 0
-    try:
-        results = run_pipeline(config, only=only, resume=bool(getattr(args, "resume", False)), force=bool(only))
-    except BudgetExceeded as e:
-        log.error("%s", e)
-        print(f"stat-jax run: stopped: {e}")
-        return EXIT_BUDGET
-    # Other TeacherErrors end the command through stat_jax.cli: one line on stderr, exit status 7.
+    # A spent budget (BudgetExceeded, exit status EXIT_BUDGET, resumable) and other teacher errors end the command
+    # through stat_jax.cli: one line on stderr and the error's exit status.
+    results = run_pipeline(config, only=only, resume=bool(getattr(args, "resume", False)), force=bool(only))
     print(json.dumps(results, indent=2))
     return 0

@@ -42,7 +42,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from stat_jax import sharding
-from stat_jax.config import config_hash, config_to_dict
+from stat_jax.config import config_hash, config_to_dict, write_resolved_config
+from stat_jax.errors import CheckpointsExistError
 from stat_jax.data.records import MathProblem
 from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
 from stat_jax.lengths import PromptLimit, check_config_lengths, drop_long_prompts
@@ -456,8 +457,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     latest = ckpt.latest_step()
     if latest is not None and not resume:
         ckpt.close()
-        raise FileExistsError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
-                              "to continue that run, or choose another workdir")
+        raise CheckpointsExistError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
+                                    "--resume to continue that run, or choose another workdir")
     model = load_hf_checkpoint(model_path, mesh, **model_kw)
     initial_params = nnx.to_pure_dict(nnx.split(model)[1])
     del model
@@ -492,7 +493,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
         backend = make_rollout_backend(config, nnx.merge(graphdef, nnx.State(state["params"])), tokenizer)
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2, default=str))
+        write_resolved_config(config, workdir)
     logger = MetricsLogger(workdir / "metrics.jsonl", total_steps=total_steps, start_step=start_step, desc="grpo",
                            is_writer=is_writer)
 

@@ -19,12 +19,16 @@ from pathlib import Path
 
 import jax
 
+from stat_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 GB = 1e9
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(ConfigError):  # a ValueError too
     """The step does not fit the memory budget even with the most micro-batches; the message says what to change."""
+
+    hint = "lower the batch size or sequence length, turn on model.remat, or raise the memory budget"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from stat_jax import sharding
-from stat_jax.config import config_hash, config_to_dict
+from stat_jax.config import ConfigError, config_hash, config_to_dict, write_resolved_config
+from stat_jax.errors import CheckpointsExistError
 from stat_jax.data import sft_data
 from stat_jax.data.records import SFTExample
 from stat_jax.train import chunked_loss
@@ -208,20 +209,20 @@ def total_steps_for(train_cfg, batches: sft_data.SFTBatches) -> int:
     if train_cfg.steps > 0:
         return int(train_cfg.steps)
     if train_cfg.epochs <= 0:
-        raise ValueError("set train.steps > 0 or train.epochs > 0")
+        raise ConfigError("set train.steps > 0 or train.epochs > 0")
     return max(1, math.ceil(train_cfg.epochs * batches.batches_in_epoch(0)))
 
 
 def _validate(config) -> None:
     t = config.train
     if t.batch_size <= 0 or t.grad_accum_steps < 0:
-        raise ValueError(f"train.batch_size={t.batch_size} must be positive and train.grad_accum_steps="
+        raise ConfigError(f"train.batch_size={t.batch_size} must be positive and train.grad_accum_steps="
                          f"{t.grad_accum_steps} positive (or 0: derived from train.memory_budget_gb)")
     if t.grad_accum_steps and t.batch_size % t.grad_accum_steps:
-        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of "
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
                          f"train.grad_accum_steps={t.grad_accum_steps}")
     if config.data.max_length < 2:
-        raise ValueError(f"data.max_length={config.data.max_length} is too small")
+        raise ConfigError(f"data.max_length={config.data.max_length} is too small")
 
 
 def _check_batch_divides_mesh(micro_rows: int, mesh: Mesh) -> None:
@@ -305,8 +306,8 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     latest = ckpt.latest_step()
     if latest is not None and not resume:
         ckpt.close()
-        raise FileExistsError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
-                              "to continue that run, or choose another workdir")
+        raise CheckpointsExistError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
+                                    "--resume to continue that run, or choose another workdir")
     if latest is not None:
         state, meta = ckpt.restore(abstract_state(shapes, state_sh))
         if meta.get("fingerprint") != fingerprint:
@@ -323,7 +324,7 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
 
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2, default=str))
+        write_resolved_config(config, workdir)
     step_fn = run_on_mesh(compiled_step, mesh)
     metrics_path = workdir / "metrics.jsonl"
     logger = MetricsLogger(metrics_path, total_steps=total_steps, start_step=start_step, desc="sft",

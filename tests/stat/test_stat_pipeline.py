@@ -248,8 +248,10 @@ def test_run_command_only_profile_and_budget_exit_code(tmp_path, fake, capsys):
     config.teacher.base_url = fake.base_url
     config.stat.stages = ("data", "skills")
     # The command cannot inject a student, so run only teacher stages through it.
-    assert main(config, argparse.Namespace(only=None, resume=True, dry_run=False)) == EXIT_BUDGET
-    assert "raise it and re-run with --resume" in capsys.readouterr().out
+    # The command raises it; stat_jax.cli turns it into one line and exit status EXIT_BUDGET (tests/test_cli_errors.py).
+    with pytest.raises(BudgetExceeded, match="raise it and re-run with --resume"):
+        main(config, argparse.Namespace(only=None, resume=True, dry_run=False))
+    assert BudgetExceeded.exit_code == EXIT_BUDGET
     run(make_config(tmp_path, paths, "cli"), fake)
     profile = tmp_path / "cli/stat/profile/profile.json"
     before = profile.stat().st_mtime_ns
