@@ -31,7 +31,8 @@ from stat_jax.data.grader import NO_BOXED, TIMEOUT, WORKER_DIED, GradeResult, Gr
 from stat_jax.data.prompting import DEFAULT_DATE_STRING, DEFAULT_INSTRUCTION, render_prompts
 from stat_jax.data.records import MathProblem
 from stat_jax.eval.metrics import grouped_metrics, mean_metrics, question_metrics
-from stat_jax.lengths import LongPrompt, PromptLimit, enforce_policy, long_prompt_report, prompt_token_counts, split_by_length
+from stat_jax.lengths import (LongPrompt, PromptLimit, enforce_policy, long_prompt_report, prompt_token_counts,
+                              split_by_length)
 from stat_jax.rollout.base import Completion, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -464,7 +465,8 @@ def main(config, args) -> int:
     with make_rollout_backend(config, model, tokenizer) as backend:
         evaluate(backend, data.benchmarks, tokenizer, config, out_dir=out_dir, few_shot=data.few_shot,
                  resume=bool(getattr(args, "resume", False)), model_name=str(config.model.path),
-                 prompt_limit=eval_prompt_limit(config), on_long_prompt=str(config.rollout.get("on_long_prompt", "skip")),
+                 prompt_limit=eval_prompt_limit(config),
+                 on_long_prompt=str(config.rollout.get("on_long_prompt", "skip")),
                  dropped=data.dropped)
     logger.info("eval results in %s", out_dir)
     return 0

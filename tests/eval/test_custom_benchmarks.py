@@ -12,7 +12,7 @@ from stat_jax.config import ConfigError, build_config
 from stat_jax.data import math_datasets as md
 from stat_jax.data.char_tokenizer import build_char_tokenizer
 from stat_jax.data.grader import GraderPool
-from stat_jax.eval.evaluate import EvalSettings, evaluate, load_eval_data
+from stat_jax.eval.evaluate import EvalSettings, evaluate, format_table, load_eval_data
 from stat_jax.lengths import PromptLimit, PromptTooLongError, drop_long_prompts, prompt_token_counts
 from stat_jax.models import export_hf_checkpoint, init_model
 from stat_jax.models.llama import tiny_llama
@@ -113,8 +113,7 @@ def test_long_prompts_are_counted_and_skipped_before_generation_with_the_real_to
     assert b["not_evaluated"] == {"bad_rows": 2, "long_prompts": len(too_long)}
     assert [e["id"] for e in b["not_evaluated_examples"]] == too_long[:5]
     assert len(gen.prompts) == b["n"] and all(n <= 256 for n in prompt_token_counts(real_tokenizer, gen.prompts))
-    assert "aime24: " + str(2 + len(too_long)) + " questions not evaluated" in \
-        __import__("stat_jax.eval.evaluate", fromlist=["format_table"]).format_table(summary)
+    assert f"aime24: {2 + len(too_long)} questions not evaluated" in format_table(summary)
 
     # 'error': nothing is generated, and the message names the questions and the key to raise.
     gen = EchoAnswers(problems)
@@ -163,7 +162,8 @@ def test_cli_evaluates_an_own_benchmark_counting_bad_rows_and_long_prompts(tmp_p
     # The char tokenizer spends a token per character: the longest GSM8K question exceeds the 256-token prefill.
     assert b["n"] == 3 and b["not_evaluated"] == {"bad_rows": 1, "long_prompts": 1}
     records = [json.loads(line) for line in (out / "mine.jsonl").read_text().splitlines()]
-    assert [r["answer"] for r in records] == [r["answer"].rsplit("####", 1)[1].strip().replace(",", "") for r in chosen[:3]]
+    assert [r["answer"] for r in records] == [r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+                                              for r in chosen[:3]]
     assert all(r["greedy"]["finish_reason"] in ("stop", "length") for r in records)
 
     # Strict: the same command stops before generating, with one line naming the long question.
