@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from stat_jax import errors
-from stat_jax import errors
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.stat import hard as hard_mod
 from stat_jax.stat import io
@@ -465,7 +464,9 @@ def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
     if missing:
         raise RuntimeError(f"{summary_path} has no results for {missing} (eval.benchmarks); see the "
                            f"<benchmark>.jsonl records beside it")
-    return {b: {k: v for k, v in r.items() if not isinstance(v, (dict, list))} for b, r in results.items()}
+    # The manifest keeps the scalar figures and what could not be evaluated (bad rows, long prompts).
+    return {b: {k: v for k, v in r.items() if not isinstance(v, (dict, list)) or k == "not_evaluated"}
+            for b, r in results.items()}
 
 
 def stage_eval(ctx: StageContext) -> dict[str, Any]:
