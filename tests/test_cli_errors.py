@@ -99,6 +99,12 @@ def test_missing_model_dir_is_reported_before_the_data_is_loaded(tmp_path):
     assert "math500" not in proc.stderr.lower() and "dataset" not in proc.stderr.lower()
 
 
+def test_import_gguf_error(tmp_path):
+    proc = stat_jax("import-gguf", str(tmp_path / "nope.gguf"), str(tmp_path / "out"))
+    assert_one_line_error(proc, "import-gguf", errors.EXIT_MODEL, "nope.gguf does not exist", "GGUF file")
+    assert not (tmp_path / "out").exists()
+
+
 def test_tokenizer_error(tmp_path, student):
     no_tokenizer = tmp_path / "student"
     no_tokenizer.mkdir()
