@@ -118,8 +118,7 @@ def test_sft_response_ends_with_the_templates_end_of_turn(family):
 
 def test_rollout_backends_stop_at_the_union(tmp_path):
     """The in-process JetStream backend (rollouts, eval, GRPO) and `stat-jax serve`'s engine get the union."""
-    from ml_collections import ConfigDict
-
+    from stat_jax.config import load_config_file
     from stat_jax.models import export_hf_checkpoint, init_model, load_hf_checkpoint
     from stat_jax.models.qwen import tiny_qwen2
     from stat_jax.rollout import make_rollout_backend
@@ -131,9 +130,8 @@ def test_rollout_backends_stop_at_the_union(tmp_path):
     tok.eos_token = "<|endoftext|>"  # base-model tokenizer: EOS is not the template's end of turn
     export_hf_checkpoint(init_model(tiny_qwen2(vocab_size=len(tok), eos_token_ids=(endoftext,)), seed=0), d)
     model = load_hf_checkpoint(d)
-    config = ConfigDict({"rollout": {"backend": "jetstream", "max_concurrent_decodes": 2, "max_prefill_length": 16,
-                                     "max_target_length": 32, "cache_dtype": "", "truncate_long_prompts": False,
-                                     "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0}})
+    config = load_config_file("configs/base.py")
+    config.rollout.update(max_concurrent_decodes=2, max_prefill_length=16, max_target_length=32)
     with make_rollout_backend(config, model, tok) as backend:
         assert backend.engine.tokenizer.stop_tokens == {im_end, endoftext}
     assert build_engine(config, model, tok).tokenizer.stop_tokens == {im_end, endoftext}
