@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stat_jax import __version__
 from stat_jax.config import CONFIG_DIR, build_config, config_to_dict, split_override_args, write_resolved_config
-from stat_jax.errors import InputProblems, StatJaxError, format_error
+from stat_jax.errors import ConfigError, InputProblems, StatJaxError, format_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +153,8 @@ def _run(argv: list[str]) -> int:
     cmd = COMMANDS[args.command]
     spec = args.config or (str(CONFIG_DIR / cmd.default_config) if cmd.default_config else None)
     if spec is None:
-        raise _config_error(f"--config=FILE is required (see {CONFIG_DIR}); e.g. {cmd.example}")
+        raise ConfigError("--config=FILE is required",
+                          hint=f"e.g. {cmd.example} (config files are in {CONFIG_DIR})")
     config = build_config(spec, overrides)
     if args.command == "demo" and args.quick:  # resolve --quick here so --print-config and config.json show it
         from stat_jax.demo.run import quick_variant
@@ -183,12 +184,6 @@ def _run(argv: list[str]) -> int:
         write_resolved_config(config, Path(config.workdir))
     module = importlib.import_module(cmd.module)
     return int(module.main(config, args) or 0)
-
-
-def _config_error(message: str) -> StatJaxError:
-    from stat_jax.errors import ConfigError
-
-    return ConfigError(message, hint="")
 
 
 def _command_name(argv: list[str]) -> str:

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from stat_jax import sharding
-from stat_jax.errors import ModelError, ModelFileError, ModelNotFoundError
+from stat_jax.errors import ModelError, ModelNotFoundError
 from stat_jax.models.build import abstract_model, as_dtype
 from stat_jax.models.config import ModelConfig
 from stat_jax.models.transformer import DecoderLM
