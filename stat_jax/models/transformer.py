@@ -71,11 +71,50 @@ def resolve_remat(value) -> str:
 
 
 def _remat_layer_call(policy: str):
+    """`(layer, x, positions, mask) -> x` of the training forward, rematerialised per `policy`."""
     if policy == "none":
         return _layer_call
-    if policy == "full":
-        return nnx.remat(_layer_call)
-    return nnx.remat(_layer_call, policy=jax.checkpoint_policies.save_only_these_names(MATMUL_NAME))
+    saveable = None if policy == "full" else jax.checkpoint_policies.save_only_these_names(MATMUL_NAME)
+
+    def call(layer, x, positions, mask):
+        graphdef, state = nnx.split(layer)
+        return _cotangent_tied_remat(graphdef, saveable)(state, x, positions, mask)
+
+    return call
+
+
+def _cotangent_tied_remat(graphdef, saveable):
+    """One layer under `jax.checkpoint(policy=saveable)` whose backward recomputation waits for the cotangent.
+
+    A plain jax.checkpoint of each layer of an unrolled stack saved nothing on XLA CPU: its recomputations
+    depend only on the saved layer inputs, so the scheduler is free to run all of them as soon as the forward
+    ends, and every layer's activations were alive at once again (measured: the compiled step's temporaries
+    at 30 layers x 1,024 tokens were the same for none and full). Making the residuals depend on the incoming
+    cotangent makes layer i's recomputation start only when the backward pass reaches layer i.
+    """
+
+    def apply(state, x, positions, mask):
+        return nnx.merge(graphdef, state)(x, positions, mask)[0]
+
+    checkpointed = jax.checkpoint(apply, policy=saveable)
+
+    @jax.custom_vjp
+    def layer(state, x, positions, mask):
+        return apply(state, x, positions, mask)
+
+    def forward(state, x, positions, mask):
+        return jax.vjp(checkpointed, state, x, positions, mask)  # (output, vjp closure holding the residuals)
+
+    def backward(vjp_fn, g):
+        # A data dependence XLA cannot drop (an optimization_barrier is expanded away before XLA CPU schedules):
+        # every saved residual + 0 * (one element of g). Not constant-folded, since 0 * x is NaN for x = inf.
+        zero = jnp.zeros((), jnp.float32) * g.reshape(-1)[0].astype(jnp.float32)
+        tied = jax.tree.map(lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r,
+                            vjp_fn)
+        return tied(g)
+
+    layer.defvjp(forward, backward)
+    return layer
 
 
 CAUSAL_ATTENTION_BLOCK = 128  # query block size of the full-sequence attention (see dot_product_attention)

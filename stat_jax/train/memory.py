@@ -123,6 +123,10 @@ def fit_micro_batches(compile_for: Callable[[int], object], rows: int, batch_way
         compiled = compile_for(k)
         memory = StepMemory.of(compiled)
         if memory.peak <= budget:
+            agreed = _coordinator_choice(k)
+            if agreed != k:  # every process must run the same program; process 0's budget decides
+                k, compiled = agreed, compile_for(agreed)
+                memory = StepMemory.of(compiled)
             log.info("%s=%d: estimated %s per device, budget %.2f GB", key, k, memory.describe(), budget / GB)
             return k, compiled, memory
         if i + 1 >= len(candidates):
@@ -136,6 +140,12 @@ def fit_micro_batches(compile_for: Callable[[int], object], rows: int, batch_way
         f"the training step does not fit the memory budget: {what} ({micro_rows} rows each) needs an estimated "
         f"{memory.describe()} per device (XLA's memory analysis of the compiled step), over the budget of "
         f"{budget / GB:.2f} GB ({budget_source}). {advice}")
+
+
+def _coordinator_choice(k: int) -> int:
+    from stat_jax.distributed import broadcast_from_coordinator
+
+    return int(broadcast_from_coordinator(k)) if jax.process_count() > 1 else k
 
 
 def sharded_batch_ways(mesh) -> int:
