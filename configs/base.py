@@ -26,8 +26,14 @@ def get_config() -> ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
     # Rematerialisation of the training forward (stat_jax/models/transformer.py REMAT_POLICIES): none | full
-    # (recompute each layer) | dots (keep matmul outputs); true/false still mean full/none. Default: see below.
-    c.model.remat = "dots"
+    # (recompute each layer) | dots (keep matmul outputs); true/false still mean full/none. Default full, chosen
+    # by XLA's memory analysis of the compiled update at SmolLM2-135M's shape in float32 (benchmarks/
+    # train_memory.py; the analysis tracked peak RSS within ~15% there): GRPO 16 rows x 512 tokens peaks at
+    # 4.0 GB with full (0.23 MB/token beyond params+grads+AdamW) and 9.1 GB with dots (0.85 MB/token), so only
+    # full keeps that step within 8 GB; none needs ~2.7 MB/token (measured RSS slope, SFT 1->2 x 512 tokens).
+    # dots recomputes only the attention softmax and elementwise ops (full: the whole layer forward, ~1/3 more
+    # compute): pick it when memory allows.
+    c.model.remat = "full"
 
 
     c.mesh = ConfigDict()
