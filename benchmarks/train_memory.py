@@ -168,6 +168,7 @@ def run_child(spec: dict, env: dict | None = None) -> dict:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env or os.environ.copy())
     out, err = proc.communicate()
+    sys.stderr.write(err[-4000:])
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {err[-2000:]}"}
     result = json.loads(out.strip().splitlines()[-1])
@@ -232,6 +233,8 @@ def measure_paper_child(spec: dict) -> dict:
                 "temporaries_gb": memory.temporaries / GB, "outputs_gb": memory.outputs / GB,
                 "donated_gb": memory.aliased / GB, "margin_vs_16GiB_gb": (V5E_HBM - memory.peak) / GB,
                 "fits_v5e": memory.peak <= V5E_HBM, "compile_s": round(time.perf_counter() - t0, 1)}
+            print(json.dumps({f"{name}_{kind}_{rows}x{length}": out[f"{name}_{kind}_{rows}x{length}"]}),
+                  file=sys.stderr, flush=True)  # each compile takes minutes on CPU: show results as they come
     return out
 
 
