@@ -39,7 +39,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    # KV cache for decoding: [batch, cache_length, kv_heads, head_dim]
+    # KV cache for decoding: [batch, kv_heads, cache_length, head_dim] (head-major)
     ("cache_batch", ("data", "fsdp")),
     ("cache_length", None),
 )

@@ -199,4 +199,5 @@ def test_sharded_decode_matches_single_device(qwen2_dir):
     single = run(load_hf_checkpoint(qwen2_dir))
     np.testing.assert_allclose(sharded[0], single[0], atol=1e-5)
     np.testing.assert_allclose(sharded[1], single[1], atol=1e-5)
-    assert sharded[2].keys[0].shape == (4, 8, 2, 16)
+    assert sharded[2].keys[0].shape == (4, 2, 16, 8)  # [batch, kv_heads, head_dim, length]
+    assert sharded[2].values[0].shape == (4, 2, 8, 16)  # [batch, kv_heads, length, head_dim]

@@ -122,13 +122,18 @@ def attention_weights_mask_value(dtype) -> float:
     return float(jnp.finfo(dtype).min)
 
 
-def _attention_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Head-major attention: q [b, kv, groups, t, d], k/v [b, kv, s, d], mask [b, t, s] -> [b, kv, groups, t, d]."""
+def _attention_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                     keys_transposed: bool = False) -> jax.Array:
+    """Head-major attention: q [b, kv, groups, t, d], k/v [b, kv, s, d], mask [b, t, s] -> [b, kv, groups, t, d].
+
+    keys_transposed: k is [b, kv, d, s] (the KV cache's layout).
+    """
     b, kv, groups, t, d = q.shape
-    s = k.shape[2]
+    s = v.shape[2]
     # Query heads of one KV group are stacked along the row axis so each score matmul is a plain
     # [rows, d] x [d, s] product per (batch, kv head): XLA CPU/GPU lower that to its fast GEMM path.
-    scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kv, groups * t, d), k, preferred_element_type=jnp.float32)
+    equation = "bkqd,bkds->bkqs" if keys_transposed else "bkqd,bksd->bkqs"
+    scores = jnp.einsum(equation, q.reshape(b, kv, groups * t, d), k, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kv, groups, t, s) * (1.0 / math.sqrt(d))
     scores = jnp.where(mask[:, None, None, :, :], scores, attention_weights_mask_value(jnp.float32))
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, groups * t, s)
@@ -160,6 +165,18 @@ def dot_product_attention(
             blocks.append(_attention_block(qh[:, :, :, start:end], kh[:, :, :end], vh[:, :, :end],
                                            mask[:, start:end, :end]))
         out = jnp.concatenate(blocks, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention over a KV cache: q [b, t, h, d], keys [b, kv, d, s], values [b, kv, s, d].
+
+    Returns [b, t, h, d]. Only the (few) queries are transposed; each product reads the cache in place, once.
+    """
+    b, t, h, d = q.shape
+    kv = k_cache.shape[1]
+    qh = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+    out = _attention_block(qh, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, keys_transposed=True)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 

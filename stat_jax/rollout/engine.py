@@ -11,6 +11,13 @@ The life of a request, in JetStream's terms:
 Compilations are bounded: one prefill and one insert per bucket, one generate. Parameters are read from a
 `ParamHolder` on every call, so swapping `holder.state` updates every JetStream thread without recompiling
 (0.2.2 binds params once per thread).
+
+The in-process scheduler (stat_jax/rollout/scheduler.py) uses the batched extensions instead: `prefill_into`
+(a bucket's prompts in one call, written straight into their slots), `step` (generate without waiting for
+it) and `resize` (the decode cache grows through `cache_buckets` with the longest sequence in flight, so a
+step's attention reads the positions in use rather than `max_target_length`).
+Auto settings (`rollout.max_concurrent_decodes=0`, `max_target_length=0`) are resolved at construction by
+`resolve_settings`; `memory_note` (also logged) states the cache's worst-case size against device memory.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -31,12 +39,13 @@ from flax import nnx
 
 from stat_jax import sharding
 from stat_jax.models.build import as_dtype
-from stat_jax.models.transformer import CACHE_AXES, DecoderLM, KVCache
+from stat_jax.models.transformer import CACHE_AXES, LENGTH_AXIS, DecoderLM, KVCache
 from stat_jax.rollout.base import SamplingParams
 from stat_jax.rollout.jetstream_compat import load_jetstream
 from stat_jax.rollout.protocol import RequestSampling
 from stat_jax.rollout.sampling import request_key, sample_tokens, step_keys
 
+logger = logging.getLogger(__name__)
 _DEVICE_LOCK = threading.RLock()  # see StudentEngine.mesh_context
 
 
@@ -62,24 +71,102 @@ def prefill_buckets(max_prefill_length: int) -> list[int]:
     return buckets[: buckets.index(max_prefill_length) + 1]
 
 
+AUTO = 0  # rollout.max_concurrent_decodes / max_target_length = 0: sized by `resolve_settings`
+AUTO_NEW_TOKENS = 2048  # auto cache length = largest prompt bucket + this (STAT's rollout_max_new_tokens)
+MAX_AUTO_SLOTS = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
-    """Static shapes of the engine: they decide what gets compiled."""
+    """Static shapes of the engine: they decide what gets compiled (0 = auto, see `resolve_settings`)."""
 
-    max_concurrent_decodes: int = 8  # decode slots (the generate batch)
+    max_concurrent_decodes: int = 8  # decode slots (the generate batch); 0 = as many as fit the memory fraction
     max_prefill_length: int = 1024  # largest prompt bucket
-    max_target_length: int = 3072  # cache length per slot: prompt + generated tokens must fit below it
+    max_target_length: int = 3072  # cache length per slot (prompt + generated tokens stay below it); 0 = auto
     cache_dtype: str = ""  # "" = the model's compute dtype
+    cache_memory_fraction: float = 0.3  # auto slots: the full-length cache of every slot fits this much memory
+    prefill_batch_tokens: int = 2048  # in-process scheduler: prompts prefilled together, in padded tokens
 
     def __post_init__(self):
         prefill_buckets(self.max_prefill_length)
-        if self.max_concurrent_decodes < 1:
-            raise ValueError(f"rollout.max_concurrent_decodes must be >= 1, got {self.max_concurrent_decodes}")
-        if self.max_target_length <= self.max_prefill_length:
+        if self.max_concurrent_decodes < 0:
+            raise ValueError(f"rollout.max_concurrent_decodes must be >= 1 (or 0 = auto), "
+                             f"got {self.max_concurrent_decodes}")
+        if self.max_target_length != AUTO and self.max_target_length <= self.max_prefill_length:
             raise ValueError(
                 f"rollout.max_target_length={self.max_target_length} must exceed rollout.max_prefill_length="
-                f"{self.max_prefill_length} (the cache holds the prompt and the generated tokens)"
+                f"{self.max_prefill_length} (the cache holds the prompt and the generated tokens), or be 0 = auto"
             )
+        if not 0 < self.cache_memory_fraction <= 1:
+            raise ValueError(f"rollout.cache_memory_fraction={self.cache_memory_fraction} must be in (0, 1]")
+        if self.prefill_batch_tokens < self.max_prefill_length:
+            raise ValueError(f"rollout.prefill_batch_tokens={self.prefill_batch_tokens} must be >= "
+                             f"rollout.max_prefill_length={self.max_prefill_length} (one prompt per call at least)")
+
+
+def kv_bytes_per_token(cfg, dtype) -> int:
+    """KV-cache bytes one token occupies: K and V of every layer."""
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def engine_memory_bytes(mesh: jax.sharding.Mesh | None) -> int:
+    """Memory the cache can spread over: the mesh's devices' allocator limits; on CPU the host's RAM (once:
+    fake CPU devices share it)."""
+    from stat_jax.train.memory import device_memory_bytes, host_memory_bytes
+
+    devices = list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
+    if devices[0].platform == "cpu":
+        return host_memory_bytes()
+    return sum(device_memory_bytes(d) for d in devices)
+
+
+def resolve_settings(settings: EngineSettings, cfg, cache_dtype, memory_bytes: int) -> tuple[EngineSettings, str]:
+    """Settings with the auto (0) fields filled in, and the sentence logging the cache's worst-case size.
+
+    Auto cache length: the largest prompt bucket + AUTO_NEW_TOKENS, capped by the model's context. Auto slots:
+    as many as keep every slot's full-length cache within `cache_memory_fraction` of `memory_bytes` (a multiple
+    of 8 when there are at least 8, at most MAX_AUTO_SLOTS). The in-process scheduler allocates the cache only
+    up to the longest sequence in flight, so this is the bound, not what a short rollout uses.
+    """
+    length = settings.max_target_length
+    if length == AUTO:
+        length = min(settings.max_prefill_length + AUTO_NEW_TOKENS, cfg.max_position_embeddings)
+        if length <= settings.max_prefill_length:
+            raise ValueError(f"rollout.max_target_length=0 (auto): the model's context of {cfg.max_position_embeddings}"
+                             f" tokens leaves no room after rollout.max_prefill_length={settings.max_prefill_length}")
+    per_token = kv_bytes_per_token(cfg, cache_dtype)
+    slots = settings.max_concurrent_decodes
+    if slots == AUTO:
+        fit = int(settings.cache_memory_fraction * memory_bytes) // (length * per_token)
+        if fit < 1:
+            raise ValueError(
+                f"rollout.max_concurrent_decodes=0 (auto): one slot of {length} positions needs "
+                f"{length * per_token / 1e9:.2f} GB of KV cache, more than rollout.cache_memory_fraction="
+                f"{settings.cache_memory_fraction} of {memory_bytes / 1e9:.1f} GB; lower rollout.max_target_length "
+                f"or raise the fraction")
+        slots = min(fit if fit < 8 else fit // 8 * 8, MAX_AUTO_SLOTS)
+    resolved = dataclasses.replace(settings, max_concurrent_decodes=slots, max_target_length=length)
+    total = slots * length * per_token
+    note = (f"rollout KV cache: {slots} slots x {length} positions x {per_token / 1024:.1f} KiB/token "
+            f"({jnp.dtype(cache_dtype).name}) = {total / 1e9:.2f} GB at most, "
+            f"{100 * total / max(memory_bytes, 1):.0f}% of {memory_bytes / 1e9:.1f} GB"
+            + (f" (auto: rollout.cache_memory_fraction={settings.cache_memory_fraction})"
+               if settings.max_concurrent_decodes == AUTO else ""))
+    return resolved, note
+
+
+def cache_length_buckets(max_target_length: int, smallest: int = 64) -> list[int]:
+    """Decode-cache lengths the in-process scheduler compiles generate for: powers of two, then the maximum.
+
+    The cache is allocated at the smallest bucket holding every sequence in flight and grown when one outgrows
+    it, so a decode step reads the tokens actually in use instead of `max_target_length` positions.
+    """
+    buckets = []
+    length = smallest
+    while length < max_target_length:
+        buckets.append(length)
+        length *= 2
+    return buckets + [max_target_length]
 
 
 class ParamHolder:
@@ -188,13 +275,90 @@ def _prefill(graphdef, state, tokens, true_length, seed, prompt_index, sample_in
     bucket = tokens.shape[0]
     cache = model.init_cache(1, bucket, cache_dtype)
     positions = jnp.arange(bucket, dtype=jnp.int32)[None, :]
-    logits, cache = model.decode(tokens[None, :], positions, cache, jnp.zeros((1,), jnp.int32))
+    logits, cache = model.decode(tokens[None, :], positions, cache, jnp.zeros((1,), jnp.int32),
+                                 logits_at=(true_length - 1)[None])
     key = request_key(seed, prompt_index, sample_index)
-    last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, axis=0, keepdims=True)
-    first = sample_tokens(last, step_keys(key[None], jnp.zeros((1,), jnp.int32)), temperature[None],
+    first = sample_tokens(logits[:, 0], step_keys(key[None], jnp.zeros((1,), jnp.int32)), temperature[None],
                           top_p[None], top_k[None])[0]
     return Prefix(cache=cache, first_token=first, length=true_length, key=key, temperature=temperature,
                   top_p=top_p, top_k=top_k, stop_ids=stop_ids)
+
+
+@flax.struct.dataclass
+class PrefillBatch:
+    """Prompts of one bucket prefilled together straight into decode slots (the in-process scheduler).
+
+    Rows whose slot is out of range (>= the slot count) are padding: they run, and their writes are dropped.
+    """
+
+    tokens: jax.Array  # int32 [p, bucket], right-padded
+    lengths: jax.Array  # int32 [p]
+    slots: jax.Array  # int32 [p]
+    seeds: jax.Array  # uint32 [p]; with the indices: each row's request_key
+    prompt_index: jax.Array  # int32 [p]
+    sample_index: jax.Array  # int32 [p]
+    temperature: jax.Array  # float32 [p]
+    top_p: jax.Array
+    top_k: jax.Array  # int32 [p]
+    stop_ids: jax.Array  # int32 [p, MAX_STOP_IDS]
+
+
+def _prefill_rows(graphdef, params, batch: PrefillBatch, cache_dtype) -> tuple[KVCache, jax.Array]:
+    """The prompts' caches [p, kv, bucket, d] and first tokens [p] (compiled per bucket and row count only)."""
+    model: DecoderLM = nnx.merge(graphdef, params)
+    rows, bucket = batch.tokens.shape
+    cache = model.init_cache(rows, bucket, cache_dtype)
+    positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (rows, bucket))
+    logits, cache = model.decode(batch.tokens, positions, cache, jnp.zeros((rows,), jnp.int32),
+                                 logits_at=batch.lengths - 1)
+    first = sample_tokens(logits[:, 0], step_keys(_batch_keys(batch), jnp.zeros((rows,), jnp.int32)),
+                          batch.temperature, batch.top_p, batch.top_k)
+    return cache, first
+
+
+def _batch_keys(batch: PrefillBatch) -> jax.Array:
+    return jax.vmap(request_key)(batch.seeds, batch.prompt_index, batch.sample_index)
+
+
+def _insert_rows(state: DecodeState, batch: PrefillBatch, cache: KVCache, first: jax.Array) -> DecodeState:
+    """Writes prefilled rows into their slots of `state` in place (the state is donated)."""
+    bucket = batch.tokens.shape[1]
+    rows = first.shape[0]
+
+    def put(field):  # buffer [slots, ..., length, ...] <- rows [p, ..., bucket, ...] at batch.slots
+        index = (batch.slots,) + (slice(None),) * (LENGTH_AXIS[field] - 1) + (slice(0, bucket),)
+        return lambda buffer, rows_kv: buffer.at[index].set(rows_kv.astype(buffer.dtype), mode="drop")
+
+    def set_rows(field, values):
+        return field.at[batch.slots].set(values.astype(field.dtype), mode="drop")
+
+    return DecodeState(
+        cache=KVCache(keys=tuple(map(put("keys"), state.cache.keys, cache.keys)),
+                      values=tuple(map(put("values"), state.cache.values, cache.values))),
+        tokens=set_rows(state.tokens, first), positions=set_rows(state.positions, batch.lengths),
+        generated=set_rows(state.generated, jnp.ones((rows,), jnp.int32)),
+        keys=set_rows(state.keys, _batch_keys(batch)), temperature=set_rows(state.temperature, batch.temperature),
+        top_p=set_rows(state.top_p, batch.top_p), top_k=set_rows(state.top_k, batch.top_k),
+        stop_ids=set_rows(state.stop_ids, batch.stop_ids),
+    )
+
+
+def _resize_cache(state: DecodeState, length: int) -> DecodeState:
+    """The decode state with every cache `length` positions long (zero-padded or cut at the end)."""
+    def fit(field):
+        axis = LENGTH_AXIS[field]
+
+        def one(buffer):
+            if length <= buffer.shape[axis]:
+                return jax.lax.slice_in_dim(buffer, 0, length, axis=axis)
+            pad = [(0, 0)] * buffer.ndim
+            pad[axis] = (0, length - buffer.shape[axis])
+            return jnp.pad(buffer, pad)
+
+        return one
+
+    return state.replace(cache=KVCache(keys=tuple(map(fit("keys"), state.cache.keys)),
+                                       values=tuple(map(fit("values"), state.cache.values))))
 
 
 def _insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
@@ -232,8 +396,8 @@ def _generate(graphdef, params, state: DecodeState):
 
 def _zeros_decode_state(cfg, slots: int, length: int, dtype) -> DecodeState:
     cache = KVCache.zeros(cfg, slots, length, dtype)
-    cache = KVCache(keys=tuple(sharding.constrain(k, CACHE_AXES) for k in cache.keys),
-                    values=tuple(sharding.constrain(v, CACHE_AXES) for v in cache.values))
+    cache = KVCache(keys=tuple(sharding.constrain(k, CACHE_AXES["keys"]) for k in cache.keys),
+                    values=tuple(sharding.constrain(v, CACHE_AXES["values"]) for v in cache.values))
     zeros = jnp.zeros((slots,), jnp.int32)
     return DecodeState(cache=cache, tokens=zeros, positions=zeros, generated=zeros,
                        keys=jnp.zeros((slots, 2), jnp.uint32), temperature=jnp.zeros((slots,), jnp.float32),
@@ -263,15 +427,25 @@ class StudentEngine(js.engine_api.Engine):
         self.settings = settings
         self.default_sampling = default_sampling  # for requests that carry none (gRPC)
         self.cache_dtype = as_dtype(settings.cache_dtype) if settings.cache_dtype else model.dtype
-        self.buckets = prefill_buckets(settings.max_prefill_length)
         self._mesh = mesh_of(state)
+        self.settings, self.memory_note = resolve_settings(settings, model.config, self.cache_dtype,
+                                                           engine_memory_bytes(self._mesh))
+        logger.info(self.memory_note)
+        self.buckets = prefill_buckets(self.settings.max_prefill_length)
+        self.cache_buckets = cache_length_buckets(self.settings.max_target_length)
         # Per-engine jits with pinned output shardings: GSPMD may otherwise hand back pass-through fields
         # with a different sharding after a step, which would compile a second variant of every kernel.
+        # The shardings do not depend on the cache length (that axis is never split), so one set serves
+        # every length bucket.
         shardings = self._decode_state_shardings()
         self._init_fn = jax.jit(_zeros_decode_state, static_argnums=(0, 1, 2, 3), out_shardings=shardings)
         self._insert_fn = jax.jit(_insert, donate_argnums=(1,), out_shardings=shardings)
         self._generate_fn = jax.jit(_generate, static_argnames=("graphdef",), donate_argnums=(2,),
                                     out_shardings=None if shardings is None else (shardings, self._replicated()))
+        self._prefill_rows_fn = jax.jit(_prefill_rows, static_argnames=("graphdef", "cache_dtype"))
+        self._insert_rows_fn = jax.jit(_insert_rows, donate_argnums=(0,), out_shardings=shardings)
+        # Not donated: the grown cache cannot reuse the old buffers, and donating them only warns.
+        self._resize_fn = jax.jit(_resize_cache, static_argnums=(1,), out_shardings=shardings)
         self._pending = threading.local()
         self._request_counter = itertools.count()
 
@@ -296,20 +470,52 @@ class StudentEngine(js.engine_api.Engine):
     def _replicated(self):
         return sharding.replicated(self._mesh)
 
+    # ----- the in-process scheduler's batched path (stat_jax.rollout.inprocess) --------------------------
+    def prefill_into(self, decode_state: DecodeState, batch: PrefillBatch) -> DecodeState:
+        """Prefills a bucket's prompts straight into their slots; asynchronous (returns before it runs)."""
+        with self.mesh_context():
+            cache, first = self._prefill_rows_fn(self.graphdef, self.params.state, batch, cache_dtype=self.cache_dtype)
+            return self._insert_rows_fn(decode_state, batch, cache, first)
+
+    def step(self, decode_state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        """One generate step; asynchronous. result [slots, 3]: emitted token, valid (not a stop id), its index.
+
+        Only one thread drives this path, so nothing needs completing before the lock is released.
+        """
+        with self.mesh_context():
+            return self._generate_fn(self.graphdef, self.params.state, decode_state)
+
+    def resize(self, decode_state: DecodeState, length: int) -> DecodeState:
+        """The decode state with caches `length` long (one of `cache_buckets`); rows keep their tokens."""
+        with self.mesh_context():
+            return self._resize_fn(decode_state, length)
+
+    def cache_bucket(self, needed: int) -> int:
+        """The smallest cache length bucket holding `needed` positions."""
+        for length in self.cache_buckets:
+            if needed <= length:
+                return length
+        raise ValueError(f"{needed} cache positions exceed rollout.max_target_length={self.settings.max_target_length}")
+
     def _decode_state_shardings(self) -> DecodeState | None:
         if self._mesh is None:
             return None
         s = self.settings
         shapes = jax.eval_shape(lambda: _zeros_decode_state(self.model_config, s.max_concurrent_decodes,
                                                             s.max_target_length, self.cache_dtype))
-        cache = jax.tree.map(lambda x: sharding.named_sharding(self._mesh, CACHE_AXES, x.shape), shapes.cache)
+        def field(name, leaves):
+            return tuple(sharding.named_sharding(self._mesh, CACHE_AXES[name], x.shape) for x in leaves)
+
+        cache = KVCache(keys=field("keys", shapes.cache.keys), values=field("values", shapes.cache.values))
         rest = jax.tree.map(lambda x: self._replicated(), shapes.replace(cache=None))
         return rest.replace(cache=cache)
 
     def compilation_counts(self) -> dict[str, int]:
         """Compiled variants held by each kernel (prefill is shared by all engines in the process)."""
         return {"prefill": _prefill._cache_size(), "insert": self._insert_fn._cache_size(),
-                "generate": self._generate_fn._cache_size()}
+                "generate": self._generate_fn._cache_size(), "prefill_rows": self._prefill_rows_fn._cache_size(),
+                "insert_rows": self._insert_rows_fn._cache_size(),
+                "resize": self._resize_fn._cache_size()}
 
     def _request_sampling(self) -> RequestSampling:
         pending = getattr(self._pending, "value", None)
@@ -359,10 +565,11 @@ class StudentEngine(js.engine_api.Engine):
     def build_tokenizer(self, metadata) -> HFTokenizer:
         return self.tokenizer
 
-    def init_decode_state(self, *args, **kwargs) -> DecodeState:
+    def init_decode_state(self, *args, length: int | None = None, **kwargs) -> DecodeState:
+        """Empty slots; caches `length` positions long (default: max_target_length, what JetStream expects)."""
         s = self.settings
         with self.mesh_context():
-            return _finish(self._init_fn(self.model_config, s.max_concurrent_decodes, s.max_target_length,
+            return _finish(self._init_fn(self.model_config, s.max_concurrent_decodes, length or s.max_target_length,
                                          self.cache_dtype))
 
     @property

@@ -18,7 +18,9 @@ def engine_settings(rollout_cfg) -> EngineSettings:
     return EngineSettings(max_concurrent_decodes=int(rollout_cfg.max_concurrent_decodes),
                           max_prefill_length=int(rollout_cfg.max_prefill_length),
                           max_target_length=int(rollout_cfg.max_target_length),
-                          cache_dtype=str(rollout_cfg.cache_dtype))
+                          cache_dtype=str(rollout_cfg.cache_dtype),
+                          cache_memory_fraction=float(rollout_cfg.cache_memory_fraction),
+                          prefill_batch_tokens=int(rollout_cfg.prefill_batch_tokens))
 
 
 def default_sampling(rollout_cfg) -> SamplingParams:

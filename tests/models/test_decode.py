@@ -92,7 +92,8 @@ def test_cache_layout_and_dtype():
     cache = model.init_cache(2, 16, dtype=jnp.bfloat16)
     assert (cache.batch_size, cache.max_length) == (2, 16)
     assert len(cache.keys) == len(cache.values) == 3
-    assert cache.keys[0].shape == (2, 16, cfg.num_kv_heads, cfg.head_dim)
+    assert cache.keys[0].shape == (2, cfg.num_kv_heads, cfg.head_dim, 16)  # keys transposed for q.K^T
+    assert cache.values[0].shape == (2, cfg.num_kv_heads, 16, cfg.head_dim)
     assert cache.keys[0].dtype == jnp.bfloat16
     # Buffers must not alias: a donated cache would otherwise be freed twice.
     assert len({id(x) for x in cache.keys + cache.values}) == 6

@@ -99,27 +99,31 @@ def test_update_params_changes_outputs_without_recompiling(backend, student, gre
     backend.update_params(other)
     changed = backend.generate(prompts, GREEDY, progress=False)
     assert [r[0].token_ids for r in changed] != [r[0].token_ids for r in greedy_out]
+    # Other outputs finish at other steps, so the scheduler may meet new (bucket, rows, cache length) shapes;
+    # the swap itself compiles nothing: the original params' run below reuses exactly greedy_out's kernels.
+    after_changed = backend.compilation_counts()
+    assert after_changed["generate"] >= compiled["generate"]
     backend.update_params(student.model)  # back: the outputs must be exactly the original ones
     restored = backend.generate(prompts, GREEDY, progress=False)
     assert [r[0].token_ids for r in restored] == [r[0].token_ids for r in greedy_out]
-    assert backend.compilation_counts() == compiled
+    assert backend.compilation_counts() == after_changed
     with pytest.raises(ValueError, match="shape"):
         wrong = init_model(student.model.config.__class__(**{**student.model.config.__dict__, "hidden_size": 32,
                                                               "head_dim": 8}))
         backend.update_params(wrong)
 
 
-def test_thread_failure_raises_rollout_error_and_recovers(backend, student, greedy_out, monkeypatch):
+def test_step_failure_raises_rollout_error_and_recovers(backend, student, greedy_out, monkeypatch):
     prompts = chat_prompts(student.tokenizer, QUESTIONS[:2])
 
-    def broken_generate(params, decode_state):
+    def broken_step(decode_state):
         raise FloatingPointError("injected generate failure")
 
-    monkeypatch.setattr(backend.engine, "generate", broken_generate)
-    with pytest.raises(RolloutError, match="generate-0 thread failed.*injected generate failure"):
+    monkeypatch.setattr(backend.engine, "step", broken_step)
+    with pytest.raises(RolloutError, match="in-process rollout failed.*injected generate failure"):
         backend.generate(prompts, GREEDY, progress=False)
     monkeypatch.undo()
-    out = backend.generate(prompts, GREEDY, progress=False)  # a fresh driver, same compiled kernels
+    out = backend.generate(prompts, GREEDY, progress=False)  # a fresh decode state, same compiled kernels
     assert [r[0].token_ids for r in out] == [r[0].token_ids for r in greedy_out[:2]]
 
 
