@@ -82,10 +82,17 @@ def get_config() -> ConfigDict:
     # Student rollouts (stat_jax.rollout): JetStream in-process, or a client of `stat-jax serve`.
     c.rollout = ConfigDict()
     c.rollout.backend = "jetstream"  # jetstream (in-process, same mesh) | client (rollout.address)
-    c.rollout.max_concurrent_decodes = 64  # decode slots = the generate batch
+    # Decode slots = the generate batch; 0 = auto: as many as keep every slot's full-length KV cache within
+    # rollout.cache_memory_fraction of the device memory (on CPU: host RAM); the figure is logged at start.
+    c.rollout.max_concurrent_decodes = 0
+    c.rollout.cache_memory_fraction = 0.3
     c.rollout.max_prefill_length = 1024  # largest prompt bucket (a power of two >= 16); buckets 16, 32, ...
-    c.rollout.max_target_length = 3072  # KV cache per slot: prompt + new tokens must stay below it
-    c.rollout.cache_dtype = ""  # "" = model.dtype
+    # KV cache per slot: prompt + new tokens must stay below it; 0 = auto: max_prefill_length + 2048 (STAT's
+    # rollout_max_new_tokens), capped by the model's context. In-process rollouts allocate the cache only up to
+    # the longest sequence in flight (power-of-two length buckets), so short rollouts pay for short caches.
+    c.rollout.max_target_length = 0
+    c.rollout.cache_dtype = ""  # "" = model.dtype (the compute dtype)
+    c.rollout.prefill_batch_tokens = 2048  # in-process: prompts of one bucket prefilled together, padded tokens
     c.rollout.truncate_long_prompts = False  # True: keep the last max_prefill_length tokens, with a warning
     c.rollout.host = "127.0.0.1"  # `stat-jax serve` binds here; "::" or "0.0.0.0" exposes it
     c.rollout.port = 9000
