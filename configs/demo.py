@@ -38,14 +38,20 @@ def get_config(variant: str = "default") -> ConfigDict:
     d.heldout_size = 400  # profiling questions (the paper's MATH validation split)
     d.test_size = 600  # never used for any choice: only the final table
     d.rare_skills = ("borrow_subtraction", "modular_reduction", "percent")
-    d.rare_weight = 0.06
+    d.rare_weight = 0.03  # ~600-800 train questions per rare skill against 4,000-12,000 for the others
     # The student: a tiny Llama, character-level.
     d.hidden_size = 128
     d.num_layers = 2
     d.num_heads = 4
     d.max_seq_len = 128  # longest prompt + answer; positions restart per packed example
+    # The base student is shipped pre-trained (stat_jax/demo/student, a few MB): pre-training it to saturation
+    # takes longer than the rest of the demo. `stat-jax demo --config.demo.export_student=True` rebuilds it from
+    # the settings below (deterministic); when they differ from the shipped build.json the demo pre-trains here.
+    d.use_shipped_student = True
+    d.student_dir = ""  # "" = stat_jax/demo/student
+    d.export_student = False
     # Pre-training on the (imbalanced) train split.
-    d.pretrain_steps = 500
+    d.pretrain_steps = 1200  # ~2.8 epochs: converged on the mix (the shipped student, also used by --quick)
     d.pretrain_batch_size = 16  # rows of data.max_length tokens, ~3 packed examples each
     d.pretrain_lr = 3e-3
     # STAT: the pipeline's own settings (configs/base.py `stat`), sized for the demo.
@@ -58,17 +64,24 @@ def get_config(variant: str = "default") -> ConfigDict:
     d.skill_map_size = 3000  # train questions the teacher labels (the Skill-Map STAT-Sel selects from)
     d.teacher_slip_rate = 0.25  # probability that a teacher-written solution has an arithmetic slip
     d.teacher_label_noise = 0.0
+    d.eval_split = "test"  # "heldout": score the rows on the profiling split (how the settings were chosen)
     d.flag_min_share = 0.1  # skills with >= 10% of the profile's mentions are "flagged" in the table
     # Fine-tuning after the base model, at an equal token budget per method.
     d.seeds = (0, 1, 2)
-    d.methods = ("sft", "stat_sel", "stat_syn")
+    # sft: the original mix; math_hard / embed_sel: the paper's baselines (stat_jax/demo/baselines.py)
+    d.methods = ("sft", "math_hard", "embed_sel", "stat_sel", "stat_syn")
     d.finetune_tokens = 200_000
     d.finetune_batch_size = 16
     d.finetune_lr = 3e-4  # about where pre-training's cosine schedule ended
+    d.grpo_methods = ("sft", "stat_sel", "stat_syn")  # methods that get a +GRPO row
     d.grpo_steps = 8  # 0 disables the +GRPO rows
-    d.grpo_prompts = 16
-    d.grpo_samples = 4
-    d.grpo_lr = 2e-4
+    d.grpo_prompts = 16  # per step, from train-split questions balanced over the skills (run.py grpo_prompts)
+    d.grpo_prompt_pool = 0  # distinct prompts; 0 = steps x prompts (no prompt is seen twice)
+    d.grpo_samples = 8  # per prompt: enough that most groups hold both a right and a wrong answer
+    d.grpo_lr = 1e-4  # 3x below the SFT lr: 8 steps must move the policy measurably, without the old 2e-4 damage
+    d.grpo_lr_schedule = "constant"
+    d.grpo_warmup_steps = 0  # a warmup step runs at lr 0 (wasted); a low lr and clipping keep fresh Adam gentle
+    d.grpo_temperature = 0.7
     d.max_new_tokens = 48
 
     # The real SFT trainer's settings (configs/base.py `data`/`train`); steps and learning rates are set per run.
@@ -78,6 +91,9 @@ def get_config(variant: str = "default") -> ConfigDict:
 
     # The rollout backend (JetStream in-process): prompts are < 128 tokens, answers < 48.
     _set(c, "rollout", max_concurrent_decodes=64, max_prefill_length=128, max_target_length=192)
+    # GRPO samples as many new tokens as eval; a training row holds the longest prompt plus them (the values
+    # stat_jax.demo.run.apply_grpo_settings sets, here so the shipped config's lengths agree: stat_jax/lengths.py).
+    _set(c, "grpo", max_new_tokens=d.max_new_tokens, max_length=128 + d.max_new_tokens)
 
     c.eval.instruction = ""  # the demo's prompts are the bare problem text: short, like its training data
     c.eval.max_new_tokens = d.max_new_tokens
@@ -91,23 +107,21 @@ def get_config(variant: str = "default") -> ConfigDict:
 
 
 def quick(c: ConfigDict) -> ConfigDict:
-    # GRPO samples as many new tokens as eval; a training row holds the longest prompt plus them (the values
-    # stat_jax.demo.run.apply_grpo_settings sets, here so the shipped config's lengths agree: stat_jax/lengths.py).
-    _set(c, "grpo", max_new_tokens=d.max_new_tokens, max_length=128 + d.max_new_tokens)
     """The suite's variant: every stage runs, on tiny sizes (<= 3 minutes on 2 cores)."""
     d = c.demo
     c.workdir = "runs/demo-quick"
     d.train_size, d.heldout_size, d.test_size = 2000, 60, 100
-    d.hidden_size, d.num_layers, d.num_heads = 64, 2, 2
-    d.pretrain_steps = 120
-    d.pretrain_batch_size = 8
+    # The shipped (saturated) base student, as in the default run: what the quick run asserts (the profile
+    # finds the rare skills, ...) needs a student that has learned the common skills.
     d.skill_map_size = 400
     c.stat.rollout_samples = 2
     c.stat.num_hard = 30
     d.seeds = (0, 1)
-    d.finetune_tokens = 6_000
+    d.finetune_tokens = 15_000  # one example overshoots the budget by < 1%
     d.finetune_batch_size = 8
-    d.grpo_steps = 2
-    d.grpo_prompts = 4
-    d.grpo_samples = 2
+    d.grpo_methods = ("stat_sel",)
+    d.grpo_steps = 4
+    d.grpo_prompts = 8
+    d.grpo_prompt_pool = 8  # the same prompts every step: the training reward curve measures learning
+    d.grpo_samples = 4
     return c

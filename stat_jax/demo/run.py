@@ -33,9 +33,13 @@ from stat_jax.stat import io
 log = logging.getLogger(__name__)
 
 STAT_STAGES = ("skills", "label", "rollout", "hard", "diagnose", "profile", "sel", "syn")
-METHOD_FILES = {"sft": "data/original_mix.jsonl", "stat_sel": "stat/sel/stat_sel.jsonl",
+METHOD_FILES = {"sft": "data/original_mix.jsonl", "math_hard": "baselines/math_hard.jsonl",
+                "embed_sel": "baselines/embed_sel.jsonl", "stat_sel": "stat/sel/stat_sel.jsonl",
                 "stat_syn": "stat/syn/stat_syn.jsonl"}
-METHOD_LABELS = {"base": "base", "sft": "SFT (original mix)", "stat_sel": "STAT-Sel", "stat_syn": "STAT-Syn"}
+BASELINES = ("math_hard", "embed_sel")
+SHIPPED_STUDENT = Path(__file__).with_name("student")  # the pre-trained base student (configs/demo.py)
+METHOD_LABELS = {"base": "base", "sft": "SFT (original mix)", "math_hard": "MATH-Hard", "embed_sel": "Embed-Sel",
+                 "stat_sel": "STAT-Sel", "stat_syn": "STAT-Syn"}
 
 
 # ----- small helpers -------------------------------------------------------------------------------------------
@@ -289,7 +293,16 @@ class Demo:
 
     # student ----------------------------------------------------------------------------------------------
     def student(self) -> str:
+        """The base student: the shipped checkpoint when it was built from these settings, else pre-trained here."""
         d = self.d
+        shipped = self.shipped_student()
+        if shipped is not None:
+            def use_shipped():
+                io.write_json(self.path("student/base.json"), _model_record(shipped))
+                return {"shipped": str(shipped)}
+
+            settings = {"shipped": self.student_settings(), "weights": _model_record(shipped)["weights_sha256"]}
+            return _step(self.root, "student/base", settings, [], ["student/base.json"], use_shipped)
         init_settings = {"seed": self.config.seed, "arch": [d.hidden_size, d.num_layers, d.num_heads, d.max_seq_len]}
         _step(self.root, "student/init", init_settings, [], ["student/init/config.json"],
               lambda: make_initial_student(self.config, self.path("student/init")))
@@ -307,6 +320,60 @@ class Demo:
 
         return _step(self.root, "student/base", settings, ["data/original_mix.jsonl", "student/init/config.json"],
                      ["student/base.json"], run)
+
+    def student_settings(self) -> dict[str, Any]:
+        """What a shipped base student must have been built from: the task's mix, architecture and pre-training.
+
+        Split sizes are not part of it: the test split is generated first and the held-out split next, so a
+        smaller run's (--quick) test and held-out questions are among the ones the student never trained on.
+        """
+        d, c = self.d, self.config
+        return {"seed": c.seed, "rare": list(d.rare_skills),
+                "rare_weight": d.rare_weight, "arch": [d.hidden_size, d.num_layers, d.num_heads, d.max_seq_len],
+                "steps": d.pretrain_steps, "batch": d.pretrain_batch_size, "lr": d.pretrain_lr,
+                "max_length": c.data.max_length, "packing": c.data.packing, "dtype": c.model.dtype,
+                "schedule": [c.train.lr_schedule, c.train.warmup_steps, c.train.min_lr_ratio]}
+
+    def shipped_dir(self) -> Path:
+        return Path(self.d.student_dir) if self.d.student_dir else SHIPPED_STUDENT
+
+    def shipped_student(self) -> Path | None:
+        """The shipped student's directory if it exists and its build record matches student_settings()."""
+        if not self.d.use_shipped_student:
+            return None
+        build = self.shipped_dir() / "build.json"
+        if not build.exists():
+            log.warning("demo: no shipped base student at %s; pre-training one here (%d steps)",
+                        self.shipped_dir(), self.d.pretrain_steps)
+            return None
+        if io.read_json(build)["settings"] != self.student_settings():
+            log.warning("demo: the shipped base student (%s) was built from other settings; pre-training one here. "
+                        "Rebuild it with `stat-jax demo --config.demo.export_student=True`", build)
+            return None
+        return self.shipped_dir()
+
+    def export_student(self) -> dict[str, Any]:
+        """Pre-trains the base student (data + student steps) and writes it to the shipped directory."""
+        import shutil
+
+        self.d.use_shipped_student = False  # build it, never copy the old one onto itself
+        self.data()
+        self.student()
+        out = self.shipped_dir()
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        for f in sorted(self.base_model.iterdir()):
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+        record = {"settings": self.student_settings(), **_model_record(out),
+                  "data": {"sizes": [self.d.train_size, self.d.heldout_size, self.d.test_size]},
+                  "command": "stat-jax demo --config.demo.export_student=True"}
+        # relative to the repository when inside it: the committed record must not name this machine's path
+        record["model"] = str(out.resolve().relative_to(Path.cwd().resolve())) if out.resolve().is_relative_to(
+            Path.cwd().resolve()) else str(out)
+        io.write_json(out / "build.json", record)
+        return record
 
     def trainer_settings(self) -> dict[str, Any]:
         """The trainer's config sections: changing any of them retrains."""
@@ -333,6 +400,68 @@ class Demo:
         return run_pipeline(config, resume=True, teacher_backend=teacher, tokenizer=_tokenizer(self.base_model),
                             rollout_backend=LazyBackend(lambda: self.server.serve(self.base_model)))
 
+    # the paper's baselines -----------------------------------------------------------------------------------
+    def baselines(self) -> str:
+        """MATH-Hard and Embed-Sel training sets (stat_jax.demo.baselines), from the same Skill-Map pool as STAT-Sel."""
+        from stat_jax.demo import baselines
+
+        d = self.d
+        wanted = [m for m in d.methods if m in BASELINES]
+        if not wanted:
+            return "skipped"
+        settings = {"methods": wanted, "per_question": self.config.stat.sel_questions_per_skill,
+                    "instruction": self.config.eval.instruction}
+        inputs = ["stat/data/train.jsonl", "stat/hard/hard.jsonl", "student/base.json"]
+
+        def run():
+            pool = _problems(self.path("stat/data/train.jsonl"))
+            instruction = self.config.eval.instruction
+            stats = {}
+            if "math_hard" in wanted:
+                chosen = baselines.hardest_levels(pool)
+                io.write_jsonl(self.path(METHOD_FILES["math_hard"]),
+                               (reference_example(p, instruction).to_dict() for p in chosen))
+                stats["math_hard"] = {"questions": len(chosen), "level": chosen[0].level}
+            if "embed_sel" in wanted:
+                hard = _problems(self.path("stat/hard/hard.jsonl"))  # rows: the problem's fields + its scores
+                model, tokenizer = load_student(self.config, self.base_model), _tokenizer(self.base_model)
+                vecs = baselines.mean_pooled_embeddings(model, tokenizer, [p.problem for p in hard + pool])
+                picked = baselines.embed_sel(hard, vecs[:len(hard)], pool, vecs[len(hard):],
+                                             self.config.stat.sel_questions_per_skill)
+                io.write_jsonl(self.path(METHOD_FILES["embed_sel"]),
+                               (reference_example(s["problem"], instruction).to_dict() for s in picked))
+                stats["embed_sel"] = {"hard": len(hard), "examples": len(picked),
+                                      "unique_questions": len({s["problem"].id for s in picked})}
+            return stats
+
+        return _step(self.root, "baselines", settings, inputs, [METHOD_FILES[m] for m in wanted], run)
+
+    def grpo_prompts(self) -> str:
+        """The GRPO prompts every method trains on: train-split questions, balanced over the skills.
+
+        Balanced because the test split is: sampling the imbalanced mix would spend the RL budget on skills
+        that are already saturated. Every method and seed gets the same prompts (a fair +GRPO comparison).
+        """
+        d = self.d
+        n = d.grpo_prompt_pool or d.grpo_steps * d.grpo_prompts
+        settings = {"n": n, "seed": self.config.seed}
+
+        def run():
+            train_rows = _problems(self.path("data/train.jsonl"))
+            rng = random.Random(f"grpo-prompts:{self.config.seed}")
+            by_skill = {s: [p for p in train_rows if s in (p.skills or [])] for s in task.SKILL_NAMES}
+            chosen, seen = [], set()
+            while len(chosen) < n:
+                skill = task.SKILL_NAMES[len(chosen) % len(task.SKILL_NAMES)]
+                p = rng.choice(by_skill[skill])
+                if p.id not in seen or len(seen) == len(train_rows):
+                    seen.add(p.id)
+                    chosen.append(p)
+            io.write_jsonl(self.path("grpo/prompts.jsonl"), (p.to_dict() for p in chosen))
+            return {"prompts": len(chosen), "unique": len(seen)}
+
+        return _step(self.root, "grpo/prompts", settings, ["data/train.jsonl"], ["grpo/prompts.jsonl"], run)
+
     # fine-tuning -------------------------------------------------------------------------------------------
     def finetune_sets(self) -> str:
         """Per seed and method, the training examples that fill exactly the same token budget."""
@@ -350,7 +479,9 @@ class Demo:
                 for s in d.seeds:
                     chosen = equal_budget(examples, tokens, d.finetune_tokens, seed=1000 * s + 17)
                     io.write_jsonl(self.path(f"finetune/seed{s}/{m}/train.jsonl"), (e.to_dict() for e in chosen))
-                    stats[f"seed{s}/{m}"] = {"examples": len(chosen), "unique_source": len(examples)}
+                    stats[f"seed{s}/{m}"] = {"examples": len(chosen), "unique_source": len(examples),
+                                             "tokens": sum(example_tokens(tokenizer, e) for e in chosen),
+                                             "skill_shares": skill_shares(chosen)}
             return stats
 
         return _step(self.root, "finetune/sets", settings, inputs, outputs, run)
@@ -379,36 +510,51 @@ class Demo:
 
         d = self.d
         name = f"finetune/seed{seed}/{method}"
-        settings = {"steps": d.grpo_steps, "prompts": d.grpo_prompts, "samples": d.grpo_samples, "lr": d.grpo_lr,
-                    "seed": seed}
+        settings = {"grpo": grpo_settings(d), "seed": seed}
 
         def run():
             workdir = self.path(f"{name}/grpo-{io.json_hash([settings, str(start)])[:10]}")
             sub = _sub_config(self.config, workdir, **{"model.path": str(start)})
             sub.seed = seed
-            apply_grpo_settings(sub, self.path("data/train.jsonl"))
-            result = grpo_mod.train_grpo(sub, workdir=sub.workdir, resume=True)
+            apply_grpo_settings(sub, self.path("grpo/prompts.jsonl"))
+            # GRPO samples through the demo's one compiled backend (it swaps the policy's weights in each step);
+            # afterwards the backend holds GRPO's weights, so the next serve() must load its model again.
+            backend = self.server.serve(start)
+            try:
+                result = grpo_mod.train_grpo(sub, workdir=sub.workdir, resume=True, backend=backend)
+            finally:
+                self.server.serving = None
             if result["preempted"]:
                 raise RuntimeError(f"GRPO was stopped by SIGTERM; re-run the demo to resume ({sub.workdir})")
             export = workdir / "hf"
             if not (export / "config.json").exists():
                 raise RuntimeError(f"GRPO finished without an HF export at {export}")
             io.write_json(self.path(f"{name}/grpo_model.json"), _model_record(export))
+            # The reward curve (per step: mean reward of the step's rollouts) travels with the model record.
+            curve = [{k: r[k] for k in ("step", "reward_mean", "reward_std", "zero_std_groups") if k in r}
+                     for r in io.read_jsonl(Path(result["metrics_path"])) if "reward_mean" in r]
+            io.write_json(self.path(f"{name}/grpo_curve.json"), curve)
 
-        _step(self.root, f"{name}/grpo", settings, [f"{name}/model.json"], [f"{name}/grpo_model.json"], run)
+        _step(self.root, f"{name}/grpo", settings, [f"{name}/model.json", "grpo/prompts.jsonl"],
+              [f"{name}/grpo_model.json", f"{name}/grpo_curve.json"], run)
         return Path(io.read_json(self.path(f"{name}/grpo_model.json"))["model"])
 
     def evaluation(self, name: str, model_file: str) -> dict[str, Any]:
-        test = _problems(self.path("data/test.jsonl"))
-        out = self.path(f"{name}/eval")
-        settings = {"eval": self.config.eval.to_dict()}
+        # demo.eval_split=heldout scores the rows on the profiling split instead: settings are chosen that way,
+        # so the test split is only ever read by the final table.
+        split = self.d.eval_split
+        if split not in ("test", "heldout"):
+            raise ValueError(f"demo.eval_split={split!r}: use 'test' (the table) or 'heldout' (choosing settings)")
+        test = _problems(self.path(f"data/{split}.jsonl"))
+        out = self.path(f"{name}/eval" + ("" if split == "test" else f"-{split}"))
+        settings = {"eval": self.config.eval.to_dict(), "split": split}
 
         def run():
             model = Path(io.read_json(self.path(model_file))["model"])
             return self.server.evaluate(model, out, test)
 
-        _step(self.root, f"{name}/eval", settings, ["data/test.jsonl", model_file], [f"{name}/eval/per_skill.json"],
-              run)
+        _step(self.root, out.relative_to(self.root).as_posix(), settings, [f"data/{split}.jsonl", model_file],
+              [f"{out.relative_to(self.root).as_posix()}/per_skill.json"], run)
         return io.read_json(out / "per_skill.json")
 
     # report --------------------------------------------------------------------------------------------------
@@ -439,6 +585,9 @@ class Demo:
             for label, stage in (("data", self.data), ("student", self.student), ("stat", self.stat)):
                 stage()
                 advance(label)
+            self.baselines()
+            if with_grpo:
+                self.grpo_prompts()
             io.write_json(self.path("student/base_model.json"), io.read_json(self.path("student/base.json")))
             results: dict[str, list[dict[str, Any]]] = {"base": [self.evaluation("student", "student/base_model.json")]}
             advance("base eval")
@@ -448,7 +597,7 @@ class Demo:
                 self.finetune(s, m)
                 results.setdefault(m, []).append(self.evaluation(f"finetune/seed{s}/{m}",
                                                                  f"finetune/seed{s}/{m}/model.json"))
-                if with_grpo:
+                if with_grpo and m in d.grpo_methods:
                     self.grpo(s, m, self.finetune(s, m))
                     results.setdefault(f"{m}+grpo", []).append(
                         self.evaluation(f"finetune/seed{s}/{m}/grpo_run", f"finetune/seed{s}/{m}/grpo_model.json"))
@@ -467,22 +616,89 @@ class Demo:
             flagged_acc = [statistics.fmean(r["per_skill"][s] for s in flagged) for r in runs] if flagged else []
             rows[name] = {"overall": _spread([r["overall"] for r in runs]), "per_skill": per_skill,
                           "flagged": _spread(flagged_acc) if flagged_acc else None, "runs": len(runs)}
+        d = self.config.demo
+        sets = io.read_json(self.path("finetune/sets/manifest.json"))["stats"]
+        curves = {f"seed{s}/{m}": io.read_json(self.path(f"finetune/seed{s}/{m}/grpo_curve.json"))
+                  for s in d.seeds for m in d.methods if (self.path(f"finetune/seed{s}/{m}/grpo_curve.json")).exists()
+                  and f"{m}+grpo" in results}
         report = {
-            "seeds": list(self.config.demo.seeds),
-            "token_budget": self.config.demo.finetune_tokens,
+            "split": d.eval_split,
+            "seeds": list(d.seeds),
+            "token_budget": d.finetune_tokens,
             "flagged_skills": flagged,
+            "rare_skills": list(d.rare_skills),
             "profile": profile,
             "rows": rows,
-            "sets": io.read_json(self.path("finetune/sets/manifest.json"))["stats"],
+            "sets": sets,
+            # share of each method's training examples that exercise a flagged skill (mean over seeds)
+            "flagged_share": {m: statistics.fmean(flagged_share(sets[f"seed{s}/{m}"]["skill_shares"], flagged)
+                                                  for s in d.seeds) for m in d.methods},
             "sel_stats": io.read_json(self.path("stat/sel/stats.json")),
             "syn_stats": io.read_json(self.path("stat/syn/stats.json")),
+            "grpo_curves": curves,
         }
+        if self.path("baselines/manifest.json").exists():
+            report["baseline_stats"] = io.read_json(self.path("baselines/manifest.json"))["stats"]
         if self.grpo_skipped:
             report["grpo_skipped"] = self.grpo_skipped
+        report["verdict"] = verdict(report)
         io.write_json(self.path("results.json"), report)
         plot_per_skill(rows, flagged, self.path("per_skill_accuracy.png"))
+        if curves:
+            plot_grpo_curves(curves, self.path("grpo_reward.png"))
         (self.path("results.txt")).write_text(format_table(report) + "\n")
         return report
+
+
+def example_question(e: SFTExample) -> str:
+    """The problem text of a training example (its last user turn, without the instruction)."""
+    if e.messages:
+        return e.messages[-1]["content"].split("\n\n")[0]
+    return e.prompt or ""
+
+
+def skill_shares(examples: Sequence[SFTExample]) -> dict[str, float]:
+    """Per skill: the share of `examples` whose question exercises it (read back from the question text)."""
+    counts = dict.fromkeys(task.SKILL_NAMES, 0)
+    for e in examples:
+        for skill in set(task.problem_skills(example_question(e))):
+            counts[skill] += 1
+    return {k: v / max(1, len(examples)) for k, v in counts.items()}
+
+
+def flagged_share(shares: dict[str, float], flagged: Sequence[str]) -> float:
+    """The mean, over the flagged skills, of the share of examples that exercise each one."""
+    return statistics.fmean(shares[s] for s in flagged) if flagged else 0.0
+
+
+def _gap(rows: dict[str, Any], a: str, b: str, key: str) -> tuple[float, float]:
+    """Mean difference a - b in points and its spread (std of the per-seed differences, seeds paired)."""
+    va, vb = rows[a][key]["values"], rows[b][key]["values"]
+    diffs = [100 * (x - y) for x, y in zip(va, vb)] if len(va) == len(vb) else [100 * (statistics.fmean(va) -
+                                                                                    statistics.fmean(vb))]
+    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+
+
+def verdict(report: dict[str, Any]) -> list[str]:
+    """One line per comparison the demo exists for, in words and numbers (seeds paired)."""
+    rows, n = report["rows"], len(report["seeds"])
+    lines = []
+    if "sft" in rows and "base" in rows:
+        gap = 100 * (rows["sft"]["overall"]["mean"] - rows["base"]["overall"]["mean"])
+        lines.append(f"SFT on more of the original mix moves the base student by {gap:+.1f} points overall "
+                     f"({'saturated' if abs(gap) <= 2 else 'not saturated'})")
+    for m in ("math_hard", "embed_sel", "stat_sel", "stat_syn"):
+        if m in rows and "sft" in rows and rows[m]["flagged"] and rows["sft"]["flagged"]:
+            mean, std = _gap(rows, m, "sft", "overall")
+            flagged, _ = _gap(rows, m, "sft", "flagged")
+            lines.append(f"{METHOD_LABELS[m]} - SFT = {mean:+.1f} ± {std:.1f} overall, {flagged:+.1f} on flagged "
+                         f"skills over {n} seeds")
+    for name in rows:
+        if name.endswith("+grpo") and name.split("+")[0] in rows:
+            base = name.split("+")[0]
+            mean, std = _gap(rows, name, base, "overall")
+            lines.append(f"GRPO on top of {METHOD_LABELS[base]}: {mean:+.1f} ± {std:.1f} overall over {n} seeds")
+    return lines
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -503,9 +719,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append([label, cell(r["overall"]), cell(r["flagged"])] + [cell(r["per_skill"].get(s)) for s in skills])
     widths = [max(len(str(x)) for x in col) + 2 for col in zip(header, *lines)]
     fmt = lambda row: "".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))
-    notes = (f"accuracy (%) on the test split; mean±std over seeds {report['seeds']}; equal budget of "
+    notes = (f"accuracy (%) on the {report.get('split', 'test')} split; mean±std over seeds {report['seeds']}; equal budget of "
              f"{report['token_budget']} training tokens per method; * = flagged by the Missing-Skill-Profile")
-    return "\n".join([notes, fmt(header)] + [fmt(r) for r in lines])
+    return "\n".join([notes, fmt(header)] + [fmt(r) for r in lines] + [""] + list(report.get("verdict", [])))
 
 
 def plot_per_skill(rows: dict[str, Any], flagged: Sequence[str], path: Path) -> None:
@@ -535,17 +751,43 @@ def plot_per_skill(rows: dict[str, Any], flagged: Sequence[str], path: Path) -> 
     plt.close(fig)
 
 
+def plot_grpo_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Mean rollout reward per GRPO step, one line per (seed, method) run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        ax.plot([r["step"] for r in curve], [r["reward_mean"] for r in curve], marker="o", ms=3, label=name)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward of the step's rollouts")
+    ax.set_title("GRPO training reward (balanced train-split prompts)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def grpo_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("stat_jax.train.grpo") is not None
 
 
+def grpo_settings(d) -> dict[str, Any]:
+    """The `grpo` config fields the demo sets (configs/demo.py `demo.grpo_*`); a changed value re-runs GRPO."""
+    return {"steps": d.grpo_steps, "prompts_per_step": d.grpo_prompts, "num_generations": d.grpo_samples,
+            "learning_rate": d.grpo_lr, "lr_schedule": d.grpo_lr_schedule, "warmup_steps": d.grpo_warmup_steps,
+            "temperature": d.grpo_temperature, "max_new_tokens": d.max_new_tokens}
+
+
 def apply_grpo_settings(c, train_file: Path) -> None:
     """The demo's GRPO settings, written into the `grpo` section the GRPO trainer reads (fields must exist)."""
     d = c.demo
-    values = {"train_files": (str(train_file),), "steps": d.grpo_steps, "prompts_per_step": d.grpo_prompts,
-              "num_generations": d.grpo_samples, "learning_rate": d.grpo_lr, "max_new_tokens": d.max_new_tokens,
+    values = {"train_files": (str(train_file),), **grpo_settings(d),
               # prompts fit the largest prefill bucket; rows hold prompt + completion
               "max_length": int(c.rollout.max_prefill_length) + int(d.max_new_tokens)}
     if "grpo" not in c:
@@ -594,6 +836,10 @@ def main(config, args) -> int:
     if getattr(args, "dry_run", False):
         print(json.dumps({"workdir": config.workdir, "seeds": list(config.demo.seeds),
                           "methods": list(config.demo.methods)}, indent=2))
+        return 0
+    if config.demo.export_student:
+        record = Demo(config).export_student()
+        print(json.dumps(record, indent=2))
         return 0
     report = Demo(config).run()
     print(format_table(report))

@@ -1,0 +1,73 @@
+"""`stat-jax demo` (the default run, ~10 minutes on 2 cores) shows the method working: issue 15's goals 1-4.
+
+Slow: run by `make test-slow`. The run uses the shipped base student (stat_jax/demo/student)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo") / "demo"
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "xla_force_host_platform_device_count" not in f)
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-m", "stat_jax.cli", "demo", f"--config.workdir={workdir}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads((workdir / "results.json").read_text())
+
+
+def _values(results, row, key="overall"):
+    return results["rows"][row][key]["values"]
+
+
+def _mean(results, row, key="overall"):
+    return results["rows"][row][key]["mean"]
+
+
+# Measured 2026-12-01 (seed 0 of the default run, test split, 600 questions): base 57.8, SFT 55.7 (-2.1),
+# STAT-Sel 58.8 (+3.1 overall, +4.1 flagged over SFT), SFT+GRPO +0.3, STAT-Sel+GRPO -2.1. Goals 1, 2 (flagged
+# +8) and 4 are not met yet: these tests say so (xfail, not strict) until a run meets them.
+OPEN = "issue 15: not met by the last measured default run (see the comment above)"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason=OPEN, strict=False)
+def test_plain_sft_is_saturated(results):
+    assert abs(_mean(results, "sft") - _mean(results, "base")) <= 0.02, results["verdict"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason=OPEN, strict=False)
+@pytest.mark.parametrize("method", ["stat_sel", "stat_syn"])
+def test_stat_beats_plain_sft(results, method):
+    assert _mean(results, method) - _mean(results, "sft") >= 0.03, results["verdict"]
+    assert _mean(results, method, "flagged") - _mean(results, "sft", "flagged") >= 0.08, results["verdict"]
+    assert min(_values(results, method)) > max(_values(results, "sft")), results["verdict"]
+    assert set(results["rare_skills"]) <= set(results["flagged_skills"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["math_hard", "embed_sel"])
+def test_baselines_below_stat_sel(results, method):
+    assert _mean(results, method) < _mean(results, "stat_sel"), results["verdict"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason=OPEN, strict=False)
+@pytest.mark.parametrize("method", ["sft", "stat_sel", "stat_syn"])
+def test_grpo_adds_on_top(results, method):
+    with_grpo, without = _values(results, f"{method}+grpo"), _values(results, method)
+    diffs = [a - b for a, b in zip(with_grpo, without)]
+    spread = results["rows"][method]["overall"]["std"]
+    assert sum(diffs) / len(diffs) >= 0.01, results["verdict"]
+    assert min(diffs) >= -spread, (diffs, spread)
