@@ -35,7 +35,6 @@ def get_config() -> ConfigDict:
     # compute): pick it when memory allows.
     c.model.remat = "full"
 
-
     c.mesh = ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: all remaining devices
@@ -94,15 +93,15 @@ def get_config() -> ConfigDict:
     c.rollout.cache_dtype = ""  # "" = model.dtype (the compute dtype)
     c.rollout.prefill_batch_tokens = 2048  # in-process: prompts of one bucket prefilled together, padded tokens
     c.rollout.truncate_long_prompts = False  # True: keep the last max_prefill_length tokens, with a warning
+    # Prompts that break the limits above (stat_jax/lengths.py), checked before any device work in eval, the
+    # rollout stage and GRPO: skip (left out, counted in summaries/manifests) | error (stop, listing them all).
+    c.rollout.on_long_prompt = "skip"
     c.rollout.host = "127.0.0.1"  # `stat-jax serve` binds here; "::" or "0.0.0.0" exposes it
     c.rollout.port = 9000
     c.rollout.server_threads = 0  # gRPC handler threads; 0 = 2 x max_concurrent_decodes
     # Sampling for served requests that carry none (plain JetStream clients); stat-jax clients send their own.
     c.rollout.temperature = 0.0
     c.rollout.top_p = 1.0
-    # Prompts that break the limits above (stat_jax/lengths.py), checked before any device work in eval, the
-    # rollout stage and GRPO: skip (left out, counted in summaries/manifests) | error (stop, listing them all).
-    c.rollout.on_long_prompt = "skip"
     c.rollout.top_k = 0
     c.rollout.seed = 0
     c.rollout.address = ""  # HOST:PORT of a `stat-jax serve` server, for backend=client
@@ -114,20 +113,20 @@ def get_config() -> ConfigDict:
     c.eval = ConfigDict()
     c.eval.benchmarks = ("math500",)  # on the CLI: --config.eval.benchmarks=math500,aime24
     # Local copies (JSON/JSONL/parquet or a MATH-style tree); "" loads the default hub copy.
+    # A benchmark of your own needs no code: --config.eval.benchmarks=mine --config.eval.paths.mine=FILE.jsonl
+    # (rows with a question and an answer, or a solution with \boxed{}); new names may be added to paths/fields.
     c.eval.paths = ConfigDict({k: "" for k in ("math", "math_train", "math500", "gsm8k", "aime24", "aime25", "amc23")})
+    # Which of a file's fields are the problem/answer/solution/id/subject/level: fields.mine="problem:q,answer:a".
+    c.eval.fields = ConfigDict()
     c.eval.limit = 0  # first N questions per benchmark; 0 = all
     c.eval.on_bad_row = "skip"  # skip: malformed rows are left out and counted in the summary | error: stop
     c.eval.exclude_from = ""  # JSONL of questions left out of every benchmark (a STAT run's data/heldout.jsonl)
     c.eval.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     c.eval.system_prompt = ""
-    # A benchmark of your own needs no code: --config.eval.benchmarks=mine --config.eval.paths.mine=FILE.jsonl
-    # (rows with a question and an answer, or a solution with \boxed{}); new names may be added to paths/fields.
     c.eval.use_chat_template = True
     # The date chat templates that read one (Llama-3.x) write into every prompt, instead of today's: prompts then
     # stay identical across days (resumed rollouts, SFT vs eval). Used by rollout, SFT, eval and GRPO prompts.
     c.eval.date_string = "26 Jul 2024"
-    # Which of a file's fields are the problem/answer/solution/id/subject/level: fields.mine="problem:q,answer:a".
-    c.eval.fields = ConfigDict()
     c.eval.few_shot = 0  # worked examples from eval.few_shot_from, as earlier chat turns
     c.eval.few_shot_from = "math_train"
     c.eval.greedy = True  # pass@1 with greedy decoding
@@ -176,6 +175,13 @@ def get_config() -> ConfigDict:
     c.stat.heldout_benchmark = "math"
     c.stat.heldout_source = ""
     c.stat.heldout_limit = 0
+    # The profile is built on a seeded validation split of the held-out source (the paper: 1,000 of MATH test;
+    # the `math` evaluation of a run is then the other 4,000). Questions of stat.heldout_exclude (matched by
+    # MATH unique_id or problem text) never enter it, so those benchmarks stay unseen. 0 = the whole source.
+    c.stat.heldout_size = 1000
+    c.stat.heldout_seed = 0
+    c.stat.heldout_exclude = ("math500",)  # benchmark names; sources from eval.paths (else the hub)
+    c.stat.on_bad_row = "skip"  # data stage: skip (malformed rows counted in its manifest) | error: stop
     c.stat.instruction = ""  # "" = eval.instruction, so rollouts, SFT and eval see the same prompt
     c.stat.skills_sample_per_subject = 200  # questions per subject the teacher proposes skills for (0 = all)
     c.stat.propose_max_skills = 3
@@ -184,13 +190,6 @@ def get_config() -> ConfigDict:
     c.stat.rollout_samples = 4
     c.stat.rollout_temperature = 0.6
     c.stat.rollout_top_p = 0.95
-    # The profile is built on a seeded validation split of the held-out source (the paper: 1,000 of MATH test;
-    # the `math` evaluation of a run is then the other 4,000). Questions of stat.heldout_exclude (matched by
-    # MATH unique_id or problem text) never enter it, so those benchmarks stay unseen. 0 = the whole source.
-    c.stat.heldout_size = 1000
-    c.stat.heldout_seed = 0
-    c.stat.heldout_exclude = ("math500",)  # benchmark names; sources from eval.paths (else the hub)
-    c.stat.on_bad_row = "skip"  # data stage: skip (malformed rows counted in its manifest) | error: stop
     c.stat.rollout_max_new_tokens = 2048
     c.stat.rollout_chunk_size = 256
     c.stat.scorer = "accuracy"  # accuracy (grader) | prm (the paper's choice)

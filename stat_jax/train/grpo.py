@@ -45,8 +45,8 @@ from stat_jax import sharding
 from stat_jax.config import config_hash, config_to_dict, write_resolved_config
 from stat_jax.errors import CheckpointsExistError
 from stat_jax.data.records import MathProblem
-from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
 from stat_jax.lengths import PromptLimit, check_config_lengths, drop_long_prompts
+from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
 from stat_jax.train import chunked_loss, grpo_loss
 from stat_jax.train import memory as train_memory
 from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state
@@ -415,7 +415,6 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
                                   use_chat_template=bool(config.eval.use_chat_template),
                                   date_string=str(config.eval.date_string)) for p in problems]
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
-
     # Prompts that cannot run (rollout limits, or prompt + max_new_tokens over a grpo.max_length row) are left
     # out and counted, or stop here (rollout.on_long_prompt=error): before any device work, never mid-run.
     limit = PromptLimit.from_config(config, int(g.max_new_tokens), max_row_length=int(g.max_length))
@@ -425,6 +424,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     if long_prompts["skipped_long_prompts"]:
         log.warning("grpo: %d prompts do not fit the limits and are left out (first: %s)",
                     long_prompts["skipped_long_prompts"], long_prompts["skipped_long_prompt_examples"][0])
+
     total_steps = int(g.steps)
     mu = int(g.num_iterations)
     beta = float(g.beta)
@@ -574,8 +574,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
 
 def main(config, args) -> int:
     """`stat-jax grpo --config=configs/grpo_*.py [--resume]`."""
-    result = train_grpo(config, workdir=config.workdir, resume=bool(getattr(args, "resume", False)))
     check_config_lengths(config, "grpo")
+    result = train_grpo(config, workdir=config.workdir, resume=bool(getattr(args, "resume", False)))
     if result["preempted"]:
         return PREEMPTED_STATUS
     print(json.dumps({k: result[k] for k in ("export_dir", "metrics_path", "steps", "last_metrics")}))
