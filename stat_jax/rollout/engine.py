@@ -565,12 +565,13 @@ class StudentEngine(js.engine_api.Engine):
     def build_tokenizer(self, metadata) -> HFTokenizer:
         return self.tokenizer
 
-    def init_decode_state(self, *args, length: int | None = None, **kwargs) -> DecodeState:
-        """Empty slots; caches `length` positions long (default: max_target_length, what JetStream expects)."""
+    def init_decode_state(self, *args, length: int | None = None, slots: int | None = None, **kwargs) -> DecodeState:
+        """Empty slots (default: all of them); caches `length` positions long (default: max_target_length, what
+        JetStream expects)."""
         s = self.settings
         with self.mesh_context():
-            return _finish(self._init_fn(self.model_config, s.max_concurrent_decodes, length or s.max_target_length,
-                                         self.cache_dtype))
+            return _finish(self._init_fn(self.model_config, slots or s.max_concurrent_decodes,
+                                         length or s.max_target_length, self.cache_dtype))
 
     @property
     def max_concurrent_decodes(self) -> int:

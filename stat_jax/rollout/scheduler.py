@@ -84,7 +84,7 @@ class Scheduler:
 
     def __init__(self, engine: StudentEngine):
         self.engine = engine
-        self.num_slots = engine.settings.max_concurrent_decodes
+        self.slots_in_use = engine.settings.max_concurrent_decodes
         # Of the last run: steps, prefill_calls, resizes, max_cache_length, first_token_s (run start until the
         # first generated token reached the host).
         self.stats: dict[str, float] = collections.Counter()
@@ -92,9 +92,14 @@ class Scheduler:
     def run(self, requests: Sequence[Request], on_done: Callable[[Request], None] = lambda r: None) -> None:
         self.stats.clear()
         self._start = time.perf_counter()
+        # A step computes every slot of the decode state: fewer requests than slots get a smaller state (a
+        # power of two, so the few shapes compile once) instead of stepping empty slots.
+        self.slots_in_use = padded_rows(len(requests), self.engine.settings.max_concurrent_decodes)
+        self.slots_in_use = min(self.slots_in_use, self.engine.settings.max_concurrent_decodes)
+        self.stats["slots"] = self.slots_in_use
         queue = collections.deque(requests)
         live: dict[int, Request] = {}
-        free = list(range(self.num_slots))
+        free = list(range(self.slots_in_use))
         state: DecodeState | None = None
         inflight = None  # (result array, [(slot, request)] stepped by it)
         while queue or live or inflight:
@@ -126,7 +131,7 @@ class Scheduler:
                 chunk = group[start: start + per_call]
                 batch = make_prefill_batch([r for r, _ in chunk], [s for _, s in chunk], bucket,
                                            padded_rows(len(chunk), per_call), self.engine.tokenizer.eos_ids,
-                                           self.num_slots)
+                                           self.slots_in_use)
                 state = self.engine.prefill_into(state, batch)
                 self.stats["prefill_calls"] += 1
         for req, slot in zip(taken, slots):
@@ -139,7 +144,7 @@ class Scheduler:
         length = self.engine.cache_bucket(needed)
         self.stats["max_cache_length"] = max(self.stats["max_cache_length"], length)
         if state is None:
-            return self.engine.init_decode_state(length=length)
+            return self.engine.init_decode_state(length=length, slots=self.slots_in_use)
         if length > state.cache.max_length:
             self.stats["resizes"] += 1
             return self.engine.resize(state, length)
