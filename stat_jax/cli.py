@@ -20,6 +20,7 @@ from pathlib import Path
 from stat_jax import __version__
 from stat_jax.config import CONFIG_DIR, build_config, config_to_dict, split_override_args, write_resolved_config
 from stat_jax.errors import ConfigError, InputProblems, StatJaxError, format_error
+from stat_jax.progress import silence_other_bars
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +146,7 @@ def _log_level(argv: list[str]) -> str:
 
 
 def _run(argv: list[str]) -> int:
+    silence_other_bars()  # before transformers/datasets are imported
     if argv[:1] == ["import-gguf"]:
         return _import_gguf(argv[1:])
     overrides, rest = split_override_args(argv)

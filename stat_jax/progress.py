@@ -57,6 +57,7 @@ def progress_bar(iterable: Any = None, **kwargs: Any) -> tqdm:
         return tqdm(iterable, **kwargs)
     interval = line_interval_s()
     kwargs.update(
+        disable=False,  # explicit: TQDM_DISABLE (silence_other_bars) is only for other libraries' bars
         file=LineStream(kwargs.get("file") or sys.stderr),
         mininterval=interval,
         maxinterval=max(interval, 10.0),
@@ -70,6 +71,15 @@ def progress_bar(iterable: Any = None, **kwargs: Any) -> tqdm:
     if kwargs.get("total") is not None:
         kwargs.setdefault("bar_format", LINE_FORMAT)
     return tqdm(iterable, **kwargs)
+
+
+def silence_other_bars() -> None:
+    """Outside a terminal, turns off the tqdm bars of other libraries (transformers' weight loading, hub
+    downloads): frames in a log say nothing. tqdm reads TQDM_DISABLE as its default (ours pass disable=False);
+    huggingface_hub and transformers read HF_HUB_DISABLE_PROGRESS_BARS."""
+    if progress_mode() != "bars":
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class LineStream:
