@@ -273,9 +273,10 @@ wait_active() {
 cmd_setup() {
   if [[ -z "$REPO_URL" ]]; then
     local tarball="${TMPDIR:-/tmp}/$REMOTE_DIR-$RUN_ID.tar.gz"
-    # The working tree as it is (uncommitted edits included), without environments, runs and git history.
-    run tar -czf "$tarball" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude="./$LOGS_DIR" \
-      --exclude='*.egg-info' --exclude='__pycache__' -C "$REPO_ROOT" .
+    # The working tree as it is (uncommitted edits included), without environments, runs, downloaded test models
+    # (.cache) and git history.
+    run tar -czf "$tarball" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=./.cache \
+      --exclude="./$LOGS_DIR" --exclude='*.egg-info' --exclude='__pycache__' -C "$REPO_ROOT" .
     run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:$REMOTE_DIR.tar.gz" "${GLOBAL_FLAGS[@]}" --worker=all
   fi
   ssh_all "$(remote_install_script)"

@@ -405,6 +405,19 @@ def _zeros_decode_state(cfg, slots: int, length: int, dtype) -> DecodeState:
                        stop_ids=jnp.full((slots, MAX_STOP_IDS), NO_STOP, jnp.int32))
 
 
+def _batch_split(shardings: DecodeState | None) -> int:
+    """How many ways the decode cache's slot axis is split over the mesh: a smaller decode state (fewer slots)
+    must keep a multiple of it, since it is laid out with the full state's shardings."""
+    if shardings is None:
+        return 1
+    first = shardings.cache.keys[0]
+    axes = first.spec[0] if len(first.spec) else None
+    if axes is None:
+        return 1
+    sizes = dict(zip(first.mesh.axis_names, first.mesh.devices.shape))
+    return int(np.prod([sizes[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
 def mesh_of(state: nnx.State) -> jax.sharding.Mesh | None:
     """The mesh the parameters live on (even a 1-device one), or None for plain single-device arrays."""
     for leaf in jax.tree.leaves(state):
@@ -438,6 +451,7 @@ class StudentEngine(js.engine_api.Engine):
         # The shardings do not depend on the cache length (that axis is never split), so one set serves
         # every length bucket.
         shardings = self._decode_state_shardings()
+        self.slot_multiple = _batch_split(shardings)
         self._init_fn = jax.jit(_zeros_decode_state, static_argnums=(0, 1, 2, 3), out_shardings=shardings)
         self._insert_fn = jax.jit(_insert, donate_argnums=(1,), out_shardings=shardings)
         self._generate_fn = jax.jit(_generate, static_argnames=("graphdef",), donate_argnums=(2,),

@@ -94,8 +94,10 @@ class Scheduler:
         self._start = time.perf_counter()
         # A step computes every slot of the decode state: fewer requests than slots get a smaller state (a
         # power of two, so the few shapes compile once) instead of stepping empty slots.
-        self.slots_in_use = padded_rows(len(requests), self.engine.settings.max_concurrent_decodes)
-        self.slots_in_use = min(self.slots_in_use, self.engine.settings.max_concurrent_decodes)
+        full = self.engine.settings.max_concurrent_decodes
+        multiple = getattr(self.engine, "slot_multiple", 1)  # the slot axis stays divisible over the mesh
+        rows = padded_rows(len(requests), full)
+        self.slots_in_use = min(-(-rows // multiple) * multiple, full)
         self.stats["slots"] = self.slots_in_use
         queue = collections.deque(requests)
         live: dict[int, Request] = {}
