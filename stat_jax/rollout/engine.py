@@ -414,7 +414,7 @@ def _batch_split(shardings: DecodeState | None) -> int:
     axes = first.spec[0] if len(first.spec) else None
     if axes is None:
         return 1
-    sizes = dict(zip(first.mesh.axis_names, first.mesh.devices.shape))
+    sizes = sharding._axis_sizes(first.mesh)
     return int(np.prod([sizes[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
 
 
