@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import stat_jax  # noqa: E402,F401  (its XLA CPU defaults must be in XLA_FLAGS before jax starts a backend)
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
