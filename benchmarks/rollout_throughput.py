@@ -175,6 +175,14 @@ def run_hf(model_dir: Path, tokenizer, prompts, new_tokens: int, dtype: str) -> 
             "torch_threads": torch.get_num_threads()}, tokens
 
 
+def _report(result: dict, part: str, out: str) -> None:
+    """Each part takes minutes at the real shape: say which one ended, and keep what is measured so far."""
+    print(f"rollout_throughput: {part} done", file=sys.stderr, flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({**result, "partial": True}) + "\n")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import jax
@@ -206,6 +214,7 @@ def main(argv=None) -> dict:
                        "new_tokens": args.new_tokens, "dtype": args.dtype, "greedy": True, "overrides": overrides},
             "stat_jax_shipped_defaults": shipped,
         }
+        _report(result, "stat-jax, shipped settings", args.out)
         if args.compare_length:
             # The largest prompt bucket must stay below the cache: the smallest one holding these prompts.
             bucket = 16
@@ -218,6 +227,7 @@ def main(argv=None) -> dict:
             result["cache_length_ratio"] = {
                 "tokens_per_s_at_shipped_over_short": round(shipped["tokens_per_s"] / short["tokens_per_s"], 3),
                 "outputs_identical": short_tokens == our_tokens}
+            _report(result, f"stat-jax, max_target_length={args.compare_length}", args.out)
         result["peak_rss_gb_stat_jax"] = peak_rss_gb()
         if not args.skip_hf:
             hf, hf_tokens = run_hf(model_dir, tokenizer, prompts, args.new_tokens, args.dtype)

@@ -20,11 +20,11 @@ def data_file(name: str) -> Path:
     return path
 
 
-def real_rows(benchmark: str, file: str, n: int):
+def real_rows(benchmark: str, file: str, n: int, on_bad_row: str = "error"):
     """The first n MathProblems of a real file, through the package's benchmark loader."""
     from stat_jax.data.math_datasets import load_benchmark
 
-    return load_benchmark(benchmark, str(data_file(file)), limit=n)
+    return load_benchmark(benchmark, str(data_file(file)), limit=n, on_bad_row=on_bad_row)
 
 
 @contextlib.contextmanager

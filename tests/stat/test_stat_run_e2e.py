@@ -28,7 +28,8 @@ def text_parity_reward(response: str, problem) -> float:
 def _write_math500(path):
     rows = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i), "subject": "Algebra", "level": 1,
              "unique_id": f"test/algebra/{i}.json"} for i in range(3)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad = {"problem": "What is 1 + 1?", "subject": "Algebra", "level": 1, "unique_id": "test/algebra/bad.json"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps(bad) + "\n")  # no answer at all
     return path
 
 
@@ -78,6 +79,8 @@ def _weights(hf_dir) -> dict[str, np.ndarray]:
 
 def test_stat_run_every_stage_with_a_real_student_then_skip_and_only_eval(tmp_path, fake, capsys):
     paths, _, _ = write_fixture(tmp_path)
+    with paths["train"].open("a") as f:  # one malformed row in the training data: counted and skipped
+        f.write('{"problem": "What is 2 + 2?", "solution": "It is four, no boxed answer."}\n')
     student = make_student(tmp_path / "student")
     overrides = _overrides(tmp_path, paths, student, fake)
     rd = tmp_path / "run" / "stat"
@@ -86,6 +89,9 @@ def test_stat_run_every_stage_with_a_real_student_then_skip_and_only_eval(tmp_pa
     assert _results(capsys.readouterr().out) == {name: "done" for name in STAGE_NAMES}
     for name in STAGE_NAMES:
         assert io.read_json(rd / name / "manifest.json")["stage"] == name
+    bad = io.read_json(rd / "data/manifest.json")["stats"]["bad_rows"]
+    assert bad["train"]["bad_rows"] == 1 and bad["heldout"]["bad_rows"] == 0, bad
+    assert "no complete \\boxed" in bad["train"]["bad_row_examples"][0], bad
 
     # The rollout stage built the JetStream backend from config.model.path: 8 held-out questions x 3 samples.
     responses = io.read_jsonl(rd / "rollout/responses.jsonl")
@@ -118,6 +124,7 @@ def test_stat_run_every_stage_with_a_real_student_then_skip_and_only_eval(tmp_pa
         assert summary["model"] == model
         math500 = summary["benchmarks"]["math500"]
         assert math500["n"] == 3 and 0.0 <= math500["pass@1"] <= 1.0
+        assert math500["not_evaluated"]["bad_rows"] == 1  # the eval file's row without an answer
         assert len(io.read_jsonl(rd / name / "math500.jsonl")) == 3
 
     # A second run: every stage up to date, not one teacher request, no model loaded.
