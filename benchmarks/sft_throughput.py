@@ -9,6 +9,10 @@ round of each (least disturbed); compare the spread of `step_s_all` and the load
     .venv/bin/python benchmarks/sft_throughput.py                      # ~35M-param Llama, seq 512 (CPU default)
     .venv/bin/python benchmarks/sft_throughput.py --dtype=bfloat16     # bf16 compute vs torch.autocast(bf16)
     .venv/bin/python benchmarks/sft_throughput.py --model=llama3_2_1b --dtype=bfloat16 --batch=8 --no-torch  # GPU
+    .venv/bin/python benchmarks/sft_throughput.py --model-path=.cache/smollm2-135m-instruct --seq=1024 --rounds=3
+
+`--model-path` takes the shape (not the weights: throughput does not depend on them) from an HF directory,
+e.g. the real student at the issue's shape (seq 1,024, batch 4).
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ def small_llama(vocab: int = 8192):
                       eos_token_ids=(2,), pad_token_id=0)
 
 
-def model_config(name: str):
+def model_config(name: str, model_path: str = ""):
     from stat_jax.models import llama, qwen
+    from stat_jax.models.config import ModelConfig
 
+    if model_path:
+        return ModelConfig.from_hf_dir(model_path)
     if name == "small":
         return small_llama()
     for module in (llama, qwen):
@@ -182,11 +189,13 @@ def main() -> None:
                    help="timed rounds; each round runs matmul peak, a stat-jax step, a torch step (medians reported)")
     p.add_argument("--dtype", default="float32",
                    help="compute dtype of both frameworks (params stay float32; torch uses autocast)")
-    p.add_argument("--remat", action="store_true")
+    p.add_argument("--model-path", default="", help="an HF directory whose shape to train (overrides --model)")
+    p.add_argument("--remat", default="none", help="stat-jax's model.remat policy: none | full | dots "
+                   "(torch runs without checkpointing, so none is the like-for-like figure)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch reference (large models, GPU runs)")
     args = p.parse_args()
 
-    cfg = model_config(args.model)
+    cfg = model_config(args.model, args.model_path)
     tokens = random_batch(cfg, args.batch, args.seq)
     load_at_start = os.getloadavg()[0]  # other processes on the machine make every figure noisy: report it
     tokens_per_step = args.batch * args.seq
@@ -210,7 +219,7 @@ def main() -> None:
         if torch_fn:
             torch_times.append(_seconds(torch_fn))
     out = {
-        "model": args.model, "params": cfg.num_params, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+        "model": args.model_path or args.model, "remat": args.remat, "params": cfg.num_params, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
         "flops_per_token": flops_per_token, "matmul_peak_tflops": statistics.median(peaks) / 1e12,
         "matmul_peak_tflops_all": [x / 1e12 for x in peaks],
         "stat_jax": {**_summary(jax_times, tokens_per_step, flops_per_token, peaks), "compile_s": compile_s,

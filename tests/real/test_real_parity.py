@@ -1,7 +1,7 @@
 """Parity on the REAL student (SmolLM2-135M-Instruct) with real, chat-rendered MATH and GSM8K prompts:
 float32 logits of stat-jax's DecoderLM against transformers, and greedy JetStream generation (the in-process
 backend, as `stat-jax eval` and the rollout stage build it) against `transformers.generate`, token for token,
-on 32 real GSM8K prompts (64 new tokens by default, 256 under `make test-slow`). torch runs on one thread
+on 32 real GSM8K prompts x 256 new tokens. torch runs on one thread
 (tests/real/helpers.py one_torch_thread).
 """
 
@@ -76,14 +76,14 @@ def _hf_greedy(hf_model, tokenizer, prompts, stops, new_tokens) -> list[list[int
     return [row[: next((k for k, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 
-# 32 x 256 (the issue's figure) took 285 s of JetStream + 311 s of transformers on the shared, loaded 2-core
-# machine: it runs with `make test-slow`; the default run decodes the same 32 prompts for 64 tokens.
-@pytest.mark.parametrize("new_tokens", [64, pytest.param(NEW_TOKENS, marks=pytest.mark.slow)])
-def test_greedy_jetstream_equals_transformers_generate_on_32_gsm8k_prompts(hf_tokenizer, hf_model, jax_student,
-                                                                           new_tokens):
+# The issue's figure, in the default run: 32 x 256 took 176 s of transformers (one torch thread) + 199 s of
+# JetStream, compiles included, on the 2-core machine.
+def test_greedy_jetstream_equals_transformers_generate_on_32_gsm8k_prompts(hf_tokenizer, hf_model, jax_student):
     from stat_jax.config import load_config_file
     from stat_jax.rollout import make_rollout_backend
     from stat_jax.rollout.base import SamplingParams
+
+    new_tokens = NEW_TOKENS
 
     problems = real_rows("gsm8k", "gsm8k_test.jsonl", NUM_GREEDY)
     prompts = render_prompts(hf_tokenizer, problems)
@@ -115,8 +115,7 @@ def test_greedy_jetstream_equals_transformers_generate_on_32_gsm8k_prompts(hf_to
     for c, ref in zip(completions, reference):
         assert (c[0].finish_reason == "length") == (len(ref) == new_tokens)
     assert any(c[0].finish_reason == "length" for c in completions)  # the full budget was used
-    if new_tokens == NEW_TOKENS:  # 13 of the 32 answers end with <|im_end|> within 256 tokens
-        assert any(c[0].finish_reason == "stop" for c in completions)
+    assert any(c[0].finish_reason == "stop" for c in completions)  # 13 of the 32 end with <|im_end|> within 256
 
 
 @pytest.mark.slow  # a second student config (other EOS ids) is a second compilation of every kernel
@@ -148,4 +147,7 @@ def test_a_base_style_tokenizer_still_stops_at_the_templates_end_of_turn(hf_mode
     with make_rollout_backend(config, model, tok) as backend:
         out = backend.generate(prompts, SamplingParams(max_new_tokens=48), 1, progress=False)
     assert [c[0].token_ids for c in out] == reference
-    assert all(c[0].finish_reason == "stop" and len(c[0].token_ids) < 48 for c in out)
+    # Stopped exactly where transformers met <|im_end|> (the reference is cut there), and at least one did.
+    for c, ref in zip(out, reference):
+        assert (c[0].finish_reason == "stop") == (len(ref) < 48), (c[0].finish_reason, len(ref))
+    assert any(c[0].finish_reason == "stop" for c in out), [len(r) for r in reference]
