@@ -159,6 +159,33 @@ def check_heldout_unseen(config, heldout: Sequence[MathProblem]) -> None:
                        f"stat.heldout_exclude (with stat.heldout_size > 0) to keep its questions out of the profile")
 
 
+def _heldout_with_training_subjects(heldout: Sequence[MathProblem], train: Sequence[MathProblem]
+                                    ) -> tuple[list[MathProblem], dict[str, int]]:
+    """Held-out questions whose subject has training questions, and {subject: count} of the others.
+
+    Skill catalogs are built per subject from the training questions, so a held-out question of a subject with no
+    training question could not be diagnosed (the diagnose stage would stop after the rollouts were paid for), and
+    STAT-Sel would have no training question to select for its skills. Seen with the real MATH files and a small
+    stat.train_limit (the first rows are all Algebra).
+    """
+    subjects = {skills_mod.subject_of(p) for p in train}
+    kept = [p for p in heldout if skills_mod.subject_of(p) in subjects]
+    dropped: dict[str, int] = {}
+    for p in heldout:
+        if skills_mod.subject_of(p) not in subjects:
+            dropped[skills_mod.subject_of(p)] = dropped.get(skills_mod.subject_of(p), 0) + 1
+    if dropped:
+        log.warning("stage data: %d held-out questions have a subject with no training question and are left out "
+                    "of the profile: %s (the training data's subjects: %s)", len(heldout) - len(kept),
+                    ", ".join(f"{k} ({v})" for k, v in sorted(dropped.items())), ", ".join(sorted(subjects)))
+    if heldout and not kept:
+        raise errors.DataError(
+            f"no held-out question has a subject that the training data has (held-out: {sorted(dropped)}; "
+            f"training: {sorted(subjects)})",
+            hint="train on questions of the held-out subjects (raise stat.train_limit or change stat.train_source)")
+    return kept, dropped
+
+
 def stage_data(ctx: StageContext) -> dict[str, Any]:
     """Snapshots the training and held-out questions into the run directory (later stages read only these).
 
@@ -194,6 +221,7 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
         log.warning("stage data: %d training questions are also held-out questions and are left out of training "
                     "(first: %s)", len(shared), sorted(shared)[0])
     train_problems = [p for p in train.problems if p.id not in shared]
+    heldout, no_catalog = _heldout_with_training_subjects(heldout, train_problems)
     io.write_jsonl(ctx.path("data/train.jsonl"), (p.to_dict() for p in train_problems))
     io.write_jsonl(ctx.path("data/heldout.jsonl"), (p.to_dict() for p in heldout))
     for what, loaded in (("train", train), ("heldout", source)):
@@ -202,6 +230,7 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
                         len(loaded.bad_rows), loaded.bad_rows[0])
     return {"train": len(train_problems), "heldout": len(heldout), "heldout_source": len(source.problems),
             "heldout_kept_out": kept_out, "train_dropped_as_heldout": sorted(shared),
+            "heldout_dropped_no_training_subject": no_catalog,
             "bad_rows": {"train": train.report(), "heldout": source.report()}}
 
 

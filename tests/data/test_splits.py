@@ -128,3 +128,33 @@ def test_strict_data_stage_stops_at_the_first_bad_row(tmp_path):
     config = _config(tmp_path, on_bad_row="error")
     with pytest.raises(md.DatasetError, match=r"math_train\.jsonl:5530: no complete \\boxed"):
         run_pipeline(config, only="data")
+
+
+def test_heldout_questions_of_subjects_without_training_questions_are_left_out_and_counted(tmp_path):
+    """The real MATH train's first rows are all Algebra: with stat.train_limit=4 there is no catalog for the other
+    subjects, so their held-out questions cannot be diagnosed. The data stage leaves them out and says so (before,
+    the diagnose stage stopped after the rollouts were paid for)."""
+    from stat_jax.errors import DataError
+
+    config = _config(tmp_path, train_limit=4, heldout_size=40)
+    assert run_pipeline(config, only="data") == {"data": "done"}
+    rd = tmp_path / "run" / "stat"
+    stats = io.read_json(rd / "data/manifest.json")["stats"]
+    heldout = [MathProblem.from_dict(r) for r in io.read_jsonl(rd / "data/heldout.jsonl")]
+    assert {p.subject for p in heldout} == {"Algebra"} and stats["heldout"] == len(heldout) > 0
+    dropped = stats["heldout_dropped_no_training_subject"]
+    assert "Algebra" not in dropped and len(dropped) >= 3 and sum(dropped.values()) + len(heldout) == 40
+
+    # Nothing left to profile: a named error before any teacher or device work.
+    def write(name, subject, n):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"problem": f"{subject} question {i}?", "solution": f"$\\boxed{{{i}}}$",
+                                            "type": subject, "level": "Level 1"}) + "\n" for i in range(n)))
+        return str(path)
+
+    config = _config(tmp_path / "2", train_source=write("geometry.jsonl", "Geometry", 4), train_limit=0,
+                     heldout_source=write("number_theory.jsonl", "Number Theory", 3), heldout_size=0,
+                     heldout_exclude=())
+    config.eval.benchmarks = ("gsm8k",)
+    with pytest.raises(DataError, match=r"no held-out question has a subject that the training data has"):
+        run_pipeline(config, only="data")

@@ -70,13 +70,28 @@ class RealTeacher:
         raise AssertionError(f"unexpected teacher task {task!r}")
 
 
+def _one_train_row_per_subject(path: Path) -> Path:
+    """The first real MATH train row of each of the 7 subjects, written where a user's file would be: held-out
+    questions of a subject without training questions are left out of the profile (no skill catalog)."""
+    rows, seen = [], set()
+    with open(data_file("math_train.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if row["type"] not in seen and "\\boxed{}" not in row["solution"]:
+                seen.add(row["type"])
+                rows.append(row)
+    assert len(rows) == 7
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def _overrides(tmp_path: Path, student: Path, base_url: str) -> dict[str, str]:
     values = {
         "workdir": tmp_path / "run", "model.path": student, "model.dtype": "float32",
         "mesh.data": 1, "mesh.fsdp": 1,
         "stat.stages": "data,skills,label,rollout,hard,diagnose,profile,sel,syn,sft,eval,grpo,eval_grpo",
-        "stat.train_benchmark": "math_train", "stat.train_source": data_file("math_train.jsonl"),
-        "stat.train_limit": 4, "stat.heldout_benchmark": "math", "stat.heldout_source": data_file("math_test.jsonl"),
+        "stat.train_benchmark": "math_train",
+        "stat.train_source": _one_train_row_per_subject(tmp_path / "math_train_7.jsonl"), "stat.train_limit": 0, "stat.heldout_benchmark": "math", "stat.heldout_source": data_file("math_test.jsonl"),
         "stat.heldout_size": 4, "stat.skills_sample_per_subject": 0, "stat.rollout_samples": 1,
         "stat.rollout_temperature": 0.0, "stat.rollout_max_new_tokens": NEW_TOKENS, "stat.num_hard": 4,
         "stat.grade_workers": 0, "stat.sel_questions_per_skill": 2, "stat.sel_answers_per_question": 1,
