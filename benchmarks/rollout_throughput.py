@@ -6,7 +6,9 @@ One run, one JSON line. By default the real student (.cache/smollm2-135m-instruc
   machine), and again with `max_target_length=512`: a decode step should cost the same at either cache length;
 - `transformers.generate`, one batch, left padding, float32, in the same process;
 - tokens/s, their ratio, whether the greedy token ids agree, time to first token, compile seconds (XLA's own
-  compile-time events) and peak resident memory.
+  compile-time events) and peak resident memory;
+- `decode_floor`: tokens/s of a cache-free one-token forward at the shipped slot count (only the model's own
+  products), the bound no decode engine on this machine can pass, and its ratio to transformers.
 Without the real student (or with --model-path=random) a small random Llama is exported to an HF directory and
 prompts are ragged random token ids.
 
@@ -175,6 +177,27 @@ def run_hf(model_dir: Path, tokenizer, prompts, new_tokens: int, dtype: str) -> 
             "torch_threads": torch.get_num_threads()}, tokens
 
 
+def decode_floor(model, slots: int, steps: int = 8) -> dict:
+    """Tokens/s if a decode step cost only the model's own products for `slots` one-token rows: a jitted
+    cache-free forward (every weight read once, the vocabulary product included, no attention over a cache).
+    No engine can beat it on this machine, so it bounds what any speed-up over transformers can reach."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens)[:, -1].argmax(-1))
+    tokens = jnp.zeros((slots, 1), jnp.int32)
+    forward(state, tokens).block_until_ready()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        forward(state, tokens).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    step = float(np.median(times))
+    return {"slots": slots, "step_s": round(step, 4), "tokens_per_s": round(slots / step, 1)}
+
+
 def _report(result: dict, part: str, out: str) -> None:
     """Each part takes minutes at the real shape: say which one ended, and keep what is measured so far."""
     print(f"rollout_throughput: {part} done", file=sys.stderr, flush=True)
@@ -229,10 +252,13 @@ def main(argv=None) -> dict:
                 "outputs_identical": short_tokens == our_tokens}
             _report(result, f"stat-jax, max_target_length={args.compare_length}", args.out)
         result["peak_rss_gb_stat_jax"] = peak_rss_gb()
+        result["decode_floor"] = decode_floor(model, shipped["settings"]["max_concurrent_decodes"])
         if not args.skip_hf:
             hf, hf_tokens = run_hf(model_dir, tokenizer, prompts, args.new_tokens, args.dtype)
             result["transformers_generate"] = hf
             result["speedup_vs_transformers"] = round(shipped["tokens_per_s"] / hf["tokens_per_s"], 2)
+            result["decode_floor"]["over_transformers"] = round(result["decode_floor"]["tokens_per_s"]
+                                                                / hf["tokens_per_s"], 2)
             same = sum(a == b for a, b in zip(our_tokens, hf_tokens))
             result["greedy_sequences_identical"] = f"{same}/{len(prompts)}"
             result["peak_rss_gb_process"] = peak_rss_gb()
