@@ -32,7 +32,10 @@ def get_config() -> ConfigDict:
     # 4.0 GB with full (0.23 MB/token beyond params+grads+AdamW) and 9.1 GB with dots (0.85 MB/token), so only
     # full keeps that step within 8 GB; none needs ~2.7 MB/token (measured RSS slope, SFT 1->2 x 512 tokens).
     # dots recomputes only the attention softmax and elementwise ops (full: the whole layer forward, ~1/3 more
-    # compute): pick it when memory allows.
+    # compute): pick it when memory allows. Measured peak RSS with full (benchmarks/train_memory.py, 2026-12-01):
+    # GRPO 16 x 512 5.3 GB, 0.20 MB/token beyond the fixed 2.15 GB (SFT 0.09); time per token no worse than
+    # none with unchunked logits (GRPO 14.4 vs 14.6 ms, SFT 14.7 vs 24.2 ms: the chunked loss saves more than
+    # the recompute costs on CPU).
     c.model.remat = "full"
 
     c.mesh = ConfigDict()
