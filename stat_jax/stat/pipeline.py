@@ -191,7 +191,8 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
 
     Malformed rows are skipped and counted (stat.on_bad_row=skip) or stop the stage (error). The held-out set
     is a seeded stat.heldout_size split of the held-out source that avoids stat.heldout_exclude's questions;
-    training questions that are also held-out questions are dropped from training (and counted).
+    training questions that are also held-out questions are dropped from training (and counted). When the run
+    diagnoses, held-out questions of a subject without training questions (no skill catalog) are left out too.
     """
     from stat_jax.data import splits
     from stat_jax.data.math_datasets import read_benchmark
@@ -221,7 +222,9 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
         log.warning("stage data: %d training questions are also held-out questions and are left out of training "
                     "(first: %s)", len(shared), sorted(shared)[0])
     train_problems = [p for p in train.problems if p.id not in shared]
-    heldout, no_catalog = _heldout_with_training_subjects(heldout, train_problems)
+    no_catalog: dict[str, int] = {}
+    if "diagnose" in s.stages:  # the stage that needs a catalog for each held-out question's subject
+        heldout, no_catalog = _heldout_with_training_subjects(heldout, train_problems)
     io.write_jsonl(ctx.path("data/train.jsonl"), (p.to_dict() for p in train_problems))
     io.write_jsonl(ctx.path("data/heldout.jsonl"), (p.to_dict() for p in heldout))
     for what, loaded in (("train", train), ("heldout", source)):
