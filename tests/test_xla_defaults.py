@@ -31,6 +31,7 @@ def test_importing_stat_jax_keeps_float32_dots_on_xlas_own_emitter():
 def test_a_users_own_ynn_setting_is_left_alone():
     flags, uses_ynn = _probe("--xla_cpu_experimental_ynn_fusion_type=+dot")
     assert flags == "--xla_cpu_experimental_ynn_fusion_type=+dot"
+    assert uses_ynn == "True"  # the user's choice took effect
 
 
 def test_the_suites_float32_dot_is_as_accurate_as_numpys():

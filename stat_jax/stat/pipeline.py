@@ -15,6 +15,7 @@ inputs, and remove work left there by other ones.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -170,10 +171,8 @@ def _heldout_with_training_subjects(heldout: Sequence[MathProblem], train: Seque
     """
     subjects = {skills_mod.subject_of(p) for p in train}
     kept = [p for p in heldout if skills_mod.subject_of(p) in subjects]
-    dropped: dict[str, int] = {}
-    for p in heldout:
-        if skills_mod.subject_of(p) not in subjects:
-            dropped[skills_mod.subject_of(p)] = dropped.get(skills_mod.subject_of(p), 0) + 1
+    dropped = dict(collections.Counter(skills_mod.subject_of(p) for p in heldout
+                                       if skills_mod.subject_of(p) not in subjects))
     if dropped:
         log.warning("stage data: %d held-out questions have a subject with no training question and are left out "
                     "of the profile: %s (the training data's subjects: %s)", len(heldout) - len(kept),
