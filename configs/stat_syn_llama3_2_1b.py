@@ -1,7 +1,8 @@
-"""STAT-Syn for Llama-3.2-1B-Instruct (the paper's setting): `stat-jax run --config=configs/stat_syn_llama3_2_1b.py`.
+"""STAT-Syn for Llama-3.2-1B-Instruct, the paper's recipe: `stat-jax run --config=configs/stat_syn_llama3_2_1b.py`.
 
-The STAT-Sel config (configs/stat_sel_llama3_2_1b.py) with the synthesized set in place of the selected one:
-same student, teacher, SFT and GRPO recipes and evaluation.
+Every figure is in configs/stat_paper.py (variant llama3_2_1b,syn), with where in the paper it comes from. Needs
+GEMINI_API_KEY (or Vertex AI settings) for the teacher; `--only=profile` runs a single stage. The GRPO stages,
+added with `--config.stat.stages=...,sft,eval,grpo,eval_grpo`, train on the run's MATH training questions.
 """
 
 from pathlib import Path
@@ -10,8 +11,4 @@ from stat_jax.config import load_config_file
 
 
 def get_config():
-    c = load_config_file(str(Path(__file__).with_name("stat_sel_llama3_2_1b.py")))
-    c.workdir = "runs/stat_syn_llama3_2_1b"
-    c.stat.method = "syn"
-    c.stat.stages = tuple("syn" if name == "sel" else name for name in c.stat.stages)
-    return c
+    return load_config_file(f"{Path(__file__).with_name('stat_paper.py')}:llama3_2_1b,syn")
