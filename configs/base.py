@@ -171,7 +171,11 @@ def get_config() -> ConfigDict:
     c.stat = ConfigDict()
     c.stat.run_dir = ""  # default: <workdir>/stat
     c.stat.stages = ("data", "skills", "label", "rollout", "hard", "diagnose", "profile", "sel", "sft", "eval")
-    c.stat.method = "sel"  # which set the sft stage trains on: sel | syn | sel+syn
+    # Which set the sft stage trains on: sel | syn | sel+syn, or one of the paper's baselines (stat_jax/stat/
+    # baselines.py), each built by the stage of its name: math_train (the training questions, dataset solutions;
+    # stages data,math_train,sft,eval) | math_hard (the hardest levels; data,math_hard,sft,eval) | embed_sel
+    # (nearest training questions to the difficult ones; data,rollout,hard,embed_sel,sft,eval).
+    c.stat.method = "sel"
     c.stat.train_benchmark = "math_train"  # a stat_jax.data.math_datasets benchmark name
     c.stat.train_source = ""  # local file/dir or hub name; "" = the benchmark's default copy
     c.stat.train_limit = 0
@@ -212,6 +216,15 @@ def get_config() -> ConfigDict:
     c.stat.syn_solutions = 3
     c.stat.syn_min_agree = 2
     c.stat.syn_target_size = 0  # 0 = keep all
+    # Baselines: every set has exactly this many pairs (0 = stat.sel_target_size, the paper's 9.5k for every
+    # set); fewer distinct pairs are repeated (counted in <stage>/stats.json). MATH-Hard and Embed-Sel answer
+    # as STAT-Sel does (stat.sel_answer_source, stat.sel_answers_per_question); MATH-Train with dataset solutions.
+    c.stat.baseline_size = 0
+    c.stat.math_hard_top_levels = 2  # the top levels present: MATH Level 4-5, as in the paper
+    c.stat.embed_model = ""  # Embed-Sel: "" = the student's mean-pooled hidden states; or an HF encoder directory
+    c.stat.embed_per_question = 5  # nearest training questions per difficult question (the paper: 5)
+    c.stat.embed_max_tokens = 1024  # each question's first tokens that are embedded
+    c.stat.embed_batch_size = 16  # questions per embedding forward pass
     c.stat.wait_timeout_s = 86400.0  # other hosts wait this long for process 0's teacher stages
     c.grpo = ConfigDict()
     c.grpo.train_files = ()  # JSONL of {problem, answer} rows (e.g. MATH train, or a STAT-Sel question list)

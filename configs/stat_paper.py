@@ -3,7 +3,8 @@
   stat-jax run --config=configs/stat_paper.py:llama3_2_1b,sel      # = configs/stat_sel_llama3_2_1b.py
   stat-jax run --config=configs/stat_paper.py:qwen2_5_3b,syn       # = configs/stat_syn_qwen2_5_3b.py
 
-STUDENT: llama3_2_1b | llama3_2_3b | qwen2_5_3b; METHOD: sel | syn. Every figure below is the paper's (He et al.,
+STUDENT: llama3_2_1b | llama3_2_3b | qwen2_5_3b; METHOD: sel | syn, or one of the paper's baselines at the same
+budget (stat_jax/stat/baselines.py): math_train | math_hard | embed_sel. Every figure below is the paper's (He et al.,
 "Skill-Targeted Adaptive Training", arXiv 2510.10023; summarised in shared/PAPER.md, whose section is named in
 each comment), or says that the paper does not give one. The per-student files (stat_{sel,syn}_*.py), the SFT
 recipes (sft_llama3_2_*.py, sft_qwen2_5_3b.py) and the GRPO recipe (grpo_llama3_2_1b.py) are this file's variants,
@@ -15,6 +16,7 @@ import math
 from pathlib import Path
 
 from stat_jax.config import ConfigError, load_config_file
+from stat_jax.stat import baselines
 
 # PAPER.md "Setup": the three students; Qwen2.5-3B is the base model, not the Instruct one.
 STUDENTS = {
@@ -27,6 +29,7 @@ _PROFILE = ("data", "skills", "label", "rollout", "hard", "diagnose", "profile")
 METHOD_STAGES = {
     "sel": _PROFILE + ("sel", "sft", "eval"),
     "syn": _PROFILE + ("syn", "sft", "eval"),
+    **baselines.METHOD_STAGES,
 }
 
 MATH_TRAIN_QUESTIONS = 7500  # PAPER.md "Setup": MATH is 7.5k train / 5k test
@@ -88,6 +91,14 @@ def get_config(arg: str = "llama3_2_1b,sel"):
     c.stat.syn_solutions = 3
     c.stat.syn_min_agree = 2
     c.stat.syn_target_size = PAIRS
+    # Baselines ("Stage 3"), every set 9.5k pairs (stat.baseline_size 0 = stat.sel_target_size): MATH-Train is
+    # the original questions with their solutions; MATH-Hard all Level 4-5 questions (MATH's top 2 levels);
+    # Embed-Sel the 5 most similar training questions per difficult question; both with 3 answers each, as
+    # STAT-Sel. The paper embeds with gte-Qwen2-7B-instruct; "" embeds with the student (any HF encoder dir works).
+    c.stat.baseline_size = 0
+    c.stat.math_hard_top_levels = 2
+    c.stat.embed_per_question = 5
+    c.stat.embed_model = ""
 
     # SFT ("Training recipe"): 3 epochs, cosine with 3% warmup, effective batch 8, clipping 0.3, weight
     # decay 0.1. One example per row (no packing), so a batch of 8 rows is 8 QA pairs as in the paper.

@@ -85,6 +85,25 @@ def test_variants_and_recipe_files_share_one_copy_of_each_figure():
     assert syn.workdir == "runs/stat_syn_qwen2_5_3b" and "syn" in syn.stat.stages and "sel" not in syn.stat.stages
 
 
+@pytest.mark.parametrize("method, stages", [
+    ("math_train", ["data", "math_train", "sft", "eval"]),
+    ("math_hard", ["data", "math_hard", "sft", "eval"]),
+    ("embed_sel", ["data", "rollout", "hard", "embed_sel", "sft", "eval"]),
+])
+def test_paper_baselines_are_variants_at_the_same_budget(method, stages, tmp_path, capsys):
+    from stat_jax.stat.baselines import budget
+
+    c = build_config(f"configs/stat_paper.py:qwen2_5_3b,{method}")
+    assert c.stat.method == method and list(c.stat.stages) == stages
+    assert budget(c) == 9500  # "Stage 3": every set is 9.5k pairs, as STAT-Sel's
+    assert (c.stat.math_hard_top_levels, c.stat.embed_per_question) == (2, 5)  # Level 4-5; 5 neighbours
+    assert _figures(c)["sft"] == PAPER["sft"]  # trained with the same recipe
+    assert cli.main(["run", f"--config=configs/stat_paper.py:qwen2_5_3b,{method}",
+                     f"--config.workdir={tmp_path}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert all(f'"{stage}"' in out for stage in stages)
+
+
 @pytest.mark.parametrize("variant", ["llama3_2_8b,sel", "qwen2_5_3b,grpo", "qwen2_5_3b"])
 def test_unknown_variant_names_the_choices(variant):
     with pytest.raises(ConfigError, match=r"STUDENT,METHOD with STUDENT one of \['llama3_2_1b'"):

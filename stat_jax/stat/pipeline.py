@@ -27,6 +27,7 @@ from typing import Any
 
 from stat_jax import errors
 from stat_jax.data.records import MathProblem, SFTExample
+from stat_jax.stat import baselines as baselines_mod
 from stat_jax.stat import hard as hard_mod
 from stat_jax.stat import io
 from stat_jax.stat import profile as profile_mod
@@ -391,7 +392,8 @@ def stage_syn(ctx: StageContext) -> dict[str, Any]:
 def _sft_files(ctx: StageContext) -> list[str]:
     method = ctx.config.stat.method
     files = {"sel": ["sel/stat_sel.jsonl"], "syn": ["syn/stat_syn.jsonl"],
-             "sel+syn": ["sel/stat_sel.jsonl", "syn/stat_syn.jsonl"]}
+             "sel+syn": ["sel/stat_sel.jsonl", "syn/stat_syn.jsonl"],
+             **{m: [f] for m, f in baselines_mod.METHOD_FILES.items()}}  # the paper's baselines
     if method not in files:
         raise ValueError(f"stat.method={method!r}: choose one of {sorted(files)}")
     return files[method]
@@ -547,6 +549,8 @@ _TEACHER_KEYS = ("teacher.backend", "teacher.model", "teacher.max_output_tokens"
 _PROMPT_KEYS = ("stat.instruction", "eval.instruction", "eval.system_prompt", "eval.date_string")
 _STUDENT_KEYS = ("model.tokenizer_path", "model.dtype", "model.param_dtype")  # model.path is the stage's input
 _EVAL_KEYS = ("seed", "eval", "stat.heldout_size", "stat.heldout_benchmark") + _STUDENT_KEYS + _LENGTH_KEYS
+_BASELINE_KEYS = _PROMPT_KEYS + ("seed", "stat.baseline_size", "stat.sel_target_size")
+_BASELINE_ANSWER_KEYS = _TEACHER_KEYS + ("stat.sel_answer_source", "stat.sel_answers_per_question")
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", stage_data, (), ("data/train.jsonl", "data/heldout.jsonl"), _DATA_KEYS),
@@ -573,6 +577,16 @@ STAGES: tuple[Stage, ...] = (
           _TEACHER_KEYS + _PROMPT_KEYS + ("seed", "teacher.temperature", "stat.syn_reference_questions",
                                           "stat.syn_new_questions", "stat.syn_solutions", "stat.syn_min_agree",
                                           "stat.syn_target_size")),
+    # The paper's baselines at STAT-Sel's budget (stat_jax/stat/baselines.py), chosen with stat.method.
+    Stage("math_train", baselines_mod.stage_math_train, ("data/train.jsonl",),
+          (baselines_mod.METHOD_FILES["math_train"], "math_train/stats.json"), _BASELINE_KEYS),
+    Stage("math_hard", baselines_mod.stage_math_hard, ("data/train.jsonl",),
+          (baselines_mod.METHOD_FILES["math_hard"], "math_hard/stats.json"),
+          _BASELINE_KEYS + _BASELINE_ANSWER_KEYS + ("stat.math_hard_top_levels",)),
+    Stage("embed_sel", baselines_mod.stage_embed_sel, ("data/train.jsonl", "hard/hard.jsonl"),
+          (baselines_mod.METHOD_FILES["embed_sel"], "embed_sel/stats.json"),
+          _BASELINE_KEYS + _BASELINE_ANSWER_KEYS + _STUDENT_KEYS + ("model.path", "stat.embed_model",
+                                                                    "stat.embed_per_question", "stat.embed_max_tokens")),
     Stage("sft", stage_sft, (), ("sft/done.json",), ("seed", "stat.method", "model", "data", "train",
                                                      "eval.date_string"),
           process0_only=False),
@@ -582,7 +596,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval_grpo", stage_eval_grpo, ("grpo/done.json",), ("eval_grpo/summary.json",), _EVAL_KEYS,
           process0_only=False),
 )
-STAGE_NAMES = tuple(s.name for s in STAGES)
+# The baseline stages build another training set (stat.method=<name>); a STAT run's stages are the others.
+BASELINE_STAGE_NAMES = tuple(baselines_mod.METHOD_FILES)
+STAGE_NAMES = tuple(s.name for s in STAGES if s.name not in BASELINE_STAGE_NAMES)
 
 
 def _is_process0() -> bool:
@@ -653,9 +669,10 @@ def _wait_for(stage: Stage, ctx: StageContext, stage_config: Any, inputs: Sequen
 def stages_to_run(config: Any, only: str | None) -> list[Stage]:
     """The configured stage list (`stat.stages`), or the stages named in `--only` in pipeline order."""
     names = [n.strip() for n in (only.split(",") if only else config.stat.stages) if n.strip()]
-    unknown = [n for n in names if n not in STAGE_NAMES]
+    unknown = [n for n in names if n not in STAGE_NAMES + BASELINE_STAGE_NAMES]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGE_NAMES)}")
+        raise ValueError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGE_NAMES)} (baselines: "
+                         f"{', '.join(BASELINE_STAGE_NAMES)})")
     return [s for s in STAGES if s.name in names]
 
 
