@@ -172,7 +172,10 @@ def student_embeddings(ctx, texts: Sequence[str]) -> np.ndarray:
     from stat_jax.models.hub import resolve_model_path
 
     c, s = ctx.config, ctx.config.stat
-    tokenizer = ctx.student_tokenizer()  # first: it names the key to set when model.path is empty
+    if not c.model.path:
+        raise ValueError("stage embed_sel embeds with the student: set --config.model.path=/path/to/hf_checkpoint, "
+                         "or --config.stat.embed_model=/path/to/hf_encoder to embed with another model")
+    tokenizer = ctx.student_tokenizer()
     mesh = (sharding.make_mesh(1, -1, 1, devices=jax.local_devices()) if jax.process_count() > 1
             else sharding.mesh_from_config(c.mesh))
     model = load_hf_checkpoint(resolve_model_path(c.model.path), mesh, dtype=c.model.dtype,

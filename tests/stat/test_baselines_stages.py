@@ -163,6 +163,9 @@ def test_embed_sel_without_difficult_questions_names_the_file(tmp_path, student)
     with pytest.raises(ValueError, match="hard/hard.jsonl holds no difficult question"):
         run_pipeline(_config(tmp_path, student, stages=("embed_sel",), sel_answer_source="dataset"))
     assert not (run_dir / "embed_sel/manifest.json").exists()
+    io.write_jsonl(run_dir / "hard/hard.jsonl", [_row(99, "Level 5")])
+    with pytest.raises(ValueError, match="stage embed_sel embeds with the student: set --config.model.path"):
+        run_pipeline(_config(tmp_path, "", stages=("embed_sel",), sel_answer_source="dataset"))
 
 
 def test_student_embeddings_match_transformers_and_ignore_batching(tmp_path, student):
@@ -185,7 +188,7 @@ def test_student_embeddings_match_transformers_and_ignore_batching(tmp_path, stu
 def test_embed_sel_on_real_math_rows_with_the_real_student(tmp_path):
     from stat_jax.data.math_datasets import read_benchmark
 
-    train = read_benchmark("math_train", str(SHARED_DATA / "math_train.jsonl"), limit=48).problems
+    train = read_benchmark("math_train", str(SHARED_DATA / "math_train.jsonl"), limit=24).problems
     test = read_benchmark("math", str(SHARED_DATA / "math_test.jsonl"), limit=3).problems
     # A difficult question that repeats a training question's text must find it first.
     hard = [*test, MathProblem.from_dict({**train[17].to_dict(), "id": "copy-of-train-17"})]
@@ -199,6 +202,7 @@ def test_embed_sel_on_real_math_rows_with_the_real_student(tmp_path):
     texts = [p.problem for p in hard + train]
     vecs = baselines.student_embeddings(StageContext(config, run_dir), texts)
     assert baselines.nearest(vecs[3:4], vecs[len(hard):], 1)[0, 0] == 17
-    # The student's own pooled states equal transformers' on the real checkpoint and tokenizer.
+    # The student's own pooled states equal transformers' on the real checkpoint and tokenizer (measured: 1.0e-5
+    # at most on 12 MATH train questions, values up to 48).
     reference = baselines.encoder_embeddings(str(REAL_STUDENT), texts[:6], batch_size=3, max_tokens=1024)
-    np.testing.assert_allclose(vecs[:6], reference, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(vecs[:6], reference, rtol=1e-4, atol=1e-4)
