@@ -194,17 +194,23 @@ def get_config() -> ConfigDict:
     c.stat.propose_max_skills = 3
     c.stat.catalog_max_skills = 25  # per subject
     c.stat.label_max_skills = 3
-    c.stat.rollout_samples = 4
+    c.stat.rollout_samples = 5  # answers per held-out question; the consistency rule needs >= 2 (the paper: 5)
     c.stat.rollout_temperature = 0.6
     c.stat.rollout_top_p = 0.95
     c.stat.rollout_max_new_tokens = 2048
     c.stat.rollout_chunk_size = 256
-    c.stat.scorer = "accuracy"  # accuracy (grader) | prm (the paper's choice)
+    # Which held-out questions are hard (stat_jax/stat/hard.py), label-free unless accuracy is chosen:
+    # auto = prm when stat.prm_path is set, else consistency | consistency: fewer than stat.consistency_min_agree
+    # of the student's stat.rollout_samples final answers agree (math-verify equivalence; the paper's cheaper
+    # heuristic, 79.8% vs the PRM's 78.0%) | prm (the paper's choice) | accuracy: the grader against the reference
+    # answers (uses labels), hard when the mean accuracy < stat.hard_threshold.
+    c.stat.scorer = "auto"
+    c.stat.consistency_min_agree = 2  # the paper: hard when the most common of 5 answers appears < 2 times
     c.stat.prm_path = ""  # HF dir of a Qwen2.5-Math-PRM-style checkpoint
     c.stat.prm_aggregate = "min"  # min | product over steps
     c.stat.prm_batch_size = 8
     c.stat.num_hard = 500
-    c.stat.hard_threshold = 1.0  # only questions with mean score below this can be hard
+    c.stat.hard_threshold = 1.0  # accuracy / prm: only questions with mean score below this can be hard
     c.stat.grade_workers = 2  # 0 = grade in-process
     c.stat.diagnose_max_skills = 3
     c.stat.sel_questions_per_skill = 5

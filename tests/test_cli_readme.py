@@ -31,7 +31,8 @@ SMALL = {
     "eval": {"eval.limit": 2, "eval.max_new_tokens": 32, "eval.grade_workers": 1, "model.dtype": "float32",
              "mesh.data": 1, "mesh.fsdp": 1, "rollout.max_concurrent_decodes": 2, "rollout.max_prefill_length": 512},
     "run": {"stat.train_limit": 4, "stat.heldout_limit": 3, "stat.skills_sample_per_subject": 0,
-            "stat.rollout_samples": 1, "stat.rollout_temperature": 0.0, "stat.rollout_max_new_tokens": 32,
+            "stat.rollout_samples": 1, "stat.scorer": "accuracy",  # one sample: consistency needs >= 2
+            "stat.rollout_temperature": 0.0, "stat.rollout_max_new_tokens": 32,
             "stat.num_hard": 3, "stat.grade_workers": 0, "stat.sel_questions_per_skill": 2,
             "stat.sel_answers_per_question": 1, "stat.sel_answer_source": "teacher", "stat.sel_target_size": 4,
             "teacher.model": "gemini-fake", "teacher.max_workers": 2, "teacher.backoff_initial_s": 0.001,

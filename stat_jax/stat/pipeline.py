@@ -304,17 +304,33 @@ def _build_scorer(ctx: StageContext):
     s = ctx.config.stat
     if ctx.scorer is not None:
         return ctx.scorer
-    if s.scorer == "accuracy":
+    name = hard_mod.scorer_name(s)
+    if name == "consistency":
+        return hard_mod.ConsistencyScorer(min_agree=s.consistency_min_agree, workers=s.grade_workers,
+                                          timeout=ctx.config.eval.grade_timeout)
+    if name == "accuracy":
         return hard_mod.AccuracyScorer(workers=s.grade_workers, timeout=ctx.config.eval.grade_timeout)
-    if s.scorer == "prm":
+    if name == "prm":
         if not s.prm_path:
             raise ValueError("stat.scorer='prm' needs --config.stat.prm_path=/path/to/Qwen2.5-Math-PRM checkpoint")
         return hard_mod.PRMScorer(s.prm_path, aggregate=s.prm_aggregate, batch_size=s.prm_batch_size)
-    raise ValueError(f"stat.scorer={s.scorer!r}: choose 'accuracy' or 'prm'")
+    raise ValueError(f"stat.scorer={s.scorer!r}: choose one of {hard_mod.SCORERS}")
+
+
+def _hard_rule(scorer: Any, s: Any) -> str:
+    """The rule that makes a question hard, as the manifest states it."""
+    if hasattr(scorer, "hard_flags"):
+        return (f"{scorer.name}: fewer than stat.consistency_min_agree={scorer.min_agree} of the "
+                f"stat.rollout_samples={s.rollout_samples} final answers agree")
+    return f"{scorer.name}: mean response score < stat.hard_threshold={s.hard_threshold}"
 
 
 def stage_hard(ctx: StageContext) -> dict[str, Any]:
-    """Scores every response and keeps the `num_hard` questions with the lowest mean score."""
+    """Scores every response and keeps up to `num_hard` questions the scorer's rule finds hard, hardest first.
+
+    hard/scores.jsonl and hard/hard.jsonl record, per question, the rule (`rule`) and its score (`score`: the
+    mean response score; for consistency the share of samples in the largest agreeing group).
+    """
     s = ctx.config.stat
     heldout = _problems(ctx.path("data/heldout.jsonl"))
     rows = {r["id"]: r for r in io.read_jsonl(ctx.path("rollout/responses.jsonl"))}
@@ -325,11 +341,23 @@ def stage_hard(ctx: StageContext) -> dict[str, Any]:
                          f"(first: {missing[0]}); re-run the rollout stage")
     responses = [rows[p.id]["responses"] for p in heldout]
     scorer = _build_scorer(ctx)
+    rule, uses_labels = _hard_rule(scorer, s), bool(getattr(scorer, "uses_labels", False))
+    log.info("stage hard: rule %s%s", rule, " (uses the reference answers: labels)" if uses_labels else
+             " (label-free)")
     scores = scorer.score(heldout, responses)
-    io.write_jsonl(ctx.path("hard/scores.jsonl"), ({"id": p.id, "scores": sc} for p, sc in zip(heldout, scores)))
-    hard = hard_mod.select_hard(heldout, responses, scores, s.num_hard, ctx.config.seed, threshold=s.hard_threshold)
+    flags = scorer.hard_flags() if hasattr(scorer, "hard_flags") else None
+    details = scorer.question_details() if hasattr(scorer, "question_details") else [{} for _ in heldout]
+    io.write_jsonl(ctx.path("hard/scores.jsonl"),
+                   ({"id": p.id, "rule": scorer.name, "score": sum(sc) / len(sc) if sc else None, "scores": sc,
+                     **({"hard": f} if flags is not None else {}), **d}
+                    for p, sc, d, f in zip(heldout, scores, details, flags or [None] * len(heldout))))
+    hard = hard_mod.select_hard(heldout, responses, scores, s.num_hard, ctx.config.seed, threshold=s.hard_threshold,
+                                hard=flags, rule=scorer.name)
+    by_id = {p.id: d for p, d in zip(heldout, details)}
+    hard = [{**row, **by_id[row["id"]]} for row in hard]
     io.write_jsonl(ctx.path("hard/hard.jsonl"), hard)
-    return {"scorer": scorer.name, "heldout": len(heldout), "hard": len(hard),
+    return {"scorer": scorer.name, "rule": rule, "uses_reference_labels": uses_labels,
+            "flagged_by_rule": sum(flags) if flags is not None else None, "heldout": len(heldout), "hard": len(hard),
             "mean_score": sum(map(sum, scores)) / max(1, sum(map(len, scores)))}
 
 
@@ -564,7 +592,8 @@ STAGES: tuple[Stage, ...] = (
                           "stat.rollout_temperature", "stat.rollout_top_p", "stat.rollout_max_new_tokens")
           + _LENGTH_KEYS, process0_only=False),
     Stage("hard", stage_hard, ("data/heldout.jsonl", "rollout/responses.jsonl"), ("hard/scores.jsonl", "hard/hard.jsonl"),
-          ("seed", "stat.scorer", "stat.prm_path", "stat.prm_aggregate", "stat.num_hard", "stat.hard_threshold")),
+          ("seed", "stat.scorer", "stat.prm_path", "stat.prm_aggregate", "stat.num_hard", "stat.hard_threshold",
+           "stat.consistency_min_agree")),
     Stage("diagnose", stage_diagnose, ("hard/hard.jsonl", "skills/catalog.json"), ("diagnose/diagnoses.jsonl",),
           _TEACHER_KEYS + ("stat.diagnose_max_skills",)),
     Stage("profile", stage_profile, ("diagnose/diagnoses.jsonl",), ("profile/profile.json", "profile/profile.png"), ()),
@@ -676,10 +705,17 @@ def stages_to_run(config: Any, only: str | None) -> list[Stage]:
     return [s for s in STAGES if s.name in names]
 
 
+def check_stage_config(config: Any, stages: Sequence[Stage]) -> None:
+    """Raises ConfigError for settings that would make a stage fail after earlier stages were paid for."""
+    if any(st.name == "hard" for st in stages):
+        hard_mod.check_hard_config(config.stat)
+
+
 def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, force: bool = False,
                  teacher_backend: TeacherBackend | None = None, rollout_backend: Any = None, tokenizer: Any = None,
                  scorer: Any = None) -> dict[str, str]:
     """Runs the stages in order; returns {stage: "done"|"skipped"|"waited"}. Raises BudgetExceeded resumably."""
+    check_stage_config(config, stages_to_run(config, only))  # before any stage spends teacher or device time
     run_dir = Path(config.stat.run_dir or Path(config.workdir) / "stat")
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(config, run_dir, teacher_backend=teacher_backend, rollout_backend=rollout_backend,

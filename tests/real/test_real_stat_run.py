@@ -93,6 +93,7 @@ def _overrides(tmp_path: Path, student: Path, base_url: str) -> dict[str, str]:
         "stat.train_benchmark": "math_train",
         "stat.train_source": _one_train_row_per_subject(tmp_path / "math_train_7.jsonl"), "stat.train_limit": 0, "stat.heldout_benchmark": "math", "stat.heldout_source": data_file("math_test.jsonl"),
         "stat.heldout_size": 4, "stat.skills_sample_per_subject": 0, "stat.rollout_samples": 1,
+        "stat.scorer": "accuracy",  # one sample per question: the consistency rule needs >= 2
         "stat.rollout_temperature": 0.0, "stat.rollout_max_new_tokens": NEW_TOKENS, "stat.num_hard": 4,
         "stat.grade_workers": 0, "stat.sel_questions_per_skill": 2, "stat.sel_answers_per_question": 1,
         "stat.sel_answer_source": "teacher", "stat.sel_target_size": 4, "stat.syn_reference_questions": 1,

@@ -132,6 +132,7 @@ def make_config(tmp_path, paths, run_name, **teacher):
     c.stat.stages = ("data", "skills", "label", "rollout", "hard", "diagnose", "profile", "sel", "syn")
     c.stat.skills_sample_per_subject = 0
     c.stat.rollout_samples = 3
+    c.stat.scorer = "accuracy"  # the hard questions below are the ones the fake student gets wrong
     c.stat.num_hard = 4
     c.stat.grade_workers = 0
     c.stat.sel_questions_per_skill = 2
