@@ -72,6 +72,8 @@ def get_config(arg: str = "llama3_2_1b,sel"):
     # Stage 1 (difficult questions): about 500 per student. The consistency heuristic samples 5 answers per
     # question (a question is difficult when its most common answer appears fewer than 2 times).
     c.stat.rollout_samples = 5
+    c.stat.consistency_min_agree = 2
+    c.stat.scorer = "auto"  # the paper's PRM when stat.prm_path is set, else that label-free consistency rule
     c.stat.num_hard = 500
     # Stage 2: the Skill-Map labels every training question with <= 5 skills; each difficult question gets
     # the 2-3 skills the student failed to apply.

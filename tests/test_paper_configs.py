@@ -23,6 +23,8 @@ def _figures(c) -> dict:
         # data split ("Setup"): 1k validation of MATH test builds the profile; `math` is evaluated on the rest
         "heldout": (c.stat.heldout_benchmark, c.stat.heldout_size, tuple(c.stat.heldout_exclude)),
         "train_benchmark": c.stat.train_benchmark,
+        # "Stage 1": ~500 difficult questions; consistency: 5 samples, difficult if the top answer appears < 2 times
+        "hard": (c.stat.num_hard, c.stat.rollout_samples, c.stat.consistency_min_agree, c.stat.scorer),
         # "Stage 3": 9.5k pairs; STAT-Sel 5 questions per (question, skill), 3 answers each (teacher-written)
         "sel": (c.stat.sel_target_size, c.stat.sel_questions_per_skill, c.stat.sel_answers_per_question,
                 c.stat.sel_answer_source),
@@ -40,6 +42,7 @@ def _figures(c) -> dict:
 PAPER = {
     "heldout": ("math", 1000, ()),
     "train_benchmark": "math_train",
+    "hard": (500, 5, 2, "auto"),
     "sel": (9500, 5, 3, "teacher"),
     "syn": (9500, 3, 2, 3, 2),
     # batch 8 of unpacked rows = 8 QA pairs per update
