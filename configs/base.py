@@ -206,9 +206,22 @@ def get_config() -> ConfigDict:
     # answers (uses labels), hard when the mean accuracy < stat.hard_threshold.
     c.stat.scorer = "auto"
     c.stat.consistency_min_agree = 2  # the paper: hard when the most common of 5 answers appears < 2 times
-    c.stat.prm_path = ""  # HF dir of a Qwen2.5-Math-PRM-style checkpoint
-    c.stat.prm_aggregate = "min"  # min | product over steps
-    c.stat.prm_batch_size = 8
+    # The PRM (stat.scorer=prm; stat_jax/models/prm.py). rlhflow: RLHFlow/Llama3.1-8B-PRM-Mistral-Data, the paper's
+    # (a Llama chat answering +/- after each step) | qwen: Qwen2.5-Math-PRM (a score head at <extra_0> separators).
+    c.stat.prm_format = "rlhflow"
+    c.stat.prm_path = ""  # HF dir of a checkpoint in stat.prm_format
+    # paper: a response is flagged when its last step <= prm_last_step_threshold, the mean of its steps <=
+    # prm_mean_threshold or any earlier step <= prm_earlier_step_threshold (the paper's 0.85 / 0.85 / 0.7) |
+    # min | product: that aggregate of the step scores as the response's score.
+    c.stat.prm_rule = "paper"
+    c.stat.prm_last_step_threshold = 0.85
+    c.stat.prm_mean_threshold = 0.85
+    c.stat.prm_earlier_step_threshold = 0.7
+    c.stat.prm_dtype = "bfloat16"  # weights and compute, sharded on c.mesh like the student (8B: 2 GB/device on 8)
+    # Tokens per PRM input; longer ones keep the question and the last steps (earliest steps dropped, counted in
+    # hard/manifest.json as `truncated`).
+    c.stat.prm_max_length = 4096
+    c.stat.prm_batch_size = 8  # sequences per PRM forward; a multiple of the mesh's data x fsdp size
     c.stat.num_hard = 500
     c.stat.hard_threshold = 1.0  # accuracy / prm: only questions with mean score below this can be hard
     c.stat.grade_workers = 2  # 0 = grade in-process

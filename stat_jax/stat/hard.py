@@ -6,6 +6,7 @@ the student's own samples). Grader accuracy against the reference answers is an 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -134,20 +135,60 @@ class ConsistencyScorer:
 
 
 class PRMScorer:
-    """The process reward model's question-level score of each response (min or product over steps)."""
+    """A process reward model's verdict on each response (`stat.prm_*`; needs no reference answers).
+
+    Rule `paper` (default): 1.0 when the response's step scores pass the paper's thresholds, 0.0 when the PRM
+    flags it (last step <= stat.prm_last_step_threshold, mean <= stat.prm_mean_threshold, or an earlier step
+    <= stat.prm_earlier_step_threshold), so with one sample per question `select_hard` keeps exactly the
+    paper's difficult questions, and with several it ranks them by the share of flagged answers. Rules `min` /
+    `product`: that aggregate of the step scores. Responses are split into steps at blank lines.
+    """
 
     name = "prm"
+    RULES = ("paper", "min", "product")
 
-    def __init__(self, model_path: str, *, aggregate: str = "min", batch_size: int = 8, max_length: int = 4096):
-        from stat_jax.models.prm import ProcessRewardModel
+    def __init__(self, step_scorer, *, rule: str = "paper", last: float = 0.85, mean: float = 0.85,
+                 earlier: float = 0.7):
+        if rule not in self.RULES:
+            raise ValueError(f"stat.prm_rule={rule!r}: choose one of {self.RULES}")
+        self.step_scorer = step_scorer
+        self.rule = rule
+        self.thresholds = {"last": float(last), "mean": float(mean), "earlier": float(earlier)}
+        self.step_scores: list[list[list[float]]] = []  # [question][response][step], from the last `score`
 
-        self.prm = ProcessRewardModel.from_pretrained(model_path, aggregate=aggregate, max_length=max_length)
-        self.batch_size = batch_size
+    @classmethod
+    def from_config(cls, stat, mesh=None) -> PRMScorer:
+        """The scorer `stat.prm_*` describe, its PRM sharded on `mesh`."""
+        from stat_jax.models.prm import load_step_scorer
+
+        if not stat.prm_path:
+            raise ValueError("stat.scorer='prm' needs --config.stat.prm_path=/path/to/a PRM checkpoint (HF dir; "
+                             "the paper's is RLHFlow/Llama3.1-8B-PRM-Mistral-Data, stat.prm_format=rlhflow)")
+        step_scorer = load_step_scorer(stat.prm_path, stat.prm_format, mesh=mesh, dtype=stat.prm_dtype,
+                                       max_length=stat.prm_max_length, batch_size=stat.prm_batch_size)
+        return cls(step_scorer, rule=stat.prm_rule, last=stat.prm_last_step_threshold,
+                   mean=stat.prm_mean_threshold, earlier=stat.prm_earlier_step_threshold)
+
+    def response_score(self, steps: Sequence[float]) -> float:
+        from stat_jax.models.prm import is_hard_by_step_scores
+
+        if self.rule == "paper":
+            return 0.0 if is_hard_by_step_scores(steps, **self.thresholds) else 1.0
+        return min(steps) if self.rule == "min" else math.prod(steps)
 
     def score(self, problems: Sequence[MathProblem], responses: Sequence[Sequence[str]]) -> list[list[float]]:
-        flat = [(p.problem, r) for p, rs in zip(problems, responses) for r in rs]
-        scores = iter(self.prm.score_responses(flat, batch_size=self.batch_size))
-        return [[next(scores) for _ in rs] for rs in responses]
+        from stat_jax.models.prm import split_steps
+
+        items = [(p.problem, split_steps(r)) for p, rs in zip(problems, responses) for r in rs]
+        flat = iter(self.step_scorer.score_many(items))
+        self.step_scores = [[next(flat) for _ in rs] for rs in responses]
+        return [[self.response_score(steps) for steps in per_q] for per_q in self.step_scores]
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """What the hard stage's manifest records about the PRM: format, rule, and the inputs cut to fit."""
+        return {"prm_format": self.step_scorer.format, "prm_rule": self.rule, "truncated": self.step_scorer.truncated,
+                "truncated_steps_dropped": self.step_scorer.dropped_steps}
 
 
 def select_hard(problems: Sequence[MathProblem], responses: Sequence[Sequence[str]], scores: Sequence[Sequence[float]],

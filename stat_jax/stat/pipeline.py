@@ -311,9 +311,9 @@ def _build_scorer(ctx: StageContext):
     if name == "accuracy":
         return hard_mod.AccuracyScorer(workers=s.grade_workers, timeout=ctx.config.eval.grade_timeout)
     if name == "prm":
-        if not s.prm_path:
-            raise ValueError("stat.scorer='prm' needs --config.stat.prm_path=/path/to/Qwen2.5-Math-PRM checkpoint")
-        return hard_mod.PRMScorer(s.prm_path, aggregate=s.prm_aggregate, batch_size=s.prm_batch_size)
+        from stat_jax import sharding
+
+        return hard_mod.PRMScorer.from_config(s, sharding.mesh_from_config(ctx.config.mesh))  # the student's mesh
     raise ValueError(f"stat.scorer={s.scorer!r}: choose one of {hard_mod.SCORERS}")
 
 
@@ -358,7 +358,7 @@ def stage_hard(ctx: StageContext) -> dict[str, Any]:
     io.write_jsonl(ctx.path("hard/hard.jsonl"), hard)
     return {"scorer": scorer.name, "rule": rule, "uses_reference_labels": uses_labels,
             "flagged_by_rule": sum(flags) if flags is not None else None, "heldout": len(heldout), "hard": len(hard),
-            "mean_score": sum(map(sum, scores)) / max(1, sum(map(len, scores)))}
+            "mean_score": sum(map(sum, scores)) / max(1, sum(map(len, scores))), **getattr(scorer, "manifest", {})}
 
 
 def stage_diagnose(ctx: StageContext) -> dict[str, Any]:
@@ -592,8 +592,10 @@ STAGES: tuple[Stage, ...] = (
                           "stat.rollout_temperature", "stat.rollout_top_p", "stat.rollout_max_new_tokens")
           + _LENGTH_KEYS, process0_only=False),
     Stage("hard", stage_hard, ("data/heldout.jsonl", "rollout/responses.jsonl"), ("hard/scores.jsonl", "hard/hard.jsonl"),
-          ("seed", "stat.scorer", "stat.prm_path", "stat.prm_aggregate", "stat.num_hard", "stat.hard_threshold",
-           "stat.consistency_min_agree")),
+          ("seed", "stat.scorer", "stat.num_hard", "stat.hard_threshold", "stat.consistency_min_agree",
+           "stat.prm_format", "stat.prm_path",
+           "stat.prm_rule", "stat.prm_last_step_threshold", "stat.prm_mean_threshold",
+           "stat.prm_earlier_step_threshold", "stat.prm_dtype", "stat.prm_max_length")),
     Stage("diagnose", stage_diagnose, ("hard/hard.jsonl", "skills/catalog.json"), ("diagnose/diagnoses.jsonl",),
           _TEACHER_KEYS + ("stat.diagnose_max_skills",)),
     Stage("profile", stage_profile, ("diagnose/diagnoses.jsonl",), ("profile/profile.json", "profile/profile.png"), ()),
