@@ -31,6 +31,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    # Adapters' rank axis (models/lora.py): takes fsdp when the array's other axes left it free (B of q/k/v/gate/up
+    # is [rank, heads or mlp], tensor-sharded at most), so no adapter is replicated whole on every device.
+    ("lora_rank", "fsdp"),
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),

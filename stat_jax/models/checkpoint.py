@@ -284,13 +284,23 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def iter_hf_tensors(model: DecoderLM, dtype="float32") -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (HF name, HF-layout host array) one tensor at a time."""
+    """Yields (HF name, HF-layout host array) one tensor at a time; adapted kernels as W + scale·A·B."""
     cfg = model.config
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     np_dtype = np.dtype(as_dtype(dtype))
     for our_path, hf_key, _, from_ours in _key_map(cfg):
-        host = _to_host(flat[our_path].get_value())
+        host = _to_host(flat[our_path].get_value() if our_path in flat else _merged_kernel(model, our_path))
         yield hf_key, np.ascontiguousarray(from_ours(host)).astype(np_dtype)
+
+
+def _merged_kernel(model: DecoderLM, our_path: tuple) -> jax.Array:
+    """The kernel at `our_path` when low-rank adapters sit on it (models/lora.py), merged one tensor at a time."""
+    node = model
+    for part in our_path:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    if not hasattr(node, "merged"):
+        raise CheckpointError(f"model has no parameter {'/'.join(map(str, our_path))} to export")
+    return node.merged()
 
 
 def export_hf_checkpoint(

@@ -69,6 +69,13 @@ def _cpu_einsum_bwd(equation, residuals, g):
 _cpu_einsum.defvjp(_cpu_einsum_fwd, _cpu_einsum_bwd)
 
 
+def project(equation: str, x: jax.Array, kernel) -> jax.Array:
+    """x through a projection: a plain `nnx.Param` kernel, or a kernel with low-rank adapters (models/lora.py)."""
+    if isinstance(kernel, nnx.Variable):
+        return matmul(equation, x, kernel[...])
+    return kernel.project(equation, x)  # the adapter's extra x·A·B product needs x itself, not just a weight
+
+
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float) -> nnx.Param:
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
 
@@ -204,7 +211,7 @@ class Attention(nnx.Module):
         self.rope = (d, cfg.rope_theta, cfg.rope_scaling)
 
     def _project(self, x, kernel, bias, axes):
-        y = matmul("bte,ehd->bthd", x.astype(self.dtype), kernel[...])
+        y = project("bte,ehd->bthd", x.astype(self.dtype), kernel)
         if bias is not None:
             y = y + bias[...].astype(self.dtype)
         return constrain(y, axes)
@@ -219,7 +226,7 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def output(self, attn: jax.Array) -> jax.Array:
-        y = matmul("bthd,hde->bte", attn.astype(self.dtype), self.o_proj[...])
+        y = project("bthd,hde->bte", attn.astype(self.dtype), self.o_proj)
         return constrain(y, ("batch", "length", "act_embed"))
 
 
@@ -235,7 +242,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        gate = matmul("bte,em->btm", x, self.gate_proj[...])
-        up = matmul("bte,em->btm", x, self.up_proj[...])
+        gate = project("bte,em->btm", x, self.gate_proj)
+        up = project("bte,em->btm", x, self.up_proj)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return constrain(matmul("btm,me->bte", hidden, self.down_proj[...]), ("batch", "length", "act_embed"))
+        return constrain(project("btm,me->bte", hidden, self.down_proj), ("batch", "length", "act_embed"))

@@ -5,6 +5,8 @@ over the (data, fsdp, tensor) mesh; the loop around it is data -> step -> log ->
 (the STAT pipeline, the demo): `train_sft(config, examples_or_path, workdir, resume)`.
 
 Training state: `{"step": int32, "params": pure dict of the model's parameters, "opt_state": optax state}`.
+With adapters (train.lora.rank > 0) "params" holds only the adapters; the frozen base is a separate, never
+donated argument of the step (`frozen`), so checkpoints hold the adapters plus the base's fingerprint.
 The loss is the token-mean cross entropy over response tokens of the whole optimizer batch; with gradient
 accumulation the micro-batch sums are added before dividing, so k micro-batches equal one k-times larger batch.
 """
@@ -32,6 +34,7 @@ from stat_jax.config import ConfigError, config_hash, config_to_dict, write_reso
 from stat_jax.errors import CheckpointsExistError
 from stat_jax.data import sft_data
 from stat_jax.data.records import SFTExample
+from stat_jax.models import lora
 from stat_jax.train import chunked_loss
 from stat_jax.train import memory as train_memory
 from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state
@@ -47,12 +50,17 @@ BATCH_AXES = (None, "batch", "length")  # [micro-batch index, rows, tokens]
 
 # ----- the step --------------------------------------------------------------------------------------------
 def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], *,
-              chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
+              chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, frozen: dict | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """(sum of masked cross entropy, number of loss tokens) of one micro-batch [rows, t].
 
     The logits are computed `chunk_tokens` at a time (`chunked_loss.token_stats`); 0 = all at once.
+    `frozen`: the rest of the model's state when `params` are only adapters (not differentiated).
     """
-    model = nnx.merge(graphdef, nnx.State(params))
+    if frozen:
+        model = nnx.merge(graphdef, nnx.State(params), nnx.State(frozen))
+    else:
+        model = nnx.merge(graphdef, nnx.State(params))
     hidden = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     logp = chunked_loss.token_stats(model, hidden, batch["targets"], chunk_tokens=chunk_tokens)["logp"]
     weights = batch["weights"]
@@ -60,30 +68,49 @@ def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
 
 
 def accumulated_gradients(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], *,
-                          chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS):
-    """(token-mean loss, its gradient, loss tokens) over micro-batches batch[k], summed before normalising."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_sums, chunk_tokens=chunk_tokens), has_aux=True)
+                          chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, frozen: dict | None = None,
+                          dropout_key: jax.Array | None = None):
+    """(token-mean loss, its gradient, loss tokens) over micro-batches batch[k], summed before normalising.
 
-    def one(carry, micro):
+    `dropout_key`: adapters' dropout masks are drawn from it (one fold per micro-batch); None = no dropout.
+    """
+    grad_fn = jax.value_and_grad(functools.partial(loss_sums, chunk_tokens=chunk_tokens, frozen=frozen),
+                                 has_aux=True)
+
+    def micro_grads(micro, index):
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        with lora.dropout_key(key):
+            return grad_fn(params, graphdef, micro)
+
+    def one(carry, xs):
         grad_sum, loss_sum, token_sum = carry
-        (ce_sum, tokens), grads = grad_fn(params, graphdef, micro)
+        (ce_sum, tokens), grads = micro_grads(*xs)
         return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + ce_sum, token_sum + tokens), None
 
-    if batch["tokens"].shape[0] == 1:  # no accumulation: skip the scan (and its zero-initialised buffers)
-        (ce_sum, tokens), grad_sum = grad_fn(params, graphdef, jax.tree.map(lambda x: x[0], batch))
+    k = batch["tokens"].shape[0]
+    if k == 1:  # no accumulation: skip the scan (and its zero-initialised buffers)
+        (ce_sum, tokens), grad_sum = micro_grads(jax.tree.map(lambda x: x[0], batch), 0)
     else:
         init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
-        (grad_sum, ce_sum, tokens), _ = jax.lax.scan(one, init, batch)
+        (grad_sum, ce_sum, tokens), _ = jax.lax.scan(one, init, (batch, jnp.arange(k)))
     denom = jnp.maximum(tokens, 1.0)
     return ce_sum / denom, jax.tree.map(lambda g: g / denom, grad_sum), tokens
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
-    """The pure step `(state, batch) -> (state, metrics)`; batch leaves are [micro_batches, rows, t]."""
+                    chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, dropout_seed: int | None = None
+                    ) -> Callable:
+    """The pure step `(state, batch[, frozen]) -> (state, metrics)`; batch leaves are [micro_batches, rows, t].
 
-    def train_step(state: dict, batch: dict[str, jax.Array]) -> tuple[dict, dict[str, jax.Array]]:
-        loss, grads, tokens = accumulated_gradients(state["params"], graphdef, batch, chunk_tokens=chunk_tokens)
+    `frozen`: the frozen base when state["params"] are adapters. `dropout_seed`: adapters' dropout is on, its
+    masks a function of (seed, step, micro-batch), so a resumed run draws the same ones.
+    """
+
+    def train_step(state: dict, batch: dict[str, jax.Array], frozen: dict | None = None
+                   ) -> tuple[dict, dict[str, jax.Array]]:
+        key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
+        loss, grads, tokens = accumulated_gradients(state["params"], graphdef, batch, chunk_tokens=chunk_tokens,
+                                                    frozen=frozen, dropout_key=key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
@@ -111,22 +138,31 @@ def batch_shardings(mesh: Mesh, shape: Sequence[int]) -> dict[str, NamedSharding
 
 
 def jit_train_step(graphdef, tx, schedule, state_sh: dict, batch_sh: dict, mesh: Mesh, *,
-                   chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS):
-    """`train_step` under `jax.jit` with explicit in/out shardings; the old state's buffers are donated."""
+                   chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, frozen_sh: dict | None = None,
+                   dropout_seed: int | None = None):
+    """`train_step` under `jax.jit` with explicit in/out shardings; the old state's buffers are donated.
+
+    With `frozen_sh` (adapters) the step takes the frozen base as a third argument, never donated.
+    """
+    step = make_train_step(graphdef, tx, schedule, chunk_tokens=chunk_tokens, dropout_seed=dropout_seed)
+    if frozen_sh is not None:
+        return jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh),
+                       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
     return jax.jit(
-        make_train_step(graphdef, tx, schedule, chunk_tokens=chunk_tokens),
+        step,
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
     )
 
 
-def run_on_mesh(step, mesh: Mesh) -> Callable:
-    """`(state, batch) -> (state, metrics)` calling a jitted or compiled step under the mesh."""
+def run_on_mesh(step, mesh: Mesh, frozen: dict | None = None) -> Callable:
+    """`(state, batch) -> (state, metrics)` calling a jitted or compiled step under the mesh (with `frozen`)."""
+    extra = () if frozen is None else (frozen,)
 
     def run(state, batch):
         with jax.set_mesh(mesh):  # so the model's `constrain` hints see the mesh
-            return step(state, batch)
+            return step(state, batch, *extra)
 
     return run
 
@@ -145,19 +181,26 @@ def abstract_batch(batch_sh: dict[str, NamedSharding], shape: Sequence[int]) -> 
             for k in sft_data.BATCH_KEYS}
 
 
-def fit_train_step(config, graphdef, tx, schedule, state_sh: dict, abstract_train_state: dict, mesh: Mesh):
+def fit_train_step(config, graphdef, tx, schedule, state_sh: dict, abstract_train_state: dict, mesh: Mesh, *,
+                   abstract_frozen: dict | None = None, dropout_seed: int | None = None):
     """(micro-batches k, batch shardings, compiled step, StepMemory): the step compiled for the fewest
-    micro-batches that fit `train.memory_budget_gb` (train.grad_accum_steps = 0), or checked at the user's k."""
+    micro-batches that fit `train.memory_budget_gb` (train.grad_accum_steps = 0), or checked at the user's k.
+
+    `abstract_frozen`: the frozen base (ShapeDtypeStructs with shardings) when training adapters.
+    """
     t = config.train
+    frozen_sh = None if abstract_frozen is None else jax.tree.map(lambda x: x.sharding, abstract_frozen)
+    frozen_args = () if abstract_frozen is None else (abstract_frozen,)
     rows, length = int(t.batch_size), int(config.data.max_length)
     budget, source = train_memory.budget_bytes(t, "train")
 
     def compile_for(k: int):
         batch_sh = batch_shardings(mesh, (k, rows // k, length))
         jitted = jit_train_step(graphdef, tx, schedule, state_sh, batch_sh, mesh,
-                                chunk_tokens=int(t.loss_chunk_tokens))
+                                chunk_tokens=int(t.loss_chunk_tokens), frozen_sh=frozen_sh, dropout_seed=dropout_seed)
         with jax.set_mesh(mesh):
-            return jitted.lower(abstract_train_state, abstract_batch(batch_sh, (k, rows // k, length))).compile()
+            return jitted.lower(abstract_train_state, abstract_batch(batch_sh, (k, rows // k, length)),
+                                *frozen_args).compile()
 
     advice = ("Lower train.batch_size or data.max_length, set model.remat=full (recompute each layer), spread "
               "the batch over more devices (mesh.fsdp), or raise train.memory_budget_gb / train.memory_fraction.")
@@ -243,7 +286,20 @@ def _run_fingerprint(config) -> str:
                                   "export_dir", "export_dtype", "tensorboard", "grad_accum_steps",
                                   "memory_budget_gb", "memory_fraction", "loss_chunk_tokens")}
     keep["model"] = {k: v for k, v in (keep["model"] or {}).items() if k != "remat"}
+    if not int((keep["train"].get("lora") or {}).get("rank", 0)):
+        keep["train"].pop("lora", None)  # full fine-tuning keeps the hash it had before adapters existed
     return config_hash(keep)
+
+
+def latest_checkpoint_meta(directory: Path) -> dict:
+    """The newest complete checkpoint's JSON meta read on its own (no arrays, no orbax), or {} when none."""
+    steps = sorted((int(p.name) for p in directory.glob("*") if p.name.isdigit()), reverse=True)
+    for path in sorted((directory / str(steps[0]) / "meta").glob("*")) if steps else ():
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+    return {}
 
 
 # ----- the loop --------------------------------------------------------------------------------------------
@@ -290,15 +346,28 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     tx, schedule = build_optimizer(config.train, total_steps)
 
     model_kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
-    graphdef, abstract_params = nnx.split(abstract_model(model_cfg, **model_kw))
+    lcfg = lora.LoraConfig.from_config(config.train.get("lora"))
+    abstract_frozen = base_hash = None
+    if lcfg.enabled:  # only the adapters are trained; the base is the step's frozen argument
+        graphdef, abstract_params, abstract_base = lora.adapter_shapes(model_cfg, lcfg, **model_kw)
+        base_hash = lora.base_fingerprint(model_path)
+        if resume:  # before compiling: adapters of another base can have the same shapes and load silently
+            lora.check_base(latest_checkpoint_meta(workdir / "checkpoints").get("base_fingerprint"), base_hash,
+                            str(workdir / "checkpoints"))
+        abstract_frozen = abstract_state(nnx.to_pure_dict(abstract_base),
+                                         nnx.to_pure_dict(sharding.state_shardings(abstract_base, mesh)))
+    else:
+        graphdef, abstract_params = nnx.split(abstract_model(model_cfg, **model_kw))
     params_shapes = nnx.to_pure_dict(abstract_params)
     param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
     state_sh = state_shardings_for(params_shapes, param_sh, tx, mesh)
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shapes,
               "opt_state": jax.eval_shape(tx.init, params_shapes)}
+    dropout_seed = int(config.seed) if lcfg.enabled and lcfg.dropout > 0 else None
     # Compiled from abstract arrays before any weight is loaded, so a step that cannot fit stops here.
-    micro, batch_sh, compiled_step, step_memory = fit_train_step(config, graphdef, tx, schedule, state_sh,
-                                                                 abstract_state(shapes, state_sh), mesh)
+    micro, batch_sh, compiled_step, step_memory = fit_train_step(
+        config, graphdef, tx, schedule, state_sh, abstract_state(shapes, state_sh), mesh,
+        abstract_frozen=abstract_frozen, dropout_seed=dropout_seed)
     _check_batch_divides_mesh(config.train.batch_size // micro, mesh)
 
     ckpt = CheckpointManager(workdir / "checkpoints", save_every=config.train.checkpoint_every,
@@ -308,6 +377,12 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
         ckpt.close()
         raise CheckpointsExistError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
                                     "--resume to continue that run, or choose another workdir")
+    frozen = None
+    if lcfg.enabled:
+        base_model = lora.add_adapters(load_hf_checkpoint(model_path, mesh, **model_kw), lcfg, seed=config.seed)
+        _, adapters, base = lora.split_adapters(base_model)
+        frozen = nnx.to_pure_dict(base)
+        del base_model, base
     if latest is not None:
         state, meta = ckpt.restore(abstract_state(shapes, state_sh))
         if meta.get("fingerprint") != fingerprint:
@@ -316,8 +391,10 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
         batches.restore(meta["data"])
         log.info("sft: resumed from step %d (epoch %d, batch %d)", latest, batches.epoch, batches.batch)
     else:
-        model = load_hf_checkpoint(model_path, mesh, **model_kw)
-        params = nnx.to_pure_dict(nnx.split(model)[1])
+        if lcfg.enabled:
+            params = jax.device_put(nnx.to_pure_dict(adapters), param_sh)
+        else:
+            params = nnx.to_pure_dict(nnx.split(load_hf_checkpoint(model_path, mesh, **model_kw))[1])
         opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
         state = {"step": jax.device_put(jnp.int32(0), state_sh["step"]), "params": params, "opt_state": opt_state}
     start_step = int(jax.device_get(state["step"]))
@@ -325,7 +402,7 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(config, workdir)
-    step_fn = run_on_mesh(compiled_step, mesh)
+    step_fn = run_on_mesh(compiled_step, mesh, frozen)
     metrics_path = workdir / "metrics.jsonl"
     logger = MetricsLogger(metrics_path, total_steps=total_steps, start_step=start_step, desc="sft",
                            tensorboard_dir=workdir / "tensorboard" if config.train.tensorboard else None,
@@ -336,7 +413,8 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
              dict(mesh.shape), step_memory.describe())
 
     def meta() -> dict[str, Any]:
-        return {"data": batches.state(), "fingerprint": fingerprint, "total_steps": total_steps}
+        return {"data": batches.state(), "fingerprint": fingerprint, "total_steps": total_steps,
+                **({"base_fingerprint": base_hash} if base_hash else {})}
 
     pending: tuple[int, dict, int] | None = None  # metrics are read one step late so the host never stalls the device
     last_time = time.perf_counter()
@@ -389,7 +467,14 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
               "micro_batches": micro, "step_memory_gb": step_memory.peak / train_memory.GB}
     if preempted:
         return result
-    model = nnx.merge(graphdef, nnx.State(state["params"]))
+    if lcfg.enabled:
+        model = nnx.merge(graphdef, nnx.State(state["params"]), nnx.State(frozen))
+        adapter_dir = workdir / "adapter"
+        lora.export_peft_adapter(model, adapter_dir, lcfg, base_model_name_or_path=str(model_path),
+                                 base_hash=base_hash, dtype=config.train.export_dtype)
+        result["adapter_dir"] = str(adapter_dir)  # the HF export below holds base + adapters merged
+    else:
+        model = nnx.merge(graphdef, nnx.State(state["params"]))
     export_hf_checkpoint(model, export_dir, tokenizer_source=tokenizer_path, dtype=config.train.export_dtype)
     if is_writer:
         result_path.write_text(json.dumps(result, indent=2))

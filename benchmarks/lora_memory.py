@@ -1,0 +1,103 @@
+"""Per-device training-state memory of full fine-tuning vs low-rank adapters, from abstract arrays (no weights).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/lora_memory.py [--rank=16] [--fsdp=8]
+
+For the Llama-3.2-1B and Qwen2.5-3B shapes on a v5e-8-sized mesh (8 devices, fsdp=8 by default), each array
+is placed by the trainer's own shardings (`sharding.state_shardings`, the optimizer of `train.optim`) and
+counted at its per-device shard size: parameters + gradients + AdamW state. Full fine-tuning (the reference,
+in the same run) differentiates and optimizes every parameter; adapters keep the base frozen (no gradient, no
+optimizer state) and train rank-r A/B matrices on q,k,v,o,gate,up,down. The frozen base is counted in float32
+(the configs' master dtype) and in bfloat16 (what a frozen base needs, since it is never updated).
+Activations and XLA temporaries are not included (benchmarks/train_memory.py measures those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from stat_jax import sharding  # noqa: E402
+from stat_jax.models import abstract_model, lora  # noqa: E402
+from stat_jax.models.llama import llama3_2_1b  # noqa: E402
+from stat_jax.models.qwen import qwen2_5_3b  # noqa: E402
+from stat_jax.train.optim import build_optimizer, optimizer_shardings  # noqa: E402
+
+SHAPES = {"llama3_2_1b": llama3_2_1b, "qwen2_5_3b": qwen2_5_3b}
+V5E_HBM = 16 * 2**30
+
+
+def per_device_bytes(shapes, shardings) -> int:
+    """Bytes on the most loaded device: every leaf at its shard shape (replicated leaves count whole)."""
+    total = 0
+    for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _state_bytes(abstract_state: nnx.State, mesh, tx) -> dict[str, int]:
+    """(param, gradient, optimizer) bytes per device of training `abstract_state` with `tx`."""
+    shapes = nnx.to_pure_dict(abstract_state)
+    shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh))
+    opt = jax.eval_shape(tx.init, shapes)
+    opt_sh = optimizer_shardings(tx, shapes, shardings, sharding.replicated(mesh))
+    params = per_device_bytes(shapes, shardings)
+    return {"params": params, "grads": params, "optimizer": per_device_bytes(opt, opt_sh)}
+
+
+def measure(name: str, rank: int, mesh) -> dict:
+    cfg = SHAPES[name]()
+    tx, _ = build_optimizer({"learning_rate": 1e-5}, 100)  # AdamW (two float32 moments) + clipping, as trained
+    _, full_state = nnx.split(abstract_model(cfg, param_dtype="float32"))
+    full = _state_bytes(full_state, mesh, tx)
+    full["total"] = sum(full.values())
+
+    lcfg = lora.LoraConfig(rank=rank, alpha=2.0 * rank, targets=tuple(lora.TARGETS))
+    out = {"model": name, "mesh": dict(mesh.shape), "full_finetune": full}
+    for base_dtype in ("float32", "bfloat16"):
+        _, adapters, base = lora.adapter_shapes(cfg, lcfg, param_dtype=base_dtype)
+        # Adapters are trained in float32 whatever the base's dtype (as PEFT keeps them).
+        adapters = jax.tree.map(lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, jnp.float32)), adapters,
+                                is_leaf=lambda v: isinstance(v, nnx.Variable))
+        trained = _state_bytes(adapters, mesh, tx)
+        frozen = per_device_bytes(nnx.to_pure_dict(base),
+                                  nnx.to_pure_dict(sharding.state_shardings(base, mesh)))
+        entry = {"frozen_base": frozen, "adapter_params": trained["params"], "adapter_grads": trained["grads"],
+                 "optimizer": trained["optimizer"],
+                 "adapter_param_count": lora.adapter_param_count(nnx.to_pure_dict(adapters))}
+        entry["total"] = frozen + sum(trained.values())
+        entry["vs_full_finetune"] = round(entry["total"] / full["total"], 4)
+        entry["margin_to_v5e_hbm"] = V5E_HBM - entry["total"]
+        out[f"lora_r{rank}_base_{base_dtype}"] = entry
+    out["full_finetune"]["margin_to_v5e_hbm"] = V5E_HBM - full["total"]
+    out["param_count"] = sum(int(x.size) for x in jax.tree.leaves(nnx.to_pure_dict(full_state)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--fsdp", type=int, default=8)
+    parser.add_argument("--tensor", type=int, default=1)
+    parser.add_argument("--models", default=",".join(SHAPES))
+    args = parser.parse_args()
+    mesh = sharding.make_mesh(data=1, fsdp=args.fsdp, tensor=args.tensor)
+    results = [measure(name, args.rank, mesh) for name in args.models.split(",")]
+    print(json.dumps({"benchmark": "lora_memory", "unit": "bytes per device", "rank": args.rank,
+                      "devices": len(jax.devices()), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
