@@ -175,7 +175,7 @@ class StepScorer:
                 hi = mid
             else:
                 lo = mid + 1
-        start = max(lo, 0) if len(steps) > 1 else 0
+        start = lo if len(steps) > 1 else 0
         ids, at = self.encode(question, steps[start:])
         self.dropped_steps += start
         last = steps[-1]
@@ -275,6 +275,10 @@ class RLHFlowScorer(StepScorer):
         if len(at) != len(steps):  # a step's own text renders as a header and "+": locate each turn by its prefix
             at = [len(self._chat(self.tokenizer, messages[:2 * k + 1], add_generation_prompt=True)) - 1
                   for k in range(len(steps))]
+            if any(i + 1 >= len(ids) or ids[i + 1] != self.good_id for i in at):
+                raise ValueError(f"the PRM tokenizer's chat template does not render each assistant answer as the "
+                                 f"single token {GOOD_TOKEN!r} after the assistant header (question starts "
+                                 f"{question[:60]!r}); the RLHFlow format needs the checkpoint's own tokenizer")
         return ids, at
 
     def _probabilities(self, model, head, hidden_at):

@@ -115,7 +115,8 @@ def test_hard_stage_flags_responses_by_the_paper_rule(tmp_path):
     responses = {"q0": "0+1 = 1.\n\nSo \\boxed{1}.", "q1": "1+2 = 4.\n\nNo: 1+2 = 3.\n\nSo \\boxed{3}.",
                  "q2": "2+3 = 5.", "q3": "3+4 = 8.\n\nCheck: 8-4 = 4, not 3.\n\nSo 3+4 = 7.\n\nAnswer \\boxed{7}."}
     run_dir = tmp_path / "run"
-    io.write_jsonl(run_dir / "data/heldout.jsonl", [{"id": k, "problem": q, "answer": "?"} for k, q in questions.items()])
+    io.write_jsonl(run_dir / "data/heldout.jsonl",
+                   [{"id": k, "problem": q, "answer": "?"} for k, q in questions.items()])
     io.write_jsonl(run_dir / "rollout/responses.jsonl", [{"id": k, "prompt": q, "responses": [responses[k]],
                                                           "finish_reasons": ["stop"]} for k, q in questions.items()])
     c = load_config_file("configs/base.py")
