@@ -74,6 +74,19 @@ def test_qwen_step_probabilities_match_torch(prm_dir):
     assert 1e-3 < min(flat) and max(flat) < 1 - 1e-3 and len({round(p, 6) for p in flat}) == len(flat)
 
 
+def test_qwen_sharded_bfloat16(prm_dir):
+    from stat_jax import sharding
+
+    path, backbone, head, tok = prm_dir
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    prm = load_step_scorer(path, "qwen", mesh=mesh, dtype="bfloat16", max_length=512, batch_size=4)
+    up = prm._state["layers"][0]["mlp"]["up_proj"][...]
+    assert up.dtype == np.dtype("bfloat16") and tuple(up.sharding.spec) == ("fsdp", "tensor")
+    q, steps = PAIRS[1][0], split_steps(PAIRS[1][1])
+    want = torch_step_probs(backbone, head, prm.encode(q, steps)[0], prm.separator_id)
+    np.testing.assert_allclose(prm.score(q, steps), want, atol=0.05)
+
+
 def test_qwen_truncation_keeps_the_last_step(prm_dir):
     path, backbone, head, tok = prm_dir
     q, steps = PAIRS[1][0], split_steps(PAIRS[1][1])
