@@ -134,7 +134,7 @@ def run_stat_jax(model, tokenizer, settings, prompts, new_tokens: int, clock: Co
     n = sum(map(len, tokens))
     return {"tokens": n, "wall_s": round(wall, 2), "tokens_per_s": round(n / wall, 1),
             "time_to_first_token_s": round(stats.get("first_token_s", float("nan")), 3),
-            "decode_steps": stats.get("steps"), "prefill_calls": stats.get("prefill_calls"),
+            "slots_used": stats.get("slots"), "decode_steps": stats.get("steps"), "prefill_calls": stats.get("prefill_calls"),
             "cache_resizes": stats.get("resizes", 0), "max_cache_length_used": stats.get("max_cache_length"),
             "warmup_wall_s": round(warmup_s, 2), "compile_s": round(compile_s, 2), "compilations": compiles,
             "settings": {"max_concurrent_decodes": resolved.max_concurrent_decodes,
@@ -252,7 +252,7 @@ def main(argv=None) -> dict:
                 "outputs_identical": short_tokens == our_tokens}
             _report(result, f"stat-jax, max_target_length={args.compare_length}", args.out)
         result["peak_rss_gb_stat_jax"] = peak_rss_gb()
-        result["decode_floor"] = decode_floor(model, shipped["settings"]["max_concurrent_decodes"])
+        result["decode_floor"] = decode_floor(model, shipped["slots_used"])
         if not args.skip_hf:
             hf, hf_tokens = run_hf(model_dir, tokenizer, prompts, args.new_tokens, args.dtype)
             result["transformers_generate"] = hf

@@ -120,6 +120,13 @@ def engine_memory_bytes(mesh: jax.sharding.Mesh | None) -> int:
     return sum(device_memory_bytes(d) for d in devices)
 
 
+def auto_slots(settings: EngineSettings, length: int, per_token: int, memory_bytes: int) -> int:
+    """Slots whose `length`-position caches fit `cache_memory_fraction` of `memory_bytes` (a multiple of 8 when
+    there are at least 8, at most MAX_AUTO_SLOTS; 0 when not even one fits)."""
+    fit = int(settings.cache_memory_fraction * memory_bytes) // (length * per_token)
+    return min(fit if fit < 8 else fit // 8 * 8, MAX_AUTO_SLOTS)
+
+
 def resolve_settings(settings: EngineSettings, cfg, cache_dtype, memory_bytes: int) -> tuple[EngineSettings, str]:
     """Settings with the auto (0) fields filled in, and the sentence logging the cache's worst-case size.
 
@@ -137,14 +144,13 @@ def resolve_settings(settings: EngineSettings, cfg, cache_dtype, memory_bytes: i
     per_token = kv_bytes_per_token(cfg, cache_dtype)
     slots = settings.max_concurrent_decodes
     if slots == AUTO:
-        fit = int(settings.cache_memory_fraction * memory_bytes) // (length * per_token)
-        if fit < 1:
+        slots = auto_slots(settings, length, per_token, memory_bytes)
+        if slots < 1:
             raise ValueError(
                 f"rollout.max_concurrent_decodes=0 (auto): one slot of {length} positions needs "
                 f"{length * per_token / 1e9:.2f} GB of KV cache, more than rollout.cache_memory_fraction="
                 f"{settings.cache_memory_fraction} of {memory_bytes / 1e9:.1f} GB; lower rollout.max_target_length "
                 f"or raise the fraction")
-        slots = min(fit if fit < 8 else fit // 8 * 8, MAX_AUTO_SLOTS)
     resolved = dataclasses.replace(settings, max_concurrent_decodes=slots, max_target_length=length)
     total = slots * length * per_token
     note = (f"rollout KV cache: {slots} slots x {length} positions x {per_token / 1024:.1f} KiB/token "
@@ -441,8 +447,10 @@ class StudentEngine(js.engine_api.Engine):
         self.default_sampling = default_sampling  # for requests that carry none (gRPC)
         self.cache_dtype = as_dtype(settings.cache_dtype) if settings.cache_dtype else model.dtype
         self._mesh = mesh_of(state)
+        self._memory_bytes = engine_memory_bytes(self._mesh)
+        self._auto_slots = settings.max_concurrent_decodes == AUTO
         self.settings, self.memory_note = resolve_settings(settings, model.config, self.cache_dtype,
-                                                           engine_memory_bytes(self._mesh))
+                                                           self._memory_bytes)
         logger.info(self.memory_note)
         self.buckets = prefill_buckets(self.settings.max_prefill_length)
         self.cache_buckets = cache_length_buckets(self.settings.max_target_length)
@@ -503,6 +511,20 @@ class StudentEngine(js.engine_api.Engine):
         """The decode state with caches `length` long (one of `cache_buckets`); rows keep their tokens."""
         with self.mesh_context():
             return self._resize_fn(decode_state, length)
+
+    def slots_for(self, length: int) -> int:
+        """Decode slots for a run whose sequences never need more than `length` cache positions.
+
+        Auto slots are sized for the full `max_target_length` (what `stat-jax serve` must assume). A run of
+        known requests (the in-process scheduler) knows its longest prompt + max_new_tokens, so with auto slots
+        it gets as many as fit the same memory at that length: 64 prompts x 256 new tokens run in one wave
+        instead of two at the shipped 3,072-position bound. Set slots are kept as set.
+        """
+        if not self._auto_slots:
+            return self.settings.max_concurrent_decodes
+        per_token = kv_bytes_per_token(self.model_config, self.cache_dtype)
+        return max(auto_slots(self.settings, length, per_token, self._memory_bytes),
+                   self.settings.max_concurrent_decodes)
 
     def cache_bucket(self, needed: int) -> int:
         """The smallest cache length bucket holding `needed` positions."""

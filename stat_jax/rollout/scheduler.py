@@ -94,7 +94,9 @@ class Scheduler:
         self._start = time.perf_counter()
         # A step computes every slot of the decode state: fewer requests than slots get a smaller state (a
         # power of two, so the few shapes compile once) instead of stepping empty slots.
-        full = self.engine.settings.max_concurrent_decodes
+        longest = min(max((r.ids.size + r.sampling.max_new_tokens for r in requests), default=1),
+                      self.engine.settings.max_target_length)
+        full = self.engine.slots_for(self.engine.cache_bucket(longest))
         multiple = getattr(self.engine, "slot_multiple", 1)  # the slot axis stays divisible over the mesh
         rows = padded_rows(len(requests), full)
         self.slots_in_use = min(-(-rows // multiple) * multiple, full)

@@ -95,3 +95,28 @@ def test_auto_settings_fit_the_memory_fraction():
     assert resolve_settings(fixed, cfg, "float32", memory)[0] == fixed
     with pytest.raises(ValueError, match="rollout.cache_memory_fraction"):
         resolve_settings(auto, cfg, "float32", 10 * 2**20)
+
+
+def test_auto_slots_are_sized_for_the_run_not_the_full_cache(student):
+    """Auto slots fit the memory at `max_target_length`; a run of short requests gets as many as fit at its own
+    longest sequence (one wave instead of several), with the same tokens as an engine of fixed slots."""
+    from stat_jax.rollout.engine import engine_memory_bytes
+
+    prompts = chat_prompts(student.tokenizer, QUESTIONS)  # 7 prompts of <= 59 tokens
+    per_token = kv_bytes_per_token(student.model.config, student.model.dtype)
+    # 2 slots of 1024 positions fit; at the run's 64-position bucket that memory holds 40.
+    fraction = 2.5 * 1024 * per_token / engine_memory_bytes(student.mesh)
+    auto = EngineSettings(max_concurrent_decodes=0, max_prefill_length=64, max_target_length=1024,
+                          cache_memory_fraction=fraction)
+    with JetStreamBackend(student.model, student.tokenizer, auto) as backend:
+        assert backend.engine.settings.max_concurrent_decodes == 2
+        assert backend.engine.slots_for(1024) == 2 and backend.engine.slots_for(64) == 40
+        out = backend.generate(prompts, SHORT, progress=False)
+        # Every prompt in one wave (8 = 7 rounded to a power of two): one prefill call per bucket in use.
+        assert backend.scheduler.stats["slots"] == 8
+        steps_one_wave = backend.scheduler.stats["steps"]
+    fixed = dataclasses.replace(auto, max_concurrent_decodes=2)
+    with JetStreamBackend(student.model, student.tokenizer, fixed) as backend:
+        assert ids(backend.generate(prompts, SHORT, progress=False)) == ids(out)
+        assert backend.scheduler.stats["slots"] == 2  # set slots are kept as set
+        assert backend.scheduler.stats["steps"] > 2 * steps_one_wave  # 4 waves of 2
