@@ -1,12 +1,18 @@
-"""Time split of a GRPO step between rollout (JetStream) and update, for a small Llama on this machine.
+"""Time split of a GRPO step between rollout (JetStream) and update, at a real model's shape or a small Llama.
 
-    python benchmarks/grpo_step.py [--steps 4] [--hidden 256] [--layers 4] [--prompts 8] [--samples 8]
-                                   [--iterations 1] [--beta 0]
+    python benchmarks/grpo_step.py [--model-path DIR] [--steps 4] [--prompts 8] [--samples 8]
+                                   [--max-new-tokens 64] [--iterations 1] [--beta 0] [--hidden 256] [--layers 4]
+
+--model-path: an HF directory (the real student, .cache/smollm2-135m-instruct, by default when it exists;
+"random" = a random char-tokenizer Llama of --hidden/--layers) trained on real GSM8K train questions with the
+shipped chat prompt, its reward the math grader.
 
 Prints JSON: per-step rollout and update seconds (the first step, which compiles, reported separately),
 their shares, and rollout/train tokens per second with their ratio. "update" is everything after the rewards:
 host->device batch, old-policy log-probs (only when --iterations > 1), reference log-probs (only when
---beta > 0) and the `iterations` jitted optimizer steps.
+--beta > 0) and the `iterations` jitted optimizer steps. "hidden_overhead_s" is a steady step's wall time (between
+its metrics row and the previous one) minus rollout + update: rewards, batch building, logging, checkpointing.
+"rollout_only" times the same generate calls on a fresh engine outside the trainer, as the in-run reference.
 """
 
 from __future__ import annotations
@@ -19,11 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+REAL_STUDENT = REPO / ".cache" / "smollm2-135m-instruct"
+GSM8K_TRAIN = REPO.parent / "shared" / "data" / "gsm8k_train.jsonl"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-path", default=str(REAL_STUDENT) if REAL_STUDENT.exists() else "random")
+    p.add_argument("--data", default=str(GSM8K_TRAIN), help="JSONL of GSM8K-style questions (for a real model)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -47,15 +58,26 @@ def main() -> None:
     from stat_jax.train.metrics import read_metrics
 
     root = Path(tempfile.mkdtemp(prefix="grpo_bench_"))
-    tok = save_char_tokenizer(root / "student")
-    cfg = tiny_llama(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                     num_layers=args.layers, num_heads=max(1, args.hidden // 64),
-                     num_kv_heads=max(1, args.hidden // 128), head_dim=64, eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id,
-                     bos_token_id=tok.bos_token_id)
-    export_hf_checkpoint(init_model(cfg, seed=0), root / "student")
+    c = load_config_file(str(REPO / "configs" / "grpo_tiny.py"))
+    if args.model_path == "random":
+        tok = save_char_tokenizer(root / "student")
+        cfg = tiny_llama(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+                         num_layers=args.layers, num_heads=max(1, args.hidden // 64),
+                         num_kv_heads=max(1, args.hidden // 128), head_dim=64, eos_token_ids=(tok.eos_token_id,),
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+        export_hf_checkpoint(init_model(cfg, seed=0), root / "student")
+        c.model.path = str(root / "student")
+        c.grpo.instruction = "{problem}"
+        problems = [MathProblem(id=str(i), problem=f"What is {i} + {i}?", answer=str(2 * i)) for i in range(64)]
+        prefill = 64
+    else:
+        from stat_jax.data.math_datasets import load_gsm8k
+        from stat_jax.models import ModelConfig
 
-    c = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "grpo_tiny.py"))
-    c.model.path = str(root / "student")
+        c.model.path = args.model_path
+        cfg = ModelConfig.from_hf_dir(args.model_path)
+        problems = load_gsm8k("train", source=args.data)[: 4 * args.prompts * args.steps]
+        prefill = 256  # GSM8K questions in the shipped chat prompt: <= 256 tokens
     c.workdir = str(root / "run")
     c.grpo.steps = args.steps
     c.grpo.prompts_per_step = args.prompts
@@ -63,13 +85,11 @@ def main() -> None:
     c.grpo.max_new_tokens = args.max_new_tokens
     c.grpo.num_iterations = args.iterations
     c.grpo.beta = args.beta
-    c.grpo.instruction = "{problem}"
     c.rollout.max_concurrent_decodes = args.prompts * args.samples
-    c.rollout.max_prefill_length = 64
-    c.rollout.max_target_length = 64 + args.max_new_tokens + 8
-    c.grpo.max_length = 64 + args.max_new_tokens
+    c.rollout.max_prefill_length = prefill
+    c.rollout.max_target_length = prefill + args.max_new_tokens + 8
+    c.grpo.max_length = prefill + args.max_new_tokens
     c.grpo.checkpoint_every = 10**6
-    problems = [MathProblem(id=str(i), problem=f"What is {i} + {i}?", answer=str(2 * i)) for i in range(64)]
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
 
     start = time.perf_counter()
@@ -80,7 +100,7 @@ def main() -> None:
     rollout = float(np.mean([r["rollout_s"] for r in steady]))
     train = float(np.mean([r["train_s"] for r in steady]))
     report = {
-        "model": {"hidden": args.hidden, "layers": args.layers, "params": cfg.num_params},
+        "model": {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "params": cfg.num_params},
         "prompts_per_step": args.prompts, "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
         "num_iterations": args.iterations, "beta": args.beta,
         "steps": len(rows), "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
@@ -93,7 +113,51 @@ def main() -> None:
         "wall_s": wall,
     }
     report["rollout_over_train_tokens_per_s"] = report["rollout_tokens_per_s"] / report["train_tokens_per_s"]
+    walls = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    if walls:
+        step_wall = float(np.mean(walls))
+        report["steady_step"]["wall_s"] = step_wall
+        report["steady_step"]["hidden_overhead_s"] = step_wall - rollout - train
+        report["steady_step"]["wall_over_rollout_plus_update"] = step_wall / (rollout + train)
+    report["rollout_only"] = rollout_only(c, problems, args, report["rollout_tokens_per_s"])
+    report["model"]["path"] = args.model_path
     print(json.dumps(report, indent=2))
+
+
+def rollout_only(c, problems, args, in_step_tokens_per_s: float) -> dict:
+    """The steps' generate calls again on a fresh engine of the same settings, prompts and sampling, outside
+    the trainer (the start model's weights, so the tokens differ from the trained steps': compare tokens/s)."""
+    import numpy as np
+    import transformers
+
+    from stat_jax.data.prompting import render_prompt
+    from stat_jax.models import load_hf_checkpoint
+    from stat_jax.rollout import make_rollout_backend
+    from stat_jax.rollout.base import SamplingParams
+    from stat_jax.train.grpo import prompts_for_step
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(c.model.path)
+    model = load_hf_checkpoint(c.model.path, dtype=c.model.dtype)
+    ids = [tokenizer(render_prompt(tokenizer, p.problem, instruction=c.grpo.instruction or c.eval.instruction,
+                                   system_prompt=c.eval.system_prompt,
+                                   use_chat_template=bool(c.eval.use_chat_template),
+                                   date_string=str(c.eval.date_string)), add_special_tokens=False)["input_ids"]
+           for p in problems]
+    seconds, tokens = [], []
+    with make_rollout_backend(c, model, tokenizer) as backend:
+        for step in range(1, args.steps + 1):
+            chosen = prompts_for_step(len(problems), args.prompts, step, int(c.seed))
+            sampling = SamplingParams(temperature=float(c.grpo.temperature), top_p=float(c.grpo.top_p),
+                                      top_k=int(c.grpo.top_k), max_new_tokens=args.max_new_tokens,
+                                      seed=int(c.seed) * 1_000_003 + step)
+            t0 = time.perf_counter()
+            out = backend.generate([ids[i] for i in chosen], sampling, args.samples, progress=False)
+            seconds.append(time.perf_counter() - t0)
+            tokens.append(sum(len(comp.token_ids) for group in out for comp in group))
+    steady = slice(1, None) if len(seconds) > 1 else slice(None)
+    rate = sum(tokens[steady]) / sum(seconds[steady])
+    return {"steady_s": float(np.mean(seconds[steady])), "first_s": seconds[0], "tokens_per_s": rate,
+            "in_step_over_rollout_only_tokens_per_s": in_step_tokens_per_s / rate}
 
 
 if __name__ == "__main__":
