@@ -155,24 +155,41 @@ def get_config() -> ConfigDict:
     # Teacher (stat_jax.teacher). Credentials never go here: GEMINI_API_KEY / GOOGLE_API_KEY or Vertex AI.
     c.teacher = ConfigDict()
     c.teacher.backend = "gemini"  # or "package.module:ClassName" of another TeacherBackend
-    c.teacher.model = "gemini-2.5-pro"
+    # The paper's teacher is GPT-4o-mini, a small fast model; gemini-2.5-flash is Google's counterpart (its cost per
+    # paper-sized run next to GPT-4o-mini's: README "Teacher cost"). gemini-2.5-pro is ~4x its price.
+    c.teacher.model = "gemini-2.5-flash"
     c.teacher.base_url = ""  # "" = the client's default endpoint
     c.teacher.api_key_env = ""  # "" = GEMINI_API_KEY, then GOOGLE_API_KEY
     c.teacher.vertexai = False
     c.teacher.project = ""
     c.teacher.location = ""
     c.teacher.timeout_s = 120.0
-    c.teacher.max_output_tokens = 0  # 0 = the model's default
+    c.teacher.max_output_tokens = 0  # tasks missing from max_output_tokens_by_task; 0 = the model's default
+    # Output cap per teacher task (stat_jax/teacher/prompts.py); on Gemini 2.5 it bounds answer + thinking, and
+    # `run --dry-run` prices each task's output at this cap (an upper bound). A MATH solution is ~300-600 tokens.
+    c.teacher.max_output_tokens_by_task = ConfigDict({
+        "propose_skills": 1024, "merge_skills": 8192, "label_skills": 512, "diagnose": 2048, "synthesize": 3072,
+        "solve": 4096})
+    # Thinking tokens per task (google-genai ThinkingConfig.thinking_budget): 0 = none (gemini-2.5-flash; 2.5-pro
+    # needs >= 128), -1 = the model decides; a task left out gets the model's default. Billed as output tokens.
+    c.teacher.thinking_budget_by_task = ConfigDict({
+        "propose_skills": 0, "merge_skills": 1024, "label_skills": 0, "diagnose": 512, "synthesize": 1024,
+        "solve": 1024})
     c.teacher.temperature = 0.7  # for synthesize/solve (several samples); catalog/label/diagnose use 0
     c.teacher.max_workers = 8  # concurrent requests
     c.teacher.max_retries = 5  # on 429/5xx/timeouts, exponential backoff with jitter
     c.teacher.backoff_initial_s = 2.0
     c.teacher.backoff_max_s = 60.0
     c.teacher.max_reasks = 2  # re-asks with the validation error when an answer does not fit the schema
-    c.teacher.max_calls = 0  # hard budget over the run's ledger; 0 = no cap
+    # Hard budget over the run's ledger (failed attempts count); 0 = no cap. A paper-sized run plans ~19k calls
+    # (STAT-Sel: 1.4k propose + 7 merge + 7.5k label + 500 diagnose + 9.5k answers; STAT-Syn ~20k), so 30k leaves
+    # room for retries and re-asks; `stat-jax run --dry-run` prints the plan and refuses one over the cap.
+    c.teacher.max_calls = 30000
     c.teacher.max_tokens = 0
-    c.teacher.price_input_per_mtok = 1.25  # USD, for the ledger's cost estimate (gemini-2.5-pro, <=200k ctx)
-    c.teacher.price_output_per_mtok = 10.0
+    # USD per million tokens, for the ledger and the dry-run plan: gemini-2.5-flash's list price (2025; output
+    # includes thinking). gemini-2.5-pro: 1.25 / 10.0 (<= 200k context); GPT-4o-mini: 0.15 / 0.60.
+    c.teacher.price_input_per_mtok = 0.30
+    c.teacher.price_output_per_mtok = 2.50
     c.teacher.cache_dir = ""  # default: <run_dir>/teacher (cache/ + ledger.jsonl)
 
     # STAT pipeline (stat_jax.stat); defaults follow the paper.

@@ -63,7 +63,7 @@ def get_config(variant: str = "default") -> ConfigDict:
          sel_questions_per_skill=5, sel_answers_per_question=3, sel_answer_source="teacher", sel_target_size=0,
          syn_reference_questions=3, syn_new_questions=2, syn_solutions=3, syn_min_agree=2, syn_target_size=0)
     _set(c, "teacher", backend="stat_jax.demo.offline_teacher:OfflineTeacher", model="offline-demo", max_workers=1,
-         max_retries=0, price_input_per_mtok=0.0, price_output_per_mtok=0.0)  # the offline teacher is free
+         max_retries=0, price_input_per_mtok=0.0, price_output_per_mtok=0.0, max_calls=0)  # the offline teacher is free
     d.skill_map_size = 3000  # train questions the teacher labels (the Skill-Map STAT-Sel selects from)
     d.teacher_slip_rate = 0.25  # probability that a teacher-written solution has an arithmetic slip
     d.teacher_label_noise = 0.0

@@ -573,7 +573,8 @@ _DATA_KEYS = ("stat.train_benchmark", "stat.train_source", "stat.train_limit", "
 # Which prompts the rollout engine can run (the others are skipped and counted, or stop the stage).
 _LENGTH_KEYS = ("rollout.max_prefill_length", "rollout.max_target_length", "rollout.truncate_long_prompts",
                 "rollout.on_long_prompt")
-_TEACHER_KEYS = ("teacher.backend", "teacher.model", "teacher.max_output_tokens")
+_TEACHER_KEYS = ("teacher.backend", "teacher.model", "teacher.max_output_tokens", "teacher.max_output_tokens_by_task",
+                 "teacher.thinking_budget_by_task")
 _PROMPT_KEYS = ("stat.instruction", "eval.instruction", "eval.system_prompt", "eval.date_string")
 _STUDENT_KEYS = ("model.tokenizer_path", "model.dtype", "model.param_dtype")  # model.path is the stage's input
 _EVAL_KEYS = ("seed", "eval", "stat.heldout_size", "stat.heldout_benchmark") + _STUDENT_KEYS + _LENGTH_KEYS
@@ -739,6 +740,57 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
     return results
 
 
+def _dry_run_rows(config: Any, run_dir: Path) -> tuple[list[MathProblem], list[MathProblem]] | str:
+    """The run's training and held-out rows (its data stage's files, else that stage run into a temporary
+    directory), or why they cannot be read without downloading."""
+    import tempfile
+
+    files = (run_dir / "data/train.jsonl", run_dir / "data/heldout.jsonl")
+    if all(f.exists() for f in files):
+        return _problems(files[0]), _problems(files[1])
+    s = config.stat
+    remote = [f"stat.{k}" for k in ("train_source", "heldout_source") if not (s[k] and Path(s[k]).exists())]
+    if s.heldout_size:
+        remote += [f"eval.paths.{n}" for n in s.heldout_exclude
+                   if not (config.eval.paths.get(n) and Path(config.eval.paths[n]).exists())]
+    if remote:
+        return (f"not estimated: {', '.join(remote)} not a local file (--dry-run downloads nothing); "
+                "pass them as --config.<key>=FILE")
+    data_config = config.copy_and_resolve_references()
+    data_config.unlock()
+    # The plan needs only the rows: the check that evaluated benchmarks are unseen reads those benchmarks too.
+    data_config.stat.stages = tuple(n for n in s.stages if n not in ("eval", "eval_grpo"))
+    with tempfile.TemporaryDirectory() as tmp:
+        stage_data(StageContext(data_config, Path(tmp)))
+        return _problems(Path(tmp) / "data/train.jsonl"), _problems(Path(tmp) / "data/heldout.jsonl")
+
+
+def dry_run_teacher_plan(config: Any, stages: Sequence[Stage], run_dir: Path) -> dict[str, Any]:
+    """The teacher calls, tokens and price of `stages` (stat_jax/teacher/plan.py); asks the teacher nothing.
+
+    The table goes to stderr; the returned JSON is part of the dry run's output. Raises BudgetFailure when the
+    plan exceeds teacher.max_calls.
+    """
+    import sys
+
+    from stat_jax.teacher import plan as plan_mod
+
+    names = [st.name for st in stages if "teacher.backend" in st.config_keys]
+    if not names:
+        return {"stages": [], "note": "no teacher stage"}
+    rows = _dry_run_rows(config, run_dir)
+    if isinstance(rows, str):
+        print(f"teacher plan: {rows}", file=sys.stderr)
+        return {"stages": [], "note": rows}
+    catalog_file = run_dir / "skills/catalog.json"
+    catalog = io.read_json(catalog_file) if catalog_file.exists() else None
+    summary = plan_mod.plan_summary(plan_mod.plan_teacher(config, *rows, names, catalog), config.teacher)
+    summary["rows"] = {"train": len(rows[0]), "heldout": len(rows[1])}
+    print(plan_mod.format_table(summary), file=sys.stderr)
+    plan_mod.check_cap(summary)
+    return summary
+
+
 def main(config, args) -> int:
     """`stat-jax run [--only=stage[,stage]] [--resume]`."""
     from stat_jax.lengths import check_config_lengths
@@ -746,8 +798,11 @@ def main(config, args) -> int:
     check_config_lengths(config, "run")  # before any stage: a shipped config must not fail halfway
     only = getattr(args, "only", None)
     if getattr(args, "dry_run", False):
-        print(json.dumps({"run_dir": config.stat.run_dir or str(Path(config.workdir) / "stat"),
-                          "stages": [s.name for s in stages_to_run(config, only)]}, indent=2))
+        stages = stages_to_run(config, only)
+        check_stage_config(config, stages)
+        run_dir = Path(config.stat.run_dir or Path(config.workdir) / "stat")
+        print(json.dumps({"run_dir": str(run_dir), "stages": [s.name for s in stages],
+                          "teacher_plan": dry_run_teacher_plan(config, stages, run_dir)}, indent=2))
         return 0
     # A spent budget (BudgetExceeded, exit status EXIT_BUDGET, resumable) and other teacher errors end the command
     # through stat_jax.cli: one line on stderr and the error's exit status.

@@ -17,7 +17,9 @@ def build_backend(tc: Any) -> TeacherBackend:
 
         return GeminiTeacher(tc.model, api_key_env=tc.api_key_env, base_url=tc.base_url, vertexai=tc.vertexai,
                              project=tc.project, location=tc.location, timeout_s=tc.timeout_s,
-                             max_output_tokens=tc.max_output_tokens)
+                             max_output_tokens=tc.max_output_tokens,
+                             max_output_tokens_by_task=dict(tc.get("max_output_tokens_by_task", {}) or {}),
+                             thinking_budget_by_task=dict(tc.get("thinking_budget_by_task", {}) or {}))
     module_name, _, class_name = tc.backend.partition(":")
     if not class_name:
         raise TeacherError(f"teacher.backend={tc.backend!r}: use 'gemini' or 'package.module:ClassName'")

@@ -8,7 +8,9 @@ switched off: `TeacherClient` owns retries, so every attempt is counted in the l
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
 import os
 from typing import Any
@@ -62,11 +64,14 @@ class GeminiTeacher(TeacherBackend):
 
     def __init__(self, model: str, *, api_key: str | None = None, api_key_env: str = "", base_url: str = "",
                  vertexai: bool = False, project: str = "", location: str = "", timeout_s: float = 120.0,
-                 max_output_tokens: int = 0):
+                 max_output_tokens: int = 0, max_output_tokens_by_task: dict[str, int] | None = None,
+                 thinking_budget_by_task: dict[str, int] | None = None):
         if not model:
-            raise TeacherError("teacher.model is empty: name a Gemini model, e.g. gemini-2.5-pro")
+            raise TeacherError("teacher.model is empty: name a Gemini model, e.g. gemini-2.5-flash")
         self.model = model
         self.max_output_tokens = max_output_tokens
+        self.max_output_tokens_by_task = {k: int(v) for k, v in (max_output_tokens_by_task or {}).items()}
+        self.thinking_budget_by_task = {k: int(v) for k, v in (thinking_budget_by_task or {}).items()}
         self.base_url = base_url
         http_options = types.HttpOptions(
             base_url=base_url or None,
@@ -90,7 +95,18 @@ class GeminiTeacher(TeacherBackend):
 
     @property
     def backend_id(self) -> str:
-        return f"gemini:{self.model}:max_out={self.max_output_tokens}"
+        # The per-task limits change answers (a cut answer, less thinking), so they are part of every cache key.
+        limits = json.dumps([self.max_output_tokens_by_task, self.thinking_budget_by_task], sort_keys=True)
+        digest = hashlib.sha256(limits.encode()).hexdigest()[:12]
+        return f"gemini:{self.model}:max_out={self.max_output_tokens}:limits={digest}"
+
+    def generation_limits(self, task: str) -> dict[str, Any]:
+        """GenerateContentConfig fields for `task`: its output cap and, when configured, its thinking budget."""
+        limits: dict[str, Any] = {"max_output_tokens": self.max_output_tokens_by_task.get(task, self.max_output_tokens)
+                                  or None}
+        if task in self.thinking_budget_by_task:
+            limits["thinking_config"] = types.ThinkingConfig(thinking_budget=self.thinking_budget_by_task[task])
+        return limits
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "<redacted>") if self._secret else text
@@ -104,7 +120,7 @@ class GeminiTeacher(TeacherBackend):
             temperature=request.temperature,
             response_mime_type="application/json",
             response_json_schema=request.schema,
-            max_output_tokens=self.max_output_tokens or None,
+            **self.generation_limits(request.task),
             seed=request.sample_index,  # repeated samples of one prompt differ, each reproducibly (best effort)
         )
         try:
