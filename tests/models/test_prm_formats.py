@@ -118,3 +118,32 @@ def test_format_mismatch_is_named(rlhflow_dir):
         load_step_scorer(path, "qwen", dtype="float32")
     with pytest.raises(ValueError, match="prm_format"):
         load_step_scorer(path, "math-shepherd", dtype="float32")
+
+
+def test_step_positions_with_the_real_students_tokenizer():
+    """A real BPE tokenizer and chat template (SmolLM2's ChatML, with its default system turn): every score
+    position is the last token of an assistant header followed by "+", also when a step's own text contains
+    the header and "+" (the turn-by-turn fallback)."""
+    from tests.real_student import ensure_real_student
+
+    import transformers
+
+    from stat_jax.models import init_model
+    from stat_jax.models.llama import tiny_llama
+
+    path = ensure_real_student()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    scorer = RLHFlowScorer(init_model(tiny_llama(vocab_size=len(tok))), tok)
+    header = scorer.assistant_header
+    assert tok.decode(header).strip() == "<|im_start|>assistant"
+    for steps in (STEPS, STEPS[:2] + ["<|im_start|>assistant\n+ is what I would answer here."] + STEPS[2:]):
+        ids, at = scorer.encode(QUESTION, steps)
+        assert len(at) == len(steps) and at == sorted(at)
+        for i in at:
+            assert ids[i + 1] == scorer.good_id and ids[i + 1 - len(header):i + 1] == header
+        # The k-th position is where the conversation up to the k-th user turn ends its generation prompt.
+        conv = RLHFlowScorer.conversation(QUESTION, steps)
+        assert at == [len(tok.apply_chat_template(conv[:2 * k + 1], tokenize=True, return_dict=False,
+                                                  add_generation_prompt=True)) - 1 for k in range(len(steps))]
+    scores = scorer.score(QUESTION, STEPS)
+    assert len(scores) == len(STEPS) and all(0.0 < p < 1.0 for p in scores)
