@@ -9,6 +9,11 @@ in the same run) differentiates and optimizes every parameter; adapters keep the
 optimizer state) and train rank-r A/B matrices on q,k,v,o,gate,up,down. The frozen base is counted in float32
 (the configs' master dtype) and in bfloat16 (what a frozen base needs, since it is never updated).
 Activations and XLA temporaries are not included (benchmarks/train_memory.py measures those).
+
+`--real-student=DIR` (e.g. .cache/smollm2-135m-instruct) adds, at that checkpoint's shape on this machine's first
+device, the SFT step (`sft.make_train_step`, remat full) for full fine-tuning and for adapters in the same run:
+median step time over `--steps` timed steps after a warm-up one, and XLA's peak estimate of the compiled step
+(arguments + outputs - donated + temporaries, `train.memory.StepMemory`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -86,17 +92,73 @@ def measure(name: str, rank: int, mesh) -> dict:
     return out
 
 
+def real_student_steps(model_dir: str, rank: int, rows: int, length: int, steps: int) -> dict:
+    """Step time and XLA's step peak of full vs adapter SFT on the checkpoint at `model_dir` (one device)."""
+    import numpy as np
+
+    from stat_jax.models import load_hf_checkpoint
+    from stat_jax.train import sft
+    from stat_jax.train.memory import StepMemory
+
+    tx, schedule = build_optimizer({"learning_rate": 1e-5}, 100)
+    rng = np.random.default_rng(0)
+    out = {"model_dir": model_dir, "rows": rows, "length": length, "rank": rank, "device": str(jax.devices()[0])}
+    for mode in ("full_finetune", f"lora_r{rank}"):
+        model = load_hf_checkpoint(model_dir, remat="full")
+        vocab = model.config.vocab_size
+        batch = {"tokens": rng.integers(3, vocab, (1, rows, length)), "targets": rng.integers(3, vocab, (1, rows, length)),
+                 "positions": np.broadcast_to(np.arange(length), (1, rows, length)),
+                 "segment_ids": np.ones((1, rows, length)), "weights": np.ones((1, rows, length))}
+        batch = {k: jnp.asarray(v, jnp.float32 if k == "weights" else jnp.int32) for k, v in batch.items()}
+        if mode == "full_finetune":
+            graphdef, params = nnx.split(model)
+            params, frozen = nnx.to_pure_dict(params), None
+        else:
+            lora.add_adapters(model, lora.LoraConfig(rank=rank, alpha=2.0 * rank, dropout=0.05), seed=0)
+            graphdef, params, frozen = lora.split_adapters(model)
+            params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+        del model
+        state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+        dropout = None if frozen is None else 0
+        args = (state, batch) if frozen is None else (state, batch, frozen)
+        compiled = jax.jit(sft.make_train_step(graphdef, tx, schedule, dropout_seed=dropout),
+                           donate_argnums=0).lower(*args).compile()
+        memory = StepMemory.of(compiled)
+        times = []
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch, *(() if frozen is None else (frozen,)))
+            jax.block_until_ready(metrics)
+            if i:  # the first call pays one-off allocation
+                times.append(time.perf_counter() - start)
+        out[mode] = {"step_s": float(np.median(times)), "step_peak_bytes": memory.peak,
+                     "arguments_bytes": memory.arguments, "temporaries_bytes": memory.temporaries,
+                     "trained_params": sum(int(x.size) for x in jax.tree.leaves(params))}
+        del state, params, frozen, compiled
+    full, adapted = out["full_finetune"], out[f"lora_r{rank}"]
+    out["lora_vs_full"] = {"step_time": round(adapted["step_s"] / full["step_s"], 3),
+                           "step_peak": round(adapted["step_peak_bytes"] / full["step_peak_bytes"], 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--fsdp", type=int, default=8)
     parser.add_argument("--tensor", type=int, default=1)
     parser.add_argument("--models", default=",".join(SHAPES))
+    parser.add_argument("--real-student", default="", help="an HF checkpoint dir: also time full vs adapter SFT")
+    parser.add_argument("--rows", type=int, default=2)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     mesh = sharding.make_mesh(data=1, fsdp=args.fsdp, tensor=args.tensor)
     results = [measure(name, args.rank, mesh) for name in args.models.split(",")]
-    print(json.dumps({"benchmark": "lora_memory", "unit": "bytes per device", "rank": args.rank,
-                      "devices": len(jax.devices()), "results": results}, indent=2))
+    report = {"benchmark": "lora_memory", "unit": "bytes per device", "rank": args.rank,
+              "devices": len(jax.devices()), "results": results}
+    if args.real_student:
+        report["real_student"] = real_student_steps(args.real_student, args.rank, args.rows, args.length, args.steps)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
