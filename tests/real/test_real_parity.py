@@ -1,7 +1,7 @@
 """Parity on the REAL student (SmolLM2-135M-Instruct) with real, chat-rendered MATH and GSM8K prompts:
 float32 logits of stat-jax's DecoderLM against transformers, and greedy JetStream generation (the in-process
 backend, as `stat-jax eval` and the rollout stage build it) against `transformers.generate`, token for token,
-on 32 real GSM8K prompts x 256 new tokens. torch runs on one thread
+on 16 real GSM8K prompts x 256 new tokens (32 under `make test-slow`). torch runs on one thread
 (tests/real/helpers.py one_torch_thread).
 """
 
@@ -16,7 +16,8 @@ from stat_jax.data.prompting import render_prompts
 from stat_jax.data.stop_tokens import stop_token_ids
 from tests.real.helpers import one_torch_thread, real_rows
 
-NUM_GREEDY, NEW_TOKENS = 32, 256
+NUM_GREEDY, NEW_TOKENS = 32, 256  # the issue's figure, under `make test-slow`
+NUM_GREEDY_DEFAULT = 16  # the default run: the same prompts' first half (its suite stays within ~25 minutes)
 # The issue's bound. 1.2e-4 measured; it was 3.2e-4 while XLA CPU sent float32 dots to YNNPACK (see
 # stat_jax/__init__.py), which is what a too-loose bound here had hidden.
 LOGIT_ATOL = 2e-4
@@ -76,16 +77,25 @@ def _hf_greedy(hf_model, tokenizer, prompts, stops, new_tokens) -> list[list[int
     return [row[: next((k for k, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 
-# The issue's figure, in the default run: 32 x 256 took 176 s of transformers (one torch thread) + 199 s of
-# JetStream, compiles included, on the 2-core machine.
+def test_greedy_jetstream_equals_transformers_generate_on_16_gsm8k_prompts(hf_tokenizer, hf_model, jax_student):
+    _greedy_parity(hf_tokenizer, hf_model, jax_student, NUM_GREEDY_DEFAULT)
+
+
+# The issue's figure: 32 x 256 took 176 s of transformers (one torch thread) + 199 s of JetStream, compiles
+# included, on the 2-core machine (311 s of a loaded CI run).
+@pytest.mark.slow
 def test_greedy_jetstream_equals_transformers_generate_on_32_gsm8k_prompts(hf_tokenizer, hf_model, jax_student):
+    _greedy_parity(hf_tokenizer, hf_model, jax_student, NUM_GREEDY)
+
+
+def _greedy_parity(hf_tokenizer, hf_model, jax_student, num_prompts: int) -> None:
     from stat_jax.config import load_config_file
     from stat_jax.rollout import make_rollout_backend
     from stat_jax.rollout.base import SamplingParams
 
     new_tokens = NEW_TOKENS
 
-    problems = real_rows("gsm8k", "gsm8k_test.jsonl", NUM_GREEDY)
+    problems = real_rows("gsm8k", "gsm8k_test.jsonl", num_prompts)
     prompts = render_prompts(hf_tokenizer, problems)
     stops = _stops(hf_tokenizer, jax_student)
 
@@ -94,7 +104,7 @@ def test_greedy_jetstream_equals_transformers_generate_on_32_gsm8k_prompts(hf_to
     hf_s = time.perf_counter() - start
 
     config = load_config_file("configs/base.py")
-    config.rollout.update(backend="jetstream", max_concurrent_decodes=NUM_GREEDY, max_prefill_length=256,
+    config.rollout.update(backend="jetstream", max_concurrent_decodes=num_prompts, max_prefill_length=256,
                           max_target_length=512)
     start = time.perf_counter()
     with make_rollout_backend(config, jax_student, hf_tokenizer) as backend:
