@@ -130,19 +130,14 @@ def rollout_only(c, problems, args, in_step_tokens_per_s: float) -> dict:
     import numpy as np
     import transformers
 
-    from stat_jax.data.prompting import render_prompt
     from stat_jax.models import load_hf_checkpoint
     from stat_jax.rollout import make_rollout_backend
     from stat_jax.rollout.base import SamplingParams
-    from stat_jax.train.grpo import prompts_for_step
+    from stat_jax.train.grpo import grpo_prompt_ids, prompts_for_step
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(c.model.path)
     model = load_hf_checkpoint(c.model.path, dtype=c.model.dtype)
-    ids = [tokenizer(render_prompt(tokenizer, p.problem, instruction=c.grpo.instruction or c.eval.instruction,
-                                   system_prompt=c.eval.system_prompt,
-                                   use_chat_template=bool(c.eval.use_chat_template),
-                                   date_string=str(c.eval.date_string)), add_special_tokens=False)["input_ids"]
-           for p in problems]
+    ids = grpo_prompt_ids(c, tokenizer, problems)
     seconds, tokens = [], []
     with make_rollout_backend(c, model, tokenizer) as backend:
         for step in range(1, args.steps + 1):

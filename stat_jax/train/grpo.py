@@ -363,6 +363,17 @@ def _fingerprint(config) -> str:
     return config_hash({"model": model, "grpo": grpo, "seed": config.seed})
 
 
+def grpo_prompt_ids(config, tokenizer, problems: Sequence[MathProblem]) -> list[list[int]]:
+    """Token ids of each problem's GRPO prompt: eval's chat rendering with `grpo.instruction` (or eval's)."""
+    from stat_jax.data.prompting import render_prompt
+
+    texts = [render_prompt(tokenizer, p.problem, instruction=config.grpo.instruction or config.eval.instruction,
+                           system_prompt=config.eval.system_prompt,
+                           use_chat_template=bool(config.eval.use_chat_template),
+                           date_string=str(config.eval.date_string)) for p in problems]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
 def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: str | Path | None = None,
                resume: bool = False, *, backend: RolloutBackend | None = None, reward_fn: RewardFn | None = None,
                mesh: Mesh | None = None) -> dict[str, Any]:
@@ -373,7 +384,6 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     """
     import transformers
 
-    from stat_jax.data.prompting import render_prompt
     from stat_jax.data.stop_tokens import end_token_id
     from stat_jax.models import abstract_model, export_hf_checkpoint, load_hf_checkpoint
     from stat_jax.models.config import ModelConfig
@@ -410,11 +420,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     # The end-of-turn token a finished completion is scored on: the same one rollouts stop at and SFT teaches.
     eos_id = end_token_id(tokenizer, model_cfg.eos_token_ids)
 
-    prompt_texts = [render_prompt(tokenizer, p.problem, instruction=g.instruction or config.eval.instruction,
-                                  system_prompt=config.eval.system_prompt,
-                                  use_chat_template=bool(config.eval.use_chat_template),
-                                  date_string=str(config.eval.date_string)) for p in problems]
-    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
+    prompt_ids = grpo_prompt_ids(config, tokenizer, problems)
     # Prompts that cannot run (rollout limits, or prompt + max_new_tokens over a grpo.max_length row) are left
     # out and counted, or stop here (rollout.on_long_prompt=error): before any device work, never mid-run.
     limit = PromptLimit.from_config(config, int(g.max_new_tokens), max_row_length=int(g.max_length))
