@@ -162,15 +162,21 @@ def resolve_settings(settings: EngineSettings, cfg, cache_dtype, memory_bytes: i
 
 
 def cache_length_buckets(max_target_length: int, smallest: int = 64) -> list[int]:
-    """Decode-cache lengths the in-process scheduler compiles generate for: powers of two, then the maximum.
+    """Decode-cache lengths the in-process scheduler compiles generate for: powers of two and 1.5x each (64, 96,
+    128, 192, ...), then the maximum.
 
     The cache is allocated at the smallest bucket holding every sequence in flight and grown when one outgrows
-    it, so a decode step reads the tokens actually in use instead of `max_target_length` positions.
+    it, so a decode step reads the tokens actually in use instead of `max_target_length` positions. Half-octave
+    steps because a decode step's attention is a full read of the cache at the bucket's length: with doubling,
+    64 GSM8K prompts x 256 tokens (real student) spent 60% of their steps at 512 positions while the longest
+    sequence held 257-414; at most 1/3 of a read is padding here, for two compiled variants per octave.
     """
     buckets = []
     length = smallest
     while length < max_target_length:
         buckets.append(length)
+        if length * 3 // 2 < max_target_length and length % 2 == 0:
+            buckets.append(length * 3 // 2)
         length *= 2
     return buckets + [max_target_length]
 

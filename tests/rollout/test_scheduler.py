@@ -25,7 +25,7 @@ def ids(out):
 
 @pytest.fixture(scope="module")
 def long_cache(student):
-    """max_target_length 1024 (buckets 64, 128, ..., 1024), 4 prompts of 16 tokens per prefill call."""
+    """max_target_length 1024 (buckets 64, 96, 128, 192, ..., 1024), 4 prompts of 16 tokens per prefill call."""
     settings = EngineSettings(max_concurrent_decodes=4, max_prefill_length=64, max_target_length=1024,
                               prefill_batch_tokens=64)
     with JetStreamBackend(student.model, student.tokenizer, settings) as backend:
@@ -43,9 +43,9 @@ def test_cache_follows_the_sequences_in_flight(student, long_cache):
     # The 1024-position engine never allocated past its first bucket.
     assert long_cache.scheduler.stats["max_cache_length"] == 64 and long_cache.scheduler.stats["resizes"] == 0
 
-    # 59 + 12 positions: the cache grows to the next bucket mid-run, and the tokens stay the same.
+    # 59 + 12 positions: the cache grows to the next bucket (96, not 128) mid-run, and the tokens stay the same.
     assert ids(long_cache.generate(prompts, GREEDY, progress=False)) == ids(expected)
-    assert long_cache.scheduler.stats["max_cache_length"] == 128 and long_cache.scheduler.stats["resizes"] == 1
+    assert long_cache.scheduler.stats["max_cache_length"] == 96 and long_cache.scheduler.stats["resizes"] == 1
 
 
 def test_batched_prefill_equals_one_prompt_per_call(student, long_cache):
@@ -68,7 +68,7 @@ def test_padded_rows_are_powers_of_two_within_the_limit():
 
 
 def test_cache_length_buckets():
-    assert cache_length_buckets(3072) == [64, 128, 256, 512, 1024, 2048, 3072]
+    assert cache_length_buckets(3072) == [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072]
     assert cache_length_buckets(96) == [64, 96]
     assert cache_length_buckets(64) == [64]
 
