@@ -43,6 +43,15 @@ def get_config() -> ConfigDict:
     c.mesh.fsdp = -1  # -1: all remaining devices
     c.mesh.tensor = 1
 
+    # Multi-process jobs (stat_jax.distributed; which processes form the job comes from flags/env, not here).
+    # A host that dies or stalls must end the job, not hang it: JAX's coordination service declares a process
+    # dead after heartbeat_timeout_s without a heartbeat and stops the others; a rollout step, broadcast or
+    # barrier that every process must finish ends the job after collective_timeout_s with an error naming the
+    # unresponsive process and host (it includes compiling that step's programs; 0 = no limit).
+    c.distributed = ConfigDict()
+    c.distributed.heartbeat_timeout_s = 100
+    c.distributed.collective_timeout_s = 900.0
+
     # SFT data (stat_jax.data.sft_data): records {prompt | messages, response}, rendered with the chat template.
     c.data = ConfigDict()
     c.data.train_files = ()  # JSON/JSONL files (or save_to_disk dirs); on the CLI: --config.data.train_files=a.jsonl,b.jsonl

@@ -75,8 +75,10 @@ def get_config(arg: str = "llama3_2_1b,sel"):
     c.stat.consistency_min_agree = 2
     c.stat.scorer = "auto"  # the paper's PRM when stat.prm_path is set, else that label-free consistency rule
     c.stat.num_hard = 500
-    # Stage 2: the Skill-Map labels every training question with <= 5 skills; each difficult question gets
+    # Stage 2: the catalog from skills named for every training question (Didolkar et al.; 0 = no sample), merged
+    # per subject; the Skill-Map labels every training question with <= 5 skills; each difficult question gets
     # the 2-3 skills the student failed to apply.
+    c.stat.skills_sample_per_subject = 0
     c.stat.label_max_skills = 5
     c.stat.diagnose_max_skills = 3
     # Stage 3, STAT-Sel: per (difficult question, missing skill) 5 training questions with that skill, 3
@@ -86,6 +88,7 @@ def get_config(arg: str = "llama3_2_1b,sel"):
     c.stat.sel_questions_per_skill = 5
     c.stat.sel_answers_per_question = 3
     c.stat.sel_answer_source = "teacher"
+    c.stat.sel_answer_filter = "none"  # every teacher answer kept: the paper filters none against the labels
     c.stat.sel_target_size = PAIRS
     # STAT-Syn: 3 reference questions -> 2 new questions -> 3 solutions each, kept when >= 2 agree; 9.5k pairs.
     c.stat.syn_reference_questions = 3

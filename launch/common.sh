@@ -66,3 +66,11 @@ require_tool() {
 new_run_id() {
   date -u +%Y%m%d-%H%M%S
 }
+
+# `stat-jax serve` is a single-host server (stat_jax/cli.py refuses several processes too): say so before any
+# host is touched. $1 = the process count, $2 = what the launch would start.
+refuse_multi_host_serve() {
+  if (( $1 > 1 )) && [[ "${STAT_JAX_ARGS[0]:-}" == serve ]]; then
+    die "stat-jax serve is a single-host server and cannot run as one job over $2"
+  fi
+}

@@ -170,9 +170,11 @@ cmd_run() {
   [[ ${#STAT_JAX_ARGS[@]} -gt 0 ]] || die "nothing to run: put the stat-jax command after --, e.g. -- sft --config=..."
   if [[ -n "$HOSTS" ]]; then
     [[ -z "$NUM_PROCESSES$PROCESS_ID" ]] || die "--hosts sets the process count and ids itself"
+    refuse_multi_host_serve "${#HOST_LIST[@]}" "${#HOST_LIST[@]} hosts (run it without --hosts, on one host)"
     run_hosts
   else
     if [[ -n "$NUM_PROCESSES" && "$NUM_PROCESSES" != 1 ]]; then
+      refuse_multi_host_serve "$NUM_PROCESSES" "$NUM_PROCESSES processes (run one process: drop --num-processes)"
       [[ -n "$PROCESS_ID" && -n "$COORDINATOR" ]] || die "--num-processes needs --process-id and --coordinator"
     fi
     run_here

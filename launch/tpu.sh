@@ -298,6 +298,7 @@ cmd_run() {
   [[ ${#STAT_JAX_ARGS[@]} -gt 0 ]] || die "nothing to run: put the stat-jax command after --, e.g. -- sft --config=..."
   local workers rc=0
   workers="$(worker_count)"
+  refuse_multi_host_serve "$workers" "a $workers-worker slice (run it on a single-host slice, e.g. v5e-8)"
   note "run $RUN_ID on $workers worker(s) of $NAME: stat-jax $(shjoin "${STAT_JAX_ARGS[@]}")"
   ssh_all "$(remote_run_script "$workers")" || rc=$?
   cmd_logs

@@ -145,6 +145,18 @@ def _log_level(argv: list[str]) -> str:
     return "INFO"
 
 
+def _refuse_multi_process_serve(args) -> None:
+    from stat_jax.distributed import DistributedConfigError, resolve_distributed
+
+    if resolve_distributed(args) is not None:
+        raise DistributedConfigError(
+            "stat-jax serve is a single-host server: it answers gRPC requests in the order they arrive, which "
+            "several processes cannot agree on, so it refuses a multi-process job",
+            hint="run it as one process on one host (unset JAX_PROCESS_COUNT/JAX_COORDINATOR_ADDRESS, or "
+                 "STAT_JAX_DISTRIBUTED=0 under SLURM/mpirun); `stat-jax eval`, `grpo` and `run` generate on "
+                 "every process of a multi-host job in-process (rollout.backend=jetstream)")
+
+
 def _run(argv: list[str]) -> int:
     silence_other_bars()  # before transformers/datasets are imported
     if argv[:1] == ["import-gguf"]:
@@ -166,6 +178,8 @@ def _run(argv: list[str]) -> int:
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2, sort_keys=True, default=str))
         return 0
+    if args.command == "serve":
+        _refuse_multi_process_serve(args)
     if not args.dry_run:
         from stat_jax.preflight import check_inputs
 
@@ -178,7 +192,7 @@ def _run(argv: list[str]) -> int:
     from stat_jax.distributed import DistributedConfigError, is_coordinator, maybe_initialize_distributed
 
     try:  # before the command touches JAX's devices
-        maybe_initialize_distributed(args)
+        maybe_initialize_distributed(args, settings=config.get("distributed"))
     except DistributedConfigError as e:
         e.args = (f"distributed setup error: {e}",)
         raise

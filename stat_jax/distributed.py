@@ -14,13 +14,25 @@ Otherwise the job is one process and nothing is initialized; `STAT_JAX_DISTRIBUT
 Every process runs the same program on its own devices; `jax.devices()` then lists all processes' devices,
 so a mesh built from it spans every host. Host-side side effects (teacher calls, run manifests, exports)
 belong to the coordinator: guard them with `is_coordinator()` and line the processes up with `barrier(name)`.
+
+A process that dies or stalls leaves the others blocked inside a collective, which nothing can interrupt. Two
+limits end such a job instead of letting it hang: JAX's coordination service declares a process dead after
+`distributed.heartbeat_timeout_s` without a heartbeat and stops every process, and `collective_deadline`
+(rollout steps, broadcasts, barriers) ends this process after `distributed.collective_timeout_s` with an error
+naming the processes, and their hosts, that stopped responding.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import logging
 import os
+import socket
+import sys
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -146,26 +158,266 @@ def is_initialized() -> bool:
     return bool(jax.distributed.is_initialized())
 
 
-def maybe_initialize_distributed(flags: Any = None, env: Mapping[str, str] | None = None) -> DistributedSpec | None:
+def maybe_initialize_distributed(flags: Any = None, env: Mapping[str, str] | None = None,
+                                 settings: Any = None) -> DistributedSpec | None:
     """Calls `jax.distributed.initialize` when flags/env describe a multi-process job; a no-op otherwise.
 
-    Must run before anything asks JAX for its devices. Safe to call twice (the second call does nothing).
+    `settings`: the config's `distributed` section (heartbeat_timeout_s, collective_timeout_s), or None for
+    the defaults. Must run before anything asks JAX for its devices. Safe to call twice (the second call does
+    nothing).
     """
     spec = resolve_distributed(flags, env)
+    global _heartbeat_timeout_s
+    heartbeat = max(int(_setting(settings, "heartbeat_timeout_s", DEFAULT_HEARTBEAT_TIMEOUT_S)), 1)
+    _heartbeat_timeout_s = heartbeat
+    set_collective_timeout(_setting(settings, "collective_timeout_s", DEFAULT_COLLECTIVE_TIMEOUT_S))
     if spec is None or is_initialized():
         return spec
     import jax
 
     log.info("jax.distributed.initialize(%s) [from %s]", spec.initialize_kwargs() or "auto-detect", spec.source)
     try:
-        jax.distributed.initialize(**spec.initialize_kwargs())
+        jax.distributed.initialize(**spec.initialize_kwargs(), heartbeat_timeout_seconds=heartbeat)
     except Exception as e:  # noqa: BLE001 -- re-raised with the settings that were used
         raise RuntimeError(f"jax.distributed.initialize({spec.initialize_kwargs()}) from {spec.source} failed: {e}. "
                            "Check that every process uses the same coordinator address and process count, "
                            "that process 0 is running, and that its port is reachable.") from e
     log.info("process %d of %d: %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
+    _register_host()
+    _PeerWatch(heartbeat / 2).start()
     return spec
+
+
+# ----- failures on other hosts ---------------------------------------------------------------------------------
+
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # JAX's own default
+DEFAULT_COLLECTIVE_TIMEOUT_S = 900.0
+COLLECTIVE_TIMEOUT_STATUS = 11  # exit status of a process ended by `collective_deadline`
+_HOST_KEY = "stat_jax/host/"
+_BEAT_KEY = "stat_jax/beat/"
+_EXITED_KEY = "stat_jax/exited/"
+_collective_timeout_s = DEFAULT_COLLECTIVE_TIMEOUT_S
+_heartbeat_timeout_s = DEFAULT_HEARTBEAT_TIMEOUT_S
+
+
+def _setting(section: Any, name: str, default: float) -> float:
+    value = _field(section, name)
+    return default if value is None else float(value)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The default limit of `collective_deadline` (distributed.collective_timeout_s); 0 disables it."""
+    global _collective_timeout_s
+    if seconds < 0:
+        raise DistributedConfigError(f"distributed.collective_timeout_s={seconds} must be >= 0 (0 = no limit)")
+    _collective_timeout_s = float(seconds)
+
+
+def _client():
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
+def _register_host() -> None:
+    """Publishes this process's host and pid, so another process's error can say where a dead peer ran."""
+    import jax
+
+    _client().key_value_set(f"{_HOST_KEY}{jax.process_index()}", f"{socket.gethostname()}, pid {os.getpid()}")
+
+
+def describe_process(index: int) -> str:
+    """'process I (HOST, pid P)' from what it published at start; 'process I' when that cannot be read."""
+    try:
+        return f"process {index} ({_client().key_value_try_get(f'{_HOST_KEY}{index}')})"
+    except Exception:  # noqa: BLE001 -- the coordinator itself may be gone
+        return f"process {index}"
+
+
+def unresponsive_processes(wait_s: float = 10.0) -> list[int] | None:
+    """The processes JAX's coordination service no longer counts as live; None when it cannot say in `wait_s`
+    (the coordinator, process 0, is gone or unreachable)."""
+    import jax
+
+    everyone = list(range(jax.process_count()))
+    answer: list[list[int]] = []
+
+    def ask():
+        with contextlib.suppress(Exception):
+            answer.append(sorted(set(everyone) - set(_client().get_live_nodes(everyone))))
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(wait_s)
+    return answer[0] if answer else None
+
+
+def collective_timeout_message(what: str, seconds: float) -> str:
+    """The error a process prints when `what` (a step every process must take part in) did not complete."""
+    import jax
+
+    me = describe_process(jax.process_index())
+    gone = unresponsive_processes()
+    if gone is None:
+        who = "the coordinator (process 0) does not answer either: it or its host is likely down"
+    elif gone:
+        who = "not responding: " + ", ".join(describe_process(i) for i in gone)
+    else:
+        who = "every process still sends heartbeats, so one is stuck or much slower (see the other hosts' logs)"
+    return (f"{me}: {what} did not complete within {seconds:.0f} s (distributed.collective_timeout_s) on a "
+            f"{jax.process_count()}-process job; {who}. This process stops rather than wait forever; fix or "
+            f"restart the failed host and rerun the same command on every host with --resume")
+
+
+def _fail(message: str) -> None:
+    """Ends this process at once: a collective that lost its peer cannot be unwound from Python."""
+    log.error(message)
+    print(f"stat-jax: error: {message}", file=sys.stderr, flush=True)
+    os._exit(COLLECTIVE_TIMEOUT_STATUS)
+
+
+class _PeerWatch(threading.Thread):
+    """Every second, bumps this process's beat in JAX's key-value store and reads the others'. A peer whose beat
+    stops for `stale_s` without it having exited cleanly ends this process with an error naming the peer and
+    its host. `stale_s` is half of distributed.heartbeat_timeout_s, so this speaks before JAX's own heartbeat
+    check aborts every process with a message that names a task number only."""
+
+    def __init__(self, stale_s: float):
+        super().__init__(name="stat-jax-peer-watch", daemon=True)
+        # At least 10 s: a loaded host may not run this thread for a few seconds, and a false alarm kills a job.
+        self.stale_s = max(float(stale_s), 10.0)
+        atexit.register(self._mark_exited)
+        self._exiting = False
+
+    def _mark_exited(self) -> None:
+        import jax
+
+        self._exiting = True
+        with contextlib.suppress(Exception):
+            _client().key_value_set(f"{_EXITED_KEY}{jax.process_index()}", "1", allow_overwrite=True)
+
+    def run(self) -> None:
+        import jax
+
+        me, client = jax.process_index(), _client()
+        seen = {i: (None, time.monotonic()) for i in range(jax.process_count()) if i != me}
+        unreachable_since = None
+        while not self._exiting:
+            try:
+                client.key_value_increment(f"{_BEAT_KEY}{me}", 1)
+                beats = {k.rsplit("/", 1)[-1]: v for k, v in client.key_value_dir_get(_BEAT_KEY)}
+                exited = {k.rsplit("/", 1)[-1] for k, _ in client.key_value_dir_get(_EXITED_KEY)}
+                unreachable_since = None
+            except Exception as e:  # noqa: BLE001 -- the coordinator's store is gone or unreachable
+                if self._exiting:
+                    return
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > self.stale_s:
+                    _fail(f"{describe_process(me)}: the coordinator, process 0, has not answered for "
+                          f"{self.stale_s:.0f} s ({e}); it or its host is down. Every process of the job stops; "
+                          f"rerun the same command on every host with --resume")
+                time.sleep(1.0)
+                continue
+            now = time.monotonic()
+            for i, (beat, since) in seen.items():
+                if beats.get(str(i)) != beat:
+                    seen[i] = (beats.get(str(i)), now)
+                elif str(i) not in exited and now - since > self.stale_s and not self._exiting:
+                    _fail(f"{describe_process(me)}: {describe_process(i)} stopped responding (no heartbeat for "
+                          f"{self.stale_s:.0f} s, half of distributed.heartbeat_timeout_s): it or its host is "
+                          f"down. Every process of the job stops; restart that host and rerun the same command on "
+                          f"every host with --resume")
+            time.sleep(1.0)
+
+
+def peer_failure_note(error: BaseException) -> str:
+    """After a device program failed in a multi-process job: which process raised it and which peers stopped
+    responding ('' in a single-process job, or for an error that no collective raised).
+
+    A collective whose peer died fails at once on some transports (gloo on CPU: 'connection reset by peer')
+    without saying which process it was, and JAX's coordination service notices the death only after its
+    heartbeat timeout, so this waits that long (plus a margin) for the service to name it.
+    """
+    import jax
+
+    if jax.process_count() == 1 or type(error).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
+        return ""
+    # The peer watch (half the heartbeat timeout) or JAX (the whole of it) ends the process if a peer died.
+    deadline = time.monotonic() + _heartbeat_timeout_s + 5
+    gone = unresponsive_processes()
+    while gone == [] and time.monotonic() < deadline:
+        time.sleep(1.0)
+        gone = unresponsive_processes()
+    me = describe_process(jax.process_index())
+    if gone is None:
+        return f" on {me}; the coordinator (process 0) does not answer: it or its host is likely down"
+    if gone:
+        return f" on {me}; not responding: {', '.join(describe_process(i) for i in gone)}"
+    return f" on {me}; every process still sends heartbeats, so the failure is this process's own"
+
+
+class _Watchdog(threading.Thread):
+    """One daemon thread that ends the process when an armed deadline passes (a blocked collective cannot be
+    interrupted from Python, so exiting is the only way out)."""
+
+    def __init__(self):
+        super().__init__(name="stat-jax-collective-watchdog", daemon=True)
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, str, float]] = {}  # token -> (deadline, what, seconds)
+        self._tokens = 0
+
+    def arm(self, what: str, seconds: float) -> int:
+        with self._cond:
+            self._tokens += 1
+            self._armed[self._tokens] = (time.monotonic() + seconds, what, seconds)
+            self._cond.notify()
+            return self._tokens
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._armed:
+                    self._cond.wait()
+                deadline, what, seconds = min(self._armed.values())
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(min(left, 1.0))
+                    continue
+            _fail(collective_timeout_message(what, seconds))
+
+
+_watchdog: _Watchdog | None = None
+_watchdog_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def collective_deadline(what: str, seconds: float | None = None):
+    """Ends this process with `collective_timeout_message` if the block takes longer than `seconds`
+    (default: distributed.collective_timeout_s); a no-op in a single-process job or with a limit of 0.
+
+    Wrap what every process must complete together: a rollout step, a broadcast, a barrier.
+    """
+    import jax
+
+    seconds = _collective_timeout_s if seconds is None else seconds
+    if jax.process_count() == 1 or not seconds:
+        yield
+        return
+    global _watchdog
+    with _watchdog_lock:
+        if _watchdog is None:
+            _watchdog = _Watchdog()
+            _watchdog.start()
+    token = _watchdog.arm(what, seconds)
+    try:
+        yield
+    finally:
+        _watchdog.disarm(token)
 
 
 def is_coordinator() -> bool:
@@ -183,7 +435,8 @@ def barrier(name: str) -> None:
         return
     from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices(name)
+    with collective_deadline(f"barrier {name!r}"):
+        multihost_utils.sync_global_devices(name)
 
 
 def broadcast_from_coordinator(value: Any) -> Any:
@@ -194,7 +447,8 @@ def broadcast_from_coordinator(value: Any) -> Any:
         return value
     from jax.experimental import multihost_utils
 
-    return multihost_utils.broadcast_one_to_all(value)
+    with collective_deadline("a broadcast from process 0"):
+        return multihost_utils.broadcast_one_to_all(value)
 
 
 def local_batch_size(global_batch_size: int, process_count: int | None = None) -> int:

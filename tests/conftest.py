@@ -18,3 +18,20 @@ import stat_jax  # noqa: E402,F401  (its XLA CPU defaults must be in XLA_FLAGS b
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def student(tmp_path_factory):
+    """A tiny random Llama exported as a Hugging Face directory, with the offline char tokenizer (read-only)."""
+    from stat_jax.data.char_tokenizer import build_char_tokenizer
+    from stat_jax.models import export_hf_checkpoint, init_model
+    from stat_jax.models.llama import tiny_llama
+
+    path = tmp_path_factory.mktemp("student")
+    tok = build_char_tokenizer()
+    export_hf_checkpoint(init_model(tiny_llama(vocab_size=len(tok)), seed=0), path)
+    tok.save_pretrained(str(path))
+    return path

@@ -49,20 +49,7 @@ def assert_one_line_error(proc, command: str, exit_code: int, *fragments: str) -
 
 
 # ----- fixtures: a tiny real checkpoint and data files ---------------------------------------------------
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> Path:
-    """A tiny random Llama exported as a Hugging Face directory, with the offline char tokenizer."""
-    from stat_jax.data.char_tokenizer import build_char_tokenizer
-    from stat_jax.models import export_hf_checkpoint, init_model
-    from stat_jax.models.llama import tiny_llama
-
-    path = tmp_path_factory.mktemp("student")
-    tok = build_char_tokenizer()
-    export_hf_checkpoint(init_model(tiny_llama(vocab_size=len(tok)), seed=0), path)
-    tok.save_pretrained(str(path))
-    return path
-
-
+# `student` (a tiny random Llama as an HF directory) is tests/conftest.py's.
 def _math_rows(start: int, n: int) -> str:
     rows = [{"problem": f"What is {i} + {i}?", "solution": f"It is $\\boxed{{{2 * i}}}$.", "answer": str(2 * i),
              "subject": "Algebra", "level": "Level 1", "unique_id": f"q{i}"} for i in range(start, start + n)]
@@ -149,8 +136,10 @@ class Teacher(TeacherBackend):
 
     def complete(self, request, *, reask_error=None):
         skill = {"name": "doubling", "description": "adds a number to itself"}
-        answer = {"propose_skills": {"skills": [skill]}, "merge_skills": {"skills": [skill]},
-                  "label_skills": {"skills": ["doubling"]}}[request.task]
+        if request.task == "label_skills":  # the catalog's name for it (qualified by the subject)
+            answer = {"skills": request.schema["properties"]["skills"]["items"]["enum"][:1]}
+        else:
+            answer = {"propose_skills": {"skills": [skill]}, "merge_skills": {"skills": [skill]}}[request.task]
         return TeacherResponse(json.dumps(answer), input_tokens=10, output_tokens=10)
 '''
 

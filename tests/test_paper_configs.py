@@ -27,7 +27,9 @@ def _figures(c) -> dict:
         "hard": (c.stat.num_hard, c.stat.rollout_samples, c.stat.consistency_min_agree, c.stat.scorer),
         # "Stage 3": 9.5k pairs; STAT-Sel 5 questions per (question, skill), 3 answers each (teacher-written)
         "sel": (c.stat.sel_target_size, c.stat.sel_questions_per_skill, c.stat.sel_answers_per_question,
-                c.stat.sel_answer_source),
+                c.stat.sel_answer_source, c.stat.sel_answer_filter),
+        # "Stage 2": skills named for every training question; 2-3 missing skills per difficult question
+        "catalog": (c.stat.skills_sample_per_subject, c.stat.label_max_skills, c.stat.diagnose_max_skills),
         "syn": (c.stat.syn_target_size, c.stat.syn_reference_questions, c.stat.syn_new_questions,
                 c.stat.syn_solutions, c.stat.syn_min_agree),
         # "Training recipe", SFT
@@ -46,7 +48,8 @@ PAPER = {
     "heldout": ("math", 1000, ()),
     "train_benchmark": "math_train",
     "hard": (500, 5, 2, "auto"),
-    "sel": (9500, 5, 3, "teacher"),
+    "sel": (9500, 5, 3, "teacher", "none"),
+    "catalog": (0, 5, 3),
     "syn": (9500, 3, 2, 3, 2),
     # batch 8 of unpacked rows = 8 QA pairs per update
     "sft": (3.0, "cosine", 0, 0.03, 8, False, 0.3, 0.1, "bfloat16"),

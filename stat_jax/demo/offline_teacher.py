@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stat_jax.demo import task as demo_task
+from stat_jax.stat.skills import bare_skill_name
 from stat_jax.teacher.base import TeacherBackend, TeacherError, TeacherRequest, TeacherResponse
 
 _NUMBER = re.compile(r"-?\d+")
@@ -113,6 +114,7 @@ class OfflineTeacher(TeacherBackend):
             "diagnose": self._diagnose,
             "synthesize": self._synthesize,
             "solve": self._solve,
+            "rate_difficulty": self._rate_difficulty,
         }
 
     @property
@@ -138,12 +140,13 @@ class OfflineTeacher(TeacherBackend):
     # ----- jobs (payload keys and answer schemas: docs/ARCHITECTURE.md, "Teacher tasks") ----------------
     @staticmethod
     def _in_catalog(request: TeacherRequest, skills: list[str]) -> list[str]:
-        """Keeps catalog names only (answers are schema-checked against the catalog's enum)."""
+        """The catalog's names of `skills`, dropping the ones it lacks (answers are schema-checked against its
+        enum); catalog names may be qualified by the subject ("arithmetic:percent")."""
         catalog = request.payload.get("catalog")
         if not catalog:
             return skills
-        names = {c["name"] for c in catalog}
-        return [s for s in skills if s in names]
+        names = {bare_skill_name(c["name"]): c["name"] for c in catalog}
+        return [names[s] for s in skills if s in names]
 
     def _propose_skills(self, request: TeacherRequest, rng: random.Random) -> dict[str, Any]:
         """The skills this one question needs (named as the task's skills: this teacher knows them exactly)."""
@@ -181,16 +184,39 @@ class OfflineTeacher(TeacherBackend):
         problem = _problem_text(_payload(request, "problem"))
         response = str(_payload(request, "response"))
         limit = min(self.max_missing_skills, int(request.payload.get("max_skills", self.max_missing_skills)))
-        missing = self._in_catalog(request, diagnose_steps(problem, response, limit))
-        explanation = ("wrong or missing step for: " + ", ".join(missing)) if missing else "every step is right"
-        return {"missing_skills": missing, "explanation": explanation}
+        wrong = diagnose_steps(problem, response, limit)
+        if not wrong:
+            return {"missing_skills": [], "none_missing_reason": "every step and the boxed answer are right"}
+        # The schema asks for 2-3 skills (as the paper's prompt does): after the wrong steps' skills, the skills
+        # of the steps nearest the first wrong one, which an answer that went wrong there may also have missed.
+        order = demo_task.problem_skills(problem)
+        first = order.index(wrong[0]) if wrong[0] in order else 0
+        near = sorted(range(len(order)), key=lambda i: (abs(i - first), i < first))
+        named = list(dict.fromkeys(wrong + [order[i] for i in near]))
+        if len(named) < 2:  # a one-skill question: a second catalog skill at random, as a guessing teacher would
+            others = [bare_skill_name(c["name"]) for c in request.payload.get("catalog") or []
+                      if bare_skill_name(c["name"]) not in named]
+            named += [rng.choice(others)] if others else []
+        missing = self._in_catalog(request, named)[:max(2, len(self._in_catalog(request, wrong)))][:limit]
+        return {"missing_skills": missing,
+                "explanation": "wrong or missing step for: " + ", ".join(wrong)
+                               + ("; next to it: " + ", ".join(missing[len(wrong):]) if len(missing) > len(wrong)
+                                  else "")}
 
     def _synthesize(self, request: TeacherRequest, rng: random.Random) -> dict[str, Any]:
-        skill = str(_payload(request, "skill"))
+        skill = bare_skill_name(str(_payload(request, "skill")))
         examples = request.payload.get("examples") or []
+        if not skill:  # Embed-Syn names no skill: write for the first example's skills, one at a time
+            skills = demo_task.problem_skills(_problem_text(examples[0])) if examples else list(demo_task.SKILL_NAMES)
+            skill = skills[rng.randrange(len(skills))]
         n = int(request.payload.get("n", 2))
         avoid = {_problem_text(e) for e in examples}
         return {"problems": [{"problem": p} for p in demo_task.new_problems_for_skill(rng, skill, n, avoid)]}
+
+    def _rate_difficulty(self, request: TeacherRequest, rng: random.Random) -> dict[str, Any]:
+        """A question's difficulty is its number of steps (the task's own level), capped at 5."""
+        steps = len(demo_task.problem_skills(_problem_text(_payload(request, "problem"))))
+        return {"difficulty": max(1, min(5, steps)), "reason": f"{steps} steps"}
 
     def _solve(self, request: TeacherRequest, rng: random.Random) -> dict[str, Any]:
         problem = _problem_text(_payload(request, "problem"))

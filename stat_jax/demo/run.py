@@ -132,8 +132,10 @@ def per_skill_accuracy(records: Sequence[dict[str, Any]], problems: Sequence[Mat
 
 
 def flagged_skills(profile: dict[str, Any], min_share: float) -> list[str]:
-    """The skills the Missing-Skill-Profile blames for at least `min_share` of all mentions."""
-    return [r["skill"] for r in profile["skills"] if r["frequency"] >= min_share]
+    """The skills (task names) the Missing-Skill-Profile blames for at least `min_share` of all mentions."""
+    from stat_jax.stat.skills import bare_skill_name  # the profile's names are qualified by the subject
+
+    return [bare_skill_name(r["skill"]) for r in profile["skills"] if r["frequency"] >= min_share]
 
 
 def _spread(values: Sequence[float]) -> dict[str, Any]:

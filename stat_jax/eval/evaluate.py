@@ -10,6 +10,8 @@ prompts with the student's chat template, grades with math-verify in a process p
   <benchmark>.settings.json  what produced the records (a resumed run must match it)
   summary.json               all benchmarks and the settings
 Work proceeds in chunks of questions appended to the JSONL, so `resume=True` continues an interrupted run.
+On a multi-process mesh every process runs the same generate calls (the device programs are collective) and
+reads the same completions; process 0 alone grades and writes the files, and decides where a resumed run starts.
 Every prompt is tokenized and checked against the rollout limits (`prompt_limit`) before anything is generated:
 the ones that cannot run are left out and counted (`rollout.on_long_prompt="skip"`) or stop the evaluation
 before it starts (`"error"`).
@@ -27,9 +29,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stat_jax.data.grader import NO_BOXED, TIMEOUT, WORKER_DIED, GradeResult, GraderPool
 from stat_jax.data.prompting import DEFAULT_DATE_STRING, DEFAULT_INSTRUCTION, render_prompts
 from stat_jax.data.records import MathProblem
+from stat_jax.distributed import broadcast_from_coordinator, is_coordinator
 from stat_jax.eval.metrics import grouped_metrics, mean_metrics, question_metrics
 from stat_jax.lengths import (LongPrompt, PromptLimit, enforce_policy, long_prompt_report, prompt_token_counts,
                               split_by_length)
@@ -129,14 +134,19 @@ def _question_record(benchmark: str, problem: MathProblem, prompt: str, greedy, 
             "answer": problem.answer, "prompt": prompt, "greedy": greedy, "samples": samples, "metrics": metrics}
 
 
-def _evaluate_chunk(generate, problems, prompts, settings, pool, benchmark) -> list[dict[str, Any]]:
-    """Generates (greedy and/or k samples), grades in the pool, and returns one record per question."""
+def _generate_chunk(generate, prompts, settings) -> list[tuple[str, list[list[tuple[str, str | None]]]]]:
+    """The greedy and/or k sampled completions of `prompts`, as (kind, texts[prompt][sample]) runs."""
     runs: list[tuple[str, list[list[tuple[str, str | None]]]]] = []
     if settings.greedy:
         runs.append(("greedy", _texts(generate(prompts, settings.sampling(True), 1), len(prompts), 1)))
     if settings.num_samples:
         k = settings.num_samples
         runs.append(("samples", _texts(generate(prompts, settings.sampling(False), k), len(prompts), k)))
+    return runs
+
+
+def _grade_chunk(runs, problems, prompts, settings, pool, benchmark) -> list[dict[str, Any]]:
+    """Grades a chunk's runs in the pool and returns one record per question."""
     pairs = [(text, p.answer) for _, outs in runs for p, row in zip(problems, outs) for text, _ in row]
     grades = iter(pool.grade_many(pairs, desc=f"grading {benchmark}"))
     graded: dict[str, list[list[dict]]] = {}
@@ -236,7 +246,10 @@ def _evaluate_benchmark(name, prep: _Prepared, dropped, generate, settings, few_
     problems, prompts = prep.problems, prep.prompts
     records_path, settings_path = out_dir / f"{name}.jsonl", out_dir / f"{name}.settings.json"
     fingerprint = _settings_fingerprint(name, problems, settings, few_shot, model)
-    records = _read_done(records_path, settings_path, fingerprint, resume)
+    writer = is_coordinator()
+    records = _read_done(records_path, settings_path, fingerprint, resume) if writer else []
+    # Every process must run the same generate calls, so all start where process 0's records end.
+    done = int(broadcast_from_coordinator(np.int32(len(records))))
     if records:
         logger.info("%s: resuming after %d/%d questions from %s", name, len(records), len(problems), records_path)
     if prep.long:
@@ -244,13 +257,18 @@ def _evaluate_benchmark(name, prep: _Prepared, dropped, generate, settings, few_
                        name, len(prep.long), len(prep.all_ids), prep.all_ids[prep.long[0].index],
                        prep.long[0].reason)
     chunk = settings.chunk_size if settings.chunk_size > 0 else len(problems)
-    for lo in range(len(records), len(problems), chunk):
+    for lo in range(done, len(problems), chunk):
         hi = min(lo + chunk, len(problems))
         logger.info("%s: questions %d-%d of %d", name, lo, hi, len(problems))
-        new = _evaluate_chunk(generate, problems[lo:hi], prompts[lo:hi], settings, pool, name)
+        runs = _generate_chunk(generate, prompts[lo:hi], settings)
+        if not writer:
+            continue
+        new = _grade_chunk(runs, problems[lo:hi], prompts[lo:hi], settings, pool, name)
         with open(records_path, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
         records.extend(new)
+    if not writer:
+        return None
     summary = {**_summarize(name, records, time.perf_counter() - start), **_not_evaluated(prep, dropped)}
     (out_dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -278,20 +296,24 @@ def evaluate(
     else <workdir>/eval. `prompt_limit`: the rollout limits every prompt must fit (None: no check), with
     `on_long_prompt` "skip" or "error" for the others, decided before anything is generated. `dropped`:
     per benchmark, questions left out before this call ({"bad_rows", "bad_row_examples", "excluded"}), for
-    the summaries. Returns the overall summary dict.
+    the summaries. Returns the overall summary dict on process 0; None on the other processes of a
+    multi-process job, which only take part in generation (process 0 grades and writes every file).
     """
     settings = config if isinstance(config, EvalSettings) else EvalSettings.from_config(config)
     settings.validate()
     out = Path(out_dir or _default_out_dir(config))
-    out.mkdir(parents=True, exist_ok=True)
+    writer = is_coordinator()
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     generate = _generate_fn(generator)
     dropped = dropped or {}
     prepared = {name: _prepare(problems, tokenizer, settings, few_shot, prompt_limit)
                 for name, problems in benchmarks.items()}
     for name, prep in prepared.items():  # every benchmark is checked before the first one generates
         enforce_policy(prep.long, on_long_prompt, f"eval benchmark {name!r}", prep.all_ids)
-    own_pool = pool is None
-    pool = pool or GraderPool(workers=settings.grade_workers, timeout=settings.grade_timeout)
+    own_pool = pool is None and writer
+    if own_pool:
+        pool = GraderPool(workers=settings.grade_workers, timeout=settings.grade_timeout)
     try:
         results = {name: _evaluate_benchmark(name, prep, dropped.get(name, {}), generate, settings, few_shot, pool,
                                              out, resume, model_name)
@@ -299,6 +321,8 @@ def evaluate(
     finally:
         if own_pool:
             pool.close()
+    if not writer:
+        return None
     summary = {"model": model_name, "settings": dataclasses.asdict(settings),
                "few_shot_ids": [p.id for p in few_shot], "benchmarks": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -22,6 +22,7 @@ from flax import nnx
 from stat_jax.progress import progress_bar
 
 from stat_jax.data.stop_tokens import stop_token_ids
+from stat_jax.distributed import peer_failure_note
 from stat_jax.models.transformer import DecoderLM
 from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
 from stat_jax.rollout.driver import fit_prompt
@@ -92,6 +93,10 @@ class JetStreamBackend(RolloutBackend):
             try:
                 self.scheduler.run(requests, done)
             except Exception as e:
+                peers = peer_failure_note(e)  # multi-process: which host failed (a collective does not say)
+                if peers:
+                    raise RolloutError(f"in-process rollout failed{peers}: {e!r}. Every process of the job must "
+                                       f"stop; rerun the command on every host with --resume") from e
                 raise RolloutError(
                     f"in-process rollout failed: {e!r}. Its decode state was dropped; the backend and its compiled "
                     f"kernels stay usable, so the next generate() starts afresh.") from e

@@ -12,6 +12,12 @@ one loop on the calling thread does the same work with fewer, larger device prog
   3. step: one generate over every slot, dispatched before the previous step's tokens are read back, so the
      host's bookkeeping overlaps the device's work (a finished slot runs one step more, which is dropped).
 Outputs do not depend on slot, batch or timing: a request's key depends on (seed, prompt, sample) only.
+
+On a multi-process mesh every process runs this loop over the same request list: every decision above is
+made from the requests and the tokens read back (replicated, so each process reads them from its own
+devices), never from clocks or threads, so every process launches the same programs in the same order, as
+their collectives require. Each iteration runs under `collective_deadline`: a peer that died or stalls ends
+the run with an error naming it after `distributed.collective_timeout_s` instead of a hang.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from stat_jax.distributed import collective_deadline
 from stat_jax.rollout.base import SamplingParams
 from stat_jax.rollout.engine import DecodeState, PrefillBatch, StudentEngine, stop_id_row
 
@@ -107,19 +114,21 @@ class Scheduler:
         state: DecodeState | None = None
         inflight = None  # (result array, [(slot, request)] stepped by it)
         while queue or live or inflight:
-            if queue and free:
-                state = self._admit(state, queue, free, live)
-            stepped = None
-            if live:
-                state = self._fit_cache(state, max(r.position for r in live.values()) + 1)
-                state, result = self.engine.step(state)
-                stepped = (result, list(live.items()))
-                for req in live.values():
-                    req.position += 1
-                self.stats["steps"] += 1
-            if inflight is not None:
-                self._collect(*inflight, live, free, on_done)
-            inflight = stepped
+            with collective_deadline(f"rollout step {int(self.stats['steps'])} ({len(live)} sequences in "
+                                     f"flight, {len(queue)} queued)"):
+                if queue and free:
+                    state = self._admit(state, queue, free, live)
+                stepped = None
+                if live:
+                    state = self._fit_cache(state, max(r.position for r in live.values()) + 1)
+                    state, result = self.engine.step(state)
+                    stepped = (result, list(live.items()))
+                    for req in live.values():
+                        req.position += 1
+                    self.stats["steps"] += 1
+                if inflight is not None:
+                    self._collect(*inflight, live, free, on_done)
+                inflight = stepped
 
     def _admit(self, state, queue, free, live) -> DecodeState:
         taken = [queue.popleft() for _ in range(min(len(free), len(queue)))]

@@ -1,12 +1,17 @@
 """The paper's data-selection baselines as pipeline stages, each at STAT-Sel's budget (PAPER.md "Stage 3").
 
 - math_train: the original training questions with their dataset solutions.
-- math_hard: the training questions of the hardest levels (MATH Level 4-5: the top `stat.math_hard_top_levels`
-  levels present).
+- math_hard: the training questions rated hardest (`stat.math_hard_rating`): by MATH's levels (Level 4-5: the top
+  `stat.math_hard_top_levels` levels present), by the teacher's 1-5 difficulty rating (the same top ratings), or
+  by the PRM (the `stat.math_hard_share` of questions whose dataset solution gets the lowest step score).
 - embed_sel: for each difficult held-out question its `stat.embed_per_question` nearest training questions by
   cosine similarity of embeddings: the student's own mean-pooled final hidden states by default, or the
   mean-pooled last hidden states of any Hugging Face encoder directory (`stat.embed_model`; the paper used
   gte-Qwen2-7B-instruct).
+- embed_syn: STAT-Syn seeded by embedding instead of by skill: for each difficult question
+  `stat.embed_syn_requests_per_question` synthesis requests (STAT-Syn's 2-3 (question, skill) pairs), each
+  showing the next `stat.syn_reference_questions` nearest training questions; new questions are solved
+  `stat.syn_solutions` times and kept when `stat.syn_min_agree` final answers agree, as in STAT-Syn.
 
 MATH-Hard and Embed-Sel answer as STAT-Sel does (stat.sel_answer_source, stat.sel_answers_per_question, through
 `sel.build_sel`), so they differ from it only in which questions are trained on; MATH-Train answers with the
@@ -20,6 +25,7 @@ The demo (stat_jax/demo/run.py) uses `hardest_levels`, `embed_sel` and `mean_poo
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,11 +42,13 @@ log = logging.getLogger(__name__)
 
 # stat.method -> the training file its stage writes (the sft stage trains on it).
 METHOD_FILES = {"math_train": "math_train/math_train.jsonl", "math_hard": "math_hard/math_hard.jsonl",
-                "embed_sel": "embed_sel/embed_sel.jsonl"}
+                "embed_sel": "embed_sel/embed_sel.jsonl", "embed_syn": "embed_syn/embed_syn.jsonl"}
 # The stages each baseline needs (stat.stages); Embed-Sel needs the difficult questions, so the student's rollouts.
 METHOD_STAGES = {"math_train": ("data", "math_train", "sft", "eval"),
                  "math_hard": ("data", "math_hard", "sft", "eval"),
-                 "embed_sel": ("data", "rollout", "hard", "embed_sel", "sft", "eval")}
+                 "embed_sel": ("data", "rollout", "hard", "embed_sel", "sft", "eval"),
+                 "embed_syn": ("data", "rollout", "hard", "embed_syn", "sft", "eval")}
+MATH_HARD_RATINGS = ("level", "teacher", "prm")
 _LEVEL = re.compile(r"(\d+)\s*$")
 
 
@@ -216,7 +224,8 @@ def build_baseline(ctx, method: str, selected: Sequence[dict[str, Any]], *, answ
     examples, stats = sel_mod.build_sel(
         ctx.teacher if answer_source != "dataset" else None, rows, source=answer_source,
         answers_per_question=int(s.sel_answers_per_question), target_size=size, seed=seed,
-        instruction=ctx.instruction, system_prompt=ctx.config.eval.system_prompt, grade_workers=s.grade_workers)
+        instruction=ctx.instruction, system_prompt=ctx.config.eval.system_prompt, grade_workers=s.grade_workers,
+        answer_filter=s.sel_answer_filter if answer_source != "dataset" else "none")
     if not examples:
         raise ValueError(f"stage {method}: none of the {len(rows)} chosen questions gave a training pair "
                          f"(answer source {answer_source!r}; stats {stats})")
@@ -250,33 +259,161 @@ def stage_math_train(ctx) -> dict[str, Any]:
     return _write(ctx, "math_train", examples, {"pool": len(train), **stats})
 
 
+def hardest_rated(problems: Sequence[MathProblem], ratings: Sequence[int], top: int) -> list[MathProblem]:
+    """The problems whose rating is among the `top` highest ratings given (input order kept)."""
+    levels = set(sorted(set(ratings), reverse=True)[:top])
+    return [p for p, r in zip(problems, ratings) if r in levels]
+
+
+def lowest_scored(problems: Sequence[MathProblem], scores: Sequence[float], share: float) -> list[MathProblem]:
+    """The ceil(share * n) problems with the lowest scores (ties to the earlier one), in input order."""
+    if not 0 < share <= 1:
+        raise ConfigError(f"stat.math_hard_share={share}: a share of the training questions in (0, 1]")
+    n = math.ceil(share * len(problems))
+    keep = set(sorted(range(len(problems)), key=lambda i: (scores[i], i))[:n])
+    return [p for i, p in enumerate(problems) if i in keep]
+
+
+def teacher_difficulty(teacher, problems: Sequence[MathProblem]) -> list[dict[str, Any]]:
+    """[{id, difficulty (1-5), reason}]: the teacher's rating of each question with its dataset solution."""
+    from stat_jax.stat.skills import subject_of
+    from stat_jax.teacher import prompts
+
+    answers = teacher.ask_many([prompts.rate_difficulty(p.problem, p.solution, subject_of(p)) for p in problems],
+                               desc="math_hard: difficulty ratings")
+    return [{"id": p.id, "difficulty": int(a["difficulty"]), "reason": a["reason"]} for p, a in zip(problems, answers)]
+
+
+def prm_solution_scores(step_scorer, problems: Sequence[MathProblem]) -> list[dict[str, Any]]:
+    """[{id, score, step_scores}]: the PRM's lowest step score on each question's dataset solution.
+
+    A PRM is least sure of the steps of the hardest questions' (correct) solutions, so the lowest step score
+    ranks difficulty without a student or a label. Questions without a solution score 1.0 (never chosen first).
+    """
+    from stat_jax.models.prm import split_steps
+
+    with_solution = [p for p in problems if p.solution]
+    flat = iter(step_scorer.score_many([(p.problem, split_steps(p.solution)) for p in with_solution]))
+    rows = []
+    for p in problems:
+        steps = next(flat) if p.solution else []
+        rows.append({"id": p.id, "score": min(steps) if steps else 1.0, "step_scores": steps})
+    return rows
+
+
+def _prm_step_scorer(ctx):
+    if ctx.scorer is not None and hasattr(ctx.scorer, "step_scorer"):
+        return ctx.scorer.step_scorer  # an injected PRMScorer (tests)
+    from stat_jax import sharding
+    from stat_jax.stat.hard import PRMScorer
+
+    return PRMScorer.from_config(ctx.config.stat, sharding.mesh_from_config(ctx.config.mesh)).step_scorer
+
+
 def stage_math_hard(ctx) -> dict[str, Any]:
-    """MATH-Hard: the training questions of the top stat.math_hard_top_levels levels, answered as STAT-Sel is."""
+    """MATH-Hard: the training questions rated hardest (stat.math_hard_rating), answered as STAT-Sel is."""
     s = ctx.config.stat
     train = _problems(ctx.path("data/train.jsonl"))
-    chosen = hardest_levels(train, int(s.math_hard_top_levels))
+    rating = s.math_hard_rating
+    if rating not in MATH_HARD_RATINGS:
+        raise ConfigError(f"stat.math_hard_rating={rating!r}: choose one of {MATH_HARD_RATINGS}")
+    if rating == "level":
+        chosen = hardest_levels(train, int(s.math_hard_top_levels))
+        ratings = [{"id": p.id, "level": p.level} for p in train]
+        rule = f"MATH's levels: the top stat.math_hard_top_levels={s.math_hard_top_levels} present"
+    elif rating == "teacher":
+        ratings = teacher_difficulty(ctx.teacher, train)
+        chosen = hardest_rated(train, [r["difficulty"] for r in ratings], int(s.math_hard_top_levels))
+        rule = f"the teacher's 1-5 difficulty: the top stat.math_hard_top_levels={s.math_hard_top_levels} given"
+    else:
+        ratings = prm_solution_scores(_prm_step_scorer(ctx), train)
+        chosen = lowest_scored(train, [r["score"] for r in ratings], float(s.math_hard_share))
+        rule = (f"the PRM's lowest step score on the dataset solution: the lowest stat.math_hard_share="
+                f"{s.math_hard_share}")
+    io.write_jsonl(ctx.path("math_hard/ratings.jsonl"), ratings)
     examples, stats = build_baseline(ctx, "math_hard", [{"problem": p} for p in chosen],
                                      answer_source=s.sel_answer_source)
-    levels = sorted({p.level for p in chosen})
-    return _write(ctx, "math_hard", examples, {"pool": len(train), "chosen": len(chosen), "levels": levels,
-                                               "no_level": sum(level_number(p.level) is None for p in train),
-                                               **stats})
+    return _write(ctx, "math_hard", examples, {
+        "pool": len(train), "rating": rating, "rule": rule, "chosen": len(chosen),
+        "levels": sorted({p.level for p in chosen if p.level}),
+        "no_level": sum(level_number(p.level) is None for p in train), **stats})
+
+
+def _embeddings(ctx, texts: Sequence[str]) -> np.ndarray:
+    s = ctx.config.stat
+    if s.embed_model:
+        return encoder_embeddings(s.embed_model, texts, int(s.embed_batch_size),
+                                  max_tokens=int(s.embed_max_tokens) or 512)
+    return student_embeddings(ctx, texts)
+
+
+def _hard_rows(ctx, stage: str) -> list[MathProblem]:
+    hard = _problems(ctx.path("hard/hard.jsonl"))  # rows: the problem's fields + its scores
+    if not hard:
+        raise ValueError(f"stage {stage}: {ctx.path('hard/hard.jsonl')} holds no difficult question; re-run "
+                         "the hard stage (or check stat.num_hard / the rollouts)")
+    return hard
+
+
+def embed_syn_jobs(hard: Sequence[MathProblem], hard_vecs: np.ndarray, pool: Sequence[MathProblem],
+                   pool_vecs: np.ndarray, *, requests_per_question: int, num_references: int, num_new: int,
+                   temperature: float) -> list[tuple[dict[str, Any], Any]]:
+    """Per difficult question `requests_per_question` synthesize requests, request j showing its nearest
+    training questions j*num_references .. (j+1)*num_references - 1 (fewer when the pool runs out)."""
+    from stat_jax.stat.skills import subject_of
+    from stat_jax.teacher import prompts
+
+    idx = nearest(hard_vecs, pool_vecs, requests_per_question * num_references)
+    jobs = []
+    for h, row in zip(hard, idx):
+        for j in range(requests_per_question):
+            refs = [pool[i] for i in row[j * num_references:(j + 1) * num_references]]
+            if not refs:
+                break
+            request = prompts.synthesize("", "", [{"problem": p.problem, "solution": p.solution} for p in refs],
+                                         subject_of(h), n=num_new, temperature=temperature)
+            jobs.append(({"id": f"embed_syn/{h.id}/{j}", "hard_id": h.id, "skill": "", "subject": subject_of(h),
+                          "references": [p.id for p in refs]}, request))
+    return jobs
+
+
+def stage_embed_syn(ctx) -> dict[str, Any]:
+    """Embed-Syn: teacher-written questions modelled on each difficult question's nearest training questions,
+    kept when their solutions agree (STAT-Syn's filter), at the budget."""
+    from stat_jax.stat import syn as syn_mod
+
+    s, seed = ctx.config.stat, int(ctx.config.seed)
+    train, hard = _problems(ctx.path("data/train.jsonl")), _hard_rows(ctx, "embed_syn")
+    vecs = _embeddings(ctx, [p.problem for p in hard + train])
+    jobs = embed_syn_jobs(hard, vecs[:len(hard)], train, vecs[len(hard):],
+                          requests_per_question=int(s.embed_syn_requests_per_question),
+                          num_references=int(s.syn_reference_questions), num_new=int(s.syn_new_questions),
+                          temperature=float(ctx.config.teacher.temperature))
+    examples, questions, stats = syn_mod.write_and_solve(
+        ctx.teacher, jobs, num_solutions=int(s.syn_solutions), min_agree=int(s.syn_min_agree),
+        temperature=float(ctx.config.teacher.temperature), instruction=ctx.instruction,
+        system_prompt=ctx.config.eval.system_prompt, method="embed-syn")
+    if not examples:
+        raise ValueError(f"stage embed_syn: none of the {len(questions)} new questions had {s.syn_min_agree} "
+                         f"agreeing solutions; see {ctx.path('embed_syn/questions.jsonl')}")
+    io.write_jsonl(ctx.path("embed_syn/questions.jsonl"), questions)
+    size = budget(ctx.config)
+    filled, repeats = fill_budget(examples, size, seed)
+    if repeats:
+        log.warning("stage embed_syn: %d distinct pairs for a budget of %d; %d are repeats", len(examples), size,
+                    repeats)
+    return _write(ctx, "embed_syn", filled, {
+        "embedding": s.embed_model or f"student {ctx.config.model.path} (mean-pooled hidden states)",
+        "hard": len(hard), **stats, "distinct_examples": len(examples), "budget": size, "examples": len(filled),
+        "repeated_examples": repeats})
 
 
 def stage_embed_sel(ctx) -> dict[str, Any]:
     """Embed-Sel: per difficult question its nearest training questions by embedding, answered as STAT-Sel is."""
     s = ctx.config.stat
     train = _problems(ctx.path("data/train.jsonl"))
-    hard = _problems(ctx.path("hard/hard.jsonl"))  # rows: the problem's fields + its scores
-    if not hard:
-        raise ValueError(f"stage embed_sel: {ctx.path('hard/hard.jsonl')} holds no difficult question; re-run "
-                         "the hard stage (or check stat.num_hard / the rollouts)")
-    texts = [p.problem for p in hard + train]
-    if s.embed_model:
-        vecs = encoder_embeddings(s.embed_model, texts, int(s.embed_batch_size),
-                                  max_tokens=int(s.embed_max_tokens) or 512)
-    else:
-        vecs = student_embeddings(ctx, texts)
+    hard = _hard_rows(ctx, "embed_sel")
+    vecs = _embeddings(ctx, [p.problem for p in hard + train])
     picked = embed_sel(hard, vecs[:len(hard)], train, vecs[len(hard):], int(s.embed_per_question))
     examples, stats = build_baseline(ctx, "embed_sel", picked, answer_source=s.sel_answer_source)
     return _write(ctx, "embed_sel", examples, {

@@ -519,6 +519,8 @@ def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
         if config.stat.get("heldout_size", 0):
             config.eval.exclude_from = str(heldout_file)
     _check_status(evaluate.main(config, _Args(resume=resume)), "stat_jax.eval.evaluate.main", ctx.path(name))
+    if not _is_process0():
+        return {}  # process 0 grades, writes the summary and the manifest; run_stage waits for that
     summary_path = ctx.path(f"{name}/summary.json")
     results = io.read_json(summary_path).get("benchmarks", {})
     missing = [b for b in evaluate.benchmark_names(config.eval.benchmarks) if b not in results]

@@ -14,7 +14,11 @@ from stat_jax.teacher.client import TeacherClient
 
 def diagnose_hard(teacher: TeacherClient, hard: Sequence[dict[str, Any]], catalog: dict[str, list[dict[str, Any]]],
                   max_skills: int) -> list[dict[str, Any]]:
-    """One row per hard question: {id, subject, missing_skills, explanation}."""
+    """One row per hard question: {id, subject, missing_skills, explanation, none_missing}.
+
+    `none_missing` is the teacher's explicit "every skill was applied" (its reason is the explanation); the
+    schema admits no other empty diagnosis.
+    """
     requests = []
     for row in hard:
         subject = row.get("subject") or DEFAULT_SUBJECT
@@ -22,7 +26,9 @@ def diagnose_hard(teacher: TeacherClient, hard: Sequence[dict[str, Any]], catalo
                                          catalog_for(catalog, subject), max_skills=max_skills))
     answers = teacher.ask_many(requests, desc="diagnose")
     return [{"id": row["id"], "subject": row.get("subject") or DEFAULT_SUBJECT,
-             "missing_skills": list(dict.fromkeys(a["missing_skills"])), "explanation": a["explanation"]}
+             "missing_skills": list(dict.fromkeys(a["missing_skills"])),
+             "explanation": a["explanation"] if a["missing_skills"] else a["none_missing_reason"],
+             "none_missing": not a["missing_skills"]}
             for row, a in zip(hard, answers)]
 
 
@@ -40,6 +46,7 @@ def missing_skill_profile(diagnoses: Sequence[dict[str, Any]]) -> dict[str, Any]
     return {
         "num_questions": n,
         "num_with_missing_skills": sum(1 for d in diagnoses if d["missing_skills"]),
+        "num_none_missing": sum(1 for d in diagnoses if d.get("none_missing")),
         "total_mentions": total,
         "skills": [{"skill": s, "count": c, "frequency": c / total, "question_fraction": c / n} for s, c in ordered],
     }

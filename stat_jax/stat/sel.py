@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,12 @@ from stat_jax.stat.skills import subject_of
 from stat_jax.teacher import prompts
 from stat_jax.teacher.client import TeacherClient
 
+log = logging.getLogger(__name__)
+
 ANSWER_SOURCES = ("dataset", "teacher", "dataset+teacher")
+# "reference" drops a teacher answer whose final answer disagrees with the dataset's: a use of the labels, which
+# the paper's STAT-Sel does not make; the stats and the log say so when it is on.
+ANSWER_FILTERS = ("none", "reference")
 
 
 def missing_pairs(diagnoses: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -67,12 +73,16 @@ def question_messages(problem: str, instruction: str, system_prompt: str = "") -
 
 def build_sel(teacher: TeacherClient | None, selected: Sequence[dict[str, Any]], *, source: str,
               answers_per_question: int, target_size: int, seed: int, instruction: str,
-              system_prompt: str = "", grade_workers: int = 0) -> tuple[list[SFTExample], dict[str, Any]]:
+              system_prompt: str = "", grade_workers: int = 0, answer_filter: str = "none"
+              ) -> tuple[list[SFTExample], dict[str, Any]]:
     """STAT-Sel examples: expand selections into answer slots, subsample to `target_size`, then fill the slots.
 
     Subsampling happens before teacher solutions are requested, so only solutions that are used are paid for.
-    A teacher solution whose final answer disagrees with the dataset answer is dropped (counted in the stats).
+    answer_filter="reference" drops a teacher solution whose final answer disagrees with the dataset answer
+    (counted in the stats, which then say the set used the reference labels); "none" keeps every one.
     """
+    if answer_filter not in ANSWER_FILTERS:
+        raise ValueError(f"stat.sel_answer_filter={answer_filter!r}: choose one of {ANSWER_FILTERS}")
     slots = [(sel, slot) for sel in selected
              for slot in answer_slots(source, answers_per_question, bool(sel["problem"].solution))]
     kept = subsample(slots, target_size, seed)
@@ -85,8 +95,13 @@ def build_sel(teacher: TeacherClient | None, selected: Sequence[dict[str, Any]],
         requests = [prompts.solve(problems[pid].problem, subject_of(problems[pid]), sample_index=k)
                     for pid, k in needed]
         answers = teacher.ask_many(requests, desc="sel: teacher solutions")
-        verdicts = _agrees_with_reference([a["solution"] for a in answers], [problems[pid].answer for pid, _ in needed],
-                                          grade_workers)
+        if answer_filter == "reference":
+            log.info("sel: teacher solutions are filtered against the dataset's reference answers (uses labels; "
+                     "stat.sel_answer_filter=reference)")
+            verdicts = _agrees_with_reference([a["solution"] for a in answers],
+                                              [problems[pid].answer for pid, _ in needed], grade_workers)
+        else:
+            verdicts = [True] * len(answers)
         solutions = {key: (a["solution"] if ok else None) for key, a, ok in zip(needed, answers, verdicts)}
     examples = []
     for sel, slot in kept:
@@ -100,6 +115,7 @@ def build_sel(teacher: TeacherClient | None, selected: Sequence[dict[str, Any]],
     stats = {"selected_questions": len(selected), "unique_questions": len({s["problem"].id for s in selected}),
              "answer_slots": len(slots), "after_subsample": len(kept), "teacher_solutions": len(needed),
              "teacher_solutions_rejected": sum(1 for v in solutions.values() if v is None),
+             "answer_filter": answer_filter, "uses_reference_labels": answer_filter == "reference" and bool(needed),
              "examples": len(examples)}
     return examples, stats
 

@@ -1,4 +1,8 @@
-"""The skill catalog and the Skill-Map (Didolkar et al. 2024): propose per question, merge per subject, label."""
+"""The skill catalog and the Skill-Map (Didolkar et al. 2024): propose per question, merge per subject, label.
+
+Catalog skill names are qualified by their subject (`number_theory:modular_arithmetic`): two subjects' catalogs
+may both hold a `basic_arithmetic`, and STAT-Sel must not pool one subject's questions under the other's skill.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,16 @@ def subject_of(problem: MathProblem) -> str:
 def normalize_skill_name(name: str) -> str:
     """snake_case, so 'Completing the Square' and 'completing_the_square' count as one proposed skill."""
     return re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
+
+
+def qualified_skill_name(subject: str, name: str) -> str:
+    """`subject:name`, the catalog's name for a skill of `subject` (names are unique within a subject only)."""
+    return f"{normalize_skill_name(subject)}:{normalize_skill_name(bare_skill_name(name))}"
+
+
+def bare_skill_name(name: str) -> str:
+    """The skill's name without its subject ("algebra:completing_the_square" -> "completing_the_square")."""
+    return name.rsplit(":", 1)[-1]
 
 
 def sample_per_subject(problems: Sequence[MathProblem], per_subject: int, seed: int) -> list[MathProblem]:
@@ -65,7 +79,7 @@ def count_proposed(proposed: Sequence[dict[str, Any]]) -> dict[str, list[dict[st
 
 def merge_catalog(teacher: TeacherClient, proposed_by_subject: dict[str, list[dict[str, Any]]],
                   max_skills: int) -> dict[str, list[dict[str, Any]]]:
-    """subject -> compact catalog [{name, description, merged_from}] (names unique within a subject)."""
+    """subject -> compact catalog [{name (qualified by the subject), description, merged_from (proposed names)}]."""
     subjects = sorted(proposed_by_subject)
     requests = [prompts.merge_skills(s, proposed_by_subject[s], max_skills=max_skills) for s in subjects]
     answers = teacher.ask_many(requests, desc="merge skills")
@@ -73,7 +87,7 @@ def merge_catalog(teacher: TeacherClient, proposed_by_subject: dict[str, list[di
     for subject, answer in zip(subjects, answers):
         merged: dict[str, dict[str, Any]] = {}
         for s in answer["skills"]:
-            name = normalize_skill_name(s["name"])
+            name = qualified_skill_name(subject, s["name"]) if normalize_skill_name(s["name"]) else ""
             entry = merged.setdefault(name, {"name": name, "description": s["description"], "merged_from": []})
             entry["merged_from"] = sorted(set(entry["merged_from"]) | {normalize_skill_name(m)
                                                                        for m in s.get("merged_from", [])})

@@ -78,15 +78,30 @@ def build_syn(teacher: TeacherClient, pairs: Sequence[tuple[str, str]], hard_sub
     """(SFT examples, one row per synthesized question with its verdict, stats)."""
     jobs = synthesis_requests(pairs, hard_subject, by_skill, catalog_descriptions, num_references=num_references,
                               num_new=num_new, seed=seed, temperature=temperature)
-    written = teacher.ask_many([r for _, r in jobs], desc="syn: new questions")
+    jobs = [({"id": f"syn/{hard_id}/{skill}", "hard_id": hard_id, "skill": skill,
+              "subject": hard_subject.get(hard_id, DEFAULT_SUBJECT)}, request) for (hard_id, skill), request in jobs]
+    examples, rows, stats = write_and_solve(teacher, jobs, num_solutions=num_solutions, min_agree=min_agree,
+                                            temperature=temperature, instruction=instruction,
+                                            system_prompt=system_prompt, method="stat-syn")
+    return examples, rows, {"pairs": len(pairs), **stats}
+
+
+def write_and_solve(teacher: TeacherClient, jobs: Sequence[tuple[dict[str, Any], Any]], *, num_solutions: int,
+                    min_agree: int, temperature: float, instruction: str, system_prompt: str = "",
+                    method: str = "stat-syn") -> tuple[list[SFTExample], list[dict[str, Any]], dict[str, Any]]:
+    """The teacher writes each job's `synthesize` request, solves every new question `num_solutions` times, and
+    keeps a question (with its agreeing solutions) when >= min_agree final answers agree; STAT-Syn and Embed-Syn.
+
+    jobs: (tags, request) with tags {"id" (the new questions' id prefix), "hard_id", "skill", "subject"}.
+    """
+    written = teacher.ask_many([r for _, r in jobs], desc=f"{method}: new questions")
     questions = []
-    for ((hard_id, skill), _), answer in zip(jobs, written):
+    for (tags, _), answer in zip(jobs, written):
         for j, q in enumerate(answer["problems"]):
-            questions.append({"id": f"syn/{hard_id}/{skill}/{j}", "hard_id": hard_id, "skill": skill,
-                              "subject": hard_subject.get(hard_id, DEFAULT_SUBJECT), "problem": q["problem"].strip()})
+            questions.append({**tags, "id": f"{tags['id']}/{j}", "problem": q["problem"].strip()})
     solve_requests = [prompts.solve(q["problem"], q["subject"], sample_index=k, temperature=temperature)
                       for q in questions for k in range(num_solutions)]
-    solved = teacher.ask_many(solve_requests, desc="syn: solutions")
+    solved = teacher.ask_many(solve_requests, desc=f"{method}: solutions")
     examples, rows = [], []
     for i, q in enumerate(questions):
         sols = solved[i * num_solutions:(i + 1) * num_solutions]
@@ -94,9 +109,10 @@ def build_syn(teacher: TeacherClient, pairs: Sequence[tuple[str, str]], hard_sub
         kept, agreed = consistency_filter(finals, min_agree)
         rows.append({**q, "final_answers": finals, "kept_solutions": kept, "answer": agreed, "kept": bool(kept)})
         for k in kept:
-            examples.append(SFTExample(messages=question_messages(q["problem"], instruction, system_prompt), response=sols[k]["solution"],
-                                       meta={"method": "stat-syn", "question_id": q["id"], "hard_id": q["hard_id"],
-                                             "skill": q["skill"], "answer": agreed, "solution_index": k}))
-    stats = {"pairs": len(pairs), "synthesis_requests": len(jobs), "new_questions": len(questions),
+            meta = {"method": method, "question_id": q["id"], "hard_id": q["hard_id"], "skill": q["skill"],
+                    "answer": agreed, "solution_index": k}
+            examples.append(SFTExample(messages=question_messages(q["problem"], instruction, system_prompt),
+                                       response=sols[k]["solution"], meta={k2: v for k2, v in meta.items() if v != ""}))
+    stats = {"synthesis_requests": len(jobs), "new_questions": len(questions),
              "kept_questions": sum(r["kept"] for r in rows), "examples": len(examples)}
     return examples, rows, stats

@@ -11,6 +11,7 @@ upper bounds too: no re-asks or retries, and every diagnosis names stat.diagnose
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,9 @@ from stat_jax.teacher import prompts
 CHARS_PER_TOKEN = 4  # English + LaTeX averages about 4 characters a token on GPT/Gemini tokenizers
 # A skill as the teacher writes it: a snake_case name and a one-sentence description.
 PLACEHOLDER_SKILL = {"name": "x" * 24, "description": "y" * 100}
-TASKS = ("propose_skills", "merge_skills", "label_skills", "diagnose", "synthesize", "solve")
+# The per-subject sample the plan prices beside a whole-training-set catalog (stat.skills_sample_per_subject=0).
+SAMPLE_ALTERNATIVE = 200
+TASKS = ("propose_skills", "merge_skills", "label_skills", "diagnose", "synthesize", "solve", "rate_difficulty")
 
 
 @dataclasses.dataclass
@@ -80,10 +83,21 @@ def plan_teacher(config: Any, train: Sequence[MathProblem], heldout: Sequence[Ma
 
     subjects = sorted({subject(p) for p in train})
     if "skills" in stages:
-        sample = skills.sample_per_subject(train, s.skills_sample_per_subject, config.seed)
-        add("skills", "propose_skills", len(sample),
-            _mean_tokens([prompts.propose_skills(p.problem, p.solution, subject(p), max_skills=s.propose_max_skills)
-                          .prompt for p in sample]))
+        def proposals(per_subject: int) -> tuple[list[MathProblem], float]:
+            sample = skills.sample_per_subject(train, per_subject, config.seed)
+            return sample, _mean_tokens([prompts.propose_skills(p.problem, p.solution, subject(p),
+                                                                max_skills=s.propose_max_skills).prompt
+                                         for p in sample])
+
+        chosen = int(s.skills_sample_per_subject)
+        sample, mean_input = proposals(chosen)
+        # The catalog's cost depends most on how many questions name skills: the plan prices the other choice too.
+        other = 0 if chosen > 0 else SAMPLE_ALTERNATIVE
+        other_sample, other_input = proposals(other)
+        other_cost = _cost(tc, len(other_sample) * other_input, len(other_sample) * output_cap(tc, "propose_skills"))
+        add("skills", "propose_skills", len(sample), mean_input,
+            (f"{chosen} questions per subject (a sample)" if chosen else "every training question (the paper)")
+            + f"; stat.skills_sample_per_subject={other}: {len(other_sample)} calls, ${other_cost:.2f}")
         per_subject = {k: sum(subject(p) == k for p in sample) for k in subjects}
         merges = [prompts.merge_skills(k, [{**PLACEHOLDER_SKILL, "name": f"{PLACEHOLDER_SKILL['name']}{i}", "count": 1}
                                            for i in range(per_subject[k] * s.propose_max_skills)],
@@ -121,13 +135,33 @@ def plan_teacher(config: Any, train: Sequence[MathProblem], heldout: Sequence[Ma
         answer_calls("sel", pairs * int(s.sel_questions_per_skill), int(s.sel_target_size),
                      f"{pairs} (hard, skill) pairs x {s.sel_questions_per_skill} questions x "
                      f"{s.sel_answers_per_question} answers, capped at stat.sel_target_size")
-    size = baselines.budget(config) if any(m in stages for m in ("math_hard", "embed_sel")) else 0
+    size = baselines.budget(config) if any(m in stages for m in ("math_hard", "embed_sel", "embed_syn")) else 0
     if "math_hard" in stages:
-        answer_calls("math_hard", len(baselines.hardest_levels(train, s.math_hard_top_levels)) if train else 0, size,
-                     "the hardest levels' questions, capped at the baseline budget")
+        if s.math_hard_rating == "teacher":
+            add("math_hard", "rate_difficulty", len(train),
+                _mean_tokens([prompts.rate_difficulty(p.problem, p.solution, subject(p)).prompt for p in train]),
+                "every training question rated 1-5")
+            # Which questions the teacher rates hardest is not known before it rates them: MATH's levels stand in.
+            chosen, note = (len(baselines.hardest_levels(train, s.math_hard_top_levels)) if train else 0,
+                            "as many questions as the hardest levels hold (the ratings are not known yet)")
+        elif s.math_hard_rating == "prm":
+            chosen, note = math.ceil(float(s.math_hard_share) * len(train)), "stat.math_hard_share of the questions"
+        else:
+            chosen, note = (len(baselines.hardest_levels(train, s.math_hard_top_levels)) if train else 0,
+                            "the hardest levels' questions")
+        answer_calls("math_hard", chosen, size, f"{note}, capped at the baseline budget")
     if "embed_sel" in stages:
         answer_calls("embed_sel", num_hard * int(s.embed_per_question), size,
                      f"{num_hard} hard x {s.embed_per_question} neighbours, capped at the baseline budget")
+    if "embed_syn" in stages:
+        requests = num_hard * int(s.embed_syn_requests_per_question)
+        refs = list(train[:max(1, s.syn_reference_questions)])
+        reference = [{"problem": p.problem, "solution": p.solution} for p in refs]
+        add("embed_syn", "synthesize", requests,
+            _mean_tokens([prompts.synthesize("", "", reference, subject(p), n=s.syn_new_questions).prompt
+                          for p in refs]), f"{num_hard} hard x {s.embed_syn_requests_per_question} requests")
+        add("embed_syn", "solve", requests * int(s.syn_new_questions) * int(s.syn_solutions), solve_tokens,
+            f"{requests * int(s.syn_new_questions)} new questions x {s.syn_solutions} solutions")
     if "syn" in stages:
         refs = list(train[:max(1, s.syn_reference_questions)])
         reference = [{"problem": p.problem, "solution": p.solution} for p in refs]
@@ -139,8 +173,12 @@ def plan_teacher(config: Any, train: Sequence[MathProblem], heldout: Sequence[Ma
         add("syn", "solve", questions * int(s.syn_solutions), solve_tokens,
             f"{questions} new questions x {s.syn_solutions} solutions")
     for row in rows:
-        row.cost_usd = (row.input_tokens * tc.price_input_per_mtok + row.output_tokens * tc.price_output_per_mtok) / 1e6
+        row.cost_usd = _cost(tc, row.input_tokens, row.output_tokens)
     return rows
+
+
+def _cost(tc: Any, input_tokens: float, output_tokens: float) -> float:
+    return (input_tokens * tc.price_input_per_mtok + output_tokens * tc.price_output_per_mtok) / 1e6
 
 
 def plan_summary(rows: Sequence[PlannedStage], tc: Any) -> dict[str, Any]:

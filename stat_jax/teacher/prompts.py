@@ -3,7 +3,8 @@
 A request carries the rendered `prompt` (for an LLM teacher), the structured `payload` it was rendered from
 (an offline teacher answers from these keys without parsing text) and the JSON `schema` the answer must fit.
 The payload keys and schemas are the contract with every backend; docs/ARCHITECTURE.md ("Teacher tasks")
-lists them. Skill names are short snake_case identifiers; catalog-constrained answers use a JSON-schema
+lists them. Skill names are short snake_case identifiers, qualified by their subject in a catalog
+(`algebra:completing_the_square`, see stat_jax/stat/skills.py); catalog-constrained answers use a JSON-schema
 `enum` of the catalog names, so an answer naming an unknown skill fails validation and is re-asked.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from stat_jax.teacher.base import TeacherRequest
 
-PROMPT_VERSION = "v1"  # part of every prompt, hence of every cache key: bump it when a prompt changes meaning
+PROMPT_VERSION = "v2"  # part of every prompt, hence of every cache key: bump it when a prompt changes meaning
 
 _SKILL_OBJECT = {
     "type": "object",
@@ -104,14 +105,36 @@ def label_skills(problem: str, solution: str | None, subject: str, catalog: Sequ
     return TeacherRequest(task="label_skills", prompt=prompt, schema=schema, payload=payload)
 
 
+def diagnose_schema(catalog: Sequence[dict[str, str]], *, min_skills: int = 2, max_skills: int = 3
+                    ) -> dict[str, Any]:
+    """The diagnosis answer: 2..max_skills catalog names with an explanation, or none with a reason.
+
+    Two shapes under `anyOf` (Gemini's structured output takes anyOf, not oneOf/const): a list of one skill, or
+    an empty list without `none_missing_reason`, fits neither and is re-asked. A catalog with fewer skills than
+    `min_skills` (or max_skills below it) lowers the minimum to that.
+    """
+    names = {s["name"] for s in catalog}
+    low = max(1, min(min_skills, max_skills, len(names)))
+    named = {"type": "object",
+             "properties": {"missing_skills": _skill_names_schema(catalog, low, max(low, max_skills)),
+                            "explanation": {"type": "string", "minLength": 1}},
+             "required": ["missing_skills", "explanation"]}
+    none = {"type": "object",
+            "properties": {"missing_skills": {"type": "array", "items": {"type": "string"}, "maxItems": 0},
+                           "none_missing_reason": {"type": "string", "minLength": 1}},
+            "required": ["missing_skills", "none_missing_reason"]}
+    return {"anyOf": [named, none]}
+
+
 def diagnose(problem: str, reference_solution: str | None, reference_answer: str, response: str, subject: str,
              catalog: Sequence[dict[str, str]], *, max_skills: int = 3) -> TeacherRequest:
     """Asks which 2-3 catalog skills the student failed to apply in its answer (the Missing-Skill-Profile input).
 
     payload: problem, reference_solution (str or None), reference_answer, response (the student's answer),
       subject, catalog ([{"name", "description"}]), max_skills.
-    schema: {"missing_skills": [catalog name, ...] (0..max_skills, enum), "explanation": str}. An empty list
-      means the teacher found no missing skill (e.g. the answer was right after all).
+    schema (`diagnose_schema`): {"missing_skills": [2..max_skills catalog names, enum], "explanation": str}, or
+      {"missing_skills": [], "none_missing_reason": str} when the teacher finds no missing skill (e.g. the
+      answer was right after all), said explicitly, never as a silently empty list.
     """
     prompt = (
         _header("diagnose")
@@ -119,32 +142,34 @@ def diagnose(problem: str, reference_solution: str | None, reference_answer: str
         + (f"Reference solution:\n{reference_solution}\n\n" if reference_solution else "")
         + f"Reference final answer: {reference_answer}\n\nStudent's answer:\n{response}\n\n"
         f"Read the student's answer step by step. Name the 2 to {max_skills} skills from the catalog that the "
-        "student failed to apply correctly (catalog names exactly), most important first, and explain briefly. "
-        'Answer with JSON: {"missing_skills": [...], "explanation": ...}.'
+        "student failed to apply correctly (catalog names exactly), most important first, and explain briefly: "
+        'answer with JSON {"missing_skills": [...], "explanation": ...}. Only if the student applied every '
+        'skill correctly, answer {"missing_skills": [], "none_missing_reason": ...} saying why.'
     )
-    schema = {"type": "object",
-              "properties": {"missing_skills": _skill_names_schema(catalog, 0, max_skills),
-                             "explanation": {"type": "string"}},
-              "required": ["missing_skills", "explanation"]}
     payload = {"problem": problem, "reference_solution": reference_solution, "reference_answer": reference_answer,
                "response": response, "subject": subject, "catalog": [dict(s) for s in catalog],
                "max_skills": max_skills}
-    return TeacherRequest(task="diagnose", prompt=prompt, schema=schema, payload=payload)
+    return TeacherRequest(task="diagnose", prompt=prompt, schema=diagnose_schema(catalog, max_skills=max_skills),
+                          payload=payload)
 
 
 def synthesize(skill: str, skill_description: str, examples: Sequence[dict[str, Any]], subject: str,
                *, n: int = 2, temperature: float = 0.7) -> TeacherRequest:
     """Asks for `n` new questions that exercise `skill`, modelled on reference questions (STAT-Syn).
 
-    payload: skill (catalog name), skill_description, examples ([{"problem", "solution"}] reference questions
-      labelled with the skill), subject, n.
+    payload: skill (catalog name, qualified by its subject), skill_description, examples ([{"problem",
+      "solution"}] reference questions labelled with the skill, or the nearest ones for Embed-Syn), subject, n.
+      `skill` "" asks for questions like the examples without naming a skill (Embed-Syn).
     schema: {"problems": [{"problem": str}, ...]} with exactly n items.
     """
     shown = "\n\n".join(f"Example {i + 1}:\n{e['problem']}" for i, e in enumerate(examples))
+    # The prompt shows the bare name: the subject is on the line above it.
+    target = (f"Skill: {skill.rsplit(':', 1)[-1]} -- {skill_description}\n\n", "require the skill above") if skill \
+        else ("\n", "exercise what the examples exercise")
     prompt = (
         _header("synthesize")
-        + f"Subject: {subject}\nSkill: {skill} -- {skill_description}\n\n{shown}\n\n"
-        f"Write {n} new, self-contained questions that require the skill above, of similar difficulty to the "
+        + f"Subject: {subject}\n{target[0]}{shown}\n\n"
+        f"Write {n} new, self-contained questions that {target[1]}, of similar difficulty to the "
         "examples but not copies of them, each with a single well-defined final answer. "
         'Answer with JSON: {"problems": [{"problem": ...}]}.'
     )
@@ -157,6 +182,28 @@ def synthesize(skill: str, skill_description: str, examples: Sequence[dict[str, 
                "examples": [{"problem": e["problem"], "solution": e.get("solution")} for e in examples],
                "subject": subject, "n": n}
     return TeacherRequest(task="synthesize", prompt=prompt, schema=schema, payload=payload, temperature=temperature)
+
+
+def rate_difficulty(problem: str, solution: str | None, subject: str) -> TeacherRequest:
+    """Asks how hard a question is, 1 (routine) to 5 (competition-hard) as MATH's levels (MATH-Hard by rating).
+
+    payload: problem, solution (str or None), subject.
+    schema: {"difficulty": integer 1..5, "reason": str}.
+    """
+    prompt = (
+        _header("rate_difficulty")
+        + f"Subject: {subject}\n\nQuestion:\n{problem}\n\n"
+        + (f"Reference solution:\n{solution}\n\n" if solution else "")
+        + "Rate how hard this question is for a strong high-school student on the scale of the MATH dataset's "
+        "levels: 1 = a routine one-step exercise, 5 = among the hardest competition questions. "
+        'Answer with JSON: {"difficulty": 1-5, "reason": one sentence}.'
+    )
+    schema = {"type": "object",
+              "properties": {"difficulty": {"type": "integer", "minimum": 1, "maximum": 5},
+                             "reason": {"type": "string"}},
+              "required": ["difficulty", "reason"]}
+    return TeacherRequest(task="rate_difficulty", prompt=prompt, schema=schema,
+                          payload={"problem": problem, "solution": solution, "subject": subject})
 
 
 def solve(problem: str, subject: str | None = None, *, sample_index: int = 0, temperature: float = 0.7) -> TeacherRequest:

@@ -49,7 +49,11 @@ def test_jobs_through_the_client_follow_the_schemas(tmp_path):
     assert labels["skills"] == ["borrow_subtraction", "multiply_by_digit", "division_remainder"]
     diag = client.ask(prompts.diagnose(PROBLEM, None, "31", "87-9=78\n78*2=146\n146/5=29 r1\n\\boxed{29}",
                                        task.SUBJECT, CATALOG))
-    assert diag["missing_skills"] == ["multiply_by_digit"]
+    # The wrong step's skill first, then the next step's: the diagnosis schema asks for 2-3 skills (PAPER.md).
+    assert diag["missing_skills"] == ["multiply_by_digit", "division_remainder"]
+    right = client.ask(prompts.diagnose(PROBLEM, None, "31", "87-9=78\n78*2=156\n156/5=31 r1\n\\boxed{31}",
+                                        task.SUBJECT, CATALOG))
+    assert right["missing_skills"] == [] and right["none_missing_reason"]  # said explicitly, with a reason
     new = client.ask(prompts.synthesize("percent", "", [{"problem": PROBLEM}], task.SUBJECT, n=2))
     assert len(new["problems"]) == 2
     assert all("percent" in task.problem_skills(q["problem"]) for q in new["problems"])
@@ -57,7 +61,7 @@ def test_jobs_through_the_client_follow_the_schemas(tmp_path):
     assert solved["answer"] == "31" and solved["solution"].endswith("\\boxed{31}")
     # Everything went through the shared cache and ledger: a second client answers from the cache for free.
     ledger_rows = (tmp_path / "ledger.jsonl").read_text().splitlines()
-    assert len(ledger_rows) == len(problems) + 5
+    assert len(ledger_rows) == len(problems) + 6
     again = _client(tmp_path, solution_slip_rate=0.0)
     assert again.ask(prompts.solve(PROBLEM, task.SUBJECT)) == solved and again.cache_hits == 1
     assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == len(ledger_rows)
@@ -87,7 +91,9 @@ def test_solution_noise_trips_the_consistency_filter_at_the_configured_rate(tmp_
 def test_slipped_solution_is_consistent_with_its_own_slip(tmp_path):
     teacher = OfflineTeacher(solution_slip_rate=1.0)
     answer = json.loads(teacher.complete(prompts.solve(PROBLEM, sample_index=2)).text)
-    assert answer["answer"] != "31" and answer["solution"].endswith(f"\\boxed{{{answer['answer']}}}")
+    # A slip can leave the final answer as it was (157/5 and 156/5 both give 31), never the solution.
+    assert answer["solution"] != "87-9=78\n78*2=156\n156/5=31 r1\n\\boxed{31}"
+    assert answer["solution"].endswith(f"\\boxed{{{answer['answer']}}}")
     assert diagnose_steps(PROBLEM, answer["solution"])  # a slip is a detectable step error
 
 

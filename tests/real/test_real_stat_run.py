@@ -43,7 +43,8 @@ class RealTeacher:
 
     def __call__(self, body: dict) -> dict:
         prompt, task = prompt_of(body), task_of(body)
-        props = body["generationConfig"]["responseJsonSchema"]["properties"]
+        schema = body["generationConfig"]["responseJsonSchema"]
+        props = schema.get("properties") or schema["anyOf"][0]["properties"]  # diagnose: named skills, or none
         subject = re.search(r"^Subject: (.+)$", prompt, flags=re.M)
         subject = subject.group(1) if subject else "math"
         if task == "propose_skills":
@@ -55,7 +56,7 @@ class RealTeacher:
         if task == "label_skills":
             return {"skills": props["skills"]["items"]["enum"][:2]}
         if task == "diagnose":
-            return {"missing_skills": props["missing_skills"]["items"]["enum"][:1], "explanation": "a slip"}
+            return {"missing_skills": props["missing_skills"]["items"]["enum"][:2], "explanation": "two slips"}
         if task == "synthesize":
             n = props["problems"]["minItems"]
             base = int(hashlib.sha256(prompt.encode()).hexdigest()[:6], 16) % 50 + 2

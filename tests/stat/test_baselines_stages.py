@@ -1,6 +1,7 @@
-"""The paper's baselines as pipeline stages (issue 16, item 5): MATH-Train, MATH-Hard and Embed-Sel each write a
-set of exactly STAT-Sel's budget, chosen with stat.method; Embed-Sel's embeddings by the student (JAX) equal
-transformers' mean-pooled hidden states of the same checkpoint; the real student embeds real MATH rows (slow)."""
+"""The paper's baselines as pipeline stages (issue 16, item 5): MATH-Train, MATH-Hard (by level, teacher rating or
+PRM), Embed-Sel and Embed-Syn each write a set of exactly STAT-Sel's budget, chosen with stat.method; Embed-Sel's
+embeddings by the student (JAX) equal transformers' mean-pooled hidden states of the same checkpoint; the real
+student embeds real MATH rows (slow). `student` is tests/conftest.py's tiny random Llama."""
 
 from __future__ import annotations
 
@@ -26,34 +27,39 @@ def _row(i: int, level: str) -> dict:
             "subject": "Algebra" if i % 2 else "Prealgebra", "level": level}
 
 
+def _numbers(problem: str) -> tuple[int, int]:
+    a, b = (int(w.rstrip("?")) for w in problem.split()[2::2])
+    return a, b
+
+
 class SolvingTeacher(TeacherBackend):
-    """Answers `solve` requests correctly from the question text (what the pipeline asks the baselines for)."""
+    """Solves "What is A plus B?" from the text: right, except on a new (synthesized) question with an odd A, where
+    samples 1 and 2 are off by 1 and 2 (so STAT-Syn's >= 2-agree filter drops it). Writes new questions from the
+    first example (A + 100 + j plus B); rates a question A % 5 + 1."""
 
     backend_id = "baselines-test-teacher"
 
     def __init__(self):
         self.calls = 0
+        self.tasks: list[str] = []
 
     def complete(self, request, *, reask_error=None):
-        assert request.task == "solve", request.task
         self.calls += 1
-        a, b = (int(w.rstrip("?")) for w in request.payload["problem"].split()[2::2])
+        self.tasks.append(request.task)
+        if request.task == "synthesize":
+            assert request.payload["skill"] == "" and "Skill:" not in request.prompt  # Embed-Syn names no skill
+            a, b = _numbers(request.payload["examples"][0]["problem"])
+            n = request.payload["n"]
+            return TeacherResponse(json.dumps({"problems": [{"problem": f"What is {a + 100 + j} plus {b}?"}
+                                                            for j in range(n)]}))
+        if request.task == "rate_difficulty":
+            a, _ = _numbers(request.payload["problem"])
+            return TeacherResponse(json.dumps({"difficulty": a % 5 + 1, "reason": "by A"}))
+        assert request.task == "solve", request.task
+        a, b = _numbers(request.payload["problem"])
+        value = a + b + (request.sample_index if a >= 100 and a % 2 else 0)
         return TeacherResponse(json.dumps({"solution": f"Sample {request.sample_index}: {a}+{b} is "
-                                                       f"$\\boxed{{{a + b}}}$.", "answer": str(a + b)}))
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> Path:
-    """A tiny random Llama as a Hugging Face directory, with the offline char tokenizer."""
-    from stat_jax.data.char_tokenizer import build_char_tokenizer
-    from stat_jax.models import export_hf_checkpoint, init_model
-    from stat_jax.models.llama import tiny_llama
-
-    path = tmp_path_factory.mktemp("student")
-    tok = build_char_tokenizer()
-    export_hf_checkpoint(init_model(tiny_llama(vocab_size=len(tok)), seed=0), path)
-    tok.save_pretrained(str(path))
-    return path
+                                                       f"$\\boxed{{{value}}}$.", "answer": str(value)}))
 
 
 def _run_dir(tmp_path: Path, train: list[dict], hard: list[dict]) -> Path:
@@ -107,9 +113,10 @@ def test_each_baseline_stage_writes_a_budget_matched_set(tmp_path, student):
     run_dir = _run_dir(tmp_path, train, hard)
     teacher = SolvingTeacher()
     config = _config(tmp_path, student, sel_answer_source="teacher", sel_answers_per_question=3,
-                     embed_per_question=2, stages=("math_train", "math_hard", "embed_sel"))
+                     embed_per_question=2, embed_syn_requests_per_question=2, syn_reference_questions=1,
+                     stages=("math_train", "math_hard", "embed_sel", "embed_syn"))
     results = run_pipeline(config, teacher_backend=teacher)
-    assert results == {"math_train": "done", "math_hard": "done", "embed_sel": "done"}
+    assert results == {"math_train": "done", "math_hard": "done", "embed_sel": "done", "embed_syn": "done"}
     sets = {m: io.read_jsonl(run_dir / f) for m, f in baselines.METHOD_FILES.items()}
     assert {m: len(rows) for m, rows in sets.items()} == {m: 12 for m in sets}  # stat.sel_target_size
     by_id = {r["id"]: r for r in train}
@@ -137,14 +144,62 @@ def test_each_baseline_stage_writes_a_budget_matched_set(tmp_path, student):
     assert {(e["meta"]["hard_id"], question(e)["id"]) for e in sets["embed_sel"]} <= {
         (p["hard_id"], p["problem"].id) for p in picks}
     assert all(e["meta"]["method"] == "embed-sel" and "skill" not in e["meta"] for e in sets["embed_sel"])
+    # Embed-Syn: 3 hard x 2 requests, request j shown the (j+1)-th nearest training question (the twin first); 2 new
+    # questions each, 3 solutions each; the odd-A questions' solutions disagree, so those questions are dropped.
+    questions = io.read_jsonl(run_dir / "embed_syn/questions.jsonl")
+    assert [q["references"] for q in questions[0::4]] == [[p["problem"].id] for p in picks[0::2]]
+    assert [q["references"] for q in questions[2::4]] == [[p["problem"].id] for p in picks[1::2]]
+    assert len(questions) == 3 * 2 * 2
+    assert all(q["kept"] == (_numbers(q["problem"])[0] % 2 == 0) for q in questions)
+    kept = [q for q in questions if q["kept"]]
+    stats = io.read_json(run_dir / "embed_syn/stats.json")
+    assert (stats["synthesis_requests"], stats["kept_questions"], stats["distinct_examples"]) == (6, len(kept),
+                                                                                                  3 * len(kept))
+    assert stats["examples"] == 12 and stats["repeated_examples"] == max(0, 12 - 3 * len(kept))
+    assert all(e["meta"]["method"] == "embed-syn" and "skill" not in e["meta"] for e in sets["embed_syn"])
     # Only the answers that were kept were paid for (the teacher cache answers a repeated one).
     used = {(e["meta"]["question_id"], e["meta"]["answer_source"]) for m in ("math_hard", "embed_sel")
             for e in sets[m]}
-    assert teacher.calls == len(used)
+    assert teacher.tasks.count("solve") == len(used) + 3 * len(questions)
     # stat.method chooses the set the sft stage trains on.
     for method, path in baselines.METHOD_FILES.items():
         config.stat.method = method
         assert _sft_files(StageContext(config, run_dir)) == [path]
+
+
+class _PRM:
+    """A PRM stand-in whose every step score is 1 - A/100: the larger A, the harder the question."""
+
+    name = "prm"
+
+    class step_scorer:  # noqa: N801 (what PRMScorer holds)
+        @staticmethod
+        def score_many(items):
+            return [[1 - _numbers(problem)[0] / 100] * len(steps) for problem, steps in items]
+
+
+@pytest.mark.parametrize("rating", ["level", "teacher", "prm"])
+def test_math_hard_by_level_teacher_or_prm_rating(tmp_path, rating):
+    train = [_row(i, LEVELS[i % 6]) for i in range(20)]
+    run_dir = _run_dir(tmp_path, train, [])
+    teacher = SolvingTeacher()
+    config = _config(tmp_path, stages=("math_hard",), math_hard_rating=rating, math_hard_share=0.25,
+                     baseline_size=9)
+    assert run_pipeline(config, teacher_backend=teacher, scorer=_PRM()) == {"math_hard": "done"}
+    rows = io.read_jsonl(run_dir / "math_hard/math_hard.jsonl")
+    stats = io.read_json(run_dir / "math_hard/stats.json")
+    expected = {"level": {i for i in range(20) if i % 6 in (3, 4)},  # Level 4-5
+                "teacher": {i for i in range(20) if i % 5 + 1 in (4, 5)},  # the top two ratings given
+                "prm": set(range(15, 20))}[rating]  # the lowest-scored quarter: the largest A
+    assert stats["chosen"] == len(expected) and stats["rating"] == rating and len(rows) == 9
+    assert {e["meta"]["question_id"] for e in rows} <= {f"train/{i}" for i in expected}
+    assert teacher.tasks.count("rate_difficulty") == (20 if rating == "teacher" else 0)
+    ratings = io.read_jsonl(run_dir / "math_hard/ratings.jsonl")
+    assert len(ratings) == 20 and (rating != "teacher" or ratings[3] == {"id": "train/3", "difficulty": 4,
+                                                                         "reason": "by A"})
+    with pytest.raises(ConfigError, match="stat.math_hard_rating='web'"):
+        run_pipeline(_config(tmp_path, stages=("math_hard",), math_hard_rating="web"), force=True,
+                     only="math_hard")
 
 
 def test_a_small_pool_is_repeated_up_to_the_budget_and_counted(tmp_path):

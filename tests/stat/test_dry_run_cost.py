@@ -62,8 +62,11 @@ def test_plan_follows_from_the_prompts_and_doubles_with_the_rows(tmp_path, capsy
     assert rows["label", "label_skills"]["calls"] == 10 and rows["skills", "propose_skills"]["calls"] == 10
     assert rows["skills", "merge_skills"]["calls"] == len(SUBJECTS)
     assert rows["diagnose", "diagnose"]["calls"] == 4  # stat.num_hard
-    # 4 hard x 3 skills x 5 questions x 3 slots (dataset + 2 teacher answers): 2/3 of 180 slots are teacher calls.
-    assert rows["sel", "solve"]["calls"] == 120
+    # 4 hard x 3 skills x 5 questions x 3 teacher answers (the paper's STAT-Sel, the default) = 180 calls.
+    assert rows["sel", "solve"]["calls"] == 180
+    # The skills stage names skills for every training question by default, and prices a per-subject sample too.
+    assert rows["skills", "propose_skills"]["note"].startswith("every training question (the paper); "
+                                                               "stat.skills_sample_per_subject=200: 10 calls, $")
     # One label prompt, by hand: the real prompt builder on the first row with a 25-skill placeholder catalog.
     prompt = prompts.label_skills("What is 0000 + 1?", "It is \\boxed{0001}.", "Algebra",
                                   plan._placeholder_catalog(25), max_skills=3).prompt
@@ -81,6 +84,15 @@ def test_plan_follows_from_the_prompts_and_doubles_with_the_rows(tmp_path, capsy
     assert big["diagnose", "diagnose"] == rows["diagnose", "diagnose"]  # the held-out side did not change
 
 
+def test_a_sampled_catalog_is_priced_beside_the_whole_training_set(tmp_path, capsys):
+    every = by_task(dry_run(capsys, tmp_path, 10))["skills", "propose_skills"]
+    sampled = by_task(dry_run(capsys, tmp_path, 10, **{"stat.skills_sample_per_subject": 2}))["skills", "propose_skills"]
+    assert sampled["calls"] == 2 * len(SUBJECTS)
+    # Each row prices the other choice: the sample's note is the whole set's row, and the other way round.
+    assert sampled["note"] == (f"2 questions per subject (a sample); stat.skills_sample_per_subject=0: "
+                               f"{every['calls']} calls, ${every['cost_usd']:.2f}")
+
+
 def test_sel_answers_are_capped_by_the_target_and_syn_counts_its_solutions(tmp_path, capsys):
     rows = by_task(dry_run(capsys, tmp_path, 10, **{"stat.sel_target_size": 30, "stat.sel_answer_source": "teacher",
                                                      "stat.stages": "data,skills,label,rollout,hard,diagnose,sel,syn"}))
@@ -94,7 +106,7 @@ def test_a_plan_over_the_call_cap_is_refused_and_no_teacher_is_asked(tmp_path, c
     with FakeGemini(lambda body: {}, api_key=KEY) as fake:
         args = _overrides(tmp_path, 10, **{"teacher.max_calls": 50, "teacher.base_url": fake.base_url})
         config = cli.build_config("configs/base.py", [tuple(a.removeprefix("--config.").split("=", 1)) for a in args])
-        with pytest.raises(BudgetFailure, match=r"plans 1\d\d teacher calls, more than teacher.max_calls=50"):
+        with pytest.raises(BudgetFailure, match=r"plans 2\d\d teacher calls, more than teacher.max_calls=50"):
             pipeline.main(config, pipeline._Args(dry_run=True))
         assert "total" in capsys.readouterr().err  # the plan was shown before the refusal
         dry_run(capsys, tmp_path, 10, **{"teacher.base_url": fake.base_url})  # under the default cap: fine
@@ -114,15 +126,18 @@ def test_the_paper_run_on_the_real_math_files_fits_the_default_cap(method, tmp_p
     assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)["teacher_plan"]
     rows = by_task(summary)
-    # PAPER.md: 200 questions x 7 subjects proposed, MATH train labelled (7,498 well-formed rows), 500 hard.
-    assert rows["skills", "propose_skills"]["calls"] == 1400 and rows["skills", "merge_skills"]["calls"] == 7
+    # PAPER.md: skills named for every MATH train question (7,498 well-formed rows) and merged per subject (7),
+    # every question labelled, 500 hard; the note prices a 200-per-subject sample (1,400 calls) beside it.
+    propose = rows["skills", "propose_skills"]
+    assert propose["calls"] == 7498 and rows["skills", "merge_skills"]["calls"] == 7
+    assert "stat.skills_sample_per_subject=200: 1400 calls" in propose["note"]
     assert rows["label", "label_skills"]["calls"] == 7498 and rows["diagnose", "diagnose"]["calls"] == 500
     if method == "sel":
         assert rows["sel", "solve"]["calls"] == 9500  # 9.5k pairs, 3 teacher answers per question
     else:
         assert rows["syn", "synthesize"]["calls"] == 1500 and rows["syn", "solve"]["calls"] == 1500 * 2 * 3
     assert summary["rows"] == {"train": 7498, "heldout": 1000}
-    assert summary["total"]["calls"] < summary["max_calls"] == 30000
+    assert summary["total"]["calls"] < summary["max_calls"] == 36000
 
 
 def test_gemini_gets_each_tasks_output_cap_and_thinking_budget():

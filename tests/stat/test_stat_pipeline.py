@@ -84,10 +84,18 @@ def teacher_answer(body: dict) -> dict:
                 m["merged_from"].append("carrying")
         return {"skills": merged}
     if task == "label_skills":
-        allowed = schema["properties"]["skills"]["items"]["enum"]
-        return {"skills": [s for s in _skills_of(_question(prompt)) if s in allowed]}
+        allowed = {n.split(":")[1]: n for n in schema["properties"]["skills"]["items"]["enum"]}
+        return {"skills": [allowed[s] for s in _skills_of(_question(prompt)) if s in allowed]}
     if task == "diagnose":
-        return {"missing_skills": _skills_of(_question(prompt)), "explanation": "wrong step"}
+        named = schema["anyOf"][0]["properties"]["missing_skills"]
+        allowed = {n.split(":")[1]: n for n in named["items"]["enum"]}
+        skills = [allowed[s] for s in _skills_of(_question(prompt))]
+        if "\\times" in _question(prompt):
+            return {"missing_skills": [], "none_missing_reason": "every step of this answer is right"}
+        if "previous answer was rejected" not in prompt:
+            return {"missing_skills": skills, "explanation": "wrong step"}  # one name: the client must re-ask
+        return {"missing_skills": skills + [n for n in allowed.values() if n not in skills][:1],
+                "explanation": "wrong step, and the skill it needs"}
     if task == "synthesize":
         skill = re.search(r"^Skill: (\w+)", prompt, flags=re.M).group(1)
         op = {v: k for k, v in OPS.items()}[skill]
@@ -167,10 +175,13 @@ def test_pipeline_end_to_end_then_cached_rerun(tmp_path, fake):
     rd = tmp_path / "run" / "stat"
 
     catalog = io.read_json(rd / "skills/catalog.json")
-    assert {s["name"] for s in catalog["Prealgebra"]} == {"integer_addition", "subtraction"}
-    assert {s["name"] for s in catalog["Algebra"]} == {"integer_addition", "multiplication"}
+    # Names qualified by subject: both subjects have an integer_addition, and they stay two skills.
+    assert {s["name"] for s in catalog["Prealgebra"]} == {"prealgebra:integer_addition", "prealgebra:subtraction"}
+    assert {s["name"] for s in catalog["Algebra"]} == {"algebra:integer_addition", "algebra:multiplication"}
+    assert fake.count("propose_skills") == len(train)  # skills named for every training question (sample 0 = all)
     labelled = io.read_jsonl(rd / "label/skill_map.jsonl")
-    assert [r["skills"] for r in labelled] == [_skills_of(_question(r["problem"])) for r in labelled]
+    assert [r["skills"] for r in labelled] == [[f"{r['subject'].lower()}:{n}" for n in
+                                                _skills_of(_question(r["problem"]))] for r in labelled]
 
     hard = io.read_jsonl(rd / "hard/hard.jsonl")
     # 3 subtraction questions (accuracy 0) first, then one of the multiplication ones (1/3); no addition.
@@ -178,20 +189,30 @@ def test_pipeline_end_to_end_then_cached_rerun(tmp_path, fake):
     assert all("-" in r["problem"] for r in hard[:3]) and "\\times" in hard[3]["problem"]
     assert "\\boxed" in hard[3]["response"] and hard[3]["response_index"] != 0  # a wrong sample is diagnosed
 
+    # Each subtraction question's first answer names one skill (malformed: the schema wants 2-3) and is re-asked;
+    # the multiplication one is an explicit "none missing" with its reason, not an empty list.
+    diagnoses = io.read_jsonl(rd / "diagnose/diagnoses.jsonl")
+    assert [d["missing_skills"] for d in diagnoses[:3]] == [["prealgebra:subtraction", "prealgebra:integer_addition"]] * 3
+    assert diagnoses[3]["none_missing"] and diagnoses[3]["missing_skills"] == [] and diagnoses[3]["explanation"]
     profile = io.read_json(rd / "profile/profile.json")
-    assert [(s["skill"], s["count"]) for s in profile["skills"]] == [("subtraction", 3), ("multiplication", 1)]
+    assert [(s["skill"], s["count"]) for s in profile["skills"]] == [("prealgebra:integer_addition", 3),
+                                                                   ("prealgebra:subtraction", 3)]
+    assert profile["num_none_missing"] == 1
     assert (rd / "profile/profile.png").read_bytes()[:4] == b"\x89PNG"
 
     sel = io.read_jsonl(rd / "sel/stat_sel.jsonl")
     stats = io.read_json(rd / "sel/stats.json")
-    # 4 (hard, skill) pairs x 2 questions x (1 dataset + 2 teacher) answers = 24 slots, subsampled to 20.
-    assert stats["answer_slots"] == 24 and stats["after_subsample"] == 20
-    assert stats["teacher_solutions_rejected"] == 0 and len(sel) == 20
-    assert {e["meta"]["skill"] for e in sel} == {"subtraction", "multiplication"}
+    # 6 (hard, skill) pairs x 2 questions x 3 teacher answers (the paper's default) = 36 slots, subsampled to 20.
+    assert stats["answer_slots"] == 36 and stats["after_subsample"] == 20 and len(sel) == 20
+    assert {e["meta"]["answer_source"] for e in sel} <= {"teacher:0", "teacher:1", "teacher:2"}
+    assert stats["answer_filter"] == "none" and not stats["uses_reference_labels"]
+    assert {e["meta"]["skill"] for e in sel} == {"prealgebra:subtraction", "prealgebra:integer_addition"}
+    # Prealgebra's integer_addition pools Prealgebra questions only (Algebra's "(a + 1) \times a" has one too).
+    assert not any("\\times" in e["messages"][-1]["content"] for e in sel)
     assert all(e["messages"][-1]["role"] == "user" and "\\boxed" in e["response"] for e in sel)
 
     questions = io.read_jsonl(rd / "syn/questions.jsonl")
-    assert len(questions) == 4 * 2
+    assert len(questions) == 6 * 2
     for q in questions:
         wrong = syn_wrong_offsets(_question(q["problem"]))
         assert q["kept"] == (len(wrong) < 2)
@@ -201,7 +222,7 @@ def test_pipeline_end_to_end_then_cached_rerun(tmp_path, fake):
     assert all(str(_value(_question(e["messages"][-1]["content"]))) == e["meta"]["answer"] for e in syn)
 
     paid = fake.count()
-    assert fake.count("diagnose") == 4 and fake.count("merge_skills") == 2
+    assert fake.count("diagnose") == 3 * 2 + 1 and fake.count("merge_skills") == 2
     # A second run: every stage up to date, not a single request.
     assert set(run(make_config(tmp_path, paths, "run"), fake).values()) == {"skipped"}
     assert fake.count() == paid

@@ -94,3 +94,67 @@ def test_select_hard_orders_by_score_and_keeps_worst_response():
     rows = select_hard(problems, responses, scores, num_hard=2, seed=0)
     assert rows[0]["id"] == "2" and rows[1]["id"] in {"1", "3"} and rows[1]["score"] == 0.5
     assert {r["response"] for r in select_hard(problems, responses, scores, 5, seed=0)} == {"e", "c", "h"}
+
+
+# ----- the teacher's diagnosis answer and STAT-Sel's teacher answers ----------------------------------------------
+CATALOG = [{"name": f"algebra:{n}", "description": n} for n in ("fractions", "equations", "factoring")]
+
+
+@pytest.mark.parametrize("answer, error", [
+    ({"missing_skills": ["algebra:fractions", "algebra:equations"], "explanation": "slipped twice"}, None),
+    ({"missing_skills": ["algebra:fractions", "algebra:equations", "algebra:factoring"], "explanation": "x"}, None),
+    ({"missing_skills": [], "none_missing_reason": "every step is right"}, None),
+    ({"missing_skills": ["algebra:fractions"], "explanation": "one only"}, "schema"),  # the prompt asks for 2-3
+    ({"missing_skills": [], "explanation": "nothing"}, "schema"),  # empty without the explicit none-missing reason
+    ({"missing_skills": [], "none_missing_reason": ""}, "schema"),
+    ({"missing_skills": ["fractions", "algebra:equations"], "explanation": "x"}, "schema"),  # unqualified name
+    ({"missing_skills": ["algebra:fractions"] * 2 + ["algebra:equations"] * 2, "explanation": "x"}, "schema"),
+])
+def test_diagnosis_schema_is_the_prompt(answer, error):
+    import json
+
+    from stat_jax.teacher import prompts
+    from stat_jax.teacher.client import validate_answer
+
+    request = prompts.diagnose("1/2 + x = 1?", None, "1/2", "x = 3", "Algebra", CATALOG, max_skills=3)
+    assert "2 to 3 skills" in request.prompt and "none_missing_reason" in request.prompt
+    parsed, why = validate_answer(json.dumps(answer), request.schema)
+    assert (why is None) == (error is None), why
+    if error:
+        assert error in why and parsed is None
+
+
+def test_diagnosis_of_a_one_skill_catalog_asks_for_that_skill():
+    from stat_jax.teacher import prompts
+
+    schema = prompts.diagnose("q", None, "1", "2", "Algebra", CATALOG[:1]).schema
+    assert schema["anyOf"][0]["properties"]["missing_skills"]["minItems"] == 1
+
+
+class _Teacher:
+    """Writes solutions whose answer is 7: right for half the questions below, wrong for the others."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def ask_many(self, requests, desc=""):
+        self.asked += len(requests)
+        return [{"solution": "so \\boxed{7}", "answer": "7"} for _ in requests]
+
+
+def test_sel_keeps_every_teacher_answer_unless_the_reference_filter_is_asked_for():
+    pool = [MathProblem(id=f"q{i}", problem=f"q{i}?", answer="7" if i % 2 else "8", solution="\\boxed{7}",
+                        skills=["algebra:fractions"]) for i in range(4)]
+    selected = select_by_profile([("h", "algebra:fractions")], {"algebra:fractions": pool}, 4, seed=0)
+    kept, stats = build_sel(_Teacher(), selected, source="teacher", answers_per_question=3, target_size=0, seed=0,
+                            instruction="Solve.")
+    assert len(kept) == 12 and stats["answer_filter"] == "none" and not stats["uses_reference_labels"]
+    assert {e.meta["answer_source"] for e in kept} == {"teacher:0", "teacher:1", "teacher:2"}
+    filtered, stats = build_sel(_Teacher(), selected, source="teacher", answers_per_question=3, target_size=0,
+                                seed=0, instruction="Solve.", answer_filter="reference")
+    # The two questions whose reference answer is 8 lose their three answers; the stats say labels were used.
+    assert len(filtered) == 6 and {e.meta["question_id"] for e in filtered} == {"q1", "q3"}
+    assert stats["teacher_solutions_rejected"] == 6 and stats["uses_reference_labels"]
+    with pytest.raises(ValueError, match="sel_answer_filter"):
+        build_sel(_Teacher(), selected, source="teacher", answers_per_question=3, target_size=0, seed=0,
+                  instruction="Solve.", answer_filter="labels")

@@ -1,0 +1,104 @@
+"""Generation on a multi-process mesh: 2 local CPU processes x 4 fake devices joined by jax.distributed on
+127.0.0.1 run `stat-jax eval` through the CLI; every process runs the same scheduler loop over the same
+requests, and the records process 0 writes equal those of this single process on 8 devices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import portpicker
+import pytest
+
+from stat_jax import cli
+from tests.train.sft_fixtures import make_student
+
+REPO = Path(__file__).resolve().parents[1]
+PROCESSES, DEVICES_PER_PROCESS = 2, 4
+
+
+def start_processes(command: str, argv_for, logs: list[Path]) -> list[subprocess.Popen]:
+    """`stat-jax COMMAND` on PROCESSES local processes; `argv_for(i)` gives process i's own arguments."""
+    port = portpicker.pick_unused_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
+    procs = []
+    for i in range(PROCESSES):
+        argv = [sys.executable, "-m", "stat_jax.cli", command, *argv_for(i),
+                f"--coordinator-address=127.0.0.1:{port}", f"--num-processes={PROCESSES}", f"--process-id={i}"]
+        procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=logs[i].open("w"), stderr=subprocess.STDOUT))
+    return procs
+
+
+def stop_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def wait_all(procs, logs, timeout: float) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        stop_all(procs)
+
+
+def tail(logs) -> str:
+    return "\n\n".join(f"{log}:\n{log.read_text()[-3000:]}" for log in logs)
+
+
+def write_math500(path: Path, n: int) -> Path:
+    rows = [{"problem": f"What is {i}+{i}?", "answer": str(2 * i), "solution": f"$\\boxed{{{2 * i}}}$",
+             "subject": "Algebra", "level": 1 + i % 2, "unique_id": f"test/algebra/{i}.json"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def eval_args(student: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    # Greedy only, one chunk, 8 new tokens: one prefill and one generate shape to compile, so the test stays
+    # short; 5 prompts on 8 slots pad the prefill rows and leave slots empty, which every process must agree on.
+    return ["--config=configs/eval_tiny.py", f"--config.model.path={student}", f"--config.eval.paths.math500={data}",
+            f"--config.eval.out_dir={out}", f"--config.workdir={out.parent / (out.name + '_workdir')}",
+            "--config.eval.num_samples=0", "--config.eval.chunk_size=8", *extra]
+
+
+def test_two_process_greedy_eval_writes_the_single_process_records_once(tmp_path):
+    student = make_student(tmp_path / "student")
+    data = write_math500(tmp_path / "math500.jsonl", 5)
+    multi, elsewhere, single = tmp_path / "multi", tmp_path / "process1_out", tmp_path / "single"
+    logs = [tmp_path / f"process-{i}.log" for i in range(PROCESSES)]
+    # Process 1 is pointed at another directory: it must write nothing there (process 0 writes every file).
+    procs = start_processes("eval", lambda i: eval_args(student, data, multi if i == 0 else elsewhere), logs)
+    try:
+        # The reference: this process alone on 8 devices, the same config.
+        assert jax.device_count() == PROCESSES * DEVICES_PER_PROCESS
+        assert cli.main(["eval", *eval_args(student, data, single)]) == 0
+    finally:
+        codes = wait_all(procs, logs, timeout=300)
+    assert codes == [0] * PROCESSES, tail(logs)
+    assert "process 1 of 2: 4 local / 8 global devices" in logs[1].read_text()
+    assert not elsewhere.exists() and not (tmp_path / "process1_out_workdir").exists()
+    assert (multi / "math500.jsonl").read_text() == (single / "math500.jsonl").read_text()
+    records = [json.loads(line) for line in (multi / "math500.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and any(r["greedy"]["response"] for r in records)  # the random student wrote text
+    for name in ("math500.settings.json", "math500.summary.json", "summary.json"):
+        multi_json, single_json = json.loads((multi / name).read_text()), json.loads((single / name).read_text())
+        for d in (multi_json, single_json, *multi_json.get("benchmarks", {}).values(),
+                  *single_json.get("benchmarks", {}).values()):
+            d.pop("seconds", None)  # wall time: the only field allowed to differ
+        assert multi_json == single_json, name
+
+
+def test_serve_refuses_several_processes_with_the_reason(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAX_PROCESS_COUNT", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    code = cli.main(["serve", "--config=configs/serve_tiny.py", f"--config.model.path={tmp_path / 'none'}",
+                     f"--config.workdir={tmp_path / 'serve'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "stat-jax serve is a single-host server" in err and "run it as one process on one host" in err
+    assert not (tmp_path / "serve").exists()  # refused before its inputs are checked or anything is written
+
