@@ -178,22 +178,22 @@ def get_config() -> ConfigDict:
     # `run --dry-run` prices each task's output at this cap (an upper bound). A MATH solution is ~300-600 tokens.
     c.teacher.max_output_tokens_by_task = ConfigDict({
         "propose_skills": 1024, "merge_skills": 8192, "label_skills": 512, "diagnose": 2048, "synthesize": 3072,
-        "solve": 4096})
+        "solve": 4096, "rate_difficulty": 256})
     # Thinking tokens per task (google-genai ThinkingConfig.thinking_budget): 0 = none (gemini-2.5-flash; 2.5-pro
     # needs >= 128), -1 = the model decides; a task left out gets the model's default. Billed as output tokens.
     c.teacher.thinking_budget_by_task = ConfigDict({
         "propose_skills": 0, "merge_skills": 1024, "label_skills": 0, "diagnose": 512, "synthesize": 1024,
-        "solve": 1024})
+        "solve": 1024, "rate_difficulty": 0})
     c.teacher.temperature = 0.7  # for synthesize/solve (several samples); catalog/label/diagnose use 0
     c.teacher.max_workers = 8  # concurrent requests
     c.teacher.max_retries = 5  # on 429/5xx/timeouts, exponential backoff with jitter
     c.teacher.backoff_initial_s = 2.0
     c.teacher.backoff_max_s = 60.0
     c.teacher.max_reasks = 2  # re-asks with the validation error when an answer does not fit the schema
-    # Hard budget over the run's ledger (failed attempts count); 0 = no cap. A paper-sized run plans ~19k calls
-    # (STAT-Sel: 1.4k propose + 7 merge + 7.5k label + 500 diagnose + 9.5k answers; STAT-Syn ~20k), so 30k leaves
+    # Hard budget over the run's ledger (failed attempts count); 0 = no cap. A paper-sized run plans ~25k calls
+    # (STAT-Sel: 7.5k propose + 7 merge + 7.5k label + 500 diagnose + 9.5k answers; STAT-Syn ~26k), so 36k leaves
     # room for retries and re-asks; `stat-jax run --dry-run` prints the plan and refuses one over the cap.
-    c.teacher.max_calls = 30000
+    c.teacher.max_calls = 36000
     c.teacher.max_tokens = 0
     # USD per million tokens, for the ledger and the dry-run plan: gemini-2.5-flash's list price (2025; output
     # includes thinking). gemini-2.5-pro: 1.25 / 10.0 (<= 200k context); GPT-4o-mini: 0.15 / 0.60.
@@ -224,7 +224,10 @@ def get_config() -> ConfigDict:
     c.stat.heldout_exclude = ("math500",)  # benchmark names; sources from eval.paths (else the hub)
     c.stat.on_bad_row = "skip"  # data stage: skip (malformed rows counted in its manifest) | error: stop
     c.stat.instruction = ""  # "" = eval.instruction, so rollouts, SFT and eval see the same prompt
-    c.stat.skills_sample_per_subject = 200  # questions per subject the teacher proposes skills for (0 = all)
+    # Questions per subject the teacher names skills for to build the catalog: 0 = every training question (the
+    # paper, after Didolkar et al.: 7.5k propose calls on MATH); N = a seeded N per subject (200: 1.4k calls, a
+    # catalog from a sample). `run --dry-run` prints both costs.
+    c.stat.skills_sample_per_subject = 0
     c.stat.propose_max_skills = 3
     c.stat.catalog_max_skills = 25  # per subject
     c.stat.label_max_skills = 3
@@ -262,7 +265,12 @@ def get_config() -> ConfigDict:
     c.stat.diagnose_max_skills = 3
     c.stat.sel_questions_per_skill = 5
     c.stat.sel_answers_per_question = 3
-    c.stat.sel_answer_source = "dataset+teacher"  # dataset | teacher | dataset+teacher
+    # teacher: stat.sel_answers_per_question teacher-written answers (the paper's STAT-Sel) | dataset: the dataset's
+    # solution only | dataset+teacher: the solution + (answers - 1) teacher answers. Used by MATH-Hard/Embed-* too.
+    c.stat.sel_answer_source = "teacher"
+    # none: every teacher answer is kept (the paper) | reference: drop one whose final answer disagrees with the
+    # dataset's (uses the labels; the stage's stats say uses_reference_labels).
+    c.stat.sel_answer_filter = "none"
     c.stat.sel_target_size = 9500
     c.stat.syn_reference_questions = 3
     c.stat.syn_new_questions = 2
@@ -273,11 +281,24 @@ def get_config() -> ConfigDict:
     # set); fewer distinct pairs are repeated (counted in <stage>/stats.json). MATH-Hard and Embed-Sel answer
     # as STAT-Sel does (stat.sel_answer_source, stat.sel_answers_per_question); MATH-Train with dataset solutions.
     c.stat.baseline_size = 0
-    c.stat.math_hard_top_levels = 2  # the top levels present: MATH Level 4-5, as in the paper
+    # What rates the training questions for MATH-Hard: level (MATH's Level field, the paper) | teacher (a 1-5
+    # rating per question: one teacher call each) | prm (the PRM at stat.prm_path scores each dataset solution).
+    c.stat.math_hard_rating = "level"
+    c.stat.math_hard_top_levels = 2  # level/teacher: the top levels (ratings) present: MATH Level 4-5, as in the paper
+    c.stat.math_hard_share = 0.53  # prm: the lowest-scored share kept (MATH train's Level 4-5 share: 3,994 / 7,500)
     c.stat.embed_model = ""  # Embed-Sel: "" = the student's mean-pooled hidden states; or an HF encoder directory
     c.stat.embed_per_question = 5  # nearest training questions per difficult question (the paper: 5)
+    # Embed-Syn: synthesis requests per difficult question, each with the next stat.syn_reference_questions nearest
+    # training questions (3 = STAT-Syn's 2-3 (question, missing skill) pairs per question, at most).
+    c.stat.embed_syn_requests_per_question = 3
     c.stat.embed_max_tokens = 1024  # each question's first tokens that are embedded
     c.stat.embed_batch_size = 16  # questions per embedding forward pass
+    # Continual STAT (PAPER.md §3.3): round > 1 starts from the student that stat.previous_run (round 1's
+    # <workdir>/stat) trained, profiles this run's held-out file (stat.heldout_source: the new validation set,
+    # e.g. with stat.heldout_size=0) and trains further; it reuses that run's catalog and Skill-Map when the
+    # training set is the same. Its run directory (own workdir) gets its own manifests and round.json.
+    c.stat.round = 1
+    c.stat.previous_run = ""
     c.stat.wait_timeout_s = 86400.0  # other hosts wait this long for process 0's teacher stages
     c.grpo = ConfigDict()
     c.grpo.train_files = ()  # JSONL of {problem, answer} rows (e.g. MATH train, or a STAT-Sel question list)

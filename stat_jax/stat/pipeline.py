@@ -237,8 +237,31 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
             "bad_rows": {"train": train.report(), "heldout": source.report()}}
 
 
+def _reused_from_previous_round(ctx: StageContext, files: Sequence[str]) -> dict[str, Any] | None:
+    """A continual round (stat.round > 1) on the previous round's training set reuses its catalog and Skill-Map
+    (`files`, copied from stat.previous_run) instead of asking the teacher again; None when it cannot."""
+    s = ctx.config.stat
+    if int(s.get("round", 1)) <= 1:
+        return None
+    previous = Path(s.previous_run)
+    if io.file_hash(previous / "data/train.jsonl") != io.file_hash(ctx.path("data/train.jsonl")):
+        log.warning("round %s: the training set differs from %s's, so its catalog and Skill-Map are rebuilt",
+                    s.round, previous)
+        return None
+    if not all((previous / f).exists() for f in files):
+        return None
+    for f in files:
+        ctx.path(f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(previous / f, ctx.path(f))
+    return {"reused_from": str(previous), "files": list(files)}
+
+
 def stage_skills(ctx: StageContext) -> dict[str, Any]:
     """Teacher proposes skills for a per-subject sample of training questions, then merges them per subject."""
+    reused = _reused_from_previous_round(ctx, ("skills/proposed.jsonl", "skills/catalog.json"))
+    if reused:
+        catalog = io.read_json(ctx.path("skills/catalog.json"))
+        return {**reused, "catalog_sizes": {k: len(v) for k, v in catalog.items()}}
     s = ctx.config.stat
     sample = skills_mod.sample_per_subject(_problems(ctx.path("data/train.jsonl")), s.skills_sample_per_subject,
                                            ctx.config.seed)
@@ -251,6 +274,9 @@ def stage_skills(ctx: StageContext) -> dict[str, Any]:
 
 def stage_label(ctx: StageContext) -> dict[str, Any]:
     """The Skill-Map: every training question gets 1-3 catalog skills."""
+    reused = _reused_from_previous_round(ctx, ("label/skill_map.jsonl",))
+    if reused:
+        return reused
     catalog = io.read_json(ctx.path("skills/catalog.json"))
     labelled = skills_mod.label_problems(ctx.teacher, _problems(ctx.path("data/train.jsonl")), catalog,
                                          ctx.config.stat.label_max_skills)
@@ -388,7 +414,8 @@ def stage_sel(ctx: StageContext) -> dict[str, Any]:
     examples, stats = sel_mod.build_sel(
         ctx.teacher if s.sel_answer_source != "dataset" else None, selected, source=s.sel_answer_source,
         answers_per_question=s.sel_answers_per_question, target_size=s.sel_target_size, seed=ctx.config.seed,
-        instruction=ctx.instruction, system_prompt=ctx.config.eval.system_prompt, grade_workers=s.grade_workers)
+        instruction=ctx.instruction, system_prompt=ctx.config.eval.system_prompt, grade_workers=s.grade_workers,
+        answer_filter=s.sel_answer_filter)
     _write_examples(ctx.path("sel/stat_sel.jsonl"), examples)
     io.write_json(ctx.path("sel/stats.json"), stats)
     return stats
@@ -579,17 +606,19 @@ _TEACHER_KEYS = ("teacher.backend", "teacher.model", "teacher.max_output_tokens"
                  "teacher.thinking_budget_by_task")
 _PROMPT_KEYS = ("stat.instruction", "eval.instruction", "eval.system_prompt", "eval.date_string")
 _STUDENT_KEYS = ("model.tokenizer_path", "model.dtype", "model.param_dtype")  # model.path is the stage's input
+_ROUND_KEYS = ("stat.round", "stat.previous_run")  # a continual round reuses the previous run's catalog
 _EVAL_KEYS = ("seed", "eval", "stat.heldout_size", "stat.heldout_benchmark") + _STUDENT_KEYS + _LENGTH_KEYS
 _BASELINE_KEYS = _PROMPT_KEYS + ("seed", "stat.baseline_size", "stat.sel_target_size")
-_BASELINE_ANSWER_KEYS = _TEACHER_KEYS + ("stat.sel_answer_source", "stat.sel_answers_per_question")
+_BASELINE_ANSWER_KEYS = _TEACHER_KEYS + ("stat.sel_answer_source", "stat.sel_answers_per_question",
+                                         "stat.sel_answer_filter")
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", stage_data, (), ("data/train.jsonl", "data/heldout.jsonl"), _DATA_KEYS),
     Stage("skills", stage_skills, ("data/train.jsonl",), ("skills/proposed.jsonl", "skills/catalog.json"),
-          _TEACHER_KEYS + ("seed", "stat.skills_sample_per_subject", "stat.propose_max_skills",
-                           "stat.catalog_max_skills")),
+          _TEACHER_KEYS + _ROUND_KEYS + ("seed", "stat.skills_sample_per_subject", "stat.propose_max_skills",
+                                         "stat.catalog_max_skills")),
     Stage("label", stage_label, ("data/train.jsonl", "skills/catalog.json"), ("label/skill_map.jsonl",),
-          _TEACHER_KEYS + ("stat.label_max_skills",)),
+          _TEACHER_KEYS + _ROUND_KEYS + ("stat.label_max_skills",)),
     Stage("rollout", stage_rollout, ("data/heldout.jsonl",), ("rollout/responses.jsonl",),
           _PROMPT_KEYS + _STUDENT_KEYS + ("seed", "model.path", "eval.use_chat_template", "stat.rollout_samples",
                           "stat.rollout_temperature", "stat.rollout_top_p", "stat.rollout_max_new_tokens")
@@ -604,7 +633,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("profile", stage_profile, ("diagnose/diagnoses.jsonl",), ("profile/profile.json", "profile/profile.png"), ()),
     Stage("sel", stage_sel, ("diagnose/diagnoses.jsonl", "label/skill_map.jsonl"), ("sel/stat_sel.jsonl", "sel/stats.json"),
           _TEACHER_KEYS + _PROMPT_KEYS + ("seed", "stat.sel_questions_per_skill", "stat.sel_answers_per_question",
-                                          "stat.sel_answer_source", "stat.sel_target_size")),
+                                          "stat.sel_answer_source", "stat.sel_answer_filter",
+                                          "stat.sel_target_size")),
     Stage("syn", stage_syn, ("diagnose/diagnoses.jsonl", "label/skill_map.jsonl", "hard/hard.jsonl",
                              "skills/catalog.json"),
           ("syn/stat_syn.jsonl", "syn/questions.jsonl", "syn/stats.json"),
@@ -615,12 +645,20 @@ STAGES: tuple[Stage, ...] = (
     Stage("math_train", baselines_mod.stage_math_train, ("data/train.jsonl",),
           (baselines_mod.METHOD_FILES["math_train"], "math_train/stats.json"), _BASELINE_KEYS),
     Stage("math_hard", baselines_mod.stage_math_hard, ("data/train.jsonl",),
-          (baselines_mod.METHOD_FILES["math_hard"], "math_hard/stats.json"),
-          _BASELINE_KEYS + _BASELINE_ANSWER_KEYS + ("stat.math_hard_top_levels",)),
+          (baselines_mod.METHOD_FILES["math_hard"], "math_hard/ratings.jsonl", "math_hard/stats.json"),
+          _BASELINE_KEYS + _BASELINE_ANSWER_KEYS + ("stat.math_hard_rating", "stat.math_hard_top_levels",
+                                                    "stat.math_hard_share", "stat.prm_format", "stat.prm_path",
+                                                    "stat.prm_dtype", "stat.prm_max_length")),
     Stage("embed_sel", baselines_mod.stage_embed_sel, ("data/train.jsonl", "hard/hard.jsonl"),
           (baselines_mod.METHOD_FILES["embed_sel"], "embed_sel/stats.json"),
           _BASELINE_KEYS + _BASELINE_ANSWER_KEYS + _STUDENT_KEYS + ("model.path", "stat.embed_model",
                                                                     "stat.embed_per_question", "stat.embed_max_tokens")),
+    Stage("embed_syn", baselines_mod.stage_embed_syn, ("data/train.jsonl", "hard/hard.jsonl"),
+          (baselines_mod.METHOD_FILES["embed_syn"], "embed_syn/questions.jsonl", "embed_syn/stats.json"),
+          _BASELINE_KEYS + _TEACHER_KEYS + _STUDENT_KEYS + (
+              "model.path", "stat.embed_model", "stat.embed_max_tokens", "teacher.temperature",
+              "stat.embed_syn_requests_per_question", "stat.syn_reference_questions", "stat.syn_new_questions",
+              "stat.syn_solutions", "stat.syn_min_agree")),
     Stage("sft", stage_sft, (), ("sft/done.json",), ("seed", "stat.method", "model", "data", "train",
                                                      "eval.date_string"),
           process0_only=False),
@@ -722,7 +760,10 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
     """Runs the stages in order; returns {stage: "done"|"skipped"|"waited"}. Raises BudgetExceeded resumably."""
     check_stage_config(config, stages_to_run(config, only))  # before any stage spends teacher or device time
     run_dir = Path(config.stat.run_dir or Path(config.workdir) / "stat")
+    config, round_record = continual_round(config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if round_record and _is_process0():
+        io.write_json(run_dir / "round.json", round_record)
     ctx = StageContext(config, run_dir, teacher_backend=teacher_backend, rollout_backend=rollout_backend,
                        tokenizer=tokenizer, scorer=scorer, resume=resume)
     results = {}
@@ -740,6 +781,44 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
                 io.write_json(run_dir / "teacher" / "summary.json", summary)
         ctx.release_student_backend()
     return results
+
+
+def continual_round(config: Any, run_dir: Path) -> tuple[Any, dict[str, Any] | None]:
+    """(config, round record) for continual STAT (PAPER.md §3.3): round stat.round > 1 starts from the student
+    that stat.previous_run's sft stage trained (model.path is set to it), profiles this run's held-out file
+    (stat.heldout_source: the new validation set) and trains further; round 1 returns the config as it is."""
+    s = config.stat
+    number = int(s.get("round", 1))
+    if number <= 1:
+        if s.get("previous_run", ""):
+            raise errors.ConfigError(f"stat.previous_run={s.previous_run!r} is set but stat.round={number}",
+                                     hint="set --config.stat.round=2 (or more) to continue from that run")
+        return config, None
+    previous = Path(s.previous_run) if s.get("previous_run", "") else None
+    if previous is None:
+        raise errors.ConfigError(f"stat.round={number} needs the previous round's run directory",
+                                 hint="set --config.stat.previous_run=<workdir of round 1>/stat")
+    done = previous / "sft/done.json"
+    if not done.exists():
+        raise errors.RunStateMissingError(f"stat.round={number}: {done} is missing, so {previous} has no trained "
+                                          "student to continue from; run that round's sft stage first")
+    if previous.resolve() == run_dir.resolve():
+        raise errors.ConfigError(f"stat.round={number}: stat.previous_run is this run's own directory {run_dir}",
+                                 hint="give the new round its own --config.workdir (or stat.run_dir)")
+    model = io.read_json(done)["model"]
+    previous_round = io.read_json(previous / "round.json")["round"] if (previous / "round.json").exists() else 1
+    if previous_round != number - 1:
+        raise errors.ConfigError(f"stat.round={number}, but {previous} is round {previous_round}",
+                                 hint=f"set --config.stat.round={previous_round + 1}")
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    config.model.path = model
+    log.info("continual STAT round %d: starting from %s (trained by %s), profiling %s", number, model, previous,
+             s.heldout_source or s.heldout_benchmark)
+    record = {"round": number, "previous_run": str(previous), "student": model,
+              "previous_sft_stage_key": io.read_json(done).get("stage_key"),
+              "heldout_source": s.heldout_source or s.heldout_benchmark}
+    return config, record
 
 
 def _dry_run_rows(config: Any, run_dir: Path) -> tuple[list[MathProblem], list[MathProblem]] | str:
@@ -803,6 +882,7 @@ def main(config, args) -> int:
         stages = stages_to_run(config, only)
         check_stage_config(config, stages)
         run_dir = Path(config.stat.run_dir or Path(config.workdir) / "stat")
+        config, _ = continual_round(config, run_dir)
         print(json.dumps({"run_dir": str(run_dir), "stages": [s.name for s in stages],
                           "teacher_plan": dry_run_teacher_plan(config, stages, run_dir)}, indent=2))
         return 0
