@@ -262,6 +262,8 @@ def get_config() -> ConfigDict:
     c.stat.num_hard = 500
     c.stat.hard_threshold = 1.0  # accuracy / prm: only questions with mean score below this can be hard
     c.stat.grade_workers = 2  # 0 = grade in-process
+    # Missing skills a diagnosis names (or an explicit "none missing"): the paper's prompt asks for 2-3.
+    c.stat.diagnose_min_skills = 2
     c.stat.diagnose_max_skills = 3
     c.stat.sel_questions_per_skill = 5
     c.stat.sel_answers_per_question = 3

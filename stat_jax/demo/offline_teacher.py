@@ -187,17 +187,19 @@ class OfflineTeacher(TeacherBackend):
         wrong = diagnose_steps(problem, response, limit)
         if not wrong:
             return {"missing_skills": [], "none_missing_reason": "every step and the boxed answer are right"}
-        # The schema asks for 2-3 skills (as the paper's prompt does): after the wrong steps' skills, the skills
-        # of the steps nearest the first wrong one, which an answer that went wrong there may also have missed.
+        # The schema asks for at least `least` skills (2-3 as the paper's prompt): after the wrong steps' skills,
+        # the skills of the steps nearest the first wrong one, which an answer that went wrong there may also miss.
         order = demo_task.problem_skills(problem)
         first = order.index(wrong[0]) if wrong[0] in order else 0
         near = sorted(range(len(order)), key=lambda i: (abs(i - first), i < first))
+        # The schema's minimum (stat.diagnose_min_skills: 2 as in the paper, 1 names only the wrong steps).
+        least = request.schema["anyOf"][0]["properties"]["missing_skills"]["minItems"]
         named = list(dict.fromkeys(wrong + [order[i] for i in near]))
-        if len(named) < 2:  # a one-skill question: a second catalog skill at random, as a guessing teacher would
+        if len(named) < least:  # a one-skill question: another catalog skill at random, as a guessing teacher would
             others = [bare_skill_name(c["name"]) for c in request.payload.get("catalog") or []
                       if bare_skill_name(c["name"]) not in named]
             named += [rng.choice(others)] if others else []
-        missing = self._in_catalog(request, named)[:max(2, len(self._in_catalog(request, wrong)))][:limit]
+        missing = self._in_catalog(request, named)[:max(least, len(self._in_catalog(request, wrong)))][:limit]
         return {"missing_skills": missing,
                 "explanation": "wrong or missing step for: " + ", ".join(wrong)
                                + ("; next to it: " + ", ".join(missing[len(wrong):]) if len(missing) > len(wrong)

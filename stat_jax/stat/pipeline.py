@@ -390,7 +390,8 @@ def stage_hard(ctx: StageContext) -> dict[str, Any]:
 def stage_diagnose(ctx: StageContext) -> dict[str, Any]:
     """Teacher names the 2-3 catalog skills the student failed to apply on each hard question."""
     rows = profile_mod.diagnose_hard(ctx.teacher, io.read_jsonl(ctx.path("hard/hard.jsonl")),
-                                     io.read_json(ctx.path("skills/catalog.json")), ctx.config.stat.diagnose_max_skills)
+                                     io.read_json(ctx.path("skills/catalog.json")), ctx.config.stat.diagnose_max_skills,
+                                     ctx.config.stat.diagnose_min_skills)
     io.write_jsonl(ctx.path("diagnose/diagnoses.jsonl"), rows)
     return {"diagnosed": len(rows)}
 
@@ -629,7 +630,7 @@ STAGES: tuple[Stage, ...] = (
            "stat.prm_rule", "stat.prm_last_step_threshold", "stat.prm_mean_threshold",
            "stat.prm_earlier_step_threshold", "stat.prm_dtype", "stat.prm_max_length")),
     Stage("diagnose", stage_diagnose, ("hard/hard.jsonl", "skills/catalog.json"), ("diagnose/diagnoses.jsonl",),
-          _TEACHER_KEYS + ("stat.diagnose_max_skills",)),
+          _TEACHER_KEYS + ("stat.diagnose_min_skills", "stat.diagnose_max_skills")),
     Stage("profile", stage_profile, ("diagnose/diagnoses.jsonl",), ("profile/profile.json", "profile/profile.png"), ()),
     Stage("sel", stage_sel, ("diagnose/diagnoses.jsonl", "label/skill_map.jsonl"), ("sel/stat_sel.jsonl", "sel/stats.json"),
           _TEACHER_KEYS + _PROMPT_KEYS + ("seed", "stat.sel_questions_per_skill", "stat.sel_answers_per_question",

@@ -13,7 +13,7 @@ from stat_jax.teacher.client import TeacherClient
 
 
 def diagnose_hard(teacher: TeacherClient, hard: Sequence[dict[str, Any]], catalog: dict[str, list[dict[str, Any]]],
-                  max_skills: int) -> list[dict[str, Any]]:
+                  max_skills: int, min_skills: int = 2) -> list[dict[str, Any]]:
     """One row per hard question: {id, subject, missing_skills, explanation, none_missing}.
 
     `none_missing` is the teacher's explicit "every skill was applied" (its reason is the explanation); the
@@ -23,7 +23,8 @@ def diagnose_hard(teacher: TeacherClient, hard: Sequence[dict[str, Any]], catalo
     for row in hard:
         subject = row.get("subject") or DEFAULT_SUBJECT
         requests.append(prompts.diagnose(row["problem"], row.get("solution"), row["answer"], row["response"], subject,
-                                         catalog_for(catalog, subject), max_skills=max_skills))
+                                         catalog_for(catalog, subject), max_skills=max_skills,
+                                         min_skills=min_skills))
     answers = teacher.ask_many(requests, desc="diagnose")
     return [{"id": row["id"], "subject": row.get("subject") or DEFAULT_SUBJECT,
              "missing_skills": list(dict.fromkeys(a["missing_skills"])),

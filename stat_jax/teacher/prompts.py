@@ -127,12 +127,13 @@ def diagnose_schema(catalog: Sequence[dict[str, str]], *, min_skills: int = 2, m
 
 
 def diagnose(problem: str, reference_solution: str | None, reference_answer: str, response: str, subject: str,
-             catalog: Sequence[dict[str, str]], *, max_skills: int = 3) -> TeacherRequest:
+             catalog: Sequence[dict[str, str]], *, max_skills: int = 3, min_skills: int = 2) -> TeacherRequest:
     """Asks which 2-3 catalog skills the student failed to apply in its answer (the Missing-Skill-Profile input).
 
     payload: problem, reference_solution (str or None), reference_answer, response (the student's answer),
-      subject, catalog ([{"name", "description"}]), max_skills.
-    schema (`diagnose_schema`): {"missing_skills": [2..max_skills catalog names, enum], "explanation": str}, or
+      subject, catalog ([{"name", "description"}]), max_skills, min_skills.
+    schema (`diagnose_schema`): {"missing_skills": [min_skills (2, the paper's)..max_skills catalog names, enum],
+      "explanation": str}, or
       {"missing_skills": [], "none_missing_reason": str} when the teacher finds no missing skill (e.g. the
       answer was right after all), said explicitly, never as a silently empty list.
     """
@@ -141,15 +142,16 @@ def diagnose(problem: str, reference_solution: str | None, reference_answer: str
         + f"Subject: {subject}\n\nSkill catalog:\n{_catalog_text(catalog)}\n\nQuestion:\n{problem}\n\n"
         + (f"Reference solution:\n{reference_solution}\n\n" if reference_solution else "")
         + f"Reference final answer: {reference_answer}\n\nStudent's answer:\n{response}\n\n"
-        f"Read the student's answer step by step. Name the 2 to {max_skills} skills from the catalog that the "
+        f"Read the student's answer step by step. Name the {min_skills} to {max_skills} skills from the catalog that the "
         "student failed to apply correctly (catalog names exactly), most important first, and explain briefly: "
         'answer with JSON {"missing_skills": [...], "explanation": ...}. Only if the student applied every '
         'skill correctly, answer {"missing_skills": [], "none_missing_reason": ...} saying why.'
     )
     payload = {"problem": problem, "reference_solution": reference_solution, "reference_answer": reference_answer,
                "response": response, "subject": subject, "catalog": [dict(s) for s in catalog],
-               "max_skills": max_skills}
-    return TeacherRequest(task="diagnose", prompt=prompt, schema=diagnose_schema(catalog, max_skills=max_skills),
+               "max_skills": max_skills, "min_skills": min_skills}
+    return TeacherRequest(task="diagnose", prompt=prompt,
+                          schema=diagnose_schema(catalog, min_skills=min_skills, max_skills=max_skills),
                           payload=payload)
 
 

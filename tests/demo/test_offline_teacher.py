@@ -54,6 +54,9 @@ def test_jobs_through_the_client_follow_the_schemas(tmp_path):
     right = client.ask(prompts.diagnose(PROBLEM, None, "31", "87-9=78\n78*2=156\n156/5=31 r1\n\\boxed{31}",
                                         task.SUBJECT, CATALOG))
     assert right["missing_skills"] == [] and right["none_missing_reason"]  # said explicitly, with a reason
+    only = client.ask(prompts.diagnose(PROBLEM, None, "31", "87-9=78\n78*2=146\n146/5=29 r1\n\\boxed{29}",
+                                       task.SUBJECT, CATALOG, min_skills=1))
+    assert only["missing_skills"] == ["multiply_by_digit"]  # stat.diagnose_min_skills=1: the wrong step alone
     new = client.ask(prompts.synthesize("percent", "", [{"problem": PROBLEM}], task.SUBJECT, n=2))
     assert len(new["problems"]) == 2
     assert all("percent" in task.problem_skills(q["problem"]) for q in new["problems"])
@@ -61,7 +64,7 @@ def test_jobs_through_the_client_follow_the_schemas(tmp_path):
     assert solved["answer"] == "31" and solved["solution"].endswith("\\boxed{31}")
     # Everything went through the shared cache and ledger: a second client answers from the cache for free.
     ledger_rows = (tmp_path / "ledger.jsonl").read_text().splitlines()
-    assert len(ledger_rows) == len(problems) + 6
+    assert len(ledger_rows) == len(problems) + 7
     again = _client(tmp_path, solution_slip_rate=0.0)
     assert again.ask(prompts.solve(PROBLEM, task.SUBJECT)) == solved and again.cache_hits == 1
     assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == len(ledger_rows)

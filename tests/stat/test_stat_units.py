@@ -129,6 +129,9 @@ def test_diagnosis_of_a_one_skill_catalog_asks_for_that_skill():
 
     schema = prompts.diagnose("q", None, "1", "2", "Algebra", CATALOG[:1]).schema
     assert schema["anyOf"][0]["properties"]["missing_skills"]["minItems"] == 1
+    # stat.diagnose_min_skills=1 (not the paper's 2) admits a single name, and the prompt says so.
+    one = prompts.diagnose("q", None, "1", "2", "Algebra", CATALOG, min_skills=1)
+    assert one.schema["anyOf"][0]["properties"]["missing_skills"]["minItems"] == 1 and "the 1 to 3" in one.prompt
 
 
 class _Teacher:
