@@ -60,7 +60,7 @@ def _weights(model_dir: Path) -> dict[str, np.ndarray]:
     return {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-@pytest.mark.slow  # two rollouts and two SFT runs of the demo student (about 2 minutes on 2 busy cores)
+@pytest.mark.slow  # two rollouts and two SFT runs of the demo student: 742 s on the shared 2 cores under load
 def test_round_two_starts_from_round_one_and_profiles_the_new_file(tmp_path):
     splits = task.make_splits(0, {"train": 40, "heldout": 6})
     perturbed = [type(p).from_dict({**p.to_dict(), "id": f"perturb/{i}"})
