@@ -157,11 +157,29 @@ class LoraKernel(nnx.Module):
 
     def merged(self) -> jax.Array:
         """W + scale·A·B in W's dtype (computed in float32)."""
-        a = self.lora_a[...].astype(jnp.float32)
-        b = self.lora_b[...].astype(jnp.float32)
-        delta = jnp.tensordot(a, b, axes=1)
-        w = self.kernel[...]
-        return (w.astype(jnp.float32) + self.scale * delta).astype(w.dtype)
+        return merged_kernel(self.kernel[...], self.lora_a[...], self.lora_b[...], self.scale)
+
+
+def merged_kernel(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W + scale·A·B in W's dtype (computed in float32); A [in..., r], B [r, out...]."""
+    delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
+def merged_params(adapters: Mapping, frozen: Mapping, scale: float) -> dict:
+    """Pure dicts of an adapted model (adapters, frozen base) -> the plain model's params, W + scale·A·B.
+
+    Jittable: what the rollout engine serves in GRPO with adapters, one compiled merge per run.
+    """
+
+    def walk(a, f):
+        if not isinstance(f, Mapping):
+            return f
+        if set(f) == {"kernel"} and isinstance(a, Mapping) and "lora_a" in a:  # a LoraKernel's frozen W
+            return merged_kernel(f["kernel"], a["lora_a"], a["lora_b"], scale)
+        return {k: walk(a.get(k) if isinstance(a, Mapping) else None, v) for k, v in f.items()}
+
+    return walk(adapters, frozen)
 
 
 def _targeted(model) -> Iterator[tuple[int, str, nnx.Module, str]]:

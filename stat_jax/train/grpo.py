@@ -5,7 +5,9 @@ Each step: take `prompts_per_step` problems, sample G completions each through t
 grader, normalise rewards within each group, recompute the old-policy (and, if beta > 0, reference) log-probs
 on device -- JetStream returns none -- then run `num_iterations` (mu) jitted updates of the clipped objective.
 With mu = 1 the old policy IS the current one, so the step uses stop_gradient(log p) and skips that forward pass.
-Checkpointing, resume and metrics reuse the SFT machinery. Programmatic use: `train_grpo(config, ...)`.
+GRPO is its loss, its data (rollouts) and its metrics on the shared trainer core (train/loop.py). With
+train.lora.rank > 0 only adapters train, and the engine samples from base + adapters merged by one jitted
+program per run (no recompiling per step). Programmatic use: `train_grpo(config, ...)`.
 
 Defaults (configs/base.py `grpo`), and why:
 - rewards scaled by the group std (`scale_rewards=true`): GRPO as published (DeepSeekMath), Tunix's default,
@@ -26,6 +28,8 @@ included, weight_sync_s alone) and train_tokens_per_s (old/reference log-probs a
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -43,19 +47,17 @@ from jax.sharding import Mesh
 
 from stat_jax import sharding
 from stat_jax.config import config_hash, config_to_dict, write_resolved_config
-from stat_jax.errors import CheckpointsExistError
 from stat_jax.data.records import MathProblem
 from stat_jax.lengths import PromptLimit, check_config_lengths, drop_long_prompts
 from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
-from stat_jax.train import chunked_loss, grpo_loss
-from stat_jax.train import memory as train_memory
-from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state
+from stat_jax.models import lora
+from stat_jax.train import chunked_loss, grpo_loss, loop
 from stat_jax.train.metrics import MetricsLogger
-from stat_jax.train.optim import build_optimizer, optimizer_shardings
+from stat_jax.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_STATUS = 143
+PREEMPTED_STATUS = loop.PREEMPTED_STATUS
 ROW_KEYS = ("tokens", "targets", "positions", "attention_mask", "weights")  # [rows, t]
 RewardFn = Callable[[str, MathProblem], float]
 
@@ -158,14 +160,17 @@ def token_weights(mask: np.ndarray, aggregation: str) -> np.ndarray:
     raise ValueError(f"grpo.loss_aggregation={aggregation!r}: choose 'token' or 'sequence'")
 
 
-# ----- device side ---------------------------------------------------------------------------------------
+# ----- device side: GRPO's loss on the shared core (train/loop.py) ---------------------------------------
 def policy_token_stats(params, graphdef, micro, temperature: float = 1.0, *,
-                       chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, entropy: bool = False) -> dict:
+                       chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, entropy: bool = False,
+                       frozen: dict | None = None) -> dict:
     """Per-token {"logp"[, "entropy"]} [rows, t] of the temperature-scaled policy the rollouts sample from.
 
     The logits are computed `chunk_tokens` (rows x positions) at a time and never exist whole (0 = at once).
+    `frozen`: the base when `params` are adapters.
     """
-    model = nnx.merge(graphdef, nnx.State(params))
+    state = (nnx.State(params),) + (() if frozen is None else (nnx.State(frozen),))
+    model = nnx.merge(graphdef, *state)
     hidden = model.hidden_states(micro["tokens"], positions=micro["positions"], attention_mask=micro["attention_mask"])
     return chunked_loss.token_stats(model, hidden, micro["targets"], chunk_tokens=chunk_tokens,
                                     temperature=temperature, entropy=entropy)
@@ -173,130 +178,76 @@ def policy_token_stats(params, graphdef, micro, temperature: float = 1.0, *,
 
 def make_logprob_fn(graphdef, temperature: float = 1.0, *,
                     chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
-    """(params, batch [k, rows, t]) -> per-token log-probs [k, rows, t] (no gradient; old or reference policy)."""
+    """(params, batch [k, rows, t][, frozen]) -> per-token log-probs [k, rows, t] (no gradient; old or
+    reference policy)."""
 
-    def logprobs(params, batch):
+    def logprobs(params, batch, frozen=None):
         return jax.lax.map(lambda micro: policy_token_stats(params, graphdef, micro, temperature,
-                                                            chunk_tokens=chunk_tokens)["logp"], batch)
+                                                            chunk_tokens=chunk_tokens, frozen=frozen)["logp"], batch)
 
     return logprobs
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, epsilon_low: float,
-                    epsilon_high: float, beta: float, temperature: float = 1.0,
-                    chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
-    """`(state, batch) -> (state, metrics)`; batch leaves [k micro-batches, rows, t].
+def grpo_loss_fn(graphdef, *, epsilon_low: float, epsilon_high: float, beta: float, temperature: float = 1.0,
+                 chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
+    """The core's per-micro-batch loss: weighted sums of the clipped objective, clip fraction, entropy (, kl).
 
-    batch["old_logp"] is the rollout policy's log-probs; without it (mu = 1) the current params ARE the old
+    micro["old_logp"] is the rollout policy's log-probs; without it (mu = 1) the current params ARE the old
     policy, so stop_gradient(log p) stands in: the same value and gradient without a second forward pass.
-    batch["ref_logp"] is needed when beta > 0. Loss and metrics are sums of batch["weights"]-weighted
-    per-token terms, so k micro-batches add up exactly to the full-batch value.
+    micro["ref_logp"] is needed when beta > 0. The weights are normalised over the whole batch on the host
+    (`token_weights`), so k micro-batches add up exactly to the full-batch value.
     """
 
-    def micro_loss(params, micro):
-        stats = policy_token_stats(params, graphdef, micro, temperature, chunk_tokens=chunk_tokens, entropy=True)
+    def loss_fn(params, micro, frozen):
+        stats = policy_token_stats(params, graphdef, micro, temperature, chunk_tokens=chunk_tokens, entropy=True,
+                                   frozen=frozen)
         logp = stats["logp"]
         old_logp = micro["old_logp"] if "old_logp" in micro else jax.lax.stop_gradient(logp)
         per_token, terms = grpo_loss.per_token_terms(
             logp, old_logp, micro["advantages"], epsilon_low=epsilon_low, epsilon_high=epsilon_high,
             ref_logp=micro.get("ref_logp"), beta=beta)
         w = micro["weights"]
-        aux = {"clip_fraction": jnp.sum(terms["clipped"] * w),
-               "entropy": jnp.sum(stats["entropy"] * w)}
+        aux = {"clip_fraction": jnp.sum(terms["clipped"] * w), "entropy": jnp.sum(stats["entropy"] * w)}
         if "kl" in terms:
             aux["kl"] = jnp.sum(jax.lax.stop_gradient(terms["kl"]) * w)
         return jnp.sum(per_token * w), aux
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-    def train_step(state, batch):
-        params = state["params"]
-        if batch["tokens"].shape[0] == 1:  # no accumulation: skip the scan and its zero-initialised buffers
-            (loss, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
-        else:
-            def one(carry, micro):
-                (loss, aux), grads = grad_fn(params, micro)
-                return jax.tree.map(jnp.add, carry, (grads, loss, aux)), None
-
-            aux_keys = ("clip_fraction", "entropy") + (("kl",) if beta else ())
-            init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), {k: jnp.float32(0) for k in aux_keys})
-            (grads, loss, aux), _ = jax.lax.scan(one, init, batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]), **aux}
-        return {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                "opt_state": opt_state}, metrics
-
-    return train_step
+    return loss_fn
 
 
-def jit_train_step(train_step: Callable, state_sh: dict, batch_sh: dict, mesh: Mesh):
-    """`train_step` as jitted `(params, opt_state, step, batch)` with explicit shardings; only the optimizer
-    state is donated, because the rollout engine serves the very param buffers the step reads (no copy in
-    update_params) until the next swap."""
-
-    def split_step(params, opt_state, step, batch):
-        return train_step({"step": step, "params": params, "opt_state": opt_state}, batch)
-
-    return jax.jit(split_step, in_shardings=(state_sh["params"], state_sh["opt_state"], state_sh["step"], batch_sh),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(1,))
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, epsilon_low: float,
+                    epsilon_high: float, beta: float, temperature: float = 1.0,
+                    chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, dropout_seed: int | None = None
+                    ) -> Callable:
+    """`(state, batch[, frozen]) -> (state, metrics)`; batch leaves [k micro-batches, rows, t]."""
+    loss_fn = grpo_loss_fn(graphdef, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+                           temperature=temperature, chunk_tokens=chunk_tokens)
+    return loop.make_train_step(loss_fn, tx, schedule, dropout_seed=dropout_seed)
 
 
-def run_on_mesh(step, mesh: Mesh) -> Callable:
-    """`(state, batch) -> (state, metrics)` calling a jitted or compiled `(params, opt_state, step, batch)`."""
-
-    def run(state, batch):
-        with jax.set_mesh(mesh):
-            return step(state["params"], state["opt_state"], state["step"], batch)
-
-    return run
+run_on_mesh = loop.run_on_mesh
 
 
-def compile_train_step(train_step: Callable, state_sh: dict, batch_sh: dict, mesh: Mesh) -> Callable:
-    """The jitted step (compiled on its first call) as `(state, batch) -> (state, metrics)`."""
-    return run_on_mesh(jit_train_step(train_step, state_sh, batch_sh, mesh), mesh)
-
-
-def batch_shardings(mesh: Mesh, k: int, rows: int, length: int, *, old_logp: bool, ref_logp: bool) -> dict:
-    """NamedShardings of the update's batch: [k, rows // k, length] per row key, [k, rows // k] advantages."""
-    batch_named = sharding.named_sharding(mesh, (None, "batch", "length"), (k, rows // k, length))
-    row_named = sharding.named_sharding(mesh, (None, "batch"), (k, rows // k))
-    batch_sh = {key: batch_named for key in ROW_KEYS} | {"advantages": row_named}
-    if old_logp:
-        batch_sh["old_logp"] = batch_named
-    if ref_logp:
-        batch_sh["ref_logp"] = batch_named
-    return batch_sh
-
-
-def abstract_batch(batch_sh: dict, k: int, rows: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The update's batch as ShapeDtypeStructs (what `build_batch` returns, reshaped to micro-batches)."""
-    floats = {"weights", "advantages", "old_logp", "ref_logp"}
-    return {key: jax.ShapeDtypeStruct((k, rows // k) if key == "advantages" else (k, rows // k, length),
-                                      jnp.float32 if key in floats else jnp.int32, sharding=named)
-            for key, named in batch_sh.items()}
+def batch_layout(rows: int, length: int, *, old_logp: bool, ref_logp: bool) -> loop.BatchLayout:
+    """The update's batch: the row keys per token, advantages per row, the old/reference log-probs if used."""
+    token_keys = {key: jnp.float32 if key == "weights" else jnp.int32 for key in ROW_KEYS}
+    token_keys |= {key: jnp.float32 for key, used in (("old_logp", old_logp), ("ref_logp", ref_logp)) if used}
+    return loop.BatchLayout(rows, length, token_keys, {"advantages": jnp.float32})
 
 
 def fit_train_step(g, train_step: Callable, state_sh: dict, abstract_train_state: dict, mesh: Mesh, *,
-                   old_logp: bool, ref_logp: bool):
-    """(k, batch shardings, compiled `(params, opt_state, step, batch)`, StepMemory): the update compiled for
-    the fewest micro-batches that fit `grpo.memory_budget_gb` (grpo.micro_batches = 0), or checked at the user's."""
-    rows, length = int(g.prompts_per_step) * int(g.num_generations), int(g.max_length)
-    budget, source = train_memory.budget_bytes(g, "grpo")
-    state_args = (abstract_train_state["params"], abstract_train_state["opt_state"], abstract_train_state["step"])
-
-    def compile_for(k: int):
-        batch_sh = batch_shardings(mesh, k, rows, length, old_logp=old_logp, ref_logp=ref_logp)
-        with jax.set_mesh(mesh):
-            return jit_train_step(train_step, state_sh, batch_sh, mesh).lower(
-                *state_args, abstract_batch(batch_sh, k, rows, length)).compile()
-
+                   old_logp: bool, ref_logp: bool, abstract_frozen: dict | None = None, donate_params: bool = False):
+    """(k, batch shardings, compiled `(params, opt_state, step, batch[, frozen])`, StepMemory): the update
+    compiled for the fewest micro-batches that fit `grpo.memory_budget_gb` (grpo.micro_batches = 0), or checked
+    at the user's. Full params are not donated: the rollout engine serves those very buffers."""
     advice = ("Lower grpo.prompts_per_step, grpo.num_generations or grpo.max_length, set model.remat=full "
               "(recompute each layer), spread the batch over more devices (mesh.fsdp), or raise "
               "grpo.memory_budget_gb / grpo.memory_fraction.")
-    k, compiled, mem = train_memory.fit_micro_batches(
-        compile_for, rows, train_memory.sharded_batch_ways(mesh), budget, budget_source=source,
-        fixed=int(g.micro_batches) or None, key="grpo.micro_batches", advice=advice)
-    return k, batch_shardings(mesh, k, rows, length, old_logp=old_logp, ref_logp=ref_logp), compiled, mem
+    layout = batch_layout(int(g.prompts_per_step) * int(g.num_generations), int(g.max_length), old_logp=old_logp,
+                          ref_logp=ref_logp)
+    return loop.fit_train_step(train_step, state_sh, abstract_train_state, mesh, layout, section=g, prefix="grpo",
+                               fixed=int(g.micro_batches) or None, key="grpo.micro_batches", advice=advice,
+                               abstract_frozen=abstract_frozen, donate_params=donate_params)
 
 
 # ----- the loop ------------------------------------------------------------------------------------------
@@ -360,7 +311,11 @@ def _fingerprint(config) -> str:
     memory_keys = ("micro_batches", "memory_budget_gb", "memory_fraction", "loss_chunk_tokens")
     grpo = {k: v for k, v in config_to_dict(config.grpo).items() if k not in memory_keys}
     model = {k: v for k, v in config_to_dict(config.model).items() if k != "remat"}
-    return config_hash({"model": model, "grpo": grpo, "seed": config.seed})
+    keep = {"model": model, "grpo": grpo, "seed": config.seed}
+    lcfg = lora.LoraConfig.from_config(config.train.get("lora"))
+    if lcfg.enabled:  # full fine-tuning keeps the hash it had before adapters existed
+        keep["lora"] = dataclasses.asdict(lcfg)
+    return config_hash(keep)
 
 
 def grpo_prompt_ids(config, tokenizer, problems: Sequence[MathProblem]) -> list[list[int]]:
@@ -380,12 +335,13 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     """Runs GRPO from config.model.path; exports an HF dir to <workdir>/hf and returns paths and metrics.
 
     problems: default `grpo.train_files`; backend: default JetStream in-process on the training mesh (params
-    swapped in each step); reward_fn: default `grpo.reward` (the math grader).
+    swapped in each step); reward_fn: default `grpo.reward` (the math grader). With train.lora.rank > 0 only
+    adapters train (result["adapter_dir"]: their PEFT files). result["compilations"] (own backend): compiled
+    variants of the engine's kernels and of the adapter merge, one each when no weight swap recompiled.
     """
     import transformers
 
     from stat_jax.data.stop_tokens import end_token_id
-    from stat_jax.models import abstract_model, export_hf_checkpoint, load_hf_checkpoint
     from stat_jax.models.config import ModelConfig
     from stat_jax.models.hub import resolve_model_path
 
@@ -399,10 +355,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     export_dir = workdir / "hf"
     result_path = workdir / "grpo_result.json"
     fingerprint = _fingerprint(config)
-    if resume and result_path.exists() and (export_dir / "config.json").exists():
-        done = json.loads(result_path.read_text())
-        if done.get("fingerprint") == fingerprint:
-            return done
+    if resume and (done := loop.finished_result(result_path, export_dir, fingerprint)) is not None:
+        return done
 
     if problems is None:
         if not g.train_files:
@@ -437,128 +391,100 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     temperature = float(g.temperature)
     # The optimizer (and its learning-rate schedule) counts updates: mu of them per GRPO step.
     tx, schedule = build_optimizer(g, total_steps * mu)
-    model_kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
-    graphdef, abstract_params = nnx.split(abstract_model(model_cfg, **model_kw))
-    params_shapes = nnx.to_pure_dict(abstract_params)
-    param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
-    repl = sharding.replicated(mesh)
-    state_sh = {"step": repl, "params": param_sh,
-                "opt_state": optimizer_shardings(tx, params_shapes, param_sh, repl)}
-    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shapes,
-              "opt_state": jax.eval_shape(tx.init, params_shapes)}
+    policy, state_sh, abstract_train_state, dropout_seed = loop.policy_from_config(
+        config, model_cfg, model_path, mesh, tx, workdir / "checkpoints", resume)
     rows = g.prompts_per_step * g.num_generations
     chunk_tokens = int(g.loss_chunk_tokens)
-    step_impl = make_train_step(graphdef, tx, schedule, epsilon_low=float(g.epsilon_low),
+    step_impl = make_train_step(policy.graphdef, tx, schedule, epsilon_low=float(g.epsilon_low),
                                 epsilon_high=float(g.epsilon_high), beta=beta, temperature=temperature,
-                                chunk_tokens=chunk_tokens)
+                                chunk_tokens=chunk_tokens, dropout_seed=dropout_seed)
     # Compiled from abstract arrays before any weight is loaded, so an update that cannot fit stops here.
-    k, batch_sh, compiled_step, step_memory = fit_train_step(g, step_impl, state_sh, abstract_state(shapes, state_sh),
-                                                             mesh, old_logp=mu > 1, ref_logp=bool(beta))
+    # Adapters may be donated: the engine serves a merged copy of them, not their buffers.
+    k, batch_sh, compiled_step, step_memory = fit_train_step(
+        g, step_impl, state_sh, abstract_train_state, mesh, old_logp=mu > 1, ref_logp=bool(beta),
+        abstract_frozen=policy.abstract_frozen, donate_params=policy.adapters)
     batch_named = batch_sh["tokens"]
     log.info("grpo: %d rows x %d tokens per update in %d micro-batches, step memory %s per device",
              rows, int(g.max_length), k, step_memory.describe())
 
-    ckpt = CheckpointManager(workdir / "checkpoints", save_every=int(g.checkpoint_every), keep=int(g.keep_checkpoints),
-                             async_save=bool(g.async_checkpointing))
-    latest = ckpt.latest_step()
-    if latest is not None and not resume:
-        ckpt.close()
-        raise CheckpointsExistError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
-                                    "--resume to continue that run, or choose another workdir")
-    model = load_hf_checkpoint(model_path, mesh, **model_kw)
-    initial_params = nnx.to_pure_dict(nnx.split(model)[1])
-    del model
-    # The reference is the start model, frozen, kept in the compute dtype: the model casts every weight to it
-    # anyway, so its logits are unchanged and a bf16 run holds half the bytes. beta == 0 turns it off: nothing
-    # is kept, and the start weights are dropped once the state exists.
-    ref_params = reference_params(initial_params, config.model.dtype) if beta else None
+    ckpt = loop.open_checkpoints(workdir / "checkpoints", g, resume)
+    initial_params, frozen = loop.load_policy(policy, mesh, int(config.seed))
+    # The reference is the start model, frozen. Full fine-tuning keeps it in the compute dtype: the model casts
+    # every weight to it anyway, so its logits are unchanged and a bf16 run holds half the bytes. With
+    # adapters it is the base itself: all-zero adapters add nothing, so no second copy is kept. beta == 0
+    # turns it off: nothing is kept, and the start weights are dropped once the state exists.
+    ref_params = None
+    if beta:
+        ref_params = (jax.tree.map(jnp.zeros_like, initial_params) if policy.adapters
+                      else reference_params(initial_params, config.model.dtype))
+    state, _, latest = loop.restore_or_init(ckpt, abstract_train_state, state_sh, tx, lambda: initial_params,
+                                            fingerprint, "grpo")
+    del initial_params
     if latest is not None:
-        del initial_params
-        state, meta = ckpt.restore(abstract_state(shapes, state_sh))
-        if meta.get("fingerprint") != fingerprint:
-            log.warning("grpo: resuming %s with a changed model/grpo config (hash %s -> %s)",
-                        workdir, meta.get("fingerprint"), fingerprint)
         if int(jax.device_get(state["step"])) != latest * mu:
             raise ValueError(f"{ckpt.directory}/{latest}: the checkpoint holds {int(jax.device_get(state['step']))} "
                              f"optimizer updates, not {latest} steps x grpo.num_iterations={mu}; resume with the "
                              f"num_iterations it was written with")
         log.info("grpo: resumed from step %d", latest)
-    else:
-        opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(initial_params)
-        state = {"step": jax.device_put(jnp.int32(0), repl), "params": initial_params, "opt_state": opt_state}
-        del initial_params
     start_step = latest or 0  # GRPO steps done (state["step"] counts optimizer updates)
 
-    train_step = run_on_mesh(compiled_step, mesh)
-    logprob_fn = jax.jit(make_logprob_fn(graphdef, temperature, chunk_tokens=chunk_tokens), out_shardings=batch_named)
+    train_step = loop.run_on_mesh(compiled_step, mesh, frozen)
+    frozen_args = () if frozen is None else (frozen,)
+    logprob_fn = jax.jit(make_logprob_fn(policy.graphdef, temperature, chunk_tokens=chunk_tokens),
+                         out_shardings=batch_named)
+    rollout_graphdef, served = rollout_policy(policy, model_cfg, mesh, frozen)
 
     own_backend = backend is None
     if own_backend:
         from stat_jax.rollout import make_rollout_backend
 
-        backend = make_rollout_backend(config, nnx.merge(graphdef, nnx.State(state["params"])), tokenizer)
+        backend = make_rollout_backend(config, nnx.merge(rollout_graphdef, nnx.State(served(state["params"]))),
+                                       tokenizer)
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(config, workdir)
     logger = MetricsLogger(workdir / "metrics.jsonl", total_steps=total_steps, start_step=start_step, desc="grpo",
                            is_writer=is_writer)
 
-    def device_batch(host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        # Every process holds the whole (identically seeded) rollout batch; each places only its own shards.
-        out = {}
-        for key, x in host.items():
-            x = x.reshape(k, rows // k, *x.shape[1:])
-            out[key] = jax.make_array_from_callback(x.shape, batch_sh[key], lambda index, x=x: x[index])
-        return out
+    def meta() -> dict[str, Any]:
+        return {"fingerprint": fingerprint, "total_steps": total_steps, **policy.checkpoint_meta()}
 
-    last = {}
-    preempted = False
+    def step_fn(step: int, state: dict):
+        chosen = prompts_for_step(len(problems), int(g.prompts_per_step), step, int(config.seed))
+        # Seeded by step, so a resumed run samples exactly what the uninterrupted one did.
+        sampling = SamplingParams(temperature=temperature, top_p=float(g.top_p), top_k=int(g.top_k),
+                                  max_new_tokens=int(g.max_new_tokens), seed=int(config.seed) * 1_000_003 + step)
+        t0 = time.perf_counter()
+        backend.update_params(served(state["params"]))
+        sync_s = time.perf_counter() - t0
+        completions = backend.generate([prompt_ids[i] for i in chosen], sampling, int(g.num_generations),
+                                       progress=False)
+        rollout_s = time.perf_counter() - t0
+        check_groups(completions, len(chosen), int(g.num_generations))
+        rewards = np.array([[reward_fn(c.text, problems[i]) for c in group]
+                            for i, group in zip(chosen, completions)], np.float32)
+        advantages = grpo_loss.group_advantages(rewards.reshape(-1), int(g.num_generations),
+                                                scale_by_std=bool(g.scale_rewards))
+        host = build_batch([prompt_ids[i] for i in chosen], completions, advantages,
+                           seq_len=int(g.max_length), eos_id=eos_id, aggregation=str(g.loss_aggregation))
+        t1 = time.perf_counter()
+        with jax.set_mesh(mesh):
+            # Every process holds the whole (identically seeded) rollout batch.
+            batch = loop.to_device_batch(host, k, batch_sh, global_rows=rows)
+            if mu > 1:  # computed once, before the first of the mu updates moves the params
+                batch["old_logp"] = logprob_fn(state["params"], batch, *frozen_args)
+            if beta:
+                batch["ref_logp"] = logprob_fn(ref_params, batch, *frozen_args)
+        for _ in range(mu):
+            state, metrics = train_step(state, batch)
+        metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}  # the last update's
+        train_s = time.perf_counter() - t1
+        return state, {**metrics, **rollout_metrics(rewards, completions),
+                       **throughput(completions, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)}
+
     try:
-        with PreemptionGuard() as guard:
-            for step in range(start_step + 1, total_steps + 1):
-                chosen = prompts_for_step(len(problems), int(g.prompts_per_step), step, int(config.seed))
-                # Seeded by step, so a resumed run samples exactly what the uninterrupted one did.
-                sampling = SamplingParams(temperature=temperature, top_p=float(g.top_p), top_k=int(g.top_k),
-                                          max_new_tokens=int(g.max_new_tokens),
-                                          seed=int(config.seed) * 1_000_003 + step)
-                t0 = time.perf_counter()
-                backend.update_params(state["params"])
-                sync_s = time.perf_counter() - t0
-                completions = backend.generate([prompt_ids[i] for i in chosen], sampling, int(g.num_generations),
-                                               progress=False)
-                rollout_s = time.perf_counter() - t0
-                check_groups(completions, len(chosen), int(g.num_generations))
-                rewards = np.array([[reward_fn(c.text, problems[i]) for c in group]
-                                    for i, group in zip(chosen, completions)], np.float32)
-                advantages = grpo_loss.group_advantages(rewards.reshape(-1), int(g.num_generations),
-                                                        scale_by_std=bool(g.scale_rewards))
-                host = build_batch([prompt_ids[i] for i in chosen], completions, advantages,
-                                   seq_len=int(g.max_length), eos_id=eos_id, aggregation=str(g.loss_aggregation))
-                t1 = time.perf_counter()
-                with jax.set_mesh(mesh):
-                    batch = device_batch(host)
-                    if mu > 1:  # computed once, before the first of the mu updates moves the params
-                        batch["old_logp"] = logprob_fn(state["params"], batch)
-                    if beta:
-                        batch["ref_logp"] = logprob_fn(ref_params, batch)
-                for _ in range(mu):
-                    state, metrics = train_step(state, batch)
-                metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}  # the last update's
-                train_s = time.perf_counter() - t1
-                last = {**metrics, **rollout_metrics(rewards, completions),
-                        **throughput(completions, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)}
-                logger.log(step, last)
-                meta = {"fingerprint": fingerprint, "total_steps": total_steps}
-                if step < total_steps:
-                    ckpt.maybe_save(step, state, meta)
-                if guard.should_stop(ckpt, step) and step < total_steps:
-                    ckpt.save(step, state, meta, force=True)
-                    ckpt.wait()
-                    log.warning("grpo: stopped by SIGTERM at step %d after checkpointing; resume with --resume", step)
-                    preempted = True
-                    break
-            if not preempted:
-                ckpt.save(total_steps, state, {"fingerprint": fingerprint, "total_steps": total_steps}, force=True)
+        state, preempted, last = loop.run_loop("grpo", state, start_step, total_steps, step_fn, logger.log, ckpt,
+                                               meta)
     finally:
         logger.close()
         ckpt.close()
@@ -569,13 +495,37 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
               "checkpoint_dir": str(workdir / "checkpoints"), "steps": int(jax.device_get(state["step"])) // mu,
               "total_steps": total_steps, "preempted": preempted, "fingerprint": fingerprint, "last_metrics": last,
               "prompts": len(problems), **long_prompts}
-    if preempted:
-        return result
-    model = nnx.merge(graphdef, nnx.State(state["params"]))
-    export_hf_checkpoint(model, export_dir, tokenizer_source=tokenizer_path, dtype=str(g.export_dtype))
-    if is_writer:
-        result_path.write_text(json.dumps(result, indent=2))
-    return result
+    if own_backend:  # one compiled program each for the whole run, weight swaps included
+        engine = getattr(backend, "compilation_counts", dict)()
+        result["compilations"] = {**engine, **served.compilation_counts()}
+    return loop.finish(result, policy, state["params"], frozen, export_dir=export_dir, workdir=workdir,
+                       result_path=result_path, tokenizer_source=tokenizer_path, dtype=str(g.export_dtype))
+
+
+class _Served:
+    """What the rollout engine serves from the trained params: themselves, or base + adapters merged by one
+    jitted program (compiled once per run: same shapes and shardings every step)."""
+
+    def __init__(self, merge: Callable | None, frozen: dict | None):
+        self._merge, self._frozen = merge, frozen
+
+    def __call__(self, params: dict) -> dict:
+        return params if self._merge is None else self._merge(params, self._frozen)
+
+    def compilation_counts(self) -> dict[str, int]:
+        return {} if self._merge is None else {"merge_adapters": self._merge._cache_size()}
+
+
+def rollout_policy(policy: loop.Policy, model_cfg, mesh: Mesh, frozen: dict | None) -> tuple[nnx.GraphDef, _Served]:
+    """(graphdef of the model the engine serves, params -> the params it serves)."""
+    if not policy.adapters:
+        return policy.graphdef, _Served(None, None)
+    from stat_jax.models import abstract_model
+
+    graphdef, abstract_params = nnx.split(abstract_model(model_cfg, **policy.model_kw))
+    plain_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
+    merge = jax.jit(functools.partial(lora.merged_params, scale=policy.lcfg.scale), out_shardings=plain_sh)
+    return graphdef, _Served(merge, frozen)
 
 
 def main(config, args) -> int:

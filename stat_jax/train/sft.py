@@ -1,7 +1,7 @@
 """`stat-jax sft`: supervised fine-tuning of a student on {prompt | messages, response} records.
 
-The step is one jitted pure function `train_step(state, batch) -> (state, metrics)` with explicit shardings
-over the (data, fsdp, tensor) mesh; the loop around it is data -> step -> log -> checkpoint. Programmatic use
+SFT is its loss, its data and its metrics on the shared trainer core (train/loop.py: the accumulating jitted
+step, shardings, checkpoints, resume, SIGTERM, export); the loop is data -> step -> log -> checkpoint. Programmatic use
 (the STAT pipeline, the demo): `train_sft(config, examples_or_path, workdir, resume)`.
 
 Training state: `{"step": int32, "params": pure dict of the model's parameters, "opt_state": optax state}`.
@@ -13,7 +13,6 @@ accumulation the micro-batch sums are added before dividing, so k micro-batches 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -31,24 +30,19 @@ from jax.sharding import Mesh, NamedSharding
 
 from stat_jax import sharding
 from stat_jax.config import ConfigError, config_hash, config_to_dict, write_resolved_config
-from stat_jax.errors import CheckpointsExistError
 from stat_jax.data import sft_data
 from stat_jax.data.records import SFTExample
-from stat_jax.models import lora
-from stat_jax.train import chunked_loss
+from stat_jax.train import chunked_loss, loop
 from stat_jax.train import memory as train_memory
-from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state
 from stat_jax.train.metrics import MetricsLogger
-from stat_jax.train.optim import build_optimizer, optimizer_shardings
+from stat_jax.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
-# Exit status of `main` when SIGTERM stopped the run after a checkpoint (128 + SIGTERM, like a killed shell).
-PREEMPTED_STATUS = 143
-BATCH_AXES = (None, "batch", "length")  # [micro-batch index, rows, tokens]
+PREEMPTED_STATUS = loop.PREEMPTED_STATUS
 
 
-# ----- the step --------------------------------------------------------------------------------------------
+# ----- the step: SFT's loss on the shared core (train/loop.py) ------------------------------------------------
 def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], *,
               chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, frozen: dict | None = None
               ) -> tuple[jax.Array, jax.Array]:
@@ -67,34 +61,30 @@ def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
     return -jnp.sum(logp * weights), jnp.sum(weights)
 
 
+def sft_loss(graphdef: nnx.GraphDef, chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> loop.LossFn:
+    """The core's per-micro-batch loss: summed cross entropy, with the loss and input token counts as aux."""
+
+    def loss_fn(params, micro, frozen):
+        ce_sum, tokens = loss_sums(params, graphdef, micro, chunk_tokens=chunk_tokens, frozen=frozen)
+        return ce_sum, {"loss_tokens": tokens, "tokens": jnp.sum(micro["segment_ids"] > 0).astype(jnp.float32)}
+
+    return loss_fn
+
+
+def per_token(loss, aux, grads):
+    """Sums over the optimizer batch -> its token mean (micro-batch sums are added before dividing)."""
+    denom = jnp.maximum(aux["loss_tokens"], 1.0)
+    return loss / denom, aux, jax.tree.map(lambda g: g / denom, grads)
+
+
 def accumulated_gradients(params: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], *,
                           chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, frozen: dict | None = None,
                           dropout_key: jax.Array | None = None):
-    """(token-mean loss, its gradient, loss tokens) over micro-batches batch[k], summed before normalising.
-
-    `dropout_key`: adapters' dropout masks are drawn from it (one fold per micro-batch); None = no dropout.
-    """
-    grad_fn = jax.value_and_grad(functools.partial(loss_sums, chunk_tokens=chunk_tokens, frozen=frozen),
-                                 has_aux=True)
-
-    def micro_grads(micro, index):
-        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-        with lora.dropout_key(key):
-            return grad_fn(params, graphdef, micro)
-
-    def one(carry, xs):
-        grad_sum, loss_sum, token_sum = carry
-        (ce_sum, tokens), grads = micro_grads(*xs)
-        return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + ce_sum, token_sum + tokens), None
-
-    k = batch["tokens"].shape[0]
-    if k == 1:  # no accumulation: skip the scan (and its zero-initialised buffers)
-        (ce_sum, tokens), grad_sum = micro_grads(jax.tree.map(lambda x: x[0], batch), 0)
-    else:
-        init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
-        (grad_sum, ce_sum, tokens), _ = jax.lax.scan(one, init, (batch, jnp.arange(k)))
-    denom = jnp.maximum(tokens, 1.0)
-    return ce_sum / denom, jax.tree.map(lambda g: g / denom, grad_sum), tokens
+    """(token-mean loss, its gradient, loss tokens) over micro-batches batch[k], summed before normalising."""
+    grads, loss, aux = loop.accumulate(sft_loss(graphdef, chunk_tokens), params, batch, frozen=frozen,
+                                       dropout_key=dropout_key)
+    loss, aux, grads = per_token(loss, aux, grads)
+    return loss, grads, aux["loss_tokens"]
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
@@ -102,83 +92,32 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
                     ) -> Callable:
     """The pure step `(state, batch[, frozen]) -> (state, metrics)`; batch leaves are [micro_batches, rows, t].
 
-    `frozen`: the frozen base when state["params"] are adapters. `dropout_seed`: adapters' dropout is on, its
-    masks a function of (seed, step, micro-batch), so a resumed run draws the same ones.
+    Metrics: loss, grad_norm, lr, loss_tokens, tokens (non-padding input tokens).
     """
-
-    def train_step(state: dict, batch: dict[str, jax.Array], frozen: dict | None = None
-                   ) -> tuple[dict, dict[str, jax.Array]]:
-        key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
-        loss, grads, tokens = accumulated_gradients(state["params"], graphdef, batch, chunk_tokens=chunk_tokens,
-                                                    frozen=frozen, dropout_key=key)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.global_norm(grads),  # before clipping
-            "lr": schedule(state["step"]),
-            "loss_tokens": tokens,
-            "tokens": jnp.sum(batch["segment_ids"] > 0),
-        }
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-    return train_step
+    return loop.make_train_step(sft_loss(graphdef, chunk_tokens), tx, schedule, normalize=per_token,
+                                dropout_seed=dropout_seed)
 
 
-def state_shardings_for(params_shapes: dict, param_shardings: dict, tx, mesh: Mesh) -> dict:
-    """NamedShardings of the whole training state (moments follow their parameter)."""
-    repl = sharding.replicated(mesh)
-    return {"step": repl, "params": param_shardings,
-            "opt_state": optimizer_shardings(tx, params_shapes, param_shardings, repl)}
+state_shardings_for = loop.state_shardings_for
+run_on_mesh = loop.run_on_mesh
+
+
+def batch_layout(rows: int, length: int) -> loop.BatchLayout:
+    return loop.BatchLayout(rows, length, {k: jnp.float32 if k == "weights" else jnp.int32
+                                           for k in sft_data.BATCH_KEYS})
 
 
 def batch_shardings(mesh: Mesh, shape: Sequence[int]) -> dict[str, NamedSharding]:
-    named = sharding.named_sharding(mesh, BATCH_AXES, shape)
-    return {k: named for k in sft_data.BATCH_KEYS}
-
-
-def jit_train_step(graphdef, tx, schedule, state_sh: dict, batch_sh: dict, mesh: Mesh, *,
-                   chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, frozen_sh: dict | None = None,
-                   dropout_seed: int | None = None):
-    """`train_step` under `jax.jit` with explicit in/out shardings; the old state's buffers are donated.
-
-    With `frozen_sh` (adapters) the step takes the frozen base as a third argument, never donated.
-    """
-    step = make_train_step(graphdef, tx, schedule, chunk_tokens=chunk_tokens, dropout_seed=dropout_seed)
-    if frozen_sh is not None:
-        return jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh),
-                       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    return jax.jit(
-        step,
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-
-
-def run_on_mesh(step, mesh: Mesh, frozen: dict | None = None) -> Callable:
-    """`(state, batch) -> (state, metrics)` calling a jitted or compiled step under the mesh (with `frozen`)."""
-    extra = () if frozen is None else (frozen,)
-
-    def run(state, batch):
-        with jax.set_mesh(mesh):  # so the model's `constrain` hints see the mesh
-            return step(state, batch, *extra)
-
-    return run
+    """Shardings of a batch [micro_batches, rows per micro-batch, t]."""
+    k, micro_rows, length = shape
+    return batch_layout(k * micro_rows, length).shardings(mesh, k)
 
 
 def compile_train_step(graphdef, tx, schedule, state_sh: dict, batch_sh: dict, mesh: Mesh, *,
                        chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
     """The jitted step (compiled on its first call) as `(state, batch) -> (state, metrics)`."""
-    return run_on_mesh(jit_train_step(graphdef, tx, schedule, state_sh, batch_sh, mesh, chunk_tokens=chunk_tokens),
-                       mesh)
-
-
-def abstract_batch(batch_sh: dict[str, NamedSharding], shape: Sequence[int]) -> dict[str, jax.ShapeDtypeStruct]:
-    """The step's batch as ShapeDtypeStructs [micro_batches, rows, t] (what `SFTBatches` yields, reshaped)."""
-    dtypes = {"weights": jnp.float32}
-    return {k: jax.ShapeDtypeStruct(tuple(shape), dtypes.get(k, jnp.int32), sharding=batch_sh[k])
-            for k in sft_data.BATCH_KEYS}
+    step = make_train_step(graphdef, tx, schedule, chunk_tokens=chunk_tokens)
+    return loop.run_on_mesh(loop.jit_train_step(step, state_sh, batch_sh, mesh), mesh)
 
 
 def fit_train_step(config, graphdef, tx, schedule, state_sh: dict, abstract_train_state: dict, mesh: Mesh, *,
@@ -189,40 +128,18 @@ def fit_train_step(config, graphdef, tx, schedule, state_sh: dict, abstract_trai
     `abstract_frozen`: the frozen base (ShapeDtypeStructs with shardings) when training adapters.
     """
     t = config.train
-    frozen_sh = None if abstract_frozen is None else jax.tree.map(lambda x: x.sharding, abstract_frozen)
-    frozen_args = () if abstract_frozen is None else (abstract_frozen,)
-    rows, length = int(t.batch_size), int(config.data.max_length)
-    budget, source = train_memory.budget_bytes(t, "train")
-
-    def compile_for(k: int):
-        batch_sh = batch_shardings(mesh, (k, rows // k, length))
-        jitted = jit_train_step(graphdef, tx, schedule, state_sh, batch_sh, mesh,
-                                chunk_tokens=int(t.loss_chunk_tokens), frozen_sh=frozen_sh, dropout_seed=dropout_seed)
-        with jax.set_mesh(mesh):
-            return jitted.lower(abstract_train_state, abstract_batch(batch_sh, (k, rows // k, length)),
-                                *frozen_args).compile()
-
+    step = make_train_step(graphdef, tx, schedule, chunk_tokens=int(t.loss_chunk_tokens), dropout_seed=dropout_seed)
     advice = ("Lower train.batch_size or data.max_length, set model.remat=full (recompute each layer), spread "
               "the batch over more devices (mesh.fsdp), or raise train.memory_budget_gb / train.memory_fraction.")
-    k, compiled, mem = train_memory.fit_micro_batches(
-        compile_for, rows, train_memory.sharded_batch_ways(mesh), budget, budget_source=source,
-        fixed=int(t.grad_accum_steps) or None, key="train.grad_accum_steps", advice=advice,
-        process_count=jax.process_count())
-    return k, batch_shardings(mesh, (k, rows // k, length)), compiled, mem
+    return loop.fit_train_step(step, state_sh, abstract_train_state, mesh,
+                               batch_layout(int(t.batch_size), int(config.data.max_length)), section=t,
+                               prefix="train", fixed=int(t.grad_accum_steps) or None, key="train.grad_accum_steps",
+                               advice=advice, abstract_frozen=abstract_frozen, process_count=jax.process_count())
 
 
 def to_device_batch(host: dict[str, np.ndarray], micro_batches: int, batch_sh: dict[str, NamedSharding]) -> dict:
-    """Host rows [local_rows, t] -> global arrays [micro_batches, rows, t] on the mesh."""
-    out = {}
-    for key, x in host.items():
-        local = x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
-        named = batch_sh[key]
-        if jax.process_count() == 1:
-            out[key] = jax.device_put(local, named)
-        else:
-            global_shape = (local.shape[0], local.shape[1] * jax.process_count(), *local.shape[2:])
-            out[key] = jax.make_array_from_process_local_data(named, local, global_shape)
-    return out
+    """This process's rows [local_rows, t] -> global arrays [micro_batches, rows, t] on the mesh."""
+    return loop.to_device_batch(host, micro_batches, batch_sh)
 
 
 # ----- setup -----------------------------------------------------------------------------------------------
@@ -291,15 +208,7 @@ def _run_fingerprint(config) -> str:
     return config_hash(keep)
 
 
-def latest_checkpoint_meta(directory: Path) -> dict:
-    """The newest complete checkpoint's JSON meta read on its own (no arrays, no orbax), or {} when none."""
-    steps = sorted((int(p.name) for p in directory.glob("*") if p.name.isdigit()), reverse=True)
-    for path in sorted((directory / str(steps[0]) / "meta").glob("*")) if steps else ():
-        try:
-            return dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            continue
-    return {}
+latest_checkpoint_meta = loop.latest_checkpoint_meta
 
 
 # ----- the loop --------------------------------------------------------------------------------------------
@@ -309,9 +218,8 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
 
     `examples_or_path`: SFTExample/dict records, a JSON/JSONL path (or list of them), or None for
     config.data.train_files / config.data.dataset. Result keys: export_dir, metrics_path, checkpoint_dir,
-    steps, final_loss, preempted.
+    steps, final_loss, preempted (and adapter_dir with train.lora.rank > 0).
     """
-    from stat_jax.models import abstract_model, export_hf_checkpoint, load_hf_checkpoint
     from stat_jax.models.config import ModelConfig
     from stat_jax.models.hub import resolve_model_path
 
@@ -321,11 +229,9 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     export_dir = Path(config.train.export_dir) if config.train.export_dir else workdir / "hf"
     result_path = workdir / "sft_result.json"
     fingerprint = _run_fingerprint(config)
-    if resume and result_path.exists() and (export_dir / "config.json").exists():
-        done = json.loads(result_path.read_text())
-        if done.get("fingerprint") == fingerprint:
-            log.info("sft: %s already finished (step %s); nothing to do", workdir, done.get("steps"))
-            return done
+    if resume and (done := loop.finished_result(result_path, export_dir, fingerprint)) is not None:
+        log.info("sft: %s already finished (step %s); nothing to do", workdir, done.get("steps"))
+        return done
 
     mesh = mesh or sharding.mesh_from_config(config.mesh)
     model_path = resolve_model_path(config.model.path)
@@ -345,64 +251,31 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     total_steps = total_steps_for(config.train, batches)
     tx, schedule = build_optimizer(config.train, total_steps)
 
-    model_kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
-    lcfg = lora.LoraConfig.from_config(config.train.get("lora"))
-    abstract_frozen = base_hash = None
-    if lcfg.enabled:  # only the adapters are trained; the base is the step's frozen argument
-        graphdef, abstract_params, abstract_base = lora.adapter_shapes(model_cfg, lcfg, **model_kw)
-        base_hash = lora.base_fingerprint(model_path)
-        if resume:  # before compiling: adapters of another base can have the same shapes and load silently
-            lora.check_base(latest_checkpoint_meta(workdir / "checkpoints").get("base_fingerprint"), base_hash,
-                            str(workdir / "checkpoints"))
-        abstract_frozen = abstract_state(nnx.to_pure_dict(abstract_base),
-                                         nnx.to_pure_dict(sharding.state_shardings(abstract_base, mesh)))
-    else:
-        graphdef, abstract_params = nnx.split(abstract_model(model_cfg, **model_kw))
-    params_shapes = nnx.to_pure_dict(abstract_params)
-    param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
-    state_sh = state_shardings_for(params_shapes, param_sh, tx, mesh)
-    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shapes,
-              "opt_state": jax.eval_shape(tx.init, params_shapes)}
-    dropout_seed = int(config.seed) if lcfg.enabled and lcfg.dropout > 0 else None
+    policy, state_sh, abstract_train_state, dropout_seed = loop.policy_from_config(
+        config, model_cfg, model_path, mesh, tx, workdir / "checkpoints", resume)
     # Compiled from abstract arrays before any weight is loaded, so a step that cannot fit stops here.
     micro, batch_sh, compiled_step, step_memory = fit_train_step(
-        config, graphdef, tx, schedule, state_sh, abstract_state(shapes, state_sh), mesh,
-        abstract_frozen=abstract_frozen, dropout_seed=dropout_seed)
+        config, policy.graphdef, tx, schedule, state_sh, abstract_train_state, mesh,
+        abstract_frozen=policy.abstract_frozen, dropout_seed=dropout_seed)
     _check_batch_divides_mesh(config.train.batch_size // micro, mesh)
 
-    ckpt = CheckpointManager(workdir / "checkpoints", save_every=config.train.checkpoint_every,
-                             keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing)
-    latest = ckpt.latest_step()
-    if latest is not None and not resume:
-        ckpt.close()
-        raise CheckpointsExistError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
-                                    "--resume to continue that run, or choose another workdir")
-    frozen = None
-    if lcfg.enabled:
-        base_model = lora.add_adapters(load_hf_checkpoint(model_path, mesh, **model_kw), lcfg, seed=config.seed)
-        _, adapters, base = lora.split_adapters(base_model)
-        frozen = nnx.to_pure_dict(base)
-        del base_model, base
+    ckpt = loop.open_checkpoints(workdir / "checkpoints", config.train, resume)
+    # Full fine-tuning resumes from the checkpoint alone; adapters always need their frozen base.
+    loaded = loop.load_policy(policy, mesh, int(config.seed)) if policy.adapters or ckpt.latest_step() is None \
+        else (None, None)
+    frozen = loaded[1]
+    state, restored_meta, latest = loop.restore_or_init(ckpt, abstract_train_state, state_sh, tx, lambda: loaded[0],
+                                                        fingerprint, "sft")
+    del loaded
     if latest is not None:
-        state, meta = ckpt.restore(abstract_state(shapes, state_sh))
-        if meta.get("fingerprint") != fingerprint:
-            log.warning("sft: resuming %s with a changed model/data/optimizer config (hash %s -> %s)",
-                        workdir, meta.get("fingerprint"), fingerprint)
-        batches.restore(meta["data"])
+        batches.restore(restored_meta["data"])
         log.info("sft: resumed from step %d (epoch %d, batch %d)", latest, batches.epoch, batches.batch)
-    else:
-        if lcfg.enabled:
-            params = jax.device_put(nnx.to_pure_dict(adapters), param_sh)
-        else:
-            params = nnx.to_pure_dict(nnx.split(load_hf_checkpoint(model_path, mesh, **model_kw))[1])
-        opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
-        state = {"step": jax.device_put(jnp.int32(0), state_sh["step"]), "params": params, "opt_state": opt_state}
     start_step = int(jax.device_get(state["step"]))
 
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(config, workdir)
-    step_fn = run_on_mesh(compiled_step, mesh, frozen)
+    train_step = loop.run_on_mesh(compiled_step, mesh, frozen)
     metrics_path = workdir / "metrics.jsonl"
     logger = MetricsLogger(metrics_path, total_steps=total_steps, start_step=start_step, desc="sft",
                            tensorboard_dir=workdir / "tensorboard" if config.train.tensorboard else None,
@@ -414,71 +287,38 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
 
     def meta() -> dict[str, Any]:
         return {"data": batches.state(), "fingerprint": fingerprint, "total_steps": total_steps,
-                **({"base_fingerprint": base_hash} if base_hash else {})}
+                **policy.checkpoint_meta()}
 
-    pending: tuple[int, dict, int] | None = None  # metrics are read one step late so the host never stalls the device
+    def step_fn(step: int, state: dict):
+        batch = to_device_batch(next(batches), micro, batch_sh)
+        epoch = batches.epoch  # the epoch this batch came from
+        state, metrics = train_step(state, batch)
+        return state, {**metrics, "epoch": epoch}
+
     last_time = time.perf_counter()
-    final_loss = None
-    preempted = False
 
-    def flush(pending_step: int, metrics: dict, epoch: int) -> float:
+    def report(step: int, values: dict[str, float]) -> None:
         nonlocal last_time
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         values["tokens_per_s"] = values["tokens"] / max(now - last_time, 1e-9)
-        values["epoch"] = epoch
+        values["epoch"] = int(values["epoch"])
         last_time = now
-        if pending_step % config.train.log_every == 0 or pending_step == total_steps:
-            logger.log(pending_step, values)
-        return values["loss"]
+        if step % config.train.log_every == 0 or step == total_steps:
+            logger.log(step, values)
 
     try:
-        with PreemptionGuard() as guard:
-            for step in range(start_step + 1, total_steps + 1):
-                batch = to_device_batch(next(batches), micro, batch_sh)
-                epoch = batches.epoch
-                state, metrics = step_fn(state, batch)
-                if pending is not None:
-                    final_loss = flush(*pending)
-                pending = (step, metrics, epoch)
-                if step == total_steps:
-                    break
-                ckpt.maybe_save(step, state, meta)
-                if guard.should_stop(ckpt, step):
-                    final_loss = flush(*pending)
-                    pending = None
-                    ckpt.save(step, state, meta(), force=True)
-                    ckpt.wait()
-                    log.warning("sft: stopped by SIGTERM at step %d after checkpointing; resume with --resume", step)
-                    preempted = True
-                    break
-            if pending is not None:
-                final_loss = flush(*pending)
-            if not preempted:
-                ckpt.save(total_steps, state, meta(), force=True)
+        state, preempted, last = loop.run_loop("sft", state, start_step, total_steps, step_fn, report, ckpt, meta)
     finally:
         logger.close()
         ckpt.close()
 
     end_step = int(jax.device_get(state["step"]))
     result = {"export_dir": str(export_dir), "metrics_path": str(metrics_path), "checkpoint_dir": str(ckpt.directory),
-              "steps": end_step, "total_steps": total_steps, "final_loss": final_loss, "preempted": preempted,
+              "steps": end_step, "total_steps": total_steps, "final_loss": last.get("loss"), "preempted": preempted,
               "fingerprint": fingerprint, "examples": len(tokenized), "dropped_examples": dropped,
               "micro_batches": micro, "step_memory_gb": step_memory.peak / train_memory.GB}
-    if preempted:
-        return result
-    if lcfg.enabled:
-        model = nnx.merge(graphdef, nnx.State(state["params"]), nnx.State(frozen))
-        adapter_dir = workdir / "adapter"
-        lora.export_peft_adapter(model, adapter_dir, lcfg, base_model_name_or_path=str(model_path),
-                                 base_hash=base_hash, dtype=config.train.export_dtype)
-        result["adapter_dir"] = str(adapter_dir)  # the HF export below holds base + adapters merged
-    else:
-        model = nnx.merge(graphdef, nnx.State(state["params"]))
-    export_hf_checkpoint(model, export_dir, tokenizer_source=tokenizer_path, dtype=config.train.export_dtype)
-    if is_writer:
-        result_path.write_text(json.dumps(result, indent=2))
-    return result
+    return loop.finish(result, policy, state["params"], frozen, export_dir=export_dir, workdir=workdir,
+                       result_path=result_path, tokenizer_source=tokenizer_path, dtype=config.train.export_dtype)
 
 
 def main(config, args) -> int:

@@ -313,14 +313,15 @@ def _cli(student, workdir, prompts, *flags):
             *(f"--config.{k}={v}" for k, v in values.items()), *flags]
 
 
-def test_kill9_then_resume_reproduces_the_uninterrupted_run(toy_student, uninterrupted, tmp_path):
+def _kill9_then_resume(student, tmp_path, *flags) -> dict[int, dict]:
+    """A 6-step CLI run (RESUME settings) killed -9 after step 4, then resumed; its metrics rows by step."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"problem": p.problem, "answer": p.answer, "id": p.id}) + "\n"
                                for p in PROBLEMS))
     workdir = tmp_path / "run"
     # One CPU device, like the in-process reference's one-device mesh.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(_cli(toy_student, workdir, prompts), cwd=REPO, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cli(student, workdir, prompts, *flags), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while True:  # kill right after step 4 is logged: past the step-3 checkpoint, before the end
@@ -336,10 +337,14 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(toy_student, uninter
     killed_at = read_metrics(workdir / "metrics.jsonl")[-1]["step"]
     assert killed_at < 6 and not (workdir / "grpo_result.json").exists()
 
-    done = subprocess.run(_cli(toy_student, workdir, prompts, "--resume"), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(_cli(student, workdir, prompts, *flags, "--resume"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    got = {r["step"]: r for r in read_metrics(workdir / "metrics.jsonl")}
+    return {r["step"]: r for r in read_metrics(workdir / "metrics.jsonl")}
+
+
+def test_kill9_then_resume_reproduces_the_uninterrupted_run(toy_student, uninterrupted, tmp_path):
+    got = _kill9_then_resume(toy_student, tmp_path)
     assert sorted(got) == list(range(1, 7))  # the replayed step is not duplicated
     assert_same_steps(got, uninterrupted, range(1, 7))
 
@@ -373,3 +378,52 @@ def test_bad_settings_fail_fast_naming_the_key(key, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         grpo.train_grpo(config, PROBLEMS)
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+# ----- adapters (train.lora) ----------------------------------------------------------------------------------
+ADAPTERS = {"train.lora.rank": 8, "train.lora.alpha": 16, "train.lora.dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def adapter_student(tmp_path_factory):
+    from tests.train.sft_fixtures import make_student
+
+    return make_student(tmp_path_factory.mktemp("grpo_adapter_student"), initializer_range=0.2)
+
+
+@pytest.mark.slow  # 24 GRPO steps: ~1.5 min on 2 busy cores (the full-parameter version is in the default run)
+def test_grpo_with_adapters_raises_reward_trains_only_adapters_and_never_recompiles(adapter_student, tmp_path):
+    import orbax.checkpoint as ocp
+
+    from stat_jax.models import lora
+
+    config = toy_config(adapter_student, tmp_path / "run", **TOY, **ADAPTERS, **{"grpo.steps": 24})
+    result = grpo.train_grpo(config, PROBLEMS, mesh=one_device_mesh(), reward_fn=even_digit_reward)
+    rewards = [r["reward_mean"] for r in read_metrics(result["metrics_path"])]
+    assert len(rewards) == 24
+    assert np.mean(rewards[-6:]) > np.mean(rewards[:6]) + 0.25, rewards
+    # The engine sampled from base + adapters merged every step by ONE compiled program, and its own kernels
+    # were not recompiled by the 24 weight swaps either.
+    counts = result["compilations"]
+    assert counts["merge_adapters"] == 1 and counts["generate"] == 1, counts
+    # Only the adapters (and their optimizer state) are in the checkpoint; the base's fingerprint in the meta.
+    ckpt = tmp_path / "run" / "checkpoints"
+    tree = ocp.StandardCheckpointer().metadata(ckpt / "24" / "state").item_metadata.tree
+    leaves = ["/".join(str(getattr(p, "key", p)) for p in path)
+              for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]]
+    params = [k for k in leaves if k.startswith("params/")]
+    assert params and all(k.endswith(("lora_a", "lora_b")) for k in params), params[:4]
+    assert grpo.loop.latest_checkpoint_meta(ckpt)["base_fingerprint"] == lora.base_fingerprint(adapter_student)
+    assert (Path(result["adapter_dir"]) / lora.ADAPTER_WEIGHTS).is_file()
+    assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # three GRPO runs, two of them trainer processes
+def test_kill9_then_resume_with_adapters_reproduces_the_uninterrupted_run(adapter_student, tmp_path):
+    reference = grpo.train_grpo(toy_config(adapter_student, tmp_path / "reference", **RESUME, **ADAPTERS), PROBLEMS,
+                                mesh=one_device_mesh(), reward_fn=even_digit_reward)
+    want = {r["step"]: r for r in read_metrics(reference["metrics_path"])}
+    assert want[6]["kl"] > 0  # the reference (zero adapters on the base) is in use
+    got = _kill9_then_resume(adapter_student, tmp_path, *(f"--config.{k}={v}" for k, v in ADAPTERS.items()))
+    assert sorted(got) == list(range(1, 7))
+    assert_same_steps(got, want, range(1, 7))

@@ -4,8 +4,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -22,7 +20,7 @@ from stat_jax.models import init_model, load_hf_checkpoint
 from stat_jax.models.llama import tiny_llama
 from stat_jax.train import sft
 from stat_jax.train.metrics import read_metrics
-from tests.train.sft_fixtures import make_student, reverse_examples, write_jsonl
+from tests.train.sft_fixtures import reverse_examples, sft_cli, sft_overrides, sft_run_setup, start_and_wait
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 24, 4
@@ -90,17 +88,11 @@ def test_grad_accumulation_equals_one_large_batch(tok, tiny_model):
 # ----- whole runs ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    student = make_student(root / "student")
-    data = write_jsonl(root / "train.jsonl", reverse_examples(240, seed=0))
-    return root, student, data
+    return sft_run_setup(tmp_path_factory.mktemp("sft"), 240)
 
 
 def _overrides(student, data, workdir, **extra):
-    values = {"model.path": student, "data.train_files": data, "workdir": workdir, "train.steps": STEPS,
-              "train.checkpoint_every": EVERY, "train.keep_checkpoints": 3, "train.batch_size": 8,
-              "train.grad_accum_steps": 2, "data.max_length": 48, **extra}
-    return [(k, str(v)) for k, v in values.items()]
+    return sft_overrides(student, data, workdir, steps=STEPS, every=EVERY, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -129,30 +121,13 @@ def test_loss_decreases_and_export_loads(reference):
 
 
 def _cli(student, data, workdir, *flags):
-    args = [f"--config.{k}={v}" for k, v in _overrides(student, data, workdir)]
-    return [sys.executable, "-m", "stat_jax.cli", "sft", f"--config={REPO / 'configs/sft_tiny.py'}", *args, *flags]
-
-
-def _start_and_wait(cmd, workdir: Path, min_step: int, need_checkpoint: int | None = None):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        rows = read_metrics(workdir / "metrics.jsonl")
-        ready = need_checkpoint is None or (workdir / "checkpoints" / str(need_checkpoint)).is_dir()
-        if rows and rows[-1]["step"] >= min_step and ready:
-            return proc
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stdout.read().decode()[-3000:]}")
-        time.sleep(0.01)
-    proc.kill()
-    raise AssertionError("trainer did not reach the step in time")
+    return sft_cli(_overrides(student, data, workdir), *flags)
 
 
 def test_kill9_then_resume_reproduces_the_uninterrupted_run(setup, reference, tmp_path):
     root, student, data = setup
     workdir = tmp_path / "run"
-    proc = _start_and_wait(_cli(student, data, workdir), workdir, min_step=EVERY + 1, need_checkpoint=EVERY)
+    proc = start_and_wait(_cli(student, data, workdir), workdir, min_step=EVERY + 1, need_checkpoint=EVERY)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
     killed_at = read_metrics(workdir / "metrics.jsonl")[-1]["step"]
@@ -171,7 +146,7 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(setup, reference, tm
 def test_sigterm_saves_a_checkpoint_and_exits(setup, tmp_path):
     root, student, data = setup
     workdir = tmp_path / "run"
-    proc = _start_and_wait(_cli(student, data, workdir), workdir, min_step=2)
+    proc = start_and_wait(_cli(student, data, workdir), workdir, min_step=2)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == sft.PREEMPTED_STATUS, out[-3000:]
