@@ -1,6 +1,6 @@
 """Generation on a multi-process mesh: 2 local CPU processes x 4 fake devices joined by jax.distributed on
-127.0.0.1 run `stat-jax eval` through the CLI; every process runs the same scheduler loop over the same
-requests, and the records process 0 writes equal those of this single process on 8 devices."""
+127.0.0.1 run `stat-jax eval` and `stat-jax grpo` through the CLI; every process runs the same scheduler loop
+over the same requests, and what process 0 alone writes equals the run of this single process on 8 devices."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import portpicker
 import pytest
 
@@ -101,4 +102,47 @@ def test_serve_refuses_several_processes_with_the_reason(tmp_path, capsys, monke
     assert code == 2, err
     assert "stat-jax serve is a single-host server" in err and "run it as one process on one host" in err
     assert not (tmp_path / "serve").exists()  # refused before its inputs are checked or anything is written
+
+
+def grpo_args(student: Path, problems: Path, workdir: Path) -> list[str]:
+    # The toy task of tests/train/test_grpo.py: rewards differ within groups, so the two updates move the weights.
+    # A small learning rate: the processes sum gradients in another order than one process does, and Adam turns
+    # the last-bit differences of near-zero gradients into differences of up to 1e-3 x lr in the weights (seen:
+    # 3.7e-6 in one embedding entry of 3,328 at this rate, all else within 1e-6).
+    return ["--config=configs/grpo_tiny.py", f"--config.model.path={student}", f"--config.workdir={workdir}",
+            f"--config.grpo.train_files={problems}", "--config.grpo.steps=2", "--config.grpo.prompts_per_step=4",
+            "--config.grpo.num_generations=8", "--config.grpo.max_new_tokens=2", "--config.grpo.learning_rate=2e-3",
+            "--config.grpo.instruction={problem}", "--config.grpo.checkpoint_every=2",
+            "--config.grpo.reward=tests.train.test_grpo:even_digit_reward"]
+
+
+def test_two_process_grpo_steps_equal_the_single_process_run(tmp_path):
+    from safetensors.numpy import load_file
+
+    from stat_jax.train.metrics import read_metrics
+
+    student = make_student(tmp_path / "student")
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"problem": f"Say an even digit ({i}).", "answer": "0"}) + "\n"
+                                for i in range(8)))
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    logs = [tmp_path / f"process-{i}.log" for i in range(PROCESSES)]
+    procs = start_processes("grpo", lambda i: grpo_args(student, problems, multi), logs)
+    try:
+        assert cli.main(["grpo", *grpo_args(student, problems, single)]) == 0
+    finally:
+        codes = wait_all(procs, logs, timeout=400)
+    assert codes == [0] * PROCESSES, tail(logs)
+    multi_rows, single_rows = read_metrics(multi / "metrics.jsonl"), read_metrics(single / "metrics.jsonl")
+    assert [r["step"] for r in multi_rows] == [1, 2]  # written once, by process 0
+    for a, b in zip(multi_rows, single_rows):
+        assert a["reward_mean"] == b["reward_mean"] and 0 < a["reward_mean"] < 1
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    start, after_multi, after_single = (load_file(d / "model.safetensors") for d in (student, multi / "hf", single / "hf"))
+    assert after_multi.keys() == after_single.keys() == start.keys()
+    moved = 0.0
+    for name in start:
+        np.testing.assert_allclose(after_multi[name], after_single[name], rtol=0, atol=1e-5, err_msg=name)
+        moved = max(moved, float(np.abs(after_multi[name] - start[name]).max()))
+    assert moved > 5e-4  # the updates did something (an Adam step moves a weight by about lr)
 
