@@ -1,11 +1,14 @@
 """Generation on a multi-process mesh: 2 local CPU processes x 4 fake devices joined by jax.distributed on
 127.0.0.1 run `stat-jax eval` and `stat-jax grpo` through the CLI; every process runs the same scheduler loop
-over the same requests, and what process 0 alone writes equals the run of this single process on 8 devices."""
+over the same requests, and what process 0 alone writes equals the run of this single process on 8 devices.
+A process killed mid-rollout ends the other with an error naming it; `--resume` then completes the records."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -145,4 +148,50 @@ def test_two_process_grpo_steps_equal_the_single_process_run(tmp_path):
         np.testing.assert_allclose(after_multi[name], after_single[name], rtol=0, atol=1e-5, err_msg=name)
         moved = max(moved, float(np.abs(after_multi[name] - start[name]).max()))
     assert moved > 5e-4  # the updates did something (an Adam step moves a weight by about lr)
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_rollout_ends_the_other_naming_it_and_resume_completes(tmp_path):
+    """A host lost mid-rollout: the survivor stops with an error naming the lost process (its host and pid)
+    within the configured limits instead of hanging, and `--resume` on both finishes the same records."""
+    student = make_student(tmp_path / "student")
+    data = write_math500(tmp_path / "math500.jsonl", 12)
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    # 48 new tokens a question in chunks of 4: long enough to kill process 1 in the middle of the second chunk.
+    extra = ("--config.eval.chunk_size=4", "--config.eval.max_new_tokens=48", "--config.rollout.max_target_length=320")
+    # Short limits for the run that loses a process; the resumed run keeps the defaults, since on a loaded test
+    # machine a short heartbeat limit can expire for processes that are merely slow.
+    limits = ("--config.distributed.heartbeat_timeout_s=30", "--config.distributed.collective_timeout_s=240")
+    logs = [tmp_path / f"process-{i}.log" for i in range(PROCESSES)]
+    procs = start_processes("eval", lambda i: eval_args(student, data, multi, *extra, *limits), logs)
+    try:
+        deadline = time.monotonic() + 400
+        while "questions 4-8 of 12" not in logs[0].read_text():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), tail(logs)
+            time.sleep(0.5)
+        time.sleep(2)  # inside the second chunk's rollout
+        procs[1].kill()
+        killed_pid, start = procs[1].pid, time.monotonic()
+        code = procs[0].wait(timeout=300)
+        stopped_after = time.monotonic() - start
+    finally:
+        stop_all(procs)
+    survivor = logs[0].read_text()
+    assert code != 0, survivor[-3000:]
+    # Named by stat-jax's peer watch (host and pid), or, when JAX's own heartbeat check wins the race on a loaded
+    # machine, by JAX's task number.
+    ours = f"process 1 ({socket.gethostname()}, pid {killed_pid}) stopped responding"
+    assert ours in survivor or "Task 1 heartbeat timeout" in survivor, survivor[-3000:]
+    assert stopped_after < 240, stopped_after  # within the configured limits, not a hang
+    assert len((multi / "math500.jsonl").read_text().splitlines()) == 4  # the first chunk, written before
+
+    logs = [tmp_path / f"resume-{i}.log" for i in range(PROCESSES)]
+    procs = start_processes("eval", lambda i: [*eval_args(student, data, multi, *extra), "--resume"], logs)
+    try:
+        assert cli.main(["eval", *eval_args(student, data, single, *extra)]) == 0
+    finally:
+        codes = wait_all(procs, logs, timeout=400)
+    assert codes == [0] * PROCESSES, tail(logs)
+    assert "resuming after 4/12 questions" in logs[0].read_text()
+    assert (multi / "math500.jsonl").read_text() == (single / "math500.jsonl").read_text()
 
