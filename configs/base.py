@@ -36,6 +36,11 @@ def get_config() -> ConfigDict:
     # GRPO 16 x 512 5.3 GB, 0.20 MB/token beyond the fixed 2.15 GB (SFT 0.09); time per token no worse than
     # none with unchunked logits (GRPO 14.4 vs 14.6 ms, SFT 14.7 vs 24.2 ms: the chunked loss saves more than
     # the recompute costs on CPU).
+    # The training forward runs the layers as one lax.scan over their stacked weights (models/transformer.py
+    # _scanned_layers) and the loss head / embedding lookup vocab-parallel: at the paper shapes (bf16 compute,
+    # f32 masters, fsdp=8, XLA CPU's memory analysis, 2026-12-02) Qwen2.5-3B SFT 8 x 2,048 went 21.16 -> 8.60 GB
+    # per device (16 GiB v5e: +8.58 GB margin) and GRPO 64 x 2,048 per micro-batch 23.56 -> 20.08 GB (-2.90 GB:
+    # not yet within a v5e chip at 64 rows per micro-batch; 13.9 GB of it temporaries).
     c.model.remat = "full"
 
     c.mesh = ConfigDict()

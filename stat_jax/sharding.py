@@ -42,6 +42,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # The training head and the embedding lookup (models/transformer.py) run vocab-parallel: the batch of a chunk
+    # is gathered over fsdp, the vocabulary split over it, so neither the [vocab, embed] table nor its gradient
+    # ever exists whole on a device (the 151,936 x 2,048 float32 head gradient of Qwen2.5-3B is 1.2 GB).
+    ("head_batch", "data"),
+    ("head_vocab", ("tensor", "fsdp")),
     # KV cache for decoding: [batch, kv_heads, cache_length, head_dim] (head-major)
     ("cache_batch", ("data", "fsdp")),
     ("cache_length", None),

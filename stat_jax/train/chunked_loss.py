@@ -56,7 +56,8 @@ def token_stats(model, hidden: jax.Array, targets: jax.Array, *, chunk_tokens: i
     length = chunk_length(b, t, chunk_tokens)
 
     def chunk(h, y):
-        return stats_from_logits(model.logits_from_hidden(h), y, temperature=temperature, entropy=entropy)
+        return stats_from_logits(model.logits_from_hidden(h, vocab_parallel=True), y, temperature=temperature,
+                                 entropy=entropy)
 
     if length >= t:
         return chunk(hidden, targets)
