@@ -59,13 +59,10 @@ def get_config(variant: str = "default") -> ConfigDict:
     # because its recorded results were made so; base.py's default is the label-free consistency rule.
     # Its offline teacher names only the skills of the wrong steps (diagnose_min_skills=1): the paper's minimum of
     # 2 pads one-mistake diagnoses with neighbouring skills, which took `percent` below the flag share (8.2%).
-    # Its teacher slips in 25% of solutions (demo.teacher_slip_rate); STAT-Sel drops those by the reference answer
-    # (sel_answer_filter=reference, a label use like the scorer above), as the recorded results were made.
     _set(c, "stat", scorer="accuracy", skills_sample_per_subject=200, label_max_skills=3, rollout_samples=4,
          rollout_temperature=0.7, rollout_top_p=1.0, rollout_max_new_tokens=48, num_hard=150, grade_workers=0,
          diagnose_min_skills=1, diagnose_max_skills=3,
-         sel_questions_per_skill=5, sel_answers_per_question=3, sel_answer_source="teacher",
-         sel_answer_filter="reference", sel_target_size=0,
+         sel_questions_per_skill=5, sel_answers_per_question=3, sel_answer_source="teacher", sel_target_size=0,
          syn_reference_questions=3, syn_new_questions=2, syn_solutions=3, syn_min_agree=2, syn_target_size=0)
     _set(c, "teacher", backend="stat_jax.demo.offline_teacher:OfflineTeacher", model="offline-demo", max_workers=1,
          max_retries=0, price_input_per_mtok=0.0, price_output_per_mtok=0.0, max_calls=0)  # the offline teacher is free
