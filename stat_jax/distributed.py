@@ -16,10 +16,14 @@ so a mesh built from it spans every host. Host-side side effects (teacher calls,
 belong to the coordinator: guard them with `is_coordinator()` and line the processes up with `barrier(name)`.
 
 A process that dies or stalls leaves the others blocked inside a collective, which nothing can interrupt. Two
-limits end such a job instead of letting it hang: JAX's coordination service declares a process dead after
-`distributed.heartbeat_timeout_s` without a heartbeat and stops every process, and `collective_deadline`
-(rollout steps, broadcasts, barriers) ends this process after `distributed.collective_timeout_s` with an error
-naming the processes, and their hosts, that stopped responding.
+limits end such a job instead of letting it hang, each with an error naming the process that stopped responding
+and its host and pid: stat-jax's peer watch ends every other process when a peer's heartbeat stops for half of
+`distributed.heartbeat_timeout_s` (also while they exit), and `collective_deadline` (rollout steps, broadcasts,
+barriers) ends this process after `distributed.collective_timeout_s`. JAX's coordination service keeps its own
+check, at twice `heartbeat_timeout_s`, only as a backstop: it aborts the survivors from C++ with a message that
+names a task number, and nothing in Python can add the host to that. One case stays JAX's: when process 0 (the
+coordinator) dies, the others abort the moment its socket closes, with JAX's message about "the leader task";
+the peer table logged at start ("peers: process 0 (HOST, pid P), ...") says where that was.
 """
 
 from __future__ import annotations
@@ -167,7 +171,7 @@ def maybe_initialize_distributed(flags: Any = None, env: Mapping[str, str] | Non
     nothing).
     """
     spec = resolve_distributed(flags, env)
-    global _heartbeat_timeout_s
+    global _heartbeat_timeout_s, _watch_stale_s
     heartbeat = max(int(_setting(settings, "heartbeat_timeout_s", DEFAULT_HEARTBEAT_TIMEOUT_S)), 1)
     _heartbeat_timeout_s = heartbeat
     set_collective_timeout(_setting(settings, "collective_timeout_s", DEFAULT_COLLECTIVE_TIMEOUT_S))
@@ -177,7 +181,8 @@ def maybe_initialize_distributed(flags: Any = None, env: Mapping[str, str] | Non
 
     log.info("jax.distributed.initialize(%s) [from %s]", spec.initialize_kwargs() or "auto-detect", spec.source)
     try:
-        jax.distributed.initialize(**spec.initialize_kwargs(), heartbeat_timeout_seconds=heartbeat)
+        with _coordination_service_heartbeat_limit(SERVICE_HEARTBEAT_FACTOR * heartbeat):
+            jax.distributed.initialize(**spec.initialize_kwargs(), heartbeat_timeout_seconds=heartbeat)
     except Exception as e:  # noqa: BLE001 -- re-raised with the settings that were used
         raise RuntimeError(f"jax.distributed.initialize({spec.initialize_kwargs()}) from {spec.source} failed: {e}. "
                            "Check that every process uses the same coordinator address and process count, "
@@ -185,13 +190,21 @@ def maybe_initialize_distributed(flags: Any = None, env: Mapping[str, str] | Non
     log.info("process %d of %d: %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     _register_host()
-    _PeerWatch(heartbeat / 2).start()
+    watch = _PeerWatch(heartbeat / 2)
+    _watch_stale_s = watch.stale_s
+    watch.start()
     return spec
 
 
 # ----- failures on other hosts ---------------------------------------------------------------------------------
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # JAX's own default
+# The coordination service's check on process 0 that a task still heartbeats, as a multiple of heartbeat_timeout_s.
+# JAX gives it the clients' limit, and a client heartbeats every half of that, so the service declares a killed
+# process dead 0.5 to 1 limit after it died: as early as the peer watch (half a limit), which lost that race on
+# loaded machines and left the survivors with JAX's abort naming only "task 1". At twice the limit the watch,
+# which names the host and pid, speaks 1.5 limits earlier.
+SERVICE_HEARTBEAT_FACTOR = 2
 DEFAULT_COLLECTIVE_TIMEOUT_S = 900.0
 COLLECTIVE_TIMEOUT_STATUS = 11  # exit status of a process ended by `collective_deadline`
 _HOST_KEY = "stat_jax/host/"
@@ -199,6 +212,8 @@ _BEAT_KEY = "stat_jax/beat/"
 _EXITED_KEY = "stat_jax/exited/"
 _collective_timeout_s = DEFAULT_COLLECTIVE_TIMEOUT_S
 _heartbeat_timeout_s = DEFAULT_HEARTBEAT_TIMEOUT_S
+_watch_stale_s: float | None = None  # the running peer watch's limit; None before initialize
+_peers: dict[int, str] = {}  # process index -> "HOST, pid P", read once so errors need not ask the coordinator
 
 
 def _setting(section: Any, name: str, default: float) -> float:
@@ -220,19 +235,61 @@ def _client():
     return jax_distributed.global_state.client
 
 
+@contextlib.contextmanager
+def _coordination_service_heartbeat_limit(seconds: int):
+    """Within the block, JAX's coordination service (started by `jax.distributed.initialize` on process 0) gets
+    its own heartbeat limit of `seconds`; the clients keep the one passed to `initialize`.
+
+    `initialize` has no argument for this, so the jaxlib factory it calls is wrapped for the call only. A jaxlib
+    whose factory takes no `heartbeat_timeout` keeps JAX's behaviour (the watch may then lose the race above).
+    """
+    from jax._src.lib import _jax
+
+    make_service = _jax.get_distributed_runtime_service
+    if "heartbeat_timeout" not in (make_service.__doc__ or ""):
+        log.warning("this jaxlib's get_distributed_runtime_service takes no heartbeat_timeout: a dead peer may be "
+                    "reported by JAX's task number instead of its host")
+        yield
+        return
+
+    def make_with_limit(*args, **kwargs):
+        kwargs["heartbeat_timeout"] = int(seconds)
+        return make_service(*args, **kwargs)
+
+    _jax.get_distributed_runtime_service = make_with_limit
+    try:
+        yield
+    finally:
+        _jax.get_distributed_runtime_service = make_service
+
+
 def _register_host() -> None:
     """Publishes this process's host and pid, so another process's error can say where a dead peer ran."""
     import jax
 
-    _client().key_value_set(f"{_HOST_KEY}{jax.process_index()}", f"{socket.gethostname()}, pid {os.getpid()}")
+    me = f"{socket.gethostname()}, pid {os.getpid()}"
+    _peers[jax.process_index()] = me
+    _client().key_value_set(f"{_HOST_KEY}{jax.process_index()}", me)
+
+
+def _read_peer_table(client, count: int) -> None:
+    """Copies the hosts the processes published into `_peers`; logs the table once every process is in it."""
+    if len(_peers) == count:
+        return
+    for key, value in client.key_value_dir_get(_HOST_KEY):
+        _peers[int(key.rsplit("/", 1)[-1])] = value
+    if len(_peers) == count:
+        log.info("peers: %s", ", ".join(describe_process(i) for i in range(count)))
 
 
 def describe_process(index: int) -> str:
     """'process I (HOST, pid P)' from what it published at start; 'process I' when that cannot be read."""
-    try:
-        return f"process {index} ({_client().key_value_try_get(f'{_HOST_KEY}{index}')})"
-    except Exception:  # noqa: BLE001 -- the coordinator itself may be gone
-        return f"process {index}"
+    if index not in _peers:
+        with contextlib.suppress(Exception):  # the coordinator itself may be gone
+            value = _client().key_value_try_get(f"{_HOST_KEY}{index}")
+            if value:
+                _peers[index] = value
+    return f"process {index} ({_peers[index]})" if index in _peers else f"process {index}"
 
 
 def unresponsive_processes(wait_s: float = 10.0) -> list[int] | None:
@@ -280,8 +337,12 @@ def _fail(message: str) -> None:
 class _PeerWatch(threading.Thread):
     """Every second, bumps this process's beat in JAX's key-value store and reads the others'. A peer whose beat
     stops for `stale_s` without it having exited cleanly ends this process with an error naming the peer and
-    its host. `stale_s` is half of distributed.heartbeat_timeout_s, so this speaks before JAX's own heartbeat
-    check aborts every process with a message that names a task number only."""
+    its host. `stale_s` is half of distributed.heartbeat_timeout_s; JAX's own check, which names a task number
+    only, comes at SERVICE_HEARTBEAT_FACTOR limits.
+
+    It keeps watching while this process exits: an error that ends one process (a collective that failed when
+    its peer died) leaves it waiting in JAX's shutdown barrier for that peer, and there JAX's check would
+    otherwise be the one to end it."""
 
     def __init__(self, stale_s: float):
         super().__init__(name="stat-jax-peer-watch", daemon=True)
@@ -300,21 +361,23 @@ class _PeerWatch(threading.Thread):
     def run(self) -> None:
         import jax
 
-        me, client = jax.process_index(), _client()
-        seen = {i: (None, time.monotonic()) for i in range(jax.process_count()) if i != me}
+        # Asked once: after JAX's exit handler clears the backends, asking JAX again would start a new one.
+        me, count, client = jax.process_index(), jax.process_count(), _client()
+        seen = {i: (None, time.monotonic()) for i in range(count) if i != me}
         unreachable_since = None
-        while not self._exiting:
+        while True:
             try:
                 client.key_value_increment(f"{_BEAT_KEY}{me}", 1)
                 beats = {k.rsplit("/", 1)[-1]: v for k, v in client.key_value_dir_get(_BEAT_KEY)}
                 exited = {k.rsplit("/", 1)[-1] for k, _ in client.key_value_dir_get(_EXITED_KEY)}
+                _read_peer_table(client, count)
                 unreachable_since = None
             except Exception as e:  # noqa: BLE001 -- the coordinator's store is gone or unreachable
                 if self._exiting:
-                    return
+                    return  # the coordinator finished and took its store with it
                 unreachable_since = unreachable_since or time.monotonic()
                 if time.monotonic() - unreachable_since > self.stale_s:
-                    _fail(f"{describe_process(me)}: the coordinator, process 0, has not answered for "
+                    _fail(f"{describe_process(me)}: the coordinator, {describe_process(0)}, has not answered for "
                           f"{self.stale_s:.0f} s ({e}); it or its host is down. Every process of the job stops; "
                           f"rerun the same command on every host with --resume")
                 time.sleep(1.0)
@@ -323,7 +386,7 @@ class _PeerWatch(threading.Thread):
             for i, (beat, since) in seen.items():
                 if beats.get(str(i)) != beat:
                     seen[i] = (beats.get(str(i)), now)
-                elif str(i) not in exited and now - since > self.stale_s and not self._exiting:
+                elif str(i) not in exited and now - since > self.stale_s:
                     _fail(f"{describe_process(me)}: {describe_process(i)} stopped responding (no heartbeat for "
                           f"{self.stale_s:.0f} s, half of distributed.heartbeat_timeout_s): it or its host is "
                           f"down. Every process of the job stops; restart that host and rerun the same command on "
@@ -336,15 +399,14 @@ def peer_failure_note(error: BaseException) -> str:
     responding ('' in a single-process job, or for an error that no collective raised).
 
     A collective whose peer died fails at once on some transports (gloo on CPU: 'connection reset by peer')
-    without saying which process it was, and JAX's coordination service notices the death only after its
-    heartbeat timeout, so this waits that long (plus a margin) for the service to name it.
+    without saying which process it was; the peer watch notices the death after its limit and ends this process
+    naming the peer, so this waits that long (plus a margin) before it blames this process.
     """
     import jax
 
     if jax.process_count() == 1 or type(error).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
         return ""
-    # The peer watch (half the heartbeat timeout) or JAX (the whole of it) ends the process if a peer died.
-    deadline = time.monotonic() + _heartbeat_timeout_s + 5
+    deadline = time.monotonic() + (_watch_stale_s or _heartbeat_timeout_s) + 5
     gone = unresponsive_processes()
     while gone == [] and time.monotonic() < deadline:
         time.sleep(1.0)
