@@ -340,23 +340,33 @@ class _PeerWatch(threading.Thread):
     its host. `stale_s` is half of distributed.heartbeat_timeout_s; JAX's own check, which names a task number
     only, comes at SERVICE_HEARTBEAT_FACTOR limits.
 
-    It keeps watching while this process exits: an error that ends one process (a collective that failed when
-    its peer died) leaves it waiting in JAX's shutdown barrier for that peer, and there JAX's check would
-    otherwise be the one to end it."""
+    It keeps watching while this process leaves the job: an error that ends one process (a collective that
+    failed when its peer died) leaves it waiting in JAX's shutdown barrier for that peer, and there JAX's check
+    would otherwise be the one to end it."""
 
     def __init__(self, stale_s: float):
         super().__init__(name="stat-jax-peer-watch", daemon=True)
         # At least 10 s: a loaded host may not run this thread for a few seconds, and a false alarm kills a job.
         self.stale_s = max(float(stale_s), 10.0)
-        atexit.register(self._mark_exited)
+        # Registered after `import jax`, so it runs before JAX's own exit handler (atexit runs the last first).
+        atexit.register(self._leave_job)
         self._exiting = False
+        self._stopped = False
 
-    def _mark_exited(self) -> None:
+    def _leave_job(self) -> None:
+        """At exit: says this process exited cleanly, waits in JAX's shutdown barrier for the others while this
+        thread still watches them, then stops the thread. JAX's exit handler would reach that barrier too, but
+        with the thread still calling into JAX while the interpreter finalizes, which aborts the process."""
         import jax
 
         self._exiting = True
         with contextlib.suppress(Exception):
             _client().key_value_set(f"{_EXITED_KEY}{jax.process_index()}", "1", allow_overwrite=True)
+        try:
+            jax.distributed.shutdown()
+        finally:
+            self._stopped = True
+            self.join(timeout=10.0)
 
     def run(self) -> None:
         import jax
@@ -365,7 +375,7 @@ class _PeerWatch(threading.Thread):
         me, count, client = jax.process_index(), jax.process_count(), _client()
         seen = {i: (None, time.monotonic()) for i in range(count) if i != me}
         unreachable_since = None
-        while True:
+        while not self._stopped:
             try:
                 client.key_value_increment(f"{_BEAT_KEY}{me}", 1)
                 beats = {k.rsplit("/", 1)[-1]: v for k, v in client.key_value_dir_get(_BEAT_KEY)}
@@ -374,7 +384,7 @@ class _PeerWatch(threading.Thread):
                 unreachable_since = None
             except Exception as e:  # noqa: BLE001 -- the coordinator's store is gone or unreachable
                 if self._exiting:
-                    return  # the coordinator finished and took its store with it
+                    return  # the coordinator finished and took its store with it, or this process left the job
                 unreachable_since = unreachable_since or time.monotonic()
                 if time.monotonic() - unreachable_since > self.stale_s:
                     _fail(f"{describe_process(me)}: the coordinator, {describe_process(0)}, has not answered for "
