@@ -102,6 +102,10 @@ def get_config() -> ConfigDict:
     c.train.lora.alpha = 32.0  # the adapter output is scaled by alpha / rank (PEFT's lora_alpha)
     c.train.lora.dropout = 0.05  # on each adapter's input, during training only
     c.train.lora.targets = "q,k,v,o,gate,up,down"  # projections of every layer: any of q,k,v,o,gate,up,down
+    # The frozen base's projection kernels stored quantized (stat_jax/models/quant.py, via qwix) and dequantized
+    # at the compute dtype in each projection: none | int8 (per output channel) | int4 | nf4 (per 64 weights, as
+    # the paper's QLoRA NF4 base). Needs rank > 0; embeddings, head and norms stay unquantized.
+    c.train.lora.base_quant = "none"
 
     # Student rollouts (stat_jax.rollout): JetStream in-process, or a client of `stat-jax serve`.
     c.rollout = ConfigDict()

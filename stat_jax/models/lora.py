@@ -9,6 +9,10 @@ base's. `nnx.split(model, LoraParam, ...)` separates the trainable adapters from
 Adapter axes are logical (the kernel's own input/output axes plus `lora_rank`), so `sharding.state_shardings`
 places them through the same table as the base. The names of the targets are the model's projections:
 q, k, v, o (attention) and gate, up, down (MLP).
+
+`base_quant` ("int8", "int4", "nf4"; models/quant.py) stores every projection kernel of the frozen base
+quantized, targeted or not (QLoRA), and dequantizes it at the compute dtype inside each projection; the
+embeddings, head and norms stay as they are. Merging (the HF export, GRPO's rollout weights) dequantizes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from stat_jax.errors import ConfigError, ModelError
+from stat_jax.models import quant
 from stat_jax.models.layers import matmul
 
 # target name -> (module attribute of a DecoderLayer, kernel attribute, HF submodule, number of input axes of
@@ -62,6 +67,7 @@ class LoraConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     targets: tuple[str, ...] = tuple(TARGETS)
+    base_quant: str = "none"  # the frozen base's projection kernels: none, int8, int4 or nf4 (models/quant.py)
 
     @property
     def enabled(self) -> bool:
@@ -83,13 +89,17 @@ class LoraConfig:
         # Also accept the HF spellings (q_proj, gate_proj) that PEFT configs use.
         targets = tuple(t[:-len("_proj")] if str(t).endswith("_proj") else str(t) for t in targets)
         out = cls(rank=int(get("rank", 0)), alpha=float(get("alpha", 32.0)), dropout=float(get("dropout", 0.0)),
-                  targets=targets)
+                  targets=targets, base_quant=str(get("base_quant", "none")).lower())
         out.validate()
         return out
 
     def validate(self) -> None:
         if self.rank < 0:
             raise ConfigError(f"train.lora.rank={self.rank} must be >= 0 (0 = full fine-tuning)")
+        quant.check_base_quant(self.base_quant)
+        if self.base_quant != "none" and not self.enabled:
+            raise ConfigError(f"train.lora.base_quant={self.base_quant!r} freezes a quantized base, which only "
+                              "adapters can train: set train.lora.rank > 0 (e.g. 16), or base_quant='none'")
         if not self.enabled:
             return
         unknown = sorted(set(self.targets) - set(TARGETS))
@@ -127,7 +137,8 @@ class LoraKernel(nnx.Module):
         shape, axes = tuple(kernel.shape), tuple(kernel.get_metadata()["logical_axes"])
         dtype = kernel.get_value().dtype
         fan_in = int(np.prod(shape[:n_in]))
-        self.kernel = kernel
+        # W itself, or its quantized values and scales (lcfg.base_quant); adapters stay in W's dtype either way.
+        self.kernel = kernel if lcfg.base_quant == "none" else quant.QuantizedKernel(kernel, n_in, lcfg.base_quant)
         self.n_in = n_in
         self.scale = lcfg.scale
         self.rate = lcfg.dropout
@@ -146,7 +157,7 @@ class LoraKernel(nnx.Module):
         w_in, w_out = ws[:self.n_in], ws[self.n_in:]
         rest = "".join(c for c in xs if c not in w_in)
         r = _free_letter(equation)
-        y = matmul(equation, x, self.kernel[...])
+        y = matmul(equation, x, self.frozen_weight(x.dtype))
         key = _DROPOUT_KEY.get()
         if key is not None and self.rate > 0:
             keep = jax.random.bernoulli(jax.random.fold_in(key, self.index), 1.0 - self.rate, x.shape)
@@ -155,13 +166,23 @@ class LoraKernel(nnx.Module):
         delta = matmul(f"{rest}{r},{r}{w_out}->{out}", low, self.lora_b[...])
         return y + (self.scale * delta).astype(y.dtype)
 
+    def frozen_weight(self, dtype=None) -> jax.Array:
+        """W (dequantized from a quantized base) in `dtype`, default W's own."""
+        if isinstance(self.kernel, quant.QuantizedKernel):
+            return self.kernel.weight(dtype)
+        w = self.kernel[...]
+        return w if dtype is None else w.astype(dtype)
+
     def merged(self) -> jax.Array:
         """W + scale·A·B in W's dtype (computed in float32)."""
-        return merged_kernel(self.kernel[...], self.lora_a[...], self.lora_b[...], self.scale)
+        return merged_kernel(self.frozen_weight(), self.lora_a[...], self.lora_b[...], self.scale)
 
 
-def merged_kernel(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """W + scale·A·B in W's dtype (computed in float32); A [in..., r], B [r, out...]."""
+def merged_kernel(w: jax.Array | Mapping, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W + scale·A·B in W's dtype (computed in float32); A [in..., r], B [r, out...]; W may be a quantized
+    kernel's pure dict {"qvalue", "scale"}."""
+    if quant.is_quantized(w):
+        w = quant.dequantize(w["qvalue"], w["scale"])
     delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
     return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
 
@@ -175,6 +196,8 @@ def merged_params(adapters: Mapping, frozen: Mapping, scale: float) -> dict:
     def walk(a, f):
         if not isinstance(f, Mapping):
             return f
+        if quant.is_quantized(f):  # a projection of a quantized base without adapters
+            return quant.dequantize(f["qvalue"], f["scale"])
         if set(f) == {"kernel"} and isinstance(a, Mapping) and "lora_a" in a:  # a LoraKernel's frozen W
             return merged_kernel(f["kernel"], a["lora_a"], a["lora_b"], scale)
         return {k: walk(a.get(k) if isinstance(a, Mapping) else None, v) for k, v in f.items()}
@@ -192,6 +215,7 @@ def _targeted(model) -> Iterator[tuple[int, str, nnx.Module, str]]:
 def add_adapters(model, lcfg: LoraConfig, *, seed: int = 0):
     """Puts adapters on `lcfg.targets` of every layer of `model` (in place); returns the model.
 
+    With `lcfg.base_quant`, every projection kernel (targeted or not) is replaced by its quantized form.
     The adapters are created on the default device; the trainer then places them on the mesh (sft.py).
     """
     lcfg.validate()
@@ -199,12 +223,13 @@ def add_adapters(model, lcfg: LoraConfig, *, seed: int = 0):
         return model
     rngs = nnx.Rngs(seed)
     for index, (i, name, module, attr) in enumerate(_targeted(model)):
-        if name not in lcfg.targets:
-            continue
         kernel = getattr(module, attr)
-        if isinstance(kernel, LoraKernel):
-            raise ValueError(f"layers/{i}/{attr} already has adapters")
-        setattr(module, attr, LoraKernel(kernel, TARGETS[name][3], lcfg, index, rngs=rngs))
+        if isinstance(kernel, LoraKernel | quant.QuantizedKernel):
+            raise ValueError(f"layers/{i}/{attr} already has adapters or a quantized kernel")
+        if name in lcfg.targets:
+            setattr(module, attr, LoraKernel(kernel, TARGETS[name][3], lcfg, index, rngs=rngs))
+        elif lcfg.base_quant != "none":
+            setattr(module, attr, quant.QuantizedKernel(kernel, TARGETS[name][3], lcfg.base_quant))
     return model
 
 
@@ -230,11 +255,15 @@ def adapter_shapes(model_cfg, lcfg: LoraConfig, *, dtype="float32", param_dtype=
 
 
 def merge_adapters(model):
-    """Folds every adapter into its kernel (W + scale·A·B), in place; returns the now plain DecoderLM."""
+    """Folds every adapter into its kernel (W + scale·A·B) and dequantizes a quantized base's kernels, in
+    place; returns the now plain DecoderLM."""
     for _, _, module, attr in _targeted(model):
         kernel = getattr(module, attr)
-        if isinstance(kernel, LoraKernel):
-            meta = {k: v for k, v in kernel.kernel.get_metadata().items() if k == "logical_axes"}
+        frozen = kernel.kernel if isinstance(kernel, LoraKernel) else kernel
+        if isinstance(frozen, quant.QuantizedKernel):
+            frozen = frozen.qvalue
+        if isinstance(kernel, LoraKernel | quant.QuantizedKernel):
+            meta = {k: v for k, v in frozen.get_metadata().items() if k == "logical_axes"}
             setattr(module, attr, nnx.Param(kernel.merged(), **meta))
     return model
 
