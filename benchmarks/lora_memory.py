@@ -7,11 +7,14 @@ is placed by the trainer's own shardings (`sharding.state_shardings`, the optimi
 counted at its per-device shard size: parameters + gradients + AdamW state. Full fine-tuning (the reference,
 in the same run) differentiates and optimizes every parameter; adapters keep the base frozen (no gradient, no
 optimizer state) and train rank-r A/B matrices on q,k,v,o,gate,up,down. The frozen base is counted in float32
-(the configs' master dtype) and in bfloat16 (what a frozen base needs, since it is never updated).
+(the configs' master dtype), in bfloat16 (what a frozen base needs, since it is never updated), and with its
+projection kernels quantized (`train.lora.base_quant`, models/quant.py) to int8 and to 4 bits (NF4; int4 has
+the same size), the rest of it in bfloat16; 4-bit values count half a byte, as XLA stores them packed.
 Activations and XLA temporaries are not included (benchmarks/train_memory.py measures those).
 
 `--real-student=DIR` (e.g. .cache/smollm2-135m-instruct) adds, at that checkpoint's shape on this machine's first
-device, the SFT step (`sft.make_train_step`, remat full) for full fine-tuning and for adapters in the same run:
+device, the SFT step (`sft.make_train_step`, remat full) for full fine-tuning, for adapters and for adapters on an
+int8 base (`--real-quant`) in the same run:
 median step time over `--steps` timed steps after a warm-up one, and XLA's peak estimate of the compiled step
 (arguments + outputs - donated + temporaries, `train.memory.StepMemory`).
 """
@@ -19,6 +22,7 @@ median step time over `--steps` timed steps after a warm-up one, and XLA's peak 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from stat_jax import sharding  # noqa: E402
-from stat_jax.models import abstract_model, lora  # noqa: E402
+from stat_jax.models import abstract_model, lora, quant  # noqa: E402
 from stat_jax.models.llama import llama3_2_1b  # noqa: E402
 from stat_jax.models.qwen import qwen2_5_3b  # noqa: E402
 from stat_jax.train.optim import build_optimizer, optimizer_shardings  # noqa: E402
@@ -49,8 +53,8 @@ def per_device_bytes(shapes, shardings) -> int:
     """Bytes on the most loaded device: every leaf at its shard shape (replicated leaves count whole)."""
     total = 0
     for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)):
-        total += math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-    return total
+        total += math.prod(s.shard_shape(x.shape)) * quant.stored_bits(x.dtype)
+    return total // 8
 
 
 def _state_bytes(abstract_state: nnx.State, mesh, tx) -> dict[str, int]:
@@ -72,7 +76,9 @@ def measure(name: str, rank: int, mesh) -> dict:
 
     lcfg = lora.LoraConfig(rank=rank, alpha=2.0 * rank, targets=tuple(lora.TARGETS))
     out = {"model": name, "mesh": dict(mesh.shape), "full_finetune": full}
-    for base_dtype in ("float32", "bfloat16"):
+    for base_dtype, base_quant in (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"),
+                                   ("bfloat16", "nf4")):
+        lcfg = dataclasses.replace(lcfg, base_quant=base_quant)
         _, adapters, base = lora.adapter_shapes(cfg, lcfg, param_dtype=base_dtype)
         # Adapters are trained in float32 whatever the base's dtype (as PEFT keeps them).
         adapters = jax.tree.map(lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, jnp.float32)), adapters,
@@ -86,14 +92,15 @@ def measure(name: str, rank: int, mesh) -> dict:
         entry["total"] = frozen + sum(trained.values())
         entry["vs_full_finetune"] = round(entry["total"] / full["total"], 4)
         entry["margin_to_v5e_hbm"] = V5E_HBM - entry["total"]
-        out[f"lora_r{rank}_base_{base_dtype}"] = entry
+        out[f"lora_r{rank}_base_{base_dtype if base_quant == 'none' else base_quant}"] = entry
     out["full_finetune"]["margin_to_v5e_hbm"] = V5E_HBM - full["total"]
     out["param_count"] = sum(int(x.size) for x in jax.tree.leaves(nnx.to_pure_dict(full_state)))
     return out
 
 
-def real_student_steps(model_dir: str, rank: int, rows: int, length: int, steps: int) -> dict:
-    """Step time and XLA's step peak of full vs adapter SFT on the checkpoint at `model_dir` (one device)."""
+def real_student_steps(model_dir: str, rank: int, rows: int, length: int, steps: int, base_quant: str) -> dict:
+    """Step time and XLA's step peak of full vs adapter vs quantized-base adapter SFT on the checkpoint at
+    `model_dir` (one device)."""
     import numpy as np
 
     from stat_jax.models import load_hf_checkpoint
@@ -103,7 +110,8 @@ def real_student_steps(model_dir: str, rank: int, rows: int, length: int, steps:
     tx, schedule = build_optimizer({"learning_rate": 1e-5}, 100)
     rng = np.random.default_rng(0)
     out = {"model_dir": model_dir, "rows": rows, "length": length, "rank": rank, "device": str(jax.devices()[0])}
-    for mode in ("full_finetune", f"lora_r{rank}"):
+    modes = {"full_finetune": None, f"lora_r{rank}": "none", f"lora_r{rank}_base_{base_quant}": base_quant}
+    for mode, quantized in modes.items():
         model = load_hf_checkpoint(model_dir, remat="full")
         vocab = model.config.vocab_size
         batch = {"tokens": rng.integers(3, vocab, (1, rows, length)), "targets": rng.integers(3, vocab, (1, rows, length)),
@@ -114,7 +122,8 @@ def real_student_steps(model_dir: str, rank: int, rows: int, length: int, steps:
             graphdef, params = nnx.split(model)
             params, frozen = nnx.to_pure_dict(params), None
         else:
-            lora.add_adapters(model, lora.LoraConfig(rank=rank, alpha=2.0 * rank, dropout=0.05), seed=0)
+            lora.add_adapters(model, lora.LoraConfig(rank=rank, alpha=2.0 * rank, dropout=0.05, base_quant=quantized),
+                              seed=0)
             graphdef, params, frozen = lora.split_adapters(model)
             params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
         del model
@@ -133,11 +142,13 @@ def real_student_steps(model_dir: str, rank: int, rows: int, length: int, steps:
                 times.append(time.perf_counter() - start)
         out[mode] = {"step_s": float(np.median(times)), "step_peak_bytes": memory.peak,
                      "arguments_bytes": memory.arguments, "temporaries_bytes": memory.temporaries,
-                     "trained_params": sum(int(x.size) for x in jax.tree.leaves(params))}
+                     "trained_params": sum(int(x.size) for x in jax.tree.leaves(params)),
+                     "final_loss": float(metrics["loss"])}
         del state, params, frozen, compiled
-    full, adapted = out["full_finetune"], out[f"lora_r{rank}"]
-    out["lora_vs_full"] = {"step_time": round(adapted["step_s"] / full["step_s"], 3),
-                           "step_peak": round(adapted["step_peak_bytes"] / full["step_peak_bytes"], 3)}
+    full = out["full_finetune"]
+    for mode in list(modes)[1:]:
+        out[f"{mode}_vs_full"] = {"step_time": round(out[mode]["step_s"] / full["step_s"], 3),
+                                  "step_peak": round(out[mode]["step_peak_bytes"] / full["step_peak_bytes"], 3)}
     return out
 
 
@@ -151,13 +162,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--real-quant", default="int8", choices=quant.BASE_QUANT[1:],
+                        help="the quantized base of the third real-student row")
     args = parser.parse_args()
     mesh = sharding.make_mesh(data=1, fsdp=args.fsdp, tensor=args.tensor)
     results = [measure(name, args.rank, mesh) for name in args.models.split(",")]
     report = {"benchmark": "lora_memory", "unit": "bytes per device", "rank": args.rank,
               "devices": len(jax.devices()), "results": results}
     if args.real_student:
-        report["real_student"] = real_student_steps(args.real_student, args.rank, args.rows, args.length, args.steps)
+        report["real_student"] = real_student_steps(args.real_student, args.rank, args.rows, args.length, args.steps,
+                                                    args.real_quant)
     print(json.dumps(report, indent=2))
 
 
