@@ -3,6 +3,7 @@ re-run is a no-op that reproduces the same results."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -50,12 +51,15 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(tmp_path):
     tokens = [v["tokens"] for v in results["sets"].values()]
     assert len(tokens) == 2 * 5 and max(tokens) <= 1.01 * min(tokens), results["sets"]
     assert min(tokens) >= results["token_budget"]
-    # GRPO learns: on its (repeated) prompts the training reward of the last step beats the first step's.
+    # GRPO learns: on its (repeated) prompts the mean training reward of the later half of the steps beats the
+    # earlier half's, in every run. Half-means over 3 steps x 64 rollouts, not the last step against the first:
+    # one step's mean of 32 rollouts moved by +-0.09 on its own and a flat run (0.56, 0.47, 0.50, 0.56) failed.
     curves = results["grpo_curves"]
     assert sorted(curves) == ["seed0/stat_sel", "seed1/stat_sel"]
     for name, curve in curves.items():
         rewards = [r["reward_mean"] for r in curve]
-        assert len(rewards) == 4 and rewards[-1] > rewards[0], (name, rewards)
+        assert len(rewards) == 6, (name, rewards)
+        assert statistics.fmean(rewards[3:]) > statistics.fmean(rewards[:3]), (name, rewards)
     for png in ("per_skill_accuracy.png", "stat/profile/profile.png", "grpo_reward.png"):
         assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label in ("STAT-Sel", "STAT-Syn", "SFT (original mix)", "MATH-Hard", "Embed-Sel", "STAT-Sel - SFT = "):
