@@ -21,7 +21,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
+from stat_jax import sharding
 from stat_jax.errors import ConfigError
 from stat_jax.models.layers import matmul
 
@@ -109,9 +111,15 @@ class QuantizedKernel(nnx.Module):
         axes = tuple(kernel.get_metadata()["logical_axes"])
         w = kernel.get_value()
         qvalue, scale = _quantize_jitted(w, n_in, name)
+        scale_axes = tuple(None if s == 1 and v != 1 else a for a, s, v in zip(axes, scale.shape, w.shape))
+        if not isinstance(w, jax.core.Tracer) and isinstance(getattr(w, "sharding", None), NamedSharding):
+            # A kernel loaded onto the mesh: its quantized form goes where the trainer's state shardings put it
+            # (the compiled step accepts its frozen base with exactly those shardings, not whatever XLA chose).
+            mesh = w.sharding.mesh
+            qvalue = jax.device_put(qvalue, sharding.named_sharding(mesh, axes, qvalue.shape))
+            scale = jax.device_put(scale, sharding.named_sharding(mesh, scale_axes, scale.shape))
         self.qvalue = QuantizedWeight(qvalue, logical_axes=axes)
-        self.scale = QuantizedWeight(
-            scale, logical_axes=tuple(None if s == 1 and v != 1 else a for a, s, v in zip(axes, scale.shape, w.shape)))
+        self.scale = QuantizedWeight(scale, logical_axes=scale_axes)
 
     @property
     def shape(self) -> tuple[int, ...]:
