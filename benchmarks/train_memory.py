@@ -11,13 +11,16 @@ peak RSS, the RSS before the first step (process + weights + optimizer state + c
 time per token, and XLA's estimate for the step, so the estimate is checked against the measurement.
 The in-run reference is the pre-issue-19 computation in the same run: remat none and unchunked logits
 ("now"), at a small token count (it needs ~4 MB per token); `vs_now` ratios compare per-token time and the
-per-token memory slope. The fixed part (params + grads + AdamW's two moments) is counted from the parameter
+per-token memory slope. `*_prevattn_*` runs use the autodiff block attention the chunked one replaced
+(model.attention_block=0; in float32 exactly the code before it), for step time and memory of the same policy
+(`vs_prevattn`). The fixed part (params + grads + AdamW's two moments) is counted from the parameter
 tree; the per-token remainder is the slope of peak RSS between two token counts of one policy.
 
 Paper shapes (`--only-paper`): Llama-3.2-1B and Qwen2.5-3B with the configs' recipe (bfloat16 compute, float32
 master weights), mesh fsdp=8 over 8 fake CPU devices (XLA_FLAGS), SFT 8 x 2,048 and GRPO 64 rows x 2,048 per
 micro-batch; per-device arguments / temporaries / peak of the compiled update and the margin to 16 GiB
-(a v5e chip's HBM). This is XLA CPU's buffer assignment of the same program; TPU's fusion differs somewhat.
+(a v5e chip's HBM), at --paper-attention-block (default: configs/base.py's model.attention_block). This is XLA
+CPU's buffer assignment of the same program; TPU's fusion differs somewhat.
 """
 
 from __future__ import annotations
@@ -35,17 +38,20 @@ sys.path.insert(0, str(REPO))
 GB = 1e9
 V5E_HBM = 16 * 2**30  # bytes per v5e chip
 
-# (name, kind, rows, length, remat, loss_chunk_tokens); "now" = the computation before issue 19.
+# (name, kind, rows, length, remat, loss_chunk_tokens[, attention_block]); "now" = the computation before
+# issue 19 (its attention too), "prevattn" = the default policy with the attention before the chunked one.
 REAL_RUNS = {
     "default": [  # the default policy (configs/base.py: full) against "now", and dots at the small shape
-        ("sft_now_1x512", "sft", 1, 512, "none", 0),
-        ("sft_now_2x512", "sft", 2, 512, "none", 0),
+        ("sft_now_1x512", "sft", 1, 512, "none", 0, 0),
+        ("sft_now_2x512", "sft", 2, 512, "none", 0, 0),
         ("sft_full_2x512", "sft", 2, 512, "full", 2048),
         ("sft_dots_2x512", "sft", 2, 512, "dots", 2048),
         ("sft_full_8x512", "sft", 8, 512, "full", 2048),
-        ("grpo_now_2x512", "grpo", 2, 512, "none", 0),
+        ("sft_prevattn_8x512", "sft", 8, 512, "full", 2048, 0),
+        ("grpo_now_2x512", "grpo", 2, 512, "none", 0, 0),
         ("grpo_full_2x512", "grpo", 2, 512, "full", 2048),
         ("grpo_full_16x512", "grpo", 16, 512, "full", 2048),
+        ("grpo_prevattn_16x512", "grpo", 16, 512, "full", 2048, 0),
     ],
 }
 REAL_RUNS["all"] = REAL_RUNS["default"] + [
@@ -63,13 +69,14 @@ def _rss_now() -> int:
 
 
 # ----- one measured config (child process) -------------------------------------------------------------------
-def _base_config(model_path: str, remat: str, chunk_tokens: int, rows: int, length: int):
+def _base_config(model_path: str, remat: str, chunk_tokens: int, rows: int, length: int, attention_block: int):
     from stat_jax.config import load_config_file
 
     c = load_config_file(str(REPO / "configs" / "base.py"))
     c.model.path = model_path
     c.model.dtype = "float32"
     c.model.remat = remat
+    c.model.attention_block = attention_block
     c.mesh.fsdp = -1
     c.train.batch_size, c.data.max_length, c.train.steps = rows, length, 10
     c.train.grad_accum_steps = 1  # measured as one micro-batch: the per-token figures are per micro-batch
@@ -111,10 +118,11 @@ def measure_child(spec: dict) -> dict:
 
     rss_start = _rss_now()
     kind, rows, length = spec["kind"], spec["rows"], spec["length"]
-    c = _base_config(spec["model_path"], spec["remat"], spec["chunk_tokens"], rows, length)
+    c = _base_config(spec["model_path"], spec["remat"], spec["chunk_tokens"], rows, length, spec["attention_block"])
     mesh = sharding.mesh_from_config(c.mesh)
     model_cfg = ModelConfig.from_hf_dir(spec["model_path"])
-    kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+    kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
+              attention_block=c.model.attention_block)
     graphdef, abstract_params = nnx.split(abstract_model(model_cfg, **kw))
     shapes = nnx.to_pure_dict(abstract_params)
     param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
@@ -201,16 +209,23 @@ def measure_paper_child(spec: dict) -> dict:
     shapes_of = {"llama3_2_1b": llama.llama3_2_1b, "qwen2_5_3b": qwen.qwen2_5_3b}
     c = load_config_file(str(REPO / "configs" / "sft_llama3_2_1b.py"))  # the recipe: bf16 compute, f32 masters
     c.model.remat = spec["remat"]
+    c.model.attention_block = spec["attention_block"]
     mesh = sharding.make_mesh(1, 8, 1)
     out = {"devices": len(jax.devices()), "mesh": dict(mesh.shape), "dtype": c.model.dtype,
-           "param_dtype": c.model.param_dtype, "remat": c.model.remat}
+           "param_dtype": c.model.param_dtype, "remat": c.model.remat, "attention_block": c.model.attention_block}
+    only = set(filter(None, spec.get("only", "").split(",")))
     for name, make in shapes_of.items():
+        if only and not any(key.startswith(name) for key in only):
+            continue
         cfg = make()
         graphdef, abstract_params = nnx.split(abstract_model(cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
-                                                             remat=c.model.remat))
+                                                             remat=c.model.remat,
+                                                             attention_block=c.model.attention_block))
         shapes = nnx.to_pure_dict(abstract_params)
         param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
         for kind, rows, length in (("sft", 8, 2048), ("grpo", 64, 2048)):
+            if only and f"{name}_{kind}_{rows}x{length}" not in only:
+                continue
             section = c.train if kind == "sft" else c.grpo
             tx, schedule = build_optimizer(section, 100)
             state_sh = sft.state_shardings_for(shapes, param_sh, tx, mesh)
@@ -252,6 +267,12 @@ def summarise(real: dict) -> dict:
          "grpo_full_mb_per_token": slope("grpo_full_2x512", "grpo_full_16x512"),
          "sft_dots_mb_per_token": slope("sft_dots_2x512", "sft_dots_8x512"),
          "grpo_dots_mb_per_token": slope("grpo_dots_2x512", "grpo_dots_16x512")}
+    for kind, rows in (("sft", 8), ("grpo", 16)):
+        prev, new = real.get(f"{kind}_prevattn_{rows}x512", {}), real.get(f"{kind}_full_{rows}x512", {})
+        if "ms_per_token" in prev and "ms_per_token" in new:
+            s[f"{kind}_full_{rows}x512_time_vs_prevattn"] = round(new["ms_per_token"] / prev["ms_per_token"], 3)
+        if "peak_rss_gb" in prev and "peak_rss_gb" in new:
+            s[f"{kind}_full_{rows}x512_peak_rss_gb_vs_prevattn"] = (new["peak_rss_gb"], prev["peak_rss_gb"])
     for kind in ("sft", "grpo"):
         now = real.get(f"{kind}_now_2x512", {})
         for name, r in real.items():
@@ -277,6 +298,9 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated run names (default: all of --runs)")
     p.add_argument("--steps", type=int, default=1, help="timed steps per config (the step is compiled before)")
     p.add_argument("--paper-remat", default="full", help="the configs' (and base.py's) default")
+    p.add_argument("--paper-attention-block", type=int, default=None,
+                   help="model.attention_block of the paper shapes (default: configs/base.py's)")
+    p.add_argument("--paper-only", default="", help="comma-separated paper runs, e.g. qwen2_5_3b_grpo_64x2048")
     p.add_argument("--skip-paper", action="store_true")
     p.add_argument("--only-paper", action="store_true")
     p.add_argument("--child", default="")
@@ -285,6 +309,9 @@ def main() -> None:
         child_main(args.child)
         return
 
+    from stat_jax.config import load_config_file
+
+    default_block = int(load_config_file(str(REPO / "configs" / "base.py")).model.attention_block)
     report = {"model_path": args.model_path}
     if not args.only_paper:
         if not (Path(args.model_path) / "config.json").exists():
@@ -293,18 +320,22 @@ def main() -> None:
         env["JAX_PLATFORMS"] = "cpu"
         wanted = set(filter(None, args.only.split(",")))
         real = {}
-        for name, kind, rows, length, remat, chunk in REAL_RUNS[args.runs]:
+        for name, kind, rows, length, remat, chunk, *block in REAL_RUNS[args.runs]:
             if wanted and name not in wanted:
                 continue
+            block = block[0] if block else default_block
             spec = {"kind": kind, "rows": rows, "length": length, "remat": remat, "chunk_tokens": chunk,
-                    "model_path": args.model_path, "steps": args.steps}
-            real[name] = {"remat": remat, "loss_chunk_tokens": chunk, **run_child(spec, env)}
+                    "attention_block": block, "model_path": args.model_path, "steps": args.steps}
+            real[name] = {"remat": remat, "loss_chunk_tokens": chunk, "attention_block": block,
+                          **run_child(spec, env)}
             print(json.dumps({name: real[name]}), file=sys.stderr, flush=True)
         report["real_shape"] = real
         report["summary"] = summarise(real)
     if not args.skip_paper:
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-        report["paper_shapes_v5e8"] = run_child({"paper": True, "remat": args.paper_remat}, env)
+        block = default_block if args.paper_attention_block is None else args.paper_attention_block
+        report["paper_shapes_v5e8"] = run_child({"paper": True, "remat": args.paper_remat, "attention_block": block,
+                                                 "only": args.paper_only}, env)
     print(json.dumps(report, indent=2))
 
 

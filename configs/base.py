@@ -42,6 +42,14 @@ def get_config() -> ConfigDict:
     # per device (16 GiB v5e: +8.58 GB margin) and GRPO 64 x 2,048 per micro-batch 23.56 -> 20.08 GB (-2.90 GB:
     # not yet within a v5e chip at 64 rows per micro-batch; 13.9 GB of it temporaries).
     c.model.remat = "full"
+    # Query positions per block of the training/scoring forward's causal attention (models/layers.py
+    # causal_attention: its backward recomputes one block's probabilities at a time from the saved softmax max and
+    # sum, flash-attention style); 0 = the previous autodiff blocks (of 128), which keep every block's
+    # probabilities for the backward. Decoding keeps its own attention. 128 is the replaced attention's block
+    # (other sizes not yet measured); at it, the gradient of one attention at 2,048 tokens (4 heads, XLA CPU's
+    # memory analysis) needs 17.6 MB of temporaries against 127 MB for the autodiff blocks
+    # (tests/models/test_attention_chunked.py checks the 512-token case).
+    c.model.attention_block = 128
 
     c.mesh = ConfigDict()
     c.mesh.data = 1

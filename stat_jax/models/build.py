@@ -24,11 +24,12 @@ def as_dtype(dtype: Any):
     return dtype
 
 
-def abstract_model(cfg: ModelConfig, *, dtype="float32", param_dtype="float32", remat=False) -> DecoderLM:
+def abstract_model(cfg: ModelConfig, *, dtype="float32", param_dtype="float32", remat=False,
+                   attention_block: int | None = None) -> DecoderLM:
     """The model with ShapeDtypeStruct leaves: no memory is allocated."""
     return nnx.eval_shape(
         lambda: DecoderLM(cfg, dtype=as_dtype(dtype), param_dtype=as_dtype(param_dtype), remat=remat,
-                          rngs=nnx.Rngs(0))
+                          attention_block=attention_block, rngs=nnx.Rngs(0))
     )
 
 
@@ -40,12 +41,14 @@ def init_model(
     dtype="float32",
     param_dtype="float32",
     remat: bool = False,
+    attention_block: int | None = None,
 ) -> DecoderLM:
     """A randomly initialised model; with a mesh, every parameter is created already sharded."""
     dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
 
     def make():
-        return DecoderLM(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(seed))
+        return DecoderLM(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_block=attention_block,
+                         rngs=nnx.Rngs(seed))
 
     if mesh is None:
         return make()

@@ -224,6 +224,7 @@ def load_hf_checkpoint(
     dtype="float32",
     param_dtype="float32",
     remat: bool = False,
+    attention_block: int | None = None,
     config: ModelConfig | None = None,
     other_prefixes: tuple[str, ...] = (),
 ) -> DecoderLM:
@@ -234,7 +235,7 @@ def load_hf_checkpoint(
     path = Path(path)
     cfg = config or ModelConfig.from_hf_dir(path)
     tensors = _open_checkpoint(path)
-    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_block=attention_block)
     graphdef, abstract_state = nnx.split(abstract)
     target_dtype = np.dtype(as_dtype(param_dtype))
     if mesh is None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stat_jax.models.config import ModelConfig
-from stat_jax.models.layers import (MATMUL_NAME, MLP, Attention, RMSNorm, cached_attention,
+from stat_jax.models.layers import (MATMUL_NAME, MLP, Attention, RMSNorm, cached_attention, causal_attention,
                                     dot_product_attention, matmul)
 from stat_jax.sharding import constrain
 
@@ -125,11 +125,69 @@ def _scanned_layers(layers, x, positions, mask, policy: str, dtype):
     def apply(state, x):
         return nnx.merge(graphdef, state)(x, positions, mask)[0]
 
+    if policy == "full":
+        return _full_remat_scan(apply, stacked, x)
+
+    def body(state, carry):
+        return apply(state, carry.astype(dtype)).astype(carry.dtype)
+
     if policy != "none":
         # prevent_cse=False: inside scan the recomputation cannot be merged away anyway (jax.checkpoint docs).
-        apply = jax.checkpoint(apply, policy=_remat_saveable(policy), prevent_cse=False)
-    x, _ = jax.lax.scan(lambda carry, state: (apply(state, carry), None), x, stacked)
-    return x
+        body = jax.checkpoint(body, policy=_remat_saveable(policy), prevent_cse=False)
+    # A float32 carry (each layer's saved input); the layer still sees the compute-dtype values (bf16 -> f32 ->
+    # bf16 is exact). See _full_remat_scan for what a bf16 carry cost on XLA CPU.
+    x, _ = jax.lax.scan(lambda carry, state: (body(state, carry), None), x.astype(jnp.float32), stacked)
+    return x.astype(dtype)
+
+
+# Saved 16-bit floats are stored as these integers (see _full_remat_scan).
+_STORAGE = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float16): jnp.uint16}
+
+
+def _stored(x: jax.Array) -> jax.Array:
+    storage = _STORAGE.get(jnp.dtype(x.dtype))
+    return x if storage is None else jax.lax.bitcast_convert_type(x, storage)
+
+
+def _restored(x: jax.Array, dtype) -> jax.Array:
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
+def _full_remat_scan(apply, stacked, x: jax.Array) -> jax.Array:
+    """`apply(state, x)` scanned over the stacked layer states, rematerialised per layer (policy full), by hand.
+
+    The forward saves only each layer's input; the backward is a reverse scan that recomputes layer i from it
+    and pulls the cotangent through. Why not jax.checkpoint inside lax.scan (the dots path): XLA CPU cannot
+    dynamic-slice bfloat16, so it converted the backward loop's slice of the saved [layers, b, t, e] bf16 stack
+    to float32 and hoisted that convert out of the loop: a float32 copy of every layer's input beside the bf16
+    one (Qwen2.5-3B at 8 x 2,048 per device: 134 + 67 MB per layer, 7.2 GB at 36 layers). Here the saved
+    inputs and the stacked weights are kept as 16-bit integers (a bitcast: same bits), which it slices as is.
+    """
+    dtypes = jax.tree.map(lambda a: a.dtype, stacked)
+
+    @jax.custom_vjp
+    def run(stacked, x):
+        return jax.lax.scan(lambda carry, state: (apply(state, carry), None), x, stacked)[0]
+
+    def forward(stacked, x):
+        y, inputs = jax.lax.scan(lambda carry, state: (apply(state, carry), _stored(carry)), x, stacked)
+        return y, (jax.tree.map(_stored, stacked), inputs)
+
+    def backward(residuals, g):
+        stored_states, inputs = residuals
+
+        def step(dy, layer):
+            stored_state, stored_x = layer
+            state = jax.tree.map(_restored, stored_state, dtypes)
+            _, pull = jax.vjp(apply, state, _restored(stored_x, x.dtype))
+            dstate, dx = pull(dy)
+            return dx, dstate
+
+        dx, dstacked = jax.lax.scan(step, g, (stored_states, inputs), reverse=True)
+        return dstacked, dx
+
+    run.defvjp(forward, backward)
+    return run(stacked, x)
 
 
 def _cotangent_tied_remat(graphdef, saveable):
@@ -185,7 +243,10 @@ def _write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array, field: str
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention_block: int | None = None):
+        # Query positions per block of the full-sequence attention (a static int: part of the graphdef); 0 = the
+        # autodiff blocks of dot_product_attention, which keep every block's probabilities for the backward.
+        self.attention_block = CAUSAL_ATTENTION_BLOCK if attention_block is None else int(attention_block)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.attention = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -201,7 +262,10 @@ class DecoderLayer(nnx.Module):
             attn = cached_attention(q, cache_k, cache_v, mask)
         else:
             # Full sequences are causal and aligned, so attention can skip the masked upper triangle.
-            attn = dot_product_attention(q, k, v, mask, causal_block=CAUSAL_ATTENTION_BLOCK)
+            if self.attention_block > 0:
+                attn = causal_attention(q, k, v, mask, block=self.attention_block)
+            else:
+                attn = dot_product_attention(q, k, v, mask, causal_block=CAUSAL_ATTENTION_BLOCK)
         x = x + self.attention.output(attn)
         x = x + self.mlp(self.post_attention_norm(x))
         return x, cache_kv
@@ -221,6 +285,7 @@ class DecoderLM(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         remat: bool | str = False,
+        attention_block: int | None = None,
         rngs: nnx.Rngs,
     ):
         self.config = cfg
@@ -232,7 +297,8 @@ class DecoderLM(nnx.Module):
             logical_axes=("vocab", "embed"),
         )
         self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+            [DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_block=attention_block)
+             for _ in range(cfg.num_layers)]
         )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if cfg.tie_word_embeddings:

@@ -307,10 +307,11 @@ def _validate(g) -> None:
 
 def _fingerprint(config) -> str:
     """Hash of what must not change across a resume (model, GRPO settings, seed; not mesh or logging)."""
-    # Memory settings (micro-batches, budget, loss chunks, remat) change how the update is computed, not what.
+    # Memory settings (micro-batches, budget, loss chunks, remat, attention blocks) change how the update is
+    # computed, not what.
     memory_keys = ("micro_batches", "memory_budget_gb", "memory_fraction", "loss_chunk_tokens")
     grpo = {k: v for k, v in config_to_dict(config.grpo).items() if k not in memory_keys}
-    model = {k: v for k, v in config_to_dict(config.model).items() if k != "remat"}
+    model = {k: v for k, v in config_to_dict(config.model).items() if k not in ("remat", "attention_block")}
     keep = {"model": model, "grpo": grpo, "seed": config.seed}
     lcfg = lora.LoraConfig.from_config(config.train.get("lora"))
     if lcfg.enabled:  # full fine-tuning keeps the hash it had before adapters existed

@@ -28,8 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from stat_jax import sharding
-from stat_jax.errors import CheckpointsExistError
-from stat_jax.models import lora
+from stat_jax.errors import CheckpointsExistError, ConfigError
+from stat_jax.models import lora, transformer
 from stat_jax.train import memory as train_memory
 from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state
 from stat_jax.train.optim import optimizer_shardings
@@ -209,7 +209,12 @@ def policy_for(model_cfg, model_path: str | Path, lcfg: lora.LoraConfig, mesh: M
         graphdef, abstract_params = nnx.split(abstract_model(model_cfg, **model_kw))
         return Policy(graphdef, nnx.to_pure_dict(abstract_params),
                       nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh)), lcfg, model_path, model_kw)
-    graphdef, abstract_params, abstract_base = lora.adapter_shapes(model_cfg, lcfg, **model_kw)
+    block = model_kw.get("attention_block", transformer.CAUSAL_ATTENTION_BLOCK)
+    if block != transformer.CAUSAL_ATTENTION_BLOCK:  # models/lora.py builds its model with the default
+        raise ConfigError(f"model.attention_block={block} is not supported with train.lora yet (adapters use "
+                          f"{transformer.CAUSAL_ATTENTION_BLOCK}); leave model.attention_block at its default")
+    adapter_kw = {key: value for key, value in model_kw.items() if key != "attention_block"}
+    graphdef, abstract_params, abstract_base = lora.adapter_shapes(model_cfg, lcfg, **adapter_kw)
     frozen = abstract_state(nnx.to_pure_dict(abstract_base),
                             nnx.to_pure_dict(sharding.state_shardings(abstract_base, mesh)))
     return Policy(graphdef, nnx.to_pure_dict(abstract_params),
@@ -232,7 +237,8 @@ def policy_from_config(config, model_cfg, model_path: str | Path, mesh: Mesh, tx
                        resume: bool) -> tuple[Policy, dict, dict, int | None]:
     """(policy, state shardings, abstract state, adapters' dropout seed or None) for config.model with
     config.train.lora; a resume with adapters first checks the checkpoints' base (a named error)."""
-    model_kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+    model_kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+                    attention_block=int(config.model.get("attention_block", transformer.CAUSAL_ATTENTION_BLOCK)))
     policy = policy_for(model_cfg, model_path, lora.LoraConfig.from_config(config.train.get("lora")), mesh, model_kw)
     if resume and policy.adapters:  # before compiling: adapters of another base can have the same shapes
         lora.check_base(latest_checkpoint_meta(checkpoint_dir).get("base_fingerprint"), policy.base_hash,

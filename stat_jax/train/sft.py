@@ -202,7 +202,8 @@ def _run_fingerprint(config) -> str:
                      if k not in ("checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every",
                                   "export_dir", "export_dtype", "tensorboard", "grad_accum_steps",
                                   "memory_budget_gb", "memory_fraction", "loss_chunk_tokens")}
-    keep["model"] = {k: v for k, v in (keep["model"] or {}).items() if k != "remat"}
+    # remat and attention blocks change how the step is computed (memory), not what
+    keep["model"] = {k: v for k, v in (keep["model"] or {}).items() if k not in ("remat", "attention_block")}
     if not int((keep["train"].get("lora") or {}).get("rank", 0)):
         keep["train"].pop("lora", None)  # full fine-tuning keeps the hash it had before adapters existed
     return config_hash(keep)
