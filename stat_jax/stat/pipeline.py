@@ -507,6 +507,9 @@ def _check_status(status: int, what: str, workdir: Path) -> None:
 
 def _done_record(ctx: StageContext, name: str, key: str, result_file: str) -> dict[str, Any]:
     """<stage>/done.json: the exported model, and the stage key so later stages re-run when it is retrained."""
+    if not _is_process0():
+        # Process 0 may still be writing the export and the result file; run_stage waits for its manifest.
+        return {}
     export = ctx.path(f"{name}/hf")
     if not (export / "config.json").exists():
         raise RuntimeError(f"stage {name!r} finished but {export}/config.json is missing: the trainer's HF export "
