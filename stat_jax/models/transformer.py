@@ -15,6 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 from stat_jax.models.config import ModelConfig
 from stat_jax.models.layers import (MATMUL_NAME, MLP, Attention, RMSNorm, cached_attention, causal_attention,
@@ -164,29 +165,47 @@ def _full_remat_scan(apply, stacked, x: jax.Array) -> jax.Array:
     inputs and the stacked weights are kept as 16-bit integers (a bitcast: same bits), which it slices as is.
     """
     dtypes = jax.tree.map(lambda a: a.dtype, stacked)
+    # Which state leaves the caller differentiates (symbolic_zeros: the forward sees it), so training adapters
+    # computes no weight gradient of the frozen base. Set while tracing the forward, read by the backward.
+    perturbed: list[list[bool]] = []
 
     @jax.custom_vjp
     def run(stacked, x):
         return jax.lax.scan(lambda carry, state: (apply(state, carry), None), x, stacked)[0]
 
     def forward(stacked, x):
+        perturbed.append([leaf.perturbed for leaf in jax.tree.leaves(stacked)])
+        stacked, x = jax.tree.map(lambda leaf: leaf.value, (stacked, x))
         y, inputs = jax.lax.scan(lambda carry, state: (apply(state, carry), _stored(carry)), x, stacked)
         return y, (jax.tree.map(_stored, stacked), inputs)
 
     def backward(residuals, g):
         stored_states, inputs = residuals
+        trained = perturbed[-1]
+        if isinstance(g, SymbolicZero):
+            g = jnp.zeros(g.shape, g.dtype)
 
         def step(dy, layer):
             stored_state, stored_x = layer
-            state = jax.tree.map(_restored, stored_state, dtypes)
-            _, pull = jax.vjp(apply, state, _restored(stored_x, x.dtype))
-            dstate, dx = pull(dy)
-            return dx, dstate
+            leaves, tree = jax.tree.flatten(jax.tree.map(_restored, stored_state, dtypes))
 
-        dx, dstacked = jax.lax.scan(step, g, (stored_states, inputs), reverse=True)
+            def layer_of(trained_leaves, x):
+                it = iter(trained_leaves)
+                state = jax.tree.unflatten(tree, [next(it) if t else leaf for leaf, t in zip(leaves, trained)])
+                return apply(state, x)
+
+            trained_leaves = [leaf for leaf, t in zip(leaves, trained) if t]
+            _, pull = jax.vjp(layer_of, trained_leaves, _restored(stored_x, x.dtype))
+            dleaves, dx = pull(dy)
+            return dx, dleaves
+
+        dx, dleaves = jax.lax.scan(step, g, (stored_states, inputs), reverse=True)
+        it = iter(dleaves)
+        dstacked = jax.tree.unflatten(jax.tree.structure(stored_states),
+                                      [next(it) if t else None for t in trained])
         return dstacked, dx
 
-    run.defvjp(forward, backward)
+    run.defvjp(forward, backward, symbolic_zeros=True)
     return run(stacked, x)
 
 
