@@ -158,9 +158,9 @@ def _full_remat_scan(apply, stacked, x: jax.Array) -> jax.Array:
     """`apply(state, x)` scanned over the stacked layer states, rematerialised per layer (policy full), by hand.
 
     The forward saves only each layer's input; the backward is a reverse scan that recomputes layer i from it
-    and pulls the cotangent through. Why not jax.checkpoint inside lax.scan (the dots path): XLA CPU cannot
-    dynamic-slice bfloat16, so it converted the backward loop's slice of the saved [layers, b, t, e] bf16 stack
-    to float32 and hoisted that convert out of the loop: a float32 copy of every layer's input beside the bf16
+    and pulls the cotangent through. Why not jax.checkpoint inside lax.scan (the dots path): XLA CPU's float
+    normalization upcasts a bfloat16 dynamic slice, so the backward loop's slice of the saved [layers, b, t, e]
+    bf16 stack became convert-to-float32 of the whole stack, hoisted out of the loop: a float32 copy of every layer's input beside the bf16
     one (Qwen2.5-3B at 8 x 2,048 per device: 134 + 67 MB per layer, 7.2 GB at 36 layers). Here the saved
     inputs and the stacked weights are kept as 16-bit integers (a bitcast: same bits), which it slices as is.
     """
