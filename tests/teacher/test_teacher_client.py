@@ -173,3 +173,21 @@ def test_missing_key_names_the_variables(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(TeacherAuthError, match="GEMINI_API_KEY or GOOGLE_API_KEY"):
         find_api_key()
+
+
+def test_the_same_request_in_flight_twice_is_paid_once(tmp_path):
+    started = threading.Event()
+
+    def slow(body):
+        started.set()
+        time.sleep(0.3)  # the other workers ask for the same key while this call is in flight
+        return solve_answer(body)
+
+    request = prompts.solve("What is 1+1?")
+    with FakeGemini(slow) as fake:
+        client = make_client(fake, tmp_path, max_workers=4)
+        answers = client.ask_many([request] * 4 + [prompts.solve("What is 2+1?")])
+        assert started.is_set() and fake.count() == 2  # one call per distinct request
+    assert answers[:4] == [answers[0]] * 4
+    assert client.session.calls == 2 and client.cache_hits == 3
+    assert len(ledger(tmp_path)) == 2
