@@ -57,8 +57,9 @@ def get_config() -> ConfigDict:
     c.mesh.tensor = 1
 
     # Multi-process jobs (stat_jax.distributed; which processes form the job comes from flags/env, not here).
-    # A host that dies or stalls must end the job, not hang it: JAX's coordination service declares a process
-    # dead after heartbeat_timeout_s without a heartbeat and stops the others; a rollout step, broadcast or
+    # A host that dies or stalls must end the job, not hang it: stat-jax's peer watch ends every process with an
+    # error naming the dead one's host and pid once its heartbeat has stopped for heartbeat_timeout_s / 2 (JAX's
+    # coordination service checks at 2 x heartbeat_timeout_s, only as a backstop); a rollout step, broadcast or
     # barrier that every process must finish ends the job after collective_timeout_s with an error naming the
     # unresponsive process and host (it includes compiling that step's programs; 0 = no limit).
     c.distributed = ConfigDict()

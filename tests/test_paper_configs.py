@@ -35,9 +35,9 @@ def _figures(c) -> dict:
         # "Training recipe", SFT
         "sft": (c.train.epochs, c.train.lr_schedule, c.train.warmup_steps, c.train.warmup_ratio, c.train.batch_size,
                 c.data.packing, c.train.max_grad_norm, c.train.weight_decay, c.model.dtype),
-        # "Training recipe": QLoRA rank 16, alpha 32, dropout 0.05 on attention + MLP; lr from the paper's grid
+        # "Training recipe": QLoRA rank 16, alpha 32, dropout 0.05 on attention + MLP, NF4 base; lr from the paper's grid
         "lora": (c.train.lora.rank, c.train.lora.alpha, c.train.lora.dropout, c.train.lora.targets,
-                 c.train.learning_rate in (5e-4, 2e-4, 1e-4, 8e-5, 2e-5)),
+                 c.train.lora.base_quant, c.train.learning_rate in (5e-4, 2e-4, 1e-4, 8e-5, 2e-5)),
         # "Training recipe", GRPO
         "grpo": (c.grpo.learning_rate, c.grpo.lr_schedule, c.grpo.warmup_steps, c.grpo.num_generations,
                  c.grpo.prompts_per_step, c.grpo.max_new_tokens, c.grpo.beta, c.grpo.steps),
@@ -53,7 +53,7 @@ PAPER = {
     "syn": (9500, 3, 2, 3, 2),
     # batch 8 of unpacked rows = 8 QA pairs per update
     "sft": (3.0, "cosine", 0, 0.03, 8, False, 0.3, 0.1, "bfloat16"),
-    "lora": (16, 32.0, 0.05, "q,k,v,o,gate,up,down", True),
+    "lora": (16, 32.0, 0.05, "q,k,v,o,gate,up,down", "nf4", True),
     # 176 steps = 6 epochs of 7,500 MATH train questions at 256 a batch, rounded up
     "grpo": (5e-7, "constant", 0, 4, 256, 2048, 0.0, 176),
 }
