@@ -48,7 +48,11 @@ def get_config() -> ConfigDict:
     # probabilities for the backward. Decoding keeps its own attention. 128 is the replaced attention's block
     # (other sizes not yet measured); at it, the gradient of one attention at 2,048 tokens (4 heads, XLA CPU's
     # memory analysis) needs 17.6 MB of temporaries against 127 MB for the autodiff blocks
-    # (tests/models/test_attention_chunked.py checks the 512-token case).
+    # (tests/models/test_attention_chunked.py checks the 512-token case). With it and remat=full's layer scan
+    # keeping saved inputs as 16-bit integers (models/transformer.py _full_remat_scan), benchmarks/
+    # train_memory.py --only-paper (2026-12-02, XLA CPU, fsdp=8, per device): Qwen2.5-3B GRPO 64 x 2,048
+    # 20.08 -> 14.78 GB (+2.40 GB under 16 GiB), SFT 8 x 2,048 11.25 GB (8.60 before: not yet profiled why);
+    # Llama-3.2-1B GRPO 8.48, SFT 4.63 GB.
     c.model.attention_block = 128
 
     c.mesh = ConfigDict()
