@@ -242,14 +242,15 @@ def split_adapters(model) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, LoraParam, ...)
 
 
-def adapter_shapes(model_cfg, lcfg: LoraConfig, *, dtype="float32", param_dtype="float32", remat=False):
+def adapter_shapes(model_cfg, lcfg: LoraConfig, *, dtype="float32", param_dtype="float32", remat=False,
+                   attention_block: int | None = None):
     """(graphdef, abstract adapter state, abstract base state) without allocating anything."""
     from stat_jax.models.build import as_dtype
     from stat_jax.models.transformer import DecoderLM
 
     def make():
         return add_adapters(DecoderLM(model_cfg, dtype=as_dtype(dtype), param_dtype=as_dtype(param_dtype),
-                                      remat=remat, rngs=nnx.Rngs(0)), lcfg)
+                                      remat=remat, attention_block=attention_block, rngs=nnx.Rngs(0)), lcfg)
 
     return split_adapters(nnx.eval_shape(make))
 

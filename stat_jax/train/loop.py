@@ -209,12 +209,7 @@ def policy_for(model_cfg, model_path: str | Path, lcfg: lora.LoraConfig, mesh: M
         graphdef, abstract_params = nnx.split(abstract_model(model_cfg, **model_kw))
         return Policy(graphdef, nnx.to_pure_dict(abstract_params),
                       nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh)), lcfg, model_path, model_kw)
-    block = model_kw.get("attention_block", transformer.CAUSAL_ATTENTION_BLOCK)
-    if block != transformer.CAUSAL_ATTENTION_BLOCK:  # models/lora.py builds its model with the default
-        raise ConfigError(f"model.attention_block={block} is not supported with train.lora yet (adapters use "
-                          f"{transformer.CAUSAL_ATTENTION_BLOCK}); leave model.attention_block at its default")
-    adapter_kw = {key: value for key, value in model_kw.items() if key != "attention_block"}
-    graphdef, abstract_params, abstract_base = lora.adapter_shapes(model_cfg, lcfg, **adapter_kw)
+    graphdef, abstract_params, abstract_base = lora.adapter_shapes(model_cfg, lcfg, **model_kw)
     frozen = abstract_state(nnx.to_pure_dict(abstract_base),
                             nnx.to_pure_dict(sharding.state_shardings(abstract_base, mesh)))
     return Policy(graphdef, nnx.to_pure_dict(abstract_params),

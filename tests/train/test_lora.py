@@ -231,3 +231,31 @@ def test_kill9_then_resume_with_adapters_reproduces_the_uninterrupted_run(setup,
     want = {r["step"]: (r["loss"], r["grad_norm"]) for r in reference[1]}
     for r in rows:  # dropout included: its masks depend on (seed, step) only
         np.testing.assert_allclose((r["loss"], r["grad_norm"]), want[r["step"]], rtol=1e-5, err_msg=str(r["step"]))
+
+
+def test_adapters_train_with_the_chunked_attention_at_any_block_size(setup, tmp_path, monkeypatch):
+    """model.attention_block with train.lora: the adapters' model uses the configured query block (the chunked
+    attention is traced with it) and trains as the autodiff block attention does (attention_block=0)."""
+    from stat_jax.models import transformer
+
+    root, student, data = setup
+    blocks_traced = []
+    chunked = transformer.causal_attention
+
+    def spy(q, k, v, mask, *, block):
+        blocks_traced.append(block)
+        return chunked(q, k, v, mask, block=block)
+
+    monkeypatch.setattr(transformer, "causal_attention", spy)
+    losses = {}
+    for block in (16, 0):  # 48-token rows: three query blocks of 16, or the autodiff blocks
+        config = build_config(str(REPO / "configs/sft_tiny.py"),
+                              sft_fixtures.sft_overrides(student, data, tmp_path / f"block{block}", steps=4, every=4,
+                                                         **LORA, **{"model.attention_block": block}))
+        losses[block] = [row["loss"] for row in read_metrics(sft.train_sft(config)["metrics_path"])]
+        if block:
+            assert blocks_traced and set(blocks_traced) == {16}, blocks_traced
+            blocks_traced.clear()
+    assert not blocks_traced  # attention_block=0 never reaches the chunked attention
+    assert len(losses[16]) == 4 and losses[16][-1] < losses[16][0], losses
+    np.testing.assert_allclose(losses[16], losses[0], rtol=1e-5)
