@@ -18,7 +18,7 @@ from stat_jax.config import build_config
 from stat_jax.models import init_model
 from stat_jax.models.llama import tiny_llama
 from stat_jax.models.transformer import resolve_remat
-from stat_jax.train import chunked_loss, grpo, sft
+from stat_jax.train import chunked_loss, grpo, loop, sft
 from stat_jax.train import memory as train_memory
 from stat_jax.train.checkpointing import abstract_state
 from stat_jax.train.memory import MemoryBudgetError, StepMemory
@@ -246,11 +246,33 @@ def test_grpo_budget_picks_micro_batches_and_too_big_names_grpo_keys():
         g.micro_batches, g.memory_budget_gb = micro_batches, budget_gb
         return grpo.fit_train_step(g, step, state_sh, abstract, mesh, old_logp=False, ref_logp=False)
 
-    one, many = fit(1, 1e3)[3], fit(8, 1e3)[3]
+    def update(fitted):
+        k, batch_sh, compiled, _ = fitted
+        state = jax.device_put({"step": jnp.int32(0), "params": jax.tree.map(jnp.copy, params),
+                                "opt_state": tx.init(params)}, state_sh)
+        state, metrics = grpo.run_on_mesh(compiled, mesh)(state, loop.to_device_batch(host, k, batch_sh))
+        return state["params"], metrics
+
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, VOCAB, (8, 65)).astype(np.int32)
+    completion = (np.arange(64)[None, :] >= 20).astype(np.float32).repeat(8, 0)  # 20-token prompts
+    host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "attention_mask": np.ones((8, 64), np.int32),
+            "positions": np.broadcast_to(np.arange(64, dtype=np.int32), (8, 64)).copy(),
+            "weights": grpo.token_weights(completion, "token"), "advantages": rng.normal(0, 1, 8).astype(np.float32)}
+    one_step, many = fit(1, 1e3), fit(8, 1e3)[3]
+    one = one_step[3]
     budget_gb = (one.peak + many.peak) / 2 / train_memory.GB
-    k, batch_sh, _, mem = fit(0, budget_gb)
+    fitted = fit(0, budget_gb)
+    k, batch_sh, _, mem = fitted
     assert 1 < k <= 8 and mem.peak <= budget_gb * train_memory.GB
     assert batch_sh["advantages"].spec == sharding.named_sharding(mesh, (None, "batch"), (k, 8 // k)).spec
+    # The budgeted step's update is the unbudgeted one's: the same loss and parameters after one SGD step.
+    (params_k, metrics_k), (params_1, metrics_1) = update(fitted), update(one_step)
+    assert float(metrics_k["loss"]) == pytest.approx(float(metrics_1["loss"]), rel=1e-5, abs=1e-7)
+    _assert_trees_close(params_k, params_1, rtol=1e-5, atol=1e-6)
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                zip(jax.tree.leaves(params_k), jax.tree.leaves(params)))
+    assert moved > 1e-4, moved  # the step moved the weights: equal updates, not two no-ops
     with pytest.raises(MemoryBudgetError, match=r"grpo.micro_batches=8 .*grpo.memory_budget_gb=1e-05.*"
                                                 r"Lower grpo.prompts_per_step"):
         fit(0, 1e-5)
