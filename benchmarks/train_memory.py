@@ -1,7 +1,7 @@
 """Training memory: measured peak RSS of SFT and GRPO update steps on the real student, and XLA's compiled
 memory analysis of the paper's shapes on a v5e-8-sized mesh (from abstract arrays: no weights).
 
-    python benchmarks/train_memory.py [--model-path=DIR] [--runs=default|all] [--skip-paper] [--only-paper]
+    python benchmarks/train_memory.py [--model-path=DIR] [--runs=default|blocks|all] [--skip-paper] [--only-paper]
 
 Real shape (default: the SmolLM2-135M-Instruct student under .cache/, float32, one CPU device): each measured
 config runs in its own subprocess, which loads the checkpoint, builds the trainer's state and compiles the
@@ -54,6 +54,8 @@ REAL_RUNS = {
         ("grpo_prevattn_16x512", "grpo", 16, 512, "full", 2048, 0),
     ],
 }
+# The query block of the chunked attention, where attention is a real share of the step (2,048 tokens a row).
+REAL_RUNS["blocks"] = [(f"sft_full_1x2048_block{b}", "sft", 1, 2048, "full", 2048, b) for b in (0, 64, 128, 256, 512)]
 REAL_RUNS["all"] = REAL_RUNS["default"] + [
     ("sft_dots_8x512", "sft", 8, 512, "dots", 2048),
     ("grpo_dots_2x512", "grpo", 2, 512, "dots", 2048),
@@ -284,6 +286,12 @@ def summarise(real: dict) -> dict:
     if "peak_rss_gb" in g:
         s["grpo_16x512_peak_rss_gb"] = g["peak_rss_gb"]
         s["grpo_16x512_within_8gb"] = g["peak_rss_gb"] <= 8.0
+    base = real.get("sft_full_1x2048_block0", {})
+    for name, r in real.items():  # the query-block sweep against the autodiff blocks (block 0), same run
+        if name.startswith("sft_full_1x2048_block") and "ms_per_token" in r and "ms_per_token" in base:
+            s[f"{name}_time_vs_block0"] = round(r["ms_per_token"] / base["ms_per_token"], 3)
+            s[f"{name}_peak_rss_gb"] = round(r["peak_rss_gb"], 3)
+            s[f"{name}_xla_temporaries_gb"] = round(r["xla_temporaries_gb"], 3)
     for name, r in real.items():  # the estimate against the measurement
         if "xla_estimate_gb" in r and "peak_rss_gb" in r:
             r["measured_step_gb"] = r["peak_rss_gb"] - r["rss_start_gb"]  # all the step's buffers, weights included

@@ -35,24 +35,27 @@ def get_config() -> ConfigDict:
     # compute): pick it when memory allows. Measured peak RSS with full (benchmarks/train_memory.py, 2026-12-01):
     # GRPO 16 x 512 5.3 GB, 0.20 MB/token beyond the fixed 2.15 GB (SFT 0.09); time per token no worse than
     # none with unchunked logits (GRPO 14.4 vs 14.6 ms, SFT 14.7 vs 24.2 ms: the chunked loss saves more than
-    # the recompute costs on CPU).
+    # the recompute costs on CPU). Again after the chunked attention below (2026-12-02, same benchmark, peak RSS of
+    # the whole process): GRPO 16 x 512 7.10 GB (within 8), 0.19 MB/token beyond the fixed part (SFT 0.28, where
+    # none needs 2.86); time per token 0.85x (SFT 8 x 512) and 0.88x (GRPO 16 x 512) of none's.
     # The training forward runs the layers as one lax.scan over their stacked weights (models/transformer.py
     # _scanned_layers) and the loss head / embedding lookup vocab-parallel: at the paper shapes (bf16 compute,
     # f32 masters, fsdp=8, XLA CPU's memory analysis, 2026-12-02) Qwen2.5-3B SFT 8 x 2,048 went 21.16 -> 8.60 GB
-    # per device (16 GiB v5e: +8.58 GB margin) and GRPO 64 x 2,048 per micro-batch 23.56 -> 20.08 GB (-2.90 GB:
+    # per device as recorded then (11.01 GB when that tree was measured again: see attention_block) and GRPO 64 x 2,048 per micro-batch 23.56 -> 20.08 GB (-2.90 GB:
     # not yet within a v5e chip at 64 rows per micro-batch; 13.9 GB of it temporaries).
     c.model.remat = "full"
     # Query positions per block of the training/scoring forward's causal attention (models/layers.py
     # causal_attention: its backward recomputes one block's probabilities at a time from the saved softmax max and
     # sum, flash-attention style); 0 = the previous autodiff blocks (of 128), which keep every block's
-    # probabilities for the backward. Decoding keeps its own attention. 128 is the replaced attention's block
-    # (other sizes not yet measured); at it, the gradient of one attention at 2,048 tokens (4 heads, XLA CPU's
-    # memory analysis) needs 17.6 MB of temporaries against 127 MB for the autodiff blocks
-    # (tests/models/test_attention_chunked.py checks the 512-token case). With it and remat=full's layer scan
-    # keeping saved inputs as 16-bit integers (models/transformer.py _full_remat_scan), benchmarks/
-    # train_memory.py --only-paper (2026-12-02, XLA CPU, fsdp=8, per device): Qwen2.5-3B GRPO 64 x 2,048
-    # 20.08 -> 14.78 GB (+2.40 GB under 16 GiB), SFT 8 x 2,048 11.25 GB (8.60 before: not yet profiled why);
-    # Llama-3.2-1B GRPO 8.48, SFT 4.63 GB.
+    # probabilities for the backward. Decoding keeps its own attention. 128 chosen by measurement
+    # (benchmarks/train_memory.py --runs=blocks and --only-paper --paper-attention-block=B, 2026-12-02): the real
+    # student's SFT step at 1 x 2,048 in float32 takes 0.92 / 0.90 / 0.95 / 1.01 x block 0's time at blocks
+    # 64 / 128 / 256 / 512, and Qwen2.5-3B GRPO 64 x 2,048 (XLA CPU, fsdp=8, per device) needs 16.93 GB at 0,
+    # 14.93 at 64, 14.78 at 128, 14.79 at 256 and 15.03 at 512 (Llama-3.2-1B GRPO: 12.91 / 9.10 / 8.48 / 8.28 /
+    # 9.37). Qwen2.5-3B SFT 8 x 2,048 is 11.23-11.30 GB at every block, 0 included: attention is not its peak.
+    # Its earlier "8.60 GB" (commit 51a72a8's message) does not reproduce: that commit's own tree measures 11.01 GB
+    # with this benchmark, so the chunked attention and 16-bit saved inputs cost SFT +0.23 GB and saved GRPO
+    # 5.30 GB (20.08 -> 14.78: +2.40 GB under 16 GiB). Llama-3.2-1B SFT 4.63 GB.
     c.model.attention_block = 128
 
     c.mesh = ConfigDict()
