@@ -58,5 +58,11 @@ def test_real_student_chunked_loss_and_dots_remat_equal_the_plain_step():
     (loss0, g0), (loss1, g1) = results["none"], results["dots"]
     assert 0.1 < loss0 < 8  # a pretrained model on its own chat format: far below log(49152) = 10.8
     assert loss1 == pytest.approx(loss0, rel=1e-6)
+    # Per gradient, against its own scale (the 1e-5): an entry that is a sum with cancellation carries the
+    # float32 rounding of its larger terms, and the chunks add them in another order (one embedding entry of 28M
+    # was 1.8e-6 off, 5.5e-4 of itself, in a 2026-12-02 run; per-element rtol 1e-4 failed on it). A wrong chunk
+    # or a wrong recompute is off by the gradient's whole scale.
     for key in g0:
-        np.testing.assert_allclose(g1[key], g0[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        err, scale = float(np.abs(g1[key] - g0[key]).max()), float(np.abs(g0[key]).max())
+        print(f"{key}: max |dots+chunked - plain| {err:.2e} = {err / scale:.1e} of max |grad| {scale:.2e}")
+        assert scale > 0 and err <= 1e-5 * scale, (key, err, scale)  # the 1e-5; 3e-6 measured
