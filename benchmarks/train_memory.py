@@ -275,11 +275,12 @@ def summarise(real: dict) -> dict:
             s[f"{kind}_full_{rows}x512_time_vs_prevattn"] = round(new["ms_per_token"] / prev["ms_per_token"], 3)
         if "peak_rss_gb" in prev and "peak_rss_gb" in new:
             s[f"{kind}_full_{rows}x512_peak_rss_gb_vs_prevattn"] = (new["peak_rss_gb"], prev["peak_rss_gb"])
-    for kind in ("sft", "grpo"):
+    for kind in ("sft", "grpo"):  # at the same shape only: time per token falls with the batch on its own
         now = real.get(f"{kind}_now_2x512", {})
         for name, r in real.items():
-            if name.startswith(kind) and "ms_per_token" in r and "ms_per_token" in now and name != f"{kind}_now_2x512":
-                s[f"{name}_time_per_token_vs_now"] = round(r["ms_per_token"] / now["ms_per_token"], 3)
+            if (name.startswith(kind) and name.endswith("_2x512") and name != f"{kind}_now_2x512"
+                    and "ms_per_token" in r and "ms_per_token" in now):
+                s[f"{name}_time_vs_now"] = round(r["ms_per_token"] / now["ms_per_token"], 3)
     if s["sft_now_mb_per_token"] and s["sft_full_mb_per_token"]:
         s["sft_memory_per_token_vs_now"] = round(s["sft_full_mb_per_token"] / s["sft_now_mb_per_token"], 3)
     g = real.get("grpo_full_16x512", {})

@@ -37,7 +37,9 @@ def get_config() -> ConfigDict:
     # none with unchunked logits (GRPO 14.4 vs 14.6 ms, SFT 14.7 vs 24.2 ms: the chunked loss saves more than
     # the recompute costs on CPU). Again after the chunked attention below (2026-12-02, same benchmark, peak RSS of
     # the whole process): GRPO 16 x 512 7.10 GB (within 8), 0.19 MB/token beyond the fixed part (SFT 0.28, where
-    # none needs 2.86); time per token 0.85x (SFT 8 x 512) and 0.88x (GRPO 16 x 512) of none's.
+    # none needs 2.86); time per token at 2 x 512 0.91x (SFT) and 0.96x (GRPO) of none's. `stat-jax sft` on 4 real
+    # MATH rows x 1,024 in float32: 0.98x the throughput of the tree before issue 19 (remat none) at 6.5 GB
+    # instead of 16.2 (remat none here: 1.03x at 13.4 GB, dots 1.00x at 8.7 GB).
     # The training forward runs the layers as one lax.scan over their stacked weights (models/transformer.py
     # _scanned_layers) and the loss head / embedding lookup vocab-parallel: at the paper shapes (bf16 compute,
     # f32 masters, fsdp=8, XLA CPU's memory analysis, 2026-12-02) Qwen2.5-3B SFT 8 x 2,048 went 21.16 -> 8.60 GB
