@@ -157,7 +157,7 @@ def test_two_process_grpo_steps_equal_the_single_process_run(tmp_path):
     assert moved.max() > 15 * tolerance and np.median(moved) > 5 * tolerance, (moved.max(), np.median(moved))
 
 
-@pytest.mark.slow
+# 34 s on the idle 2-core machine (373 s when it was shared and loaded)
 def test_a_process_killed_mid_rollout_ends_the_other_naming_it_and_resume_completes(tmp_path):
     """A host lost mid-rollout: the survivor stops with an error naming the lost process (its host and pid)
     within the configured limits instead of hanging, and `--resume` on both finishes the same records."""
@@ -176,8 +176,7 @@ def test_a_process_killed_mid_rollout_ends_the_other_naming_it_and_resume_comple
         while "questions 4-8 of 12" not in logs[0].read_text():
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), tail(logs)
             time.sleep(0.5)
-        time.sleep(2)  # inside the second chunk's rollout
-        procs[1].kill()
+        procs[1].kill()  # in the second chunk's rollout, or (on a fast machine) the third's
         killed_pid, start = procs[1].pid, time.monotonic()
         code = procs[0].wait(timeout=300)
         stopped_after = time.monotonic() - start
@@ -190,7 +189,8 @@ def test_a_process_killed_mid_rollout_ends_the_other_naming_it_and_resume_comple
     assert f"process 1 ({socket.gethostname()}, pid {killed_pid}) stopped responding" in survivor, survivor[-3000:]
     assert "Terminating process because the JAX distributed service" not in survivor, survivor[-3000:]
     assert stopped_after < 240, stopped_after  # within the configured limits, not a hang
-    assert len((multi / "math500.jsonl").read_text().splitlines()) == 4  # the first chunk, written before
+    written = len((multi / "math500.jsonl").read_text().splitlines())
+    assert written in (4, 8), written  # the chunks finished before the kill, not the one it interrupted
 
     logs = [tmp_path / f"resume-{i}.log" for i in range(PROCESSES)]
     procs = start_processes("eval", lambda i: [*eval_args(student, data, multi, *extra), "--resume"], logs)
@@ -199,6 +199,35 @@ def test_a_process_killed_mid_rollout_ends_the_other_naming_it_and_resume_comple
     finally:
         codes = wait_all(procs, logs, timeout=400)
     assert codes == [0] * PROCESSES, tail(logs)
-    assert "resuming after 4/12 questions" in logs[0].read_text()
+    assert f"resuming after {written}/12 questions" in logs[0].read_text()
     assert (multi / "math500.jsonl").read_text() == (single / "math500.jsonl").read_text()
 
+
+
+def test_the_coordinator_killed_mid_rollout_stops_the_survivor_at_once_and_its_log_names_it(tmp_path):
+    """Process 0 (JAX's coordinator, which runs the coordination service) lost mid-rollout: process 1 does not
+    hang. jaxlib's error poll fails the moment the service's socket closes and aborts the process with its own
+    message (it names no host: a callback of our own cannot replace it, since jaxlib 0.10's missed-heartbeat
+    callback dies converting its status, std::bad_cast); the peer table logged at start names process 0's host
+    and pid in the same log."""
+    student = make_student(tmp_path / "student")
+    data = write_math500(tmp_path / "math500.jsonl", 12)
+    extra = ("--config.eval.chunk_size=4", "--config.eval.max_new_tokens=48", "--config.rollout.max_target_length=320",
+             "--config.distributed.heartbeat_timeout_s=30", "--config.distributed.collective_timeout_s=240")
+    logs = [tmp_path / f"process-{i}.log" for i in range(PROCESSES)]
+    procs = start_processes("eval", lambda i: eval_args(student, data, tmp_path / "multi", *extra), logs)
+    try:
+        deadline = time.monotonic() + 400
+        while "questions 4-8 of 12" not in logs[0].read_text():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), tail(logs)
+            time.sleep(0.5)
+        procs[0].kill()  # in the second chunk's rollout, or (on a fast machine) the third's
+        killed_pid, start = procs[0].pid, time.monotonic()
+        code = procs[1].wait(timeout=300)
+        stopped_after = time.monotonic() - start
+    finally:
+        stop_all(procs)
+    survivor = logs[1].read_text()
+    assert code != 0 and stopped_after < 30, (code, stopped_after, survivor[-3000:])  # at once, not a hang
+    assert f"peers: process 0 ({socket.gethostname()}, pid {killed_pid})" in survivor, survivor[-3000:]
+    assert "the leader task was preempted/died" in survivor, survivor[-3000:]

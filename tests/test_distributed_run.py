@@ -3,14 +3,13 @@
 alone asks the teacher and writes the stage files; they equal those of this single process on 8 devices."""
 
 import numpy as np
-import pytest
 
 from tests.stat.test_stat_pipeline import fake  # noqa: F401  (a fixture)
 from tests.test_distributed_generation import PROCESSES, start_processes, tail, wait_all
 from tests.train.sft_fixtures import make_student
 
 
-@pytest.mark.slow  # 190 s on the loaded 2-core test machine, most of it two processes compiling
+# 34 s on the idle 2-core machine (190 s when it was shared and loaded), most of it two processes compiling
 def test_two_process_rollout_stage_writes_the_single_process_responses_once(tmp_path, fake):
     """`stat-jax run` of the data and rollout stages on 2 processes: process 1 waits for the data stage, both
     generate the same chunks, and process 0 alone appends them to the partial file and writes the responses,
@@ -45,7 +44,7 @@ def test_two_process_rollout_stage_writes_the_single_process_responses_once(tmp_
     assert fake.count() == 0  # neither stage asks the teacher
 
 
-@pytest.mark.slow  # 415 s on the loaded 2-core test machine
+# 65 s on the idle 2-core machine (415 s when it was shared and loaded)
 def test_two_process_stat_run_gives_the_single_process_stage_outputs_and_asks_the_teacher_once(tmp_path, fake):
     """`stat-jax run`, every stage, on 2 processes with the fake Gemini server: the teacher is asked by process 0
     only (each call once in the ledger), and the stage outputs equal those of one 8-device process."""
