@@ -157,6 +157,30 @@ def test_two_process_grpo_steps_equal_the_single_process_run(tmp_path):
     assert moved.max() > 15 * tolerance and np.median(moved) > 5 * tolerance, (moved.max(), np.median(moved))
 
 
+# 48 new tokens a question in chunks of 4: long enough to kill a process during the rollout of a later chunk.
+KILL_EXTRA = ("--config.eval.chunk_size=4", "--config.eval.max_new_tokens=48", "--config.rollout.max_target_length=320")
+# Short limits for the run that loses a process; a resumed run keeps the defaults, since on a loaded test machine
+# a short heartbeat limit can expire for processes that are merely slow.
+KILL_LIMITS = ("--config.distributed.heartbeat_timeout_s=30", "--config.distributed.collective_timeout_s=240")
+
+
+def _eval_then_kill(student: Path, data: Path, out: Path, logs: list[Path], victim: int) -> tuple[int, int, float]:
+    """2-process eval of 12 questions; process `victim` is killed once the second chunk starts (in its rollout,
+    or on a fast machine the third's). (survivor's exit status, killed pid, seconds the survivor took to stop)."""
+    procs = start_processes("eval", lambda i: eval_args(student, data, out, *KILL_EXTRA, *KILL_LIMITS), logs)
+    try:
+        deadline = time.monotonic() + 400
+        while "questions 4-8 of 12" not in logs[0].read_text():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), tail(logs)
+            time.sleep(0.5)
+        procs[victim].kill()
+        killed_pid, start = procs[victim].pid, time.monotonic()
+        code = procs[1 - victim].wait(timeout=300)
+        return code, killed_pid, time.monotonic() - start
+    finally:
+        stop_all(procs)
+
+
 # 34 s on the idle 2-core machine (373 s when it was shared and loaded)
 def test_a_process_killed_mid_rollout_ends_the_other_naming_it_and_resume_completes(tmp_path):
     """A host lost mid-rollout: the survivor stops with an error naming the lost process (its host and pid)
@@ -164,24 +188,8 @@ def test_a_process_killed_mid_rollout_ends_the_other_naming_it_and_resume_comple
     student = make_student(tmp_path / "student")
     data = write_math500(tmp_path / "math500.jsonl", 12)
     multi, single = tmp_path / "multi", tmp_path / "single"
-    # 48 new tokens a question in chunks of 4: long enough to kill process 1 in the middle of the second chunk.
-    extra = ("--config.eval.chunk_size=4", "--config.eval.max_new_tokens=48", "--config.rollout.max_target_length=320")
-    # Short limits for the run that loses a process; the resumed run keeps the defaults, since on a loaded test
-    # machine a short heartbeat limit can expire for processes that are merely slow.
-    limits = ("--config.distributed.heartbeat_timeout_s=30", "--config.distributed.collective_timeout_s=240")
     logs = [tmp_path / f"process-{i}.log" for i in range(PROCESSES)]
-    procs = start_processes("eval", lambda i: eval_args(student, data, multi, *extra, *limits), logs)
-    try:
-        deadline = time.monotonic() + 400
-        while "questions 4-8 of 12" not in logs[0].read_text():
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), tail(logs)
-            time.sleep(0.5)
-        procs[1].kill()  # in the second chunk's rollout, or (on a fast machine) the third's
-        killed_pid, start = procs[1].pid, time.monotonic()
-        code = procs[0].wait(timeout=300)
-        stopped_after = time.monotonic() - start
-    finally:
-        stop_all(procs)
+    code, killed_pid, stopped_after = _eval_then_kill(student, data, multi, logs, victim=1)
     survivor = logs[0].read_text()
     assert code != 0, survivor[-3000:]
     # Named by stat-jax's peer watch (host and pid), before JAX's own heartbeat check (twice as late) could abort
@@ -193,15 +201,14 @@ def test_a_process_killed_mid_rollout_ends_the_other_naming_it_and_resume_comple
     assert written in (4, 8), written  # the chunks finished before the kill, not the one it interrupted
 
     logs = [tmp_path / f"resume-{i}.log" for i in range(PROCESSES)]
-    procs = start_processes("eval", lambda i: [*eval_args(student, data, multi, *extra), "--resume"], logs)
+    procs = start_processes("eval", lambda i: [*eval_args(student, data, multi, *KILL_EXTRA), "--resume"], logs)
     try:
-        assert cli.main(["eval", *eval_args(student, data, single, *extra)]) == 0
+        assert cli.main(["eval", *eval_args(student, data, single, *KILL_EXTRA)]) == 0
     finally:
         codes = wait_all(procs, logs, timeout=400)
     assert codes == [0] * PROCESSES, tail(logs)
     assert f"resuming after {written}/12 questions" in logs[0].read_text()
     assert (multi / "math500.jsonl").read_text() == (single / "math500.jsonl").read_text()
-
 
 
 def test_the_coordinator_killed_mid_rollout_stops_the_survivor_at_once_and_its_log_names_it(tmp_path):
@@ -212,21 +219,8 @@ def test_the_coordinator_killed_mid_rollout_stops_the_survivor_at_once_and_its_l
     and pid in the same log."""
     student = make_student(tmp_path / "student")
     data = write_math500(tmp_path / "math500.jsonl", 12)
-    extra = ("--config.eval.chunk_size=4", "--config.eval.max_new_tokens=48", "--config.rollout.max_target_length=320",
-             "--config.distributed.heartbeat_timeout_s=30", "--config.distributed.collective_timeout_s=240")
     logs = [tmp_path / f"process-{i}.log" for i in range(PROCESSES)]
-    procs = start_processes("eval", lambda i: eval_args(student, data, tmp_path / "multi", *extra), logs)
-    try:
-        deadline = time.monotonic() + 400
-        while "questions 4-8 of 12" not in logs[0].read_text():
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), tail(logs)
-            time.sleep(0.5)
-        procs[0].kill()  # in the second chunk's rollout, or (on a fast machine) the third's
-        killed_pid, start = procs[0].pid, time.monotonic()
-        code = procs[1].wait(timeout=300)
-        stopped_after = time.monotonic() - start
-    finally:
-        stop_all(procs)
+    code, killed_pid, stopped_after = _eval_then_kill(student, data, tmp_path / "multi", logs, victim=0)
     survivor = logs[1].read_text()
     assert code != 0 and stopped_after < 30, (code, stopped_after, survivor[-3000:])  # at once, not a hang
     assert f"peers: process 0 ({socket.gethostname()}, pid {killed_pid})" in survivor, survivor[-3000:]
