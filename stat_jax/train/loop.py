@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from stat_jax import sharding
-from stat_jax.errors import CheckpointsExistError, ConfigError
+from stat_jax.errors import CheckpointsExistError
 from stat_jax.models import lora, transformer
 from stat_jax.train import memory as train_memory
 from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state

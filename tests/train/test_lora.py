@@ -238,7 +238,7 @@ def test_adapters_train_with_the_chunked_attention_at_any_block_size(setup, tmp_
     attention is traced with it) and trains as the autodiff block attention does (attention_block=0)."""
     from stat_jax.models import transformer
 
-    root, student, data = setup
+    _, student, data = setup
     blocks_traced = []
     chunked = transformer.causal_attention
 
