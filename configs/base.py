@@ -328,6 +328,9 @@ def get_config() -> ConfigDict:
     # training set is the same. Its run directory (own workdir) gets its own manifests and round.json.
     c.stat.round = 1
     c.stat.previous_run = ""
+    # The student round 1 trained, when that training ran outside its sft stage (the demo fine-tunes each seed
+    # itself): "" = the model stat.previous_run's sft/done.json names.
+    c.stat.previous_student = ""
     c.stat.wait_timeout_s = 86400.0  # other hosts wait this long for process 0's teacher stages
     c.grpo = ConfigDict()
     c.grpo.train_files = ()  # JSONL of {problem, answer} rows (e.g. MATH train, or a STAT-Sel question list)

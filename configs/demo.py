@@ -96,6 +96,11 @@ def get_config(variant: str = "default") -> ConfigDict:
     d.grpo_warmup_steps = 0  # a warmup step runs at lr 0 (wasted); a low lr and clipping keep fresh Adam gentle
     d.grpo_temperature = 0.7
     d.max_new_tokens = 48
+    # Continual STAT (PAPER.md §3.3): per seed, round 1's STAT-Sel student is profiled again (the pipeline with
+    # stat.round=2) on a new validation split of this size and trained further on its new selection at the
+    # same token budget: the table's "round 2" row. () leaves it out.
+    d.round2_methods = ("stat_sel",)
+    d.round2_heldout_size = 400
 
     # The real SFT trainer's settings (configs/base.py `data`/`train`); steps and learning rates are set per run.
     _set(c, "data", max_length=256, packing=True)
@@ -124,6 +129,7 @@ def quick(c: ConfigDict) -> ConfigDict:
     d = c.demo
     c.workdir = "runs/demo-quick"
     d.train_size, d.heldout_size, d.test_size = 2000, 60, 100
+    d.round2_heldout_size = 60
     # The shipped (saturated) base student, as in the default run: what the quick run asserts (the profile
     # finds the rare skills, ...) needs a student that has learned the common skills.
     d.skill_map_size = 400

@@ -206,8 +206,34 @@ def _command_name(argv: list[str]) -> str:
     return argv[0] if argv and (argv[0] in COMMANDS or argv[0] == "import-gguf") else ""
 
 
+def _wants_supervisor(argv: list[str]) -> bool:
+    """A multi-process command (not serve, not --print-config) runs under stat_jax.supervisor's parent process,
+    unless STAT_JAX_SUPERVISOR=0 (e.g. under a debugger); a command line that does not parse runs as it is."""
+    import os
+
+    from stat_jax import supervisor
+    from stat_jax.distributed import resolve_distributed
+
+    if supervisor.is_supervised() or os.environ.get("STAT_JAX_SUPERVISOR", "1") == "0":
+        return False
+    import contextlib
+    import io
+
+    try:  # quietly: --help, --version and usage errors print when the command itself parses them
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            _, rest = split_override_args(argv)
+            args = _parser().parse_args(rest)
+        return args.command != "serve" and not args.print_config and resolve_distributed(args) is not None
+    except (Exception, SystemExit):  # noqa: BLE001 -- the command itself reports it
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _wants_supervisor(argv):
+        from stat_jax import supervisor
+
+        return supervisor.supervise(argv, format_error)
     try:
         return _run(argv)
     except StatJaxError as e:

@@ -21,9 +21,10 @@ and its host and pid: stat-jax's peer watch ends every other process when a peer
 `distributed.heartbeat_timeout_s` (also while they exit), and `collective_deadline` (rollout steps, broadcasts,
 barriers) ends this process after `distributed.collective_timeout_s`. JAX's coordination service keeps its own
 check, at twice `heartbeat_timeout_s`, only as a backstop: it aborts the survivors from C++ with a message that
-names a task number, and nothing in Python can add the host to that. One case stays JAX's: when process 0 (the
-coordinator) dies, the others abort the moment its socket closes, with JAX's message about "the leader task";
-the peer table logged at start ("peers: process 0 (HOST, pid P), ...") says where that was.
+names a task number, and nothing in Python can add the host to that. When process 0 (the coordinator) dies,
+jaxlib aborts the others the moment its socket closes, with a message about "the leader task" that names no
+host; the thin parent each multi-process command runs under (`stat_jax.supervisor`) then prints the error
+naming process 0's host and pid, from the peer table its child wrote ("peers: process 0 (HOST, pid P), ...").
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from stat_jax import supervisor
 from stat_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,11 @@ def maybe_initialize_distributed(flags: Any = None, env: Mapping[str, str] | Non
                            "that process 0 is running, and that its port is reachable.") from e
     log.info("process %d of %d: %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
+    global _coordinator_address
+    from jax._src import distributed as jax_distributed  # the address JAX resolved (auto-detect included)
+
+    _coordinator_address = spec.coordinator_address or getattr(jax_distributed.global_state,
+                                                                "coordinator_address", None)
     _register_host()
     watch = _PeerWatch(heartbeat / 2)
     _watch_stale_s = watch.stale_s
@@ -214,6 +221,7 @@ _collective_timeout_s = DEFAULT_COLLECTIVE_TIMEOUT_S
 _heartbeat_timeout_s = DEFAULT_HEARTBEAT_TIMEOUT_S
 _watch_stale_s: float | None = None  # the running peer watch's limit; None before initialize
 _peers: dict[int, str] = {}  # process index -> "HOST, pid P", read once so errors need not ask the coordinator
+_coordinator_address: str | None = None
 
 
 def _setting(section: Any, name: str, default: float) -> float:
@@ -267,7 +275,7 @@ def _register_host() -> None:
     """Publishes this process's host and pid, so another process's error can say where a dead peer ran."""
     import jax
 
-    me = f"{socket.gethostname()}, pid {os.getpid()}"
+    me = f"{socket.gethostname()}, pid {supervisor.command_pid()}"
     _peers[jax.process_index()] = me
     _client().key_value_set(f"{_HOST_KEY}{jax.process_index()}", me)
 
@@ -280,6 +288,9 @@ def _read_peer_table(client, count: int) -> None:
         _peers[int(key.rsplit("/", 1)[-1])] = value
     if len(_peers) == count:
         log.info("peers: %s", ", ".join(describe_process(i) for i in range(count)))
+        import jax
+
+        supervisor.write_peer_table(jax.process_index(), _peers, _coordinator_address)
 
 
 def describe_process(index: int) -> str:

@@ -211,12 +211,12 @@ def test_a_process_killed_mid_rollout_ends_the_other_naming_it_and_resume_comple
     assert (multi / "math500.jsonl").read_text() == (single / "math500.jsonl").read_text()
 
 
-def test_the_coordinator_killed_mid_rollout_stops_the_survivor_at_once_and_its_log_names_it(tmp_path):
+def test_the_coordinator_killed_mid_rollout_stops_the_survivor_at_once_naming_its_host(tmp_path):
     """Process 0 (JAX's coordinator, which runs the coordination service) lost mid-rollout: process 1 does not
     hang. jaxlib's error poll fails the moment the service's socket closes and aborts the process with its own
-    message (it names no host: a callback of our own cannot replace it, since jaxlib 0.10's missed-heartbeat
-    callback dies converting its status, std::bad_cast); the peer table logged at start names process 0's host
-    and pid in the same log."""
+    message, which names no host (a callback of our own cannot replace it: jaxlib 0.10's missed-heartbeat
+    callback dies converting its status, std::bad_cast); the parent process the command runs under
+    (stat_jax.supervisor) then names process 0's host and pid from the peer table."""
     student = make_student(tmp_path / "student")
     data = write_math500(tmp_path / "math500.jsonl", 12)
     logs = [tmp_path / f"process-{i}.log" for i in range(PROCESSES)]
@@ -225,3 +225,6 @@ def test_the_coordinator_killed_mid_rollout_stops_the_survivor_at_once_and_its_l
     assert code != 0 and stopped_after < 30, (code, stopped_after, survivor[-3000:])  # at once, not a hang
     assert f"peers: process 0 ({socket.gethostname()}, pid {killed_pid})" in survivor, survivor[-3000:]
     assert "the leader task was preempted/died" in survivor, survivor[-3000:]
+    assert (f": the coordinator, process 0 ({socket.gethostname()}, pid {killed_pid}), is gone (its coordination "
+            "service at 127.0.0.1:") in survivor.splitlines()[-1], survivor[-3000:]
+    assert survivor.splitlines()[-1].startswith("stat-jax eval: process 1 ("), survivor[-3000:]

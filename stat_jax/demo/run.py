@@ -5,6 +5,8 @@
        profile, sel, syn) with the offline teacher behind the shared teacher client
     -> per seed: plain SFT on the original mix vs STAT-Sel vs STAT-Syn at an equal token budget
        (`train.sft`), each optionally followed by a short GRPO (`train.grpo`)
+    -> per seed, continual STAT: the STAT-Sel student profiled again on a new validation split (the pipeline's
+       round 2) and trained further on its new selection
     -> per-skill evaluation on the test split (`eval.evaluate`) -> table, JSON, plots.
 
 Every step writes under `config.workdir` with a manifest and is skipped when its manifest still matches,
@@ -40,6 +42,7 @@ BASELINES = ("math_hard", "embed_sel")
 SHIPPED_STUDENT = Path(__file__).with_name("student")  # the pre-trained base student (configs/demo.py)
 METHOD_LABELS = {"base": "base", "sft": "SFT (original mix)", "math_hard": "MATH-Hard", "embed_sel": "Embed-Sel",
                  "stat_sel": "STAT-Sel", "stat_syn": "STAT-Syn"}
+ROUND2_SPLIT = "validation_round2"  # generated after the train split, so no earlier split changes with its size
 
 
 # ----- small helpers -------------------------------------------------------------------------------------------
@@ -270,16 +273,17 @@ class Demo:
     # data -------------------------------------------------------------------------------------------------
     def data(self) -> str:
         d = self.d
-        settings = {"seed": self.config.seed, "sizes": [d.train_size, d.heldout_size, d.test_size],
+        sizes = {"train": d.train_size, "heldout": d.heldout_size, "test": d.test_size}
+        if d.round2_methods:
+            sizes[ROUND2_SPLIT] = d.round2_heldout_size
+        settings = {"seed": self.config.seed, "sizes": list(sizes.values()),
                     "rare": list(d.rare_skills), "rare_weight": d.rare_weight, "skill_map_size": d.skill_map_size,
                     "instruction": self.config.eval.instruction}
-        outputs = ["data/train.jsonl", "data/heldout.jsonl", "data/test.jsonl", "data/original_mix.jsonl",
-                   "stat/data/train.jsonl", "stat/data/heldout.jsonl"]
+        outputs = [f"data/{name}.jsonl" for name in sizes] + ["data/original_mix.jsonl", "stat/data/train.jsonl",
+                                                               "stat/data/heldout.jsonl"]
 
         def run():
-            splits = task.make_splits(self.config.seed, {"train": d.train_size, "heldout": d.heldout_size,
-                                                         "test": d.test_size},
-                                      {s: d.rare_weight for s in d.rare_skills})
+            splits = task.make_splits(self.config.seed, sizes, {s: d.rare_weight for s in d.rare_skills})
             for name, rows in splits.items():
                 io.write_jsonl(self.path(f"data/{name}.jsonl"), (p.to_dict() for p in rows))
             io.write_jsonl(self.path("data/original_mix.jsonl"),
@@ -489,22 +493,73 @@ class Demo:
         return _step(self.root, "finetune/sets", settings, inputs, outputs, run)
 
     def finetune(self, seed: int, method: str) -> Path:
+        return self._finetune(f"finetune/seed{seed}/{method}", "student/base.json", seed)
+
+    def _finetune(self, name: str, start_record: str, seed: int) -> Path:
+        """SFT on `name`/train.jsonl from the student `start_record` names; writes `name`/model.json."""
         d = self.d
-        name = f"finetune/seed{seed}/{method}"
         train_file = self.path(f"{name}/train.jsonl")
         settings = {"batch": d.finetune_batch_size, "lr": d.finetune_lr, "seed": seed, **self.trainer_settings()}
 
         def run():
             # The trainer's directory is named by the settings: a killed run resumes its own checkpoints, and a
             # changed setting starts fresh instead of resuming another run's.
-            workdir = self.path(f"{name}/sft-{io.json_hash([settings, io.file_hash(train_file)])[:10]}")
-            export = train(self.config, workdir, self.base_model, [train_file], steps=0,
+            start = Path(io.read_json(self.path(start_record))["model"])
+            workdir = self.path(f"{name}/sft-{io.json_hash([settings, io.file_hash(train_file), str(start)])[:10]}")
+            export = train(self.config, workdir, start, [train_file], steps=0,
                            batch_size=d.finetune_batch_size, lr=d.finetune_lr, seed=seed)
             io.write_json(self.path(f"{name}/model.json"), _model_record(export))
 
-        _step(self.root, f"{name}/train", settings, [f"{name}/train.jsonl", "student/base.json"],
+        _step(self.root, f"{name}/train", settings, [f"{name}/train.jsonl", start_record],
               [f"{name}/model.json"], run)
         return Path(io.read_json(self.path(f"{name}/model.json"))["model"])
+
+    # continual STAT ----------------------------------------------------------------------------------------
+    def round2(self, seed: int, method: str) -> str:
+        """Continual STAT (PAPER.md §3.3): this seed's round-1 `method` student is profiled again, by the pipeline
+        with stat.round=2, on a new validation split; its new selection (same token budget) trains it further.
+        Returns the record file of the round-2 model."""
+        from stat_jax.demo.offline_teacher import OfflineTeacher
+        from stat_jax.stat.pipeline import run_pipeline
+
+        d = self.d
+        name = f"round2/seed{seed}/{method}"
+        start_record = f"finetune/seed{seed}/{method}/model.json"
+        start = Path(io.read_json(self.path(start_record))["model"])
+        run_dir = self.path(f"{name}/stat")
+        # The round's data files, as the demo's data step writes round 1's: the same Skill-Map pool (so the
+        # catalog and Skill-Map are round 1's, copied) and the new validation split as its held-out file.
+        for f, source in (("train.jsonl", "stat/data/train.jsonl"), ("heldout.jsonl", f"data/{ROUND2_SPLIT}.jsonl")):
+            (run_dir / "data").mkdir(parents=True, exist_ok=True)
+            if not (run_dir / "data" / f).exists() or io.file_hash(run_dir / "data" / f) != io.file_hash(
+                    self.path(source)):
+                (run_dir / "data" / f).write_bytes(self.path(source).read_bytes())
+        stages = ("skills", "label", "rollout", "hard", "diagnose", "profile", {"stat_sel": "sel",
+                                                                               "stat_syn": "syn"}[method])
+        config = _sub_config(self.config, self.root, **{
+            "model.path": str(start), "stat.run_dir": str(run_dir), "stat.stages": stages, "stat.round": 2,
+            "stat.previous_run": str(self.path("stat")), "stat.previous_student": str(start),
+            "stat.heldout_source": str(self.path(f"data/{ROUND2_SPLIT}.jsonl"))})
+        teacher = OfflineTeacher(seed=self.config.seed, solution_slip_rate=d.teacher_slip_rate,
+                                 label_noise=d.teacher_label_noise, max_missing_skills=config.stat.diagnose_max_skills)
+        run_pipeline(config, resume=True, teacher_backend=teacher, tokenizer=_tokenizer(start),
+                     rollout_backend=LazyBackend(lambda: self.server.serve(start)))
+        source = run_dir / Path(METHOD_FILES[method]).relative_to("stat")
+        settings = {"tokens": d.finetune_tokens, "seed": seed}
+
+        def choose():
+            examples = _examples(source)
+            tokenizer = _tokenizer(start)
+            tokens = [example_tokens(tokenizer, e) for e in examples]
+            chosen = equal_budget(examples, tokens, d.finetune_tokens, seed=1000 * seed + 17)
+            io.write_jsonl(self.path(f"{name}/train.jsonl"), (e.to_dict() for e in chosen))
+            return {"examples": len(chosen), "unique_source": len(examples),
+                    "tokens": sum(example_tokens(tokenizer, e) for e in chosen), "skill_shares": skill_shares(chosen)}
+
+        _step(self.root, f"{name}/set", settings, [source.relative_to(self.root).as_posix()],
+              [f"{name}/train.jsonl"], choose)
+        self._finetune(name, start_record, seed)
+        return f"{name}/model.json"
 
     def grpo(self, seed: int, method: str, start: Path) -> Path:
         """A short GRPO from the fine-tuned student, on training-split questions (never the test split)."""
@@ -565,7 +620,9 @@ class Demo:
         d = self.d
         start = time.monotonic()
         grid = [(s, m) for s in d.seeds for m in d.methods]
-        steps = ["data", "student", "stat", "base eval", "sets"] + [f"seed {s} {m}" for s, m in grid] + ["report"]
+        check_round2_methods(d)
+        steps = (["data", "student", "stat", "base eval", "sets"] + [f"seed {s} {m}" for s, m in grid]
+                 + [f"seed {s} {m} round 2" for s in d.seeds for m in d.round2_methods] + ["report"])
         try:
             report = self._run_steps(steps, grid)
         finally:
@@ -604,6 +661,12 @@ class Demo:
                     results.setdefault(f"{m}+grpo", []).append(
                         self.evaluation(f"finetune/seed{s}/{m}/grpo_run", f"finetune/seed{s}/{m}/grpo_model.json"))
                 advance(f"seed {s} {m}")
+            for s in d.seeds:
+                for m in d.round2_methods:
+                    model_file = self.round2(s, m)
+                    results.setdefault(f"{m}+round2", []).append(
+                        self.evaluation(f"round2/seed{s}/{m}", model_file))
+                    advance(f"seed {s} {m} round 2")
             report = self.report(results)
             advance("report")
         return report
@@ -641,6 +704,14 @@ class Demo:
         }
         if self.path("baselines/manifest.json").exists():
             report["baseline_stats"] = io.read_json(self.path("baselines/manifest.json"))["stats"]
+        if d.round2_methods:
+            # Per seed and method: what round 2 profiled (its own flagged skills) and the set it trained on.
+            report["round2"] = {
+                f"seed{s}/{m}": {"flagged_skills": flagged_skills(io.read_json(self.path(
+                    f"round2/seed{s}/{m}/stat/profile/profile.json")), d.flag_min_share),
+                    "round": io.read_json(self.path(f"round2/seed{s}/{m}/stat/round.json")),
+                    "set": io.read_json(self.path(f"round2/seed{s}/{m}/set/manifest.json"))["stats"]}
+                for s in d.seeds for m in d.round2_methods}
         if self.grpo_skipped:
             report["grpo_skipped"] = self.grpo_skipped
         report["verdict"] = verdict(report)
@@ -700,7 +771,31 @@ def verdict(report: dict[str, Any]) -> list[str]:
             base = name.split("+")[0]
             mean, std = _gap(rows, name, base, "overall")
             lines.append(f"GRPO on top of {METHOD_LABELS[base]}: {mean:+.1f} ± {std:.1f} overall over {n} seeds")
+    for name in rows:
+        if name.endswith("+round2") and name.split("+")[0] in rows:
+            base = name.split("+")[0]
+            mean, std = _gap(rows, name, base, "overall")
+            flagged = (f", {_gap(rows, name, base, 'flagged')[0]:+.1f} on round 1's flagged skills"
+                       if rows[name]["flagged"] and rows[base]["flagged"] else "")
+            lines.append(f"{METHOD_LABELS[base]} round 2 (profiled again on a new validation split, trained further "
+                         f"at the same budget) - round 1 = {mean:+.1f} ± {std:.1f} overall{flagged} over {n} seeds")
     return lines
+
+
+def row_label(name: str) -> str:
+    """The table's name for a row: a method, or a method +GRPO / round 2."""
+    if name in METHOD_LABELS:
+        return METHOD_LABELS[name]
+    method, suffix = name.split("+", 1)
+    return METHOD_LABELS.get(method, method) + {"grpo": " +GRPO", "round2": " round 2"}.get(suffix, f" +{suffix}")
+
+
+def check_round2_methods(d) -> None:
+    """demo.round2_methods names STAT methods the demo also runs (round 2 continues their round-1 students)."""
+    bad = [m for m in d.round2_methods if m not in ("stat_sel", "stat_syn") or m not in d.methods]
+    if bad:
+        raise ValueError(f"demo.round2_methods={tuple(d.round2_methods)}: {bad} cannot get a round 2; use STAT "
+                         f"methods among demo.methods={tuple(d.methods)} (or () for no round-2 rows)")
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -717,7 +812,7 @@ def format_table(report: dict[str, Any]) -> str:
 
     lines = []
     for name, r in rows.items():
-        label = METHOD_LABELS.get(name, METHOD_LABELS.get(name.split("+")[0], name) + " +GRPO")
+        label = row_label(name)
         lines.append([label, cell(r["overall"]), cell(r["flagged"])] + [cell(r["per_skill"].get(s)) for s in skills])
     widths = [max(len(str(x)) for x in col) + 2 for col in zip(header, *lines)]
     fmt = lambda row: "".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))

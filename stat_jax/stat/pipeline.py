@@ -803,13 +803,18 @@ def continual_round(config: Any, run_dir: Path) -> tuple[Any, dict[str, Any] | N
         raise errors.ConfigError(f"stat.round={number} needs the previous round's run directory",
                                  hint="set --config.stat.previous_run=<workdir of round 1>/stat")
     done = previous / "sft/done.json"
-    if not done.exists():
+    student = s.get("previous_student", "")
+    if student and not (Path(student) / "config.json").is_file():
+        raise errors.ConfigError(f"stat.previous_student={student!r}: no config.json there",
+                                 hint="give the HF directory of the student the previous round trained")
+    if not student and not done.exists():
         raise errors.RunStateMissingError(f"stat.round={number}: {done} is missing, so {previous} has no trained "
-                                          "student to continue from; run that round's sft stage first")
+                                          "student to continue from; run that round's sft stage first (or name "
+                                          "the student it trained elsewhere with --config.stat.previous_student)")
     if previous.resolve() == run_dir.resolve():
         raise errors.ConfigError(f"stat.round={number}: stat.previous_run is this run's own directory {run_dir}",
                                  hint="give the new round its own --config.workdir (or stat.run_dir)")
-    model = io.read_json(done)["model"]
+    model = student or io.read_json(done)["model"]
     previous_round = io.read_json(previous / "round.json")["round"] if (previous / "round.json").exists() else 1
     if previous_round != number - 1:
         raise errors.ConfigError(f"stat.round={number}, but {previous} is round {previous_round}",
@@ -820,7 +825,7 @@ def continual_round(config: Any, run_dir: Path) -> tuple[Any, dict[str, Any] | N
     log.info("continual STAT round %d: starting from %s (trained by %s), profiling %s", number, model, previous,
              s.heldout_source or s.heldout_benchmark)
     record = {"round": number, "previous_run": str(previous), "student": model,
-              "previous_sft_stage_key": io.read_json(done).get("stage_key"),
+              "previous_sft_stage_key": None if student else io.read_json(done).get("stage_key"),
               "heldout_source": s.heldout_source or s.heldout_benchmark}
     return config, record
 

@@ -36,7 +36,7 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(tmp_path):
 
     results = json.loads((workdir / "results.json").read_text())
     assert "grpo_skipped" not in results
-    methods = ["base", "sft", "math_hard", "embed_sel", "stat_sel", "stat_sel+grpo", "stat_syn"]
+    methods = ["base", "sft", "math_hard", "embed_sel", "stat_sel", "stat_sel+grpo", "stat_syn", "stat_sel+round2"]
     assert sorted(results["rows"]) == sorted(methods)
     assert results["seeds"] == [0, 1]
     for name, row in results["rows"].items():
@@ -60,9 +60,29 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(tmp_path):
         rewards = [r["reward_mean"] for r in curve]
         assert len(rewards) == 6, (name, rewards)
         assert statistics.fmean(rewards[3:]) > statistics.fmean(rewards[:3]), (name, rewards)
+    # Continual STAT: per seed, round 2 profiled round 1's STAT-Sel student (the pipeline's rollout sampled it) on
+    # the new validation split, and SFT continued from that student on the new selection, at the same budget.
+    round2_ids = [json.loads(line)["id"] for line in (workdir / "data/validation_round2.jsonl").read_text().splitlines()]
+    heldout_ids = {json.loads(line)["id"] for line in (workdir / "data/heldout.jsonl").read_text().splitlines()}
+    assert round2_ids and not set(round2_ids) & heldout_ids
+    for seed in (0, 1):
+        run = workdir / f"round2/seed{seed}/stat_sel"
+        round1 = json.loads((workdir / f"finetune/seed{seed}/stat_sel/model.json").read_text())
+        round2 = json.loads((run / "model.json").read_text())
+        assert results["round2"][f"seed{seed}/stat_sel"]["round"]["student"] == round1["model"]
+        rollout = json.loads((run / "stat/rollout/manifest.json").read_text())
+        assert rollout["config"]["model.path"] == round1["model"]
+        responses = [json.loads(line)["id"] for line in (run / "stat/rollout/responses.jsonl").read_text().splitlines()]
+        assert sorted(responses) == sorted(round2_ids)
+        trainer = json.loads(next(run.glob("sft-*/config.json")).read_text())
+        assert trainer["model"]["path"] == round1["model"]
+        assert round2["weights_sha256"] != round1["weights_sha256"]
+        set_tokens = results["round2"][f"seed{seed}/stat_sel"]["set"]["tokens"]
+        assert results["token_budget"] <= set_tokens <= 1.01 * results["token_budget"]
     for png in ("per_skill_accuracy.png", "stat/profile/profile.png", "grpo_reward.png"):
         assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for label in ("STAT-Sel", "STAT-Syn", "SFT (original mix)", "MATH-Hard", "Embed-Sel", "STAT-Sel - SFT = "):
+    for label in ("STAT-Sel", "STAT-Syn", "SFT (original mix)", "MATH-Hard", "Embed-Sel", "STAT-Sel - SFT = ",
+                  "STAT-Sel round 2", "STAT-Sel round 2 (profiled again"):
         assert label in first.stdout
     # The offline teacher went through the shared client: its ledger recorded the calls.
     assert (workdir / "stat/teacher/ledger.jsonl").stat().st_size > 0

@@ -62,3 +62,32 @@ def test_table_shows_mean_and_spread():
     assert "STAT-Sel" in table and "STAT-Sel +GRPO" in table and "percent*" in table
     assert "60.0±14.1" in table and "25.0" in table
 
+
+
+def test_round_two_rows_are_named_compared_with_round_one_and_checked():
+    def row(values):
+        return {"overall": run._spread(values), "flagged": run._spread(values),
+                "per_skill": {s: run._spread(values) for s in task.SKILL_NAMES}, "runs": len(values)}
+
+    report = {"seeds": [0, 1], "token_budget": 100, "flagged_skills": ["percent"],
+              "rows": {"stat_sel": row([0.5, 0.7]), "stat_sel+round2": row([0.56, 0.74])}}
+    report["verdict"] = run.verdict(report)
+    table = run.format_table(report)
+    assert "STAT-Sel round 2" in table and "65.0±12.7" in table
+    # seeds paired: +6 and +4 points
+    assert any(line.startswith("STAT-Sel round 2") and "round 1 = +5.0 ± 1.4 overall, +5.0 on round 1's flagged"
+               in line for line in report["verdict"]), report["verdict"]
+    assert run.row_label("sft+grpo") == "SFT (original mix) +GRPO" and run.row_label("stat_syn+round2") == \
+        "STAT-Syn round 2"
+
+    class D:
+        methods = ("sft", "stat_sel")
+        round2_methods = ("stat_sel",)
+
+    run.check_round2_methods(D)
+    D.round2_methods = ("sft",)
+    with pytest.raises(ValueError, match=r"demo.round2_methods=\('sft',\): \['sft'\] cannot get a round 2"):
+        run.check_round2_methods(D)
+    D.round2_methods = ("stat_syn",)  # not among the methods the demo runs
+    with pytest.raises(ValueError, match="stat_syn"):
+        run.check_round2_methods(D)

@@ -156,3 +156,60 @@ def test_stat_run_every_stage_with_the_real_student(tmp_path, student_dir, hf_to
         assert io.read_json(rd / name / "summary.json")["benchmarks"]["math500"]["n"] == 2
     assert len(io.read_jsonl(rd / "grpo/metrics.jsonl")) == 1
     print(f"\nreal-student stat-jax run, all {len(STAGE_NAMES)} stages: {seconds:.0f} s")
+
+
+def test_baseline_stages_then_sft_with_the_real_student(tmp_path, student_dir):
+    """The paper's baselines (issue 16, item 5) as `stat-jax run` stages on the real student and real MATH rows:
+    MATH-Train, MATH-Hard, Embed-Sel and Embed-Syn each write exactly the budget; Embed-Sel's neighbours are the
+    ones transformers' mean-pooled hidden states of the same checkpoint pick; stat.method=embed_sel trains on that
+    set and no other."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from stat_jax.data.records import MathProblem
+    from stat_jax.stat import baselines, io
+
+    train = real_rows("math_train", "math_train.jsonl", 7500, on_bad_row="skip")
+    solutions = {p.problem: (p.solution, p.answer) for p in train}
+    env = {**os.environ, "GEMINI_API_KEY": KEY, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(REPO)}
+    stages = "data,skills,label,rollout,hard,math_train,math_hard,embed_sel,embed_syn,sft"
+    with FakeGemini(RealTeacher(solutions), api_key=KEY) as fake:
+        values = {**_overrides(tmp_path, student_dir, fake.base_url), "stat.stages": stages,
+                  "stat.method": "embed_sel", "stat.baseline_size": "5", "stat.embed_per_question": "2",
+                  "stat.embed_syn_requests_per_question": "1", "stat.sel_answer_source": "dataset",
+                  "stat.math_hard_top_levels": "2"}
+        args = [f"--config.{k}={v}" for k, v in values.items()]
+        proc = subprocess.run([sys.executable, "-m", "stat_jax.cli", "run", "--config=configs/base.py", *args],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = json.loads(proc.stdout[proc.stdout.rindex("{\n"):])
+    assert results == {name: "done" for name in stages.split(",")}
+    rd = tmp_path / "run" / "stat"
+    pool = {r["id"]: MathProblem.from_dict(r) for r in io.read_jsonl(rd / "data/train.jsonl")}
+    sets = {m: io.read_jsonl(rd / f) for m, f in baselines.METHOD_FILES.items()}
+    assert {m: len(rows) for m, rows in sets.items()} == {m: 5 for m in sets}  # stat.baseline_size
+    # MATH-Train and MATH-Hard train on the dataset's own solutions; MATH-Hard only on the two hardest levels.
+    levels = sorted({baselines.level_number(p.level) for p in pool.values()})[-2:]
+    for method in ("math_train", "math_hard"):
+        assert all(e["response"] == pool[e["meta"]["question_id"]].solution for e in sets[method])
+    assert {baselines.level_number(pool[e["meta"]["question_id"]].level) for e in sets["math_hard"]} <= set(levels)
+    # Embed-Sel: each difficult question's 2 nearest training questions by transformers' pooled hidden states.
+    hard = [MathProblem.from_dict(r) for r in io.read_jsonl(rd / "hard/hard.jsonl")]
+    assert hard
+    ids = list(pool)
+    vecs = baselines.encoder_embeddings(str(student_dir), [p.problem for p in hard] + [pool[i].problem for i in ids],
+                                        batch_size=4, max_tokens=1024)
+    nearest = baselines.nearest(vecs[:len(hard)], vecs[len(hard):], 2)
+    expected = {(h.id, ids[j]) for h, row in zip(hard, nearest) for j in row}
+    assert {(e["meta"]["hard_id"], e["meta"]["question_id"]) for e in sets["embed_sel"]} <= expected
+    # Embed-Syn: new questions the teacher wrote from those neighbours, kept by agreement, with its solutions.
+    for e in sets["embed_syn"]:
+        a, b = map(int, SYNTH.search(e["messages"][-1]["content"]).groups())
+        assert e["meta"]["method"] == "embed-syn" and f"$\\boxed{{{a + b}}}$" in e["response"], e
+    # stat.method=embed_sel: the sft stage read Embed-Sel's set, and trained the real student.
+    assert io.read_json(rd / "sft/manifest.json")["inputs"].keys() == {baselines.METHOD_FILES["embed_sel"]}
+    base = load_file(str(next(Path(student_dir).glob("*.safetensors"))))
+    trained_dir = Path(io.read_json(rd / "sft/done.json")["model"])
+    trained = {k: v for f in trained_dir.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert any(not np.array_equal(base[k], trained[k]) for k in base if k in trained)

@@ -116,3 +116,12 @@ def test_round_settings_fail_before_any_stage(tmp_path):
     c.stat.round = 1
     with pytest.raises(ConfigError, match="stat.previous_run=.* is set but stat.round=1"):
         continual_round(c, tmp_path / "run")
+    # A student round 1 trained outside its sft stage (the demo fine-tunes per seed) is named instead.
+    c.stat.round, c.stat.previous_run = 2, str(tmp_path / "elsewhere")
+    c.stat.previous_student = str(tmp_path / "seed0-model")
+    with pytest.raises(ConfigError, match="stat.previous_student=.*seed0-model.*: no config.json"):
+        continual_round(c, tmp_path / "run")
+    io.write_json(tmp_path / "seed0-model/config.json", {})
+    resolved, record = continual_round(c, tmp_path / "run")
+    assert resolved.model.path == str(tmp_path / "seed0-model") and record["student"] == resolved.model.path
+    assert record["previous_sft_stage_key"] is None
