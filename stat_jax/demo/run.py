@@ -709,7 +709,7 @@ class Demo:
             report["round2"] = {
                 f"seed{s}/{m}": {"flagged_skills": flagged_skills(io.read_json(self.path(
                     f"round2/seed{s}/{m}/stat/profile/profile.json")), d.flag_min_share),
-                    "round": io.read_json(self.path(f"round2/seed{s}/{m}/stat/round.json")),
+                    "round": _relative(io.read_json(self.path(f"round2/seed{s}/{m}/stat/round.json")), self.root),
                     "set": io.read_json(self.path(f"round2/seed{s}/{m}/set/manifest.json"))["stats"]}
                 for s in d.seeds for m in d.round2_methods}
         if self.grpo_skipped:
@@ -721,6 +721,16 @@ class Demo:
             plot_grpo_curves(curves, self.path("grpo_reward.png"))
         (self.path("results.txt")).write_text(format_table(report) + "\n")
         return report
+
+
+def _relative(record: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The record's paths under `root` made relative to it: results.json does not depend on where the workdir is."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, str) and Path(v).is_absolute() and Path(v).is_relative_to(root):
+            v = Path(v).relative_to(root).as_posix()
+        out[k] = v
+    return out
 
 
 def example_question(e: SFTExample) -> str:
@@ -925,6 +935,22 @@ def quick_variant(config):
     return out
 
 
+def use_compilation_cache(workdir: Path) -> None:
+    """JAX's persistent compilation cache under the workdir. The demo compiles the same trainer, GRPO and rollout
+    programs for each of its ~30 runs; with the cache each is compiled once (the quick run, 2 cores: 125 s without,
+    87 s with an empty cache, 52 s on a re-run after a changed setting), and results.json is byte for byte the
+    same. JAX_COMPILATION_CACHE_DIR, when set, wins."""
+    import os
+
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the demo's programs compile in < 1 s
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(config, args) -> int:
     """`stat-jax demo [--quick]`: runs (or resumes) the experiment and prints the results table."""
     if getattr(args, "quick", False):
@@ -938,6 +964,7 @@ def main(config, args) -> int:
         record = Demo(config).export_student()
         print(json.dumps(record, indent=2))
         return 0
+    use_compilation_cache(Path(config.workdir))
     report = Demo(config).run()
     print(format_table(report))
     print(f"\nresults: {Path(config.workdir) / 'results.json'}; plots: "

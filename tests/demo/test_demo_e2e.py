@@ -69,7 +69,8 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(tmp_path):
         run = workdir / f"round2/seed{seed}/stat_sel"
         round1 = json.loads((workdir / f"finetune/seed{seed}/stat_sel/model.json").read_text())
         round2 = json.loads((run / "model.json").read_text())
-        assert results["round2"][f"seed{seed}/stat_sel"]["round"]["student"] == round1["model"]
+        record = results["round2"][f"seed{seed}/stat_sel"]["round"]  # paths relative to the workdir
+        assert workdir / record["student"] == Path(round1["model"]) and record["previous_run"] == "stat"
         rollout = json.loads((run / "stat/rollout/manifest.json").read_text())
         assert rollout["config"]["model.path"] == round1["model"]
         responses = [json.loads(line)["id"] for line in (run / "stat/rollout/responses.jsonl").read_text().splitlines()]

@@ -91,3 +91,20 @@ def test_round_two_rows_are_named_compared_with_round_one_and_checked():
     D.round2_methods = ("stat_syn",)  # not among the methods the demo runs
     with pytest.raises(ValueError, match="stat_syn"):
         run.check_round2_methods(D)
+
+
+def test_the_demo_compiles_into_a_cache_under_its_workdir_unless_jax_is_given_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    program = ("import sys; from pathlib import Path; from stat_jax.demo.run import use_compilation_cache; "
+               "use_compilation_cache(Path(sys.argv[1])); import jax; jax.jit(lambda x: x * 3 + 1)(2.0)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["JAX_PLATFORMS"] = "cpu"
+    subprocess.run([sys.executable, "-c", program, str(tmp_path / "a")], env=env, check=True, timeout=120)
+    assert any((tmp_path / "a/jax_cache").iterdir())  # the tiny program was cached (no 1 s minimum)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "mine")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    subprocess.run([sys.executable, "-c", program, str(tmp_path / "b")], env=env, check=True, timeout=120)
+    assert not (tmp_path / "b/jax_cache").exists() and any((tmp_path / "mine").iterdir())
