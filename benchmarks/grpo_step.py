@@ -10,8 +10,9 @@ shipped chat prompt, its reward the math grader.
 Prints JSON: per-step rollout and update seconds (the first step, which compiles, reported separately),
 their shares, and rollout/train tokens per second with their ratio. "update" is everything after the rewards:
 host->device batch, old-policy log-probs (only when --iterations > 1), reference log-probs (only when
---beta > 0) and the `iterations` jitted optimizer steps. "hidden_overhead_s" is a steady step's wall time (between
-its metrics row and the previous one) minus rollout + update: rewards, batch building, logging, checkpointing.
+--beta > 0) and the `iterations` jitted optimizer steps. "hidden_overhead_s" is a steady step's wall time (a whole loop
+iteration, from the metrics rows' times; needs >= 3 steps, else the step's own step_s) minus rollout + update:
+rewards, batch building, logging, checkpointing; "in_step_overhead_s" is the part inside the step.
 "rollout_only" times the same generate calls on a fresh engine outside the trainer, as the in-run reference.
 """
 
@@ -113,12 +114,18 @@ def main() -> None:
         "wall_s": wall,
     }
     report["rollout_over_train_tokens_per_s"] = report["rollout_tokens_per_s"] / report["train_tokens_per_s"]
-    walls = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
-    if walls:
-        step_wall = float(np.mean(walls))
-        report["steady_step"]["wall_s"] = step_wall
-        report["steady_step"]["hidden_overhead_s"] = step_wall - rollout - train
-        report["steady_step"]["wall_over_rollout_plus_update"] = step_wall / (rollout + train)
+    # A metrics row is written one step late (when the next step has run) and the last right after the one before
+    # it, so the time between rows k and k+1 is step k+2's whole loop iteration (checkpoint and logging included)
+    # for every pair but the last. Within the step, step_s covers rollout, rewards, batch building and update.
+    walls = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])][:-1]  # steps 3..n
+    timed = rows[2:] if walls else steady  # the steps those walls are of, so both sides are the same steps
+    parts = float(np.mean([r["rollout_s"] + r["train_s"] for r in timed]))
+    step_s = float(np.mean([r["step_s"] for r in timed]))
+    step_wall = float(np.mean(walls)) if walls else step_s
+    report["steady_step"].update({
+        "step_s": step_s, "wall_s": step_wall, "wall_measured_between_rows": bool(walls),
+        "hidden_overhead_s": step_wall - parts, "in_step_overhead_s": step_s - parts,
+        "wall_over_rollout_plus_update": step_wall / parts})
     report["rollout_only"] = rollout_only(c, problems, args, report["rollout_tokens_per_s"])
     report["model"]["path"] = args.model_path
     print(json.dumps(report, indent=2))

@@ -451,6 +451,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
         return {"fingerprint": fingerprint, "total_steps": total_steps, **policy.checkpoint_meta()}
 
     def step_fn(step: int, state: dict):
+        started = time.perf_counter()
         chosen = prompts_for_step(len(problems), int(g.prompts_per_step), step, int(config.seed))
         # Seeded by step, so a resumed run samples exactly what the uninterrupted one did.
         sampling = SamplingParams(temperature=temperature, top_p=float(g.top_p), top_k=int(g.top_k),
@@ -480,7 +481,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
             state, metrics = train_step(state, batch)
         metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}  # the last update's
         train_s = time.perf_counter() - t1
-        return state, {**metrics, **rollout_metrics(rewards, completions),
+        return state, {**metrics, **rollout_metrics(rewards, completions), "step_s": time.perf_counter() - started,
                        **throughput(completions, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)}
 
     try:

@@ -48,6 +48,10 @@ def _mean(results, row, key="overall"):
 # STAT-Sel 62.7/63.2 (+4.6 overall, +8.5 on the flagged skills): goal 2 for STAT-Sel on held-out, not yet on test.
 # Seed 0 of the other rows there: MATH-Hard 63.0 (above STAT-Sel: the pool's extra 3-step questions lift it too),
 # Embed-Sel 61.5, STAT-Syn 59.5.
+# 2026-12-02, the default run on the test split, 3 seeds (10 min 17 s on the idle 2 cores, with the compilation
+# cache): base 57.8, SFT 58.2 (+0.4: saturated), MATH-Hard 59.3, Embed-Sel 58.4, STAT-Sel 59.1 (+0.9 overall, +1.2
+# flagged), STAT-Syn 57.4 (flagged +2.1); GRPO on top -0.4 (SFT), -1.2 (STAT-Sel), -1.1 (STAT-Syn); STAT-Sel round 2
+# 59.9 (+0.8 over round 1, +3.0 on round 1's flagged skills).
 OPEN = "issue 15: not met by the last measured default run (see the comment above)"
 
 
@@ -83,3 +87,14 @@ def test_grpo_adds_on_top(results, method):
     spread = results["rows"][method]["overall"]["std"]
     assert sum(diffs) / len(diffs) >= 0.01, results["verdict"]
     assert min(diffs) >= -spread, (diffs, spread)
+
+
+@pytest.mark.slow
+def test_round_two_profiles_each_seed_again_and_trains_further(results):
+    """Continual STAT (issue 16): a row per seed, each round-2 profile still flagging the skills the task made rare
+    (round 1's training moved them only a little), and its set matching the token budget."""
+    assert results["rows"]["stat_sel+round2"]["runs"] == len(results["seeds"])
+    for seed in results["seeds"]:
+        record = results["round2"][f"seed{seed}/stat_sel"]
+        assert set(results["rare_skills"]) <= set(record["flagged_skills"]), record["flagged_skills"]
+        assert results["token_budget"] <= record["set"]["tokens"] <= 1.01 * results["token_budget"]

@@ -263,6 +263,7 @@ def test_grpo_raises_reward_on_toy_task(toy_student, tmp_path):
                 "accuracy", "zero_std_groups", "grad_norm"):
         assert key in rows[-1]
     assert "kl" not in rows[-1]  # beta = 0: there is no reference, so no KL is claimed
+    assert all(r["step_s"] >= r["rollout_s"] + r["train_s"] for r in rows)  # the whole step, both parts in it
     assert all(r["clip_fraction"] == 0.0 for r in rows)  # mu = 1: every update is on-policy, ratio exactly 1
     assert (tmp_path / "run" / "hf" / "config.json").exists()
 
