@@ -53,14 +53,23 @@ def write_peer_table(index: int, peers: Mapping[int, str], coordinator: str | No
     os.replace(tmp, path)
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: the kernel sends it SIGKILL when the parent dies (Linux; elsewhere nothing)."""
+def _death_signal_setter(parent: int):
+    """What the child runs between fork and exec: the kernel is to send it SIGKILL when the parent dies (Linux;
+    elsewhere nothing). libc's prctl is looked up here, in the parent: after a fork only calls are safe, not
+    imports (another thread may have held the import lock)."""
+    prctl = None
     with contextlib.suppress(Exception):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def in_child() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+
+    return in_child
 
 
 def coordinator_answers(address: str | None, timeout_s: float = 3.0) -> bool | None:
@@ -108,7 +117,7 @@ def supervise(argv: Sequence[str], format_error, child_command: Sequence[str] | 
     env = {**os.environ, CHILD_ENV: str(parent), PEER_FILE_ENV: peer_file}
     command = list(child_command) if child_command else [sys.executable, "-m", "stat_jax.cli", *argv]
     child = subprocess.Popen(command, env=env,
-                             preexec_fn=lambda: _die_with_parent(parent))
+                             preexec_fn=_death_signal_setter(parent))
     received: list[int] = []
 
     def forward(signum, _frame):
