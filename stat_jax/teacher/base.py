@@ -55,6 +55,11 @@ class TeacherResponse:
 class TeacherBackend(abc.ABC):
     """A source of teacher answers."""
 
+    # Whether the answer cache fsyncs each answer before it counts as stored. True for anything that is paid for
+    # or slow to ask again; a backend whose answers are free and deterministic may set False (a lost file is a
+    # cache miss, answered again in microseconds).
+    durable_answers: bool = True
+
     @property
     @abc.abstractmethod
     def backend_id(self) -> str:

@@ -93,6 +93,51 @@ def test_catalog_enum_rejects_unknown_skill():
     assert "should be non-empty" in validate_answer('{"skills": []}', request.schema)[1]
 
 
+def test_a_schema_is_checked_once_and_errors_are_jsonschema_validates(monkeypatch):
+    import jsonschema
+
+    request = prompts.label_skills("q", None, "algebra", [{"name": "a", "description": ""},
+                                                          {"name": "b", "description": ""}])
+    checks = []
+    cls = jsonschema.validators.validator_for(request.schema)
+    original = cls.check_schema.__func__
+    monkeypatch.setattr(cls, "check_schema", classmethod(lambda c, s, **kw: (checks.append(1), original(c, s, **kw))[1]))
+    for answer in ('{"skills": ["a"]}', '{"skills": ["zzz"]}', '{"skills": []}', '{"skills": "a"}', '{}') * 20:
+        got = validate_answer(answer, request.schema)[1]
+        try:
+            jsonschema.validate(json.loads(answer), request.schema)
+            want = None
+        except jsonschema.ValidationError as e:
+            where = "/".join(str(p) for p in e.absolute_path) or "<root>"
+            want = f"the answer does not fit the schema at {where}: {e.message}"
+        assert got == want
+    # 100 validations of one schema check it once (jsonschema.validate's 100 calls above check it 100 times)
+    assert len(checks) == 1 + 100
+    with pytest.raises(jsonschema.SchemaError):
+        validate_answer("{}", {"type": "no-such-type"})
+
+
+def test_answers_are_fsynced_unless_the_backend_says_they_are_free(tmp_path, monkeypatch):
+    import os
+
+    from stat_jax.demo.offline_teacher import OfflineTeacher
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    requests = [prompts.solve(f"What is {i}+1?") for i in range(3)]
+    with FakeGemini(solve_answer) as fake:
+        make_client(fake, tmp_path / "paid").ask_many(requests)
+    assert len(synced) == 3  # one per paid answer
+    offline = TeacherClient(OfflineTeacher(), cache_dir=tmp_path / "free", max_workers=1)
+    task_request = prompts.label_skills("Ann has 54. She keeps half. Round to tens.", None, "arithmetic",
+                                        [{"name": "halving", "description": ""}, {"name": "rounding", "description": ""}])
+    assert offline.ask(task_request) and offline.cache.durable is False
+    assert len(synced) == 3
+    assert TeacherClient(OfflineTeacher(), cache_dir=tmp_path / "free", max_workers=1).ask(task_request) \
+        == offline.ask(task_request)  # stored all the same: the second client's answer is a cache hit
+
+
 def test_cache_makes_a_second_run_free(tmp_path):
     requests = [prompts.solve(f"What is {i}+1?") for i in range(5)]
     with FakeGemini(solve_answer) as fake:
