@@ -52,9 +52,9 @@ def _mean(results, row, key="overall"):
 # cache): base 57.8, SFT 58.2 (+0.4: saturated), MATH-Hard 59.3, Embed-Sel 58.4, STAT-Sel 59.1 (+0.9 overall, +1.2
 # flagged), STAT-Syn 57.4 (flagged +2.1); GRPO on top -0.4 (SFT), -1.2 (STAT-Sel), -1.1 (STAT-Syn); STAT-Sel round 2
 # 59.9 (+0.8 over round 1, +3.0 on round 1's flagged skills).
-# 2026-12-03, demo.grpo_lr 3e-5 (chosen on the held-out split: configs/demo.py), same run otherwise (10 min 58 s on
-# a slower day of the same machine; the previous settings took 10 min 04 s that morning): every row as above except
-# GRPO on top +0.1 +- 0.7 (SFT), +0.2 +- 0.2 (STAT-Sel), +0.4 +- 0.7 (STAT-Syn): no longer negative, not yet +1.
+# 2026-12-03, demo.grpo_lr 3e-5 (chosen on the held-out split: configs/demo.py), same run otherwise (10 min 58 s in
+# a slower hour of the same machine; the previous settings took 10 min 04 s earlier that morning): every row as
+# above except GRPO on top +0.1 +- 0.7 (SFT), +0.2 +- 0.2 (STAT-Sel), +0.4 +- 0.7 (STAT-Syn): no longer negative, not yet +1.
 OPEN = "issue 15: not met by the last measured default run (see the comment above)"
 
 

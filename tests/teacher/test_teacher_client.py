@@ -96,12 +96,16 @@ def test_catalog_enum_rejects_unknown_skill():
 def test_a_schema_is_checked_once_and_errors_are_jsonschema_validates(monkeypatch):
     import jsonschema
 
+    from stat_jax.teacher import client
+
+    client._validator.cache_clear()  # another test may have validated this schema already
     request = prompts.label_skills("q", None, "algebra", [{"name": "a", "description": ""},
                                                           {"name": "b", "description": ""}])
     checks = []
     cls = jsonschema.validators.validator_for(request.schema)
     original = cls.check_schema.__func__
-    monkeypatch.setattr(cls, "check_schema", classmethod(lambda c, s, **kw: (checks.append(1), original(c, s, **kw))[1]))
+    monkeypatch.setattr(cls, "check_schema",
+                        classmethod(lambda c, s, **kw: (checks.append(1), original(c, s, **kw))[1]))
     for answer in ('{"skills": ["a"]}', '{"skills": ["zzz"]}', '{"skills": []}', '{"skills": "a"}', '{}') * 20:
         got = validate_answer(answer, request.schema)[1]
         try:
@@ -131,11 +135,13 @@ def test_answers_are_fsynced_unless_the_backend_says_they_are_free(tmp_path, mon
     assert len(synced) == 3  # one per paid answer
     offline = TeacherClient(OfflineTeacher(), cache_dir=tmp_path / "free", max_workers=1)
     task_request = prompts.label_skills("Ann has 54. She keeps half. Round to tens.", None, "arithmetic",
-                                        [{"name": "halving", "description": ""}, {"name": "rounding", "description": ""}])
+                                        [{"name": "halving", "description": ""},
+                                         {"name": "rounding", "description": ""}])
     assert offline.ask(task_request) and offline.cache.durable is False
     assert len(synced) == 3
-    assert TeacherClient(OfflineTeacher(), cache_dir=tmp_path / "free", max_workers=1).ask(task_request) \
-        == offline.ask(task_request)  # stored all the same: the second client's answer is a cache hit
+    second = TeacherClient(OfflineTeacher(), cache_dir=tmp_path / "free", max_workers=1)
+    assert second.ask(task_request) == offline.ask(task_request)
+    assert second.cache_hits == 1 and second.session.calls == 0  # stored all the same: read back, not asked again
 
 
 def test_cache_makes_a_second_run_free(tmp_path):
