@@ -276,8 +276,12 @@ class Demo:
         sizes = {"train": d.train_size, "heldout": d.heldout_size, "test": d.test_size}
         if d.round2_methods:
             sizes[ROUND2_SPLIT] = d.round2_heldout_size
+        skill_map_size = d.skill_map_size or d.train_size  # 0: every train question
+        if skill_map_size > d.train_size:
+            raise ValueError(f"demo.skill_map_size={d.skill_map_size} is larger than demo.train_size={d.train_size}; "
+                             "use at most train_size (0 = the whole train split)")
         settings = {"seed": self.config.seed, "sizes": list(sizes.values()),
-                    "rare": list(d.rare_skills), "rare_weight": d.rare_weight, "skill_map_size": d.skill_map_size,
+                    "rare": list(d.rare_skills), "rare_weight": d.rare_weight, "skill_map_size": skill_map_size,
                     "instruction": self.config.eval.instruction}
         outputs = [f"data/{name}.jsonl" for name in sizes] + ["data/original_mix.jsonl", "stat/data/train.jsonl",
                                                                "stat/data/heldout.jsonl"]
@@ -290,7 +294,7 @@ class Demo:
                            (reference_example(p, self.config.eval.instruction).to_dict() for p in splits["train"]))
             # The STAT pipeline's own data files: the questions the teacher labels (the Skill-Map pool the
             # selection draws from) and the held-out questions the student is profiled on.
-            pool = random.Random(f"skill-map:{self.config.seed}").sample(splits["train"], d.skill_map_size)
+            pool = random.Random(f"skill-map:{self.config.seed}").sample(splits["train"], skill_map_size)
             io.write_jsonl(self.path("stat/data/train.jsonl"), (p.to_dict() for p in pool))
             io.write_jsonl(self.path("stat/data/heldout.jsonl"), (p.to_dict() for p in splits["heldout"]))
             return {k: len(v) for k, v in splits.items()}

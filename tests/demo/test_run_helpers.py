@@ -108,3 +108,14 @@ def test_the_demo_compiles_into_a_cache_under_its_workdir_unless_jax_is_given_on
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     subprocess.run([sys.executable, "-c", program, str(tmp_path / "b")], env=env, check=True, timeout=120)
     assert not (tmp_path / "b/jax_cache").exists() and any((tmp_path / "mine").iterdir())
+
+
+def test_a_skill_map_larger_than_the_train_split_is_refused_before_any_work(tmp_path):
+    from stat_jax.config import load_config_file
+
+    c = run.quick_variant(load_config_file("configs/demo.py"))
+    c.workdir = str(tmp_path / "demo")
+    c.demo.skill_map_size = c.demo.train_size + 1
+    with pytest.raises(ValueError, match="skill_map_size=2001 is larger than demo.train_size=2000"):
+        run.Demo(c).data()
+    assert not (tmp_path / "demo" / "data").exists()

@@ -13,7 +13,7 @@ from stat_jax.config import load_config_file
 from stat_jax.demo import run
 
 REPO = Path(__file__).resolve().parents[2]
-# A small build (the real one pre-trains 1,200 steps of the default architecture).
+# A small build (the real one pre-trains 2,000 steps of the default architecture).
 SMALL = ["--config.demo.pretrain_steps=12", "--config.demo.hidden_size=32", "--config.demo.num_heads=2",
          "--config.demo.train_size=400", "--config.demo.heldout_size=20", "--config.demo.test_size=20"]
 
