@@ -31,6 +31,10 @@ def get_config(variant: str = "default") -> ConfigDict:
     c.workdir = "runs/demo"
     c.model.dtype = "float32"  # the demo's recorded results are float32 runs; bf16 would change them
     c.model.param_dtype = "float32"
+    # base.py recomputes each layer in the backward pass (a real model's activations do not fit otherwise). The
+    # demo's step holds 0.18 GB without it, and skipping the recompute trains ~17% faster with the same results
+    # (held-out, 2 seeds: every row identical to remat full).
+    c.model.remat = "none"
 
     d = c.demo = ConfigDict()
     # The task: sizes of the splits; the train split's skill weights make some skills rare (the gaps STAT finds).

@@ -18,7 +18,8 @@ import traceback
 from pathlib import Path
 
 from stat_jax import __version__
-from stat_jax.config import CONFIG_DIR, build_config, config_to_dict, split_override_args, write_resolved_config
+from stat_jax.config import (CONFIG_DIR, build_config, config_to_dict, split_override_args, with_variant,
+                              write_resolved_config)
 from stat_jax.errors import ConfigError, InputProblems, StatJaxError, format_error
 from stat_jax.progress import silence_other_bars
 
@@ -169,12 +170,9 @@ def _run(argv: list[str]) -> int:
     if spec is None:
         raise ConfigError("--config=FILE is required",
                           hint=f"e.g. {cmd.example} (config files are in {CONFIG_DIR})")
+    if args.command == "demo" and args.quick:
+        spec = with_variant(spec, "quick")  # the file's quick variant; the overrides apply on top
     config = build_config(spec, overrides)
-    if args.command == "demo" and args.quick:  # resolve --quick here so --print-config and config.json show it
-        from stat_jax.demo.run import quick_variant
-
-        config = quick_variant(config)
-        config.lock()
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2, sort_keys=True, default=str))
         return 0

@@ -153,6 +153,15 @@ def split_override_args(argv: Sequence[str]) -> tuple[list[tuple[str, str]], lis
     return overrides, rest
 
 
+def with_variant(spec: str, variant: str) -> str:
+    """`path.py:variant` for a config spec; a spec naming another variant is refused (`--quick` is `:quick`)."""
+    path, _, current = spec.partition(":")
+    if current and current != variant:
+        raise ConfigError(f"--config={spec} names the variant {current!r} and the command asks for {variant!r}",
+                          hint=f"use --config={path}:{variant}, or --config={spec} alone")
+    return f"{path}:{variant}"
+
+
 def build_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ConfigDict:
     config = load_config_file(spec)
     config = apply_overrides(config, overrides)
@@ -162,6 +171,28 @@ def build_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> Config
 
 def config_to_dict(config: ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
+
+
+def sub_config(config: ConfigDict, workdir: str | Path, **overrides: Any) -> ConfigDict:
+    """An unlocked copy of `config` writing under `workdir`, with dotted-key overrides set on existing fields.
+
+    How a stage hands a real command (SFT, eval, GRPO) its config: the pipeline's stages and the demo's steps.
+    """
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.workdir = str(workdir)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node:
+                raise ConfigError(f"sub_config: no section {part!r} for override {key!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"sub_config: {key!r} is not a config field (under {'.'.join(parents) or 'the top'}: "
+                              f"{sorted(node)})")
+        node[leaf] = value
+    return c
 
 
 RESOLVED_CONFIG_FILE = "config.json"

@@ -149,3 +149,31 @@ def test_bad_command_lines_exit_2_with_a_message(capsys, argv, fragments):
     err = capsys.readouterr().err
     for fragment in fragments:
         assert fragment in err
+
+
+def test_sub_config_copies_with_overrides_and_refuses_fields_that_do_not_exist(config_file, tmp_path):
+    from stat_jax.config import sub_config
+
+    base = build_config(str(config_file))
+    sub = sub_config(base, tmp_path / "stage", **{"train.lr": 5e-4, "train.opt.kind": "sgd"})
+    assert sub.workdir == str(tmp_path / "stage") and sub.train.lr == 5e-4 and sub.train.opt.kind == "sgd"
+    assert base.train.lr == 1e-3 and base.train.opt.kind == "adamw" and "workdir" not in base  # a copy
+    with pytest.raises(ConfigError, match=r"'train.lrr' is not a config field .*'lr'"):
+        sub_config(base, tmp_path, **{"train.lrr": 1.0})
+    with pytest.raises(ConfigError, match="no section 'trian'"):
+        sub_config(base, tmp_path, **{"trian.lr": 1.0})
+
+
+def test_quick_is_the_config_files_quick_variant_and_overrides_apply_on_top(config_file, capsys):
+    from stat_jax.config import with_variant
+
+    assert with_variant("configs/demo.py", "quick") == with_variant("configs/demo.py:quick", "quick") \
+        == "configs/demo.py:quick"
+    with pytest.raises(ConfigError, match="names the variant 'default'"):
+        with_variant("configs/demo.py:default", "quick")
+    assert cli.main(["demo", "--quick", "--print-config", "--config.demo.seeds=(5,)",
+                     "--config.demo.train_size=777"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # quick's own values, the command line's on top of them
+    assert printed["workdir"] == "runs/demo-quick" and printed["demo"]["test_size"] == 100
+    assert printed["demo"]["seeds"] == [5] and printed["demo"]["train_size"] == 777

@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stat_jax.progress import progress_bar
-
+from stat_jax.config import sub_config
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.demo import task
+from stat_jax.progress import progress_bar
 from stat_jax.rollout.base import RolloutBackend
 from stat_jax.stat import io
 
@@ -46,29 +46,12 @@ ROUND2_SPLIT = "validation_round2"  # generated after the train split, so no ear
 
 
 # ----- small helpers -------------------------------------------------------------------------------------------
-def _sub_config(config, workdir: Path, **overrides):
-    """A copy of `config` writing under `workdir`, with dotted-key overrides (the real commands read it)."""
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.workdir = str(workdir)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return c
-
-
 def _step(root: Path, name: str, settings: dict[str, Any], inputs: Sequence[str], outputs: Sequence[str],
           run: Callable[[], dict[str, Any] | None]) -> str:
     """Runs one demo step unless its manifest (settings, input and output hashes) says it is done."""
     if io.stage_is_done(root, name, settings, inputs):
         return "skipped"
-    start = time.monotonic()
-    stats = run() or {}
-    io.write_manifest(root, name, settings, inputs, outputs,
-                      extra={"stats": stats, "seconds": round(time.monotonic() - start, 2)})
+    io.run_recorded(root, name, settings, inputs, outputs, run)
     return "done"
 
 
@@ -179,7 +162,7 @@ def train(config, workdir: Path, init_model: Path, files: Sequence[Path], *, ste
     """
     from stat_jax.train.sft import train_sft
 
-    sub = _sub_config(config, workdir, **{"model.path": str(init_model), "data.train_files": tuple(map(str, files))})
+    sub = sub_config(config, workdir, **{"model.path": str(init_model), "data.train_files": tuple(map(str, files))})
     sub.seed = seed
     sub.train.steps = steps
     sub.train.epochs = 1.0
@@ -189,14 +172,6 @@ def train(config, workdir: Path, init_model: Path, files: Sequence[Path], *, ste
     if result.get("preempted"):
         raise RuntimeError(f"SFT in {workdir} was stopped at step {result['steps']}; re-run the demo to resume")
     return Path(result["export_dir"])
-
-
-def load_student(config, model_dir: Path):
-    from stat_jax import sharding
-    from stat_jax.models import load_hf_checkpoint
-
-    mesh = sharding.mesh_from_config(config.mesh)
-    return load_hf_checkpoint(model_dir, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
 
 
 class StudentServer:
@@ -212,10 +187,11 @@ class StudentServer:
 
     def serve(self, model_dir: Path):
         from stat_jax.rollout import make_rollout_backend
+        from stat_jax.rollout.factory import load_model
 
         if self.serving == model_dir:
             return self.backend
-        model = load_student(self.config, model_dir)
+        model = load_model(self.config, model_dir)
         if self.backend is None:
             self.tokenizer = _tokenizer(model_dir)
             self.backend = make_rollout_backend(self.config, model, self.tokenizer)
@@ -386,8 +362,12 @@ class Demo:
         return record
 
     def trainer_settings(self) -> dict[str, Any]:
-        """The trainer's config sections: changing any of them retrains."""
-        return {k: self.config[k].to_dict() for k in ("model", "data", "train")}
+        """The trainer's config sections: changing any of them retrains. As in the trainer's own resume check
+        (stat_jax/train/sft.py), remat and attention blocks are left out: they change how a step is computed, not
+        what it computes."""
+        out = {k: self.config[k].to_dict() for k in ("model", "data", "train")}
+        out["model"] = {k: v for k, v in out["model"].items() if k not in ("remat", "attention_block")}
+        return out
 
     @property
     def base_model(self) -> Path:
@@ -400,7 +380,7 @@ class Demo:
         from stat_jax.stat.pipeline import run_pipeline
 
         d = self.d
-        config = _sub_config(self.config, self.root, **{"model.path": str(self.base_model),
+        config = sub_config(self.config, self.root, **{"model.path": str(self.base_model),
                                                          "stat.run_dir": str(self.path("stat")),
                                                          "stat.stages": STAT_STAGES})
         teacher = OfflineTeacher(seed=self.config.seed, solution_slip_rate=d.teacher_slip_rate,
@@ -414,6 +394,7 @@ class Demo:
     def baselines(self) -> str:
         """MATH-Hard and Embed-Sel training sets (stat_jax.demo.baselines), from the same Skill-Map pool as STAT-Sel."""
         from stat_jax.demo import baselines
+        from stat_jax.rollout.factory import load_model
 
         d = self.d
         wanted = [m for m in d.methods if m in BASELINES]
@@ -434,7 +415,7 @@ class Demo:
                 stats["math_hard"] = {"questions": len(chosen), "level": chosen[0].level}
             if "embed_sel" in wanted:
                 hard = _problems(self.path("stat/hard/hard.jsonl"))  # rows: the problem's fields + its scores
-                model, tokenizer = load_student(self.config, self.base_model), _tokenizer(self.base_model)
+                model, tokenizer = load_model(self.config, self.base_model), _tokenizer(self.base_model)
                 vecs = baselines.mean_pooled_embeddings(model, tokenizer, [p.problem for p in hard + pool])
                 picked = baselines.embed_sel(hard, vecs[:len(hard)], pool, vecs[len(hard):],
                                              self.config.stat.sel_questions_per_skill)
@@ -540,7 +521,7 @@ class Demo:
                 (run_dir / "data" / f).write_bytes(self.path(source).read_bytes())
         stages = ("skills", "label", "rollout", "hard", "diagnose", "profile", {"stat_sel": "sel",
                                                                                "stat_syn": "syn"}[method])
-        config = _sub_config(self.config, self.root, **{
+        config = sub_config(self.config, self.root, **{
             "model.path": str(start), "stat.run_dir": str(run_dir), "stat.stages": stages, "stat.round": 2,
             "stat.previous_run": str(self.path("stat")), "stat.previous_student": str(start),
             "stat.heldout_source": str(self.path(f"data/{ROUND2_SPLIT}.jsonl"))})
@@ -575,7 +556,7 @@ class Demo:
 
         def run():
             workdir = self.path(f"{name}/grpo-{io.json_hash([settings, str(start)])[:10]}")
-            sub = _sub_config(self.config, workdir, **{"model.path": str(start)})
+            sub = sub_config(self.config, workdir, **{"model.path": str(start)})
             sub.seed = seed
             apply_grpo_settings(sub, self.path("grpo/prompts.jsonl"))
             # GRPO samples through the demo's one compiled backend (it swaps the policy's weights in each step);
@@ -910,35 +891,6 @@ def apply_grpo_settings(c, train_file: Path) -> None:
         c.grpo[key] = value
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def quick_variant(config):
-    """`--quick`: the values configs/demo.py:quick changes, except those the command line overrode."""
-    from stat_jax.config import load_config_file
-
-    default = _flatten(load_config_file("configs/demo.py").to_dict())
-    quick = _flatten(load_config_file("configs/demo.py:quick").to_dict())
-    current = _flatten(config.to_dict())
-    out = config.copy_and_resolve_references()
-    out.unlock()
-    for key, value in quick.items():
-        if default.get(key) != value and current.get(key) == default.get(key):
-            node = out
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
-    return out
-
-
 def use_compilation_cache(workdir: Path) -> None:
     """JAX's persistent compilation cache under the workdir. The demo compiles the same trainer, GRPO and rollout
     programs for each of its ~30 runs; with the cache each is compiled once (the quick run, 2 cores: 125 s without,
@@ -957,8 +909,6 @@ def use_compilation_cache(workdir: Path) -> None:
 
 def main(config, args) -> int:
     """`stat-jax demo [--quick]`: runs (or resumes) the experiment and prints the results table."""
-    if getattr(args, "quick", False):
-        config = quick_variant(config)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
     if getattr(args, "dry_run", False):
         print(json.dumps({"workdir": config.workdir, "seeds": list(config.demo.seeds),

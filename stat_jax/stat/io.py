@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +97,20 @@ def write_manifest(run_dir: Path, stage: str, stage_config: Any, inputs: Sequenc
         "inputs": _hashes(run_dir, inputs), "outputs": _hashes(run_dir, outputs),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(dict(extra) if extra else {}),
     })
+
+
+def run_recorded(run_dir: Path, stage: str, stage_config: Any, inputs: Sequence[str], outputs: Sequence[str],
+                 run: Callable[[], Mapping[str, Any] | None], *, write: bool = True) -> dict[str, Any]:
+    """Runs one stage and records its manifest (config, input and output hashes, stats, seconds).
+
+    The one way a stage of `stat-jax run` and a step of `stat-jax demo` is run: the callers decide, with
+    `stage_is_done`, whether it needs to run; `write=False` is a process of a multi-host job other than
+    process 0, which runs its share but leaves the manifest to process 0.
+    """
+    start = time.monotonic()
+    stats = dict(run() or {})
+    if write:
+        write_manifest(run_dir, stage, stage_config, inputs, outputs,
+                       extra={"stats": stats, "seconds": round(time.monotonic() - start, 3)})
+    return stats
+

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stat_jax import errors
+from stat_jax.config import sub_config
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.stat import baselines as baselines_mod
 from stat_jax.stat import hard as hard_mod
@@ -456,10 +457,7 @@ def _sft_files(ctx: StageContext) -> list[str]:
 
 
 def _sub_config(ctx: StageContext, workdir: str):
-    config = ctx.config.copy_and_resolve_references()
-    config.unlock()
-    config.workdir = str(ctx.path(workdir))
-    return config
+    return sub_config(ctx.config, ctx.path(workdir))
 
 
 def _stage_key(ctx: StageContext, name: str) -> str:
@@ -718,13 +716,11 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
     log.info("stage %s: running", stage.name)
     start = time.monotonic()
     try:
-        stats = stage.run(ctx) or {}
+        stats = io.run_recorded(ctx.run_dir, stage.name, stage_config, inputs, stage.outputs,
+                                lambda: stage.run(ctx), write=_is_process0())
     except Exception as e:
         e.add_note(f"stat-jax run: stage {stage.name!r} failed; its files are under {ctx.path(stage.name)}")
         raise
-    if _is_process0():
-        io.write_manifest(ctx.run_dir, stage.name, stage_config, inputs, stage.outputs,
-                          extra={"stats": stats, "seconds": round(time.monotonic() - start, 3)})
     if _multi_process() and not stage.process0_only and not _is_process0():
         _wait_for(stage, ctx, stage_config, inputs)
     log.info("stage %s: done in %.1fs %s", stage.name, time.monotonic() - start, json.dumps(stats, default=str)[:300])

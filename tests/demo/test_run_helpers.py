@@ -113,9 +113,23 @@ def test_the_demo_compiles_into_a_cache_under_its_workdir_unless_jax_is_given_on
 def test_a_skill_map_larger_than_the_train_split_is_refused_before_any_work(tmp_path):
     from stat_jax.config import load_config_file
 
-    c = run.quick_variant(load_config_file("configs/demo.py"))
+    c = load_config_file("configs/demo.py:quick")
     c.workdir = str(tmp_path / "demo")
     c.demo.skill_map_size = c.demo.train_size + 1
     with pytest.raises(ValueError, match="skill_map_size=2001 is larger than demo.train_size=2000"):
         run.Demo(c).data()
     assert not (tmp_path / "demo" / "data").exists()
+
+
+def test_recomputing_activations_does_not_retrain_but_a_model_change_does(tmp_path):
+    from stat_jax.config import load_config_file
+
+    def settings(**model):
+        c = load_config_file("configs/demo.py:quick")
+        c.workdir = str(tmp_path)
+        for k, v in model.items():
+            c.model[k] = v
+        return run.Demo(c).trainer_settings()
+
+    assert settings(remat="none") == settings(remat="full")
+    assert settings(dtype="bfloat16") != settings()

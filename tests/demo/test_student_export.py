@@ -46,7 +46,7 @@ def test_export_is_deterministic_and_the_demo_uses_only_a_matching_build(tmp_pat
     assert a["settings"]["steps"] == 12 and a["settings"]["arch"][0] == 32
 
     def demo(**overrides):
-        c = run.quick_variant(load_config_file("configs/demo.py"))
+        c = load_config_file("configs/demo.py:quick")
         c.workdir = str(tmp_path / "check")
         c.demo.pretrain_steps, c.demo.hidden_size, c.demo.num_heads = 12, 32, 2
         c.demo.student_dir = a["model"]

@@ -161,3 +161,24 @@ def test_sel_keeps_every_teacher_answer_unless_the_reference_filter_is_asked_for
     with pytest.raises(ValueError, match="sel_answer_filter"):
         build_sel(_Teacher(), selected, source="teacher", answers_per_question=3, target_size=0, seed=0,
                   instruction="Solve.", answer_filter="labels")
+
+
+def test_run_recorded_writes_the_manifest_that_marks_a_stage_done(tmp_path):
+    from stat_jax.stat import io
+
+    def stage():
+        io.write_json(tmp_path / "s/out.json", {"x": 1})
+        return {"rows": 3}
+
+    assert not io.stage_is_done(tmp_path, "s", {"k": 1}, [])
+    assert io.run_recorded(tmp_path, "s", {"k": 1}, [], ["s/out.json"], stage) == {"rows": 3}
+    manifest = io.read_json(tmp_path / "s" / io.MANIFEST)
+    assert manifest["stats"] == {"rows": 3} and manifest["seconds"] >= 0 and "s/out.json" in manifest["outputs"]
+    assert io.stage_is_done(tmp_path, "s", {"k": 1}, []) and not io.stage_is_done(tmp_path, "s", {"k": 2}, [])
+    # A process other than process 0 runs its share and leaves the manifest alone.
+    (tmp_path / "s" / io.MANIFEST).unlink()
+    assert io.run_recorded(tmp_path, "s", {"k": 1}, [], ["s/out.json"], stage, write=False) == {"rows": 3}
+    assert not (tmp_path / "s" / io.MANIFEST).exists()
+    # A stage that did not write what it promised is an error, not a manifest.
+    with pytest.raises(RuntimeError, match=r"without writing \['s/missing.json'\]"):
+        io.run_recorded(tmp_path, "s", {"k": 1}, [], ["s/missing.json"], stage)
