@@ -381,8 +381,8 @@ class Demo:
 
         d = self.d
         config = sub_config(self.config, self.root, **{"model.path": str(self.base_model),
-                                                         "stat.run_dir": str(self.path("stat")),
-                                                         "stat.stages": STAT_STAGES})
+                                                        "stat.run_dir": str(self.path("stat")),
+                                                        "stat.stages": STAT_STAGES})
         teacher = OfflineTeacher(seed=self.config.seed, solution_slip_rate=d.teacher_slip_rate,
                                  label_noise=d.teacher_label_noise, max_missing_skills=config.stat.diagnose_max_skills)
         # The rollout stage samples through the demo's one backend, serving the base student; a re-run whose
