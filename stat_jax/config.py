@@ -104,20 +104,23 @@ def _add_open_key(node: ConfigDict, section: str, name: str, raw: str) -> None:
         node[name] = raw
 
 
+def _parent_section(config: ConfigDict, key: str, label: str) -> tuple[ConfigDict, str]:
+    """(the section holding dotted `key`'s last part, that part); an unknown section is a ConfigError."""
+    node = config
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part not in node or not isinstance(node[part], ConfigDict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"{label}{key}: unknown section {where!r}; known keys here: {sorted(node.keys())}")
+        node = node[part]
+    return node, parts[-1]
+
+
 def apply_overrides(config: ConfigDict, overrides: Sequence[tuple[str, str]]) -> ConfigDict:
     """Applies (dotted key, raw value) pairs; unknown keys and wrong types raise ConfigError."""
     for key, raw in overrides:
-        node = config
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if part not in node or not isinstance(node[part], ConfigDict):
-                where = ".".join(parts[: i + 1])
-                raise ConfigError(
-                    f"--config.{key}: unknown section {where!r}; known keys here: {sorted(node.keys())}"
-                )
-            node = node[part]
-        leaf = parts[-1]
-        section = ".".join(parts[:-1])
+        node, leaf = _parent_section(config, key, "--config.")
+        section = key.rpartition(".")[0]
         if leaf not in node and section in OPEN_SECTIONS:
             _add_open_key(node, section, leaf, raw)
             continue
@@ -182,15 +185,10 @@ def sub_config(config: ConfigDict, workdir: str | Path, **overrides: Any) -> Con
     c.unlock()
     c.workdir = str(workdir)
     for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if part not in node:
-                raise ConfigError(f"sub_config: no section {part!r} for override {key!r}")
-            node = node[part]
+        node, leaf = _parent_section(c, key, "sub_config: ")
         if leaf not in node:
-            raise ConfigError(f"sub_config: {key!r} is not a config field (under {'.'.join(parents) or 'the top'}: "
-                              f"{sorted(node)})")
+            where = key.rpartition(".")[0] or "the top"
+            raise ConfigError(f"sub_config: {key!r} is not a config field (under {where}: {sorted(node)})")
         node[leaf] = value
     return c
 

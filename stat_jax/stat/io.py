@@ -113,4 +113,3 @@ def run_recorded(run_dir: Path, stage: str, stage_config: Any, inputs: Sequence[
         write_manifest(run_dir, stage, stage_config, inputs, outputs,
                        extra={"stats": stats, "seconds": round(time.monotonic() - start, 3)})
     return stats
-
