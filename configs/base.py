@@ -338,6 +338,8 @@ def get_config() -> ConfigDict:
     c.grpo.steps = 200
     c.grpo.prompts_per_step = 32
     c.grpo.num_generations = 8  # G samples per prompt (G requests to JetStream)
+    # Prompts sampled per trained prompt: > 1 trains on the groups whose rewards differ (DAPO's dynamic sampling)
+    c.grpo.oversample = 1
     c.grpo.num_iterations = 1  # updates (mu) per rollout batch; old log-probs computed once (skipped when 1)
     c.grpo.micro_batches = 0  # gradient accumulation over the prompts_per_step * G rows; 0 = fit the budget
     c.grpo.memory_budget_gb = 0.0  # per device, for the update step; 0 = grpo.memory_fraction of the device

@@ -100,17 +100,25 @@ def get_config(variant: str = "default") -> ConfigDict:
     d.finetune_lr = 2e-4
     d.grpo_methods = ("sft", "stat_sel", "stat_syn")  # methods that get a +GRPO row
     d.grpo_steps = 8  # 0 disables the +GRPO rows
-    d.grpo_prompts = 16  # per step, from train-split questions balanced over the skills (run.py grpo_prompts)
-    d.grpo_prompt_pool = 0  # distinct prompts; 0 = steps x prompts (no prompt is seen twice)
+    d.grpo_prompts = 16  # trained per step, of the grpo_oversample x as many sampled (run.py grpo_prompts)
+    # Where the prompts come from. The base student saw every train question ~5 times in pre-training and answers
+    # them ~80-95% right (most groups of 8 all right: no signal) against ~55% on new questions; "fresh" ones,
+    # a balanced split of their own that no student trained on, are answered ~40% right (the task's questions
+    # not already in the train split are its harder ones).
+    d.grpo_prompt_source = "fresh"  # "fresh": a split of new questions | "train": balanced train-split picks
+    d.grpo_prompt_pool = 0  # distinct prompts; 0 = steps x prompts x oversample (no prompt is seen twice)
     d.grpo_samples = 8  # per prompt: enough that most groups hold both a right and a wrong answer
-    # 10x below the SFT lr. Chosen on the held-out split (3 seeds, GRPO - its SFT row, overall; 2026-12-03):
-    # lr 1e-4: SFT +0.7 (+2.5 +1.7 -2.3), STAT-Sel +0.8, STAT-Syn -0.7 (on the test split -0.4/-1.2/-1.1);
-    # lr 3e-5: +0.1 (+1.5 -0.3 -1.0), +0.8, +0.9; lr 1e-5: +0.1, +0.8, +0.2; temperature 1.0 at 1e-4: +0.4,
-    # -0.1, -1.5 and at 3e-5: +0.3, +0.9, +0.3; 16 steps at 3e-5: +0.5, +0.5, +0.3 (no seed below its SFT row,
-    # ~100 s more) and at 1e-5: +0.3, +0.3, +0.1. 3e-5 at 8 steps has the best mean at the same cost.
-    # With the 2,000-step student (held-out, seeds 0/1): 3e-5 -0.0, -0.1, +0.8; 1e-4 -0.3, -1.0, -0.1;
-    # 16 steps at 3e-5 +0.3, -0.4, +0.2. 3e-5 at 8 steps kept; GRPO does not yet add +1 (issue 15, goal 4).
-    d.grpo_lr = 3e-5
+    # Prompts sampled per trained one: each update trains on the 16 of 48 groups whose rewards differ (DAPO's
+    # dynamic sampling, grpo.oversample); with 1, 50-90% of the trained groups carried no signal.
+    d.grpo_oversample = 3
+    # Chosen on the held-out split (3 seeds; GRPO - its SFT row overall for SFT, STAT-Sel, STAT-Syn; 2026-12-04):
+    # train prompts, no oversampling: lr 3e-5 -0.1, -0.2, +0.7; oversample 3: +0.3, -0.1, +0.6, and at 1e-4
+    # +0.7, -0.6, +0.9. Fresh prompts, oversample 3: 3e-5 +0.7, +0.4, +0.9; 5e-5 +0.9, +0.5, +1.2 (no seed
+    # below its SFT row: +1.8 +0.2 +0.8, +0.8 +0.8 0.0, +1.7 0.0 +2.0); 1e-4 +1.8, -0.2, +1.6; 2e-4 +2.2,
+    # -1.6, -0.3. 5e-5 is the only lr at which GRPO lifts every method and no seed (4x below the SFT lr).
+    # (Earlier, train prompts without oversampling, 1,200-step student: 1e-4 +0.7, +0.8, -0.7; 16 steps at 3e-5
+    # +0.5, +0.5, +0.3; temperature 1.0 at 3e-5 +0.3, +0.9, +0.3.)
+    d.grpo_lr = 5e-5
     d.grpo_lr_schedule = "constant"
     d.grpo_warmup_steps = 0  # a warmup step runs at lr 0 (wasted); a low lr and clipping keep fresh Adam gentle
     d.grpo_temperature = 0.7
@@ -128,8 +136,8 @@ def get_config(variant: str = "default") -> ConfigDict:
 
     # The rollout backend (JetStream in-process): prompts are < 128 tokens, answers < 48.
     _set(c, "rollout", max_concurrent_decodes=64, max_prefill_length=128, max_target_length=192)
-    # GRPO samples as many new tokens as eval; a training row holds the longest prompt plus them (the values
-    # stat_jax.demo.run.apply_grpo_settings sets, here so the shipped config's lengths agree: stat_jax/lengths.py).
+    # GRPO samples as many new tokens as eval; a training row holds a prompt plus them (the limit the lengths
+    # check reads, stat_jax/lengths.py; each GRPO run sizes its rows to its prompts: run.grpo_row_length).
     _set(c, "grpo", max_new_tokens=d.max_new_tokens, max_length=128 + d.max_new_tokens)
 
     c.eval.instruction = ""  # the demo's prompts are the bare problem text: short, like its training data
@@ -162,7 +170,8 @@ def quick(c: ConfigDict) -> ConfigDict:
     d.grpo_methods = ("stat_sel",)
     d.grpo_steps = 6
     d.grpo_prompts = 8
-    d.grpo_prompt_pool = 8  # the same prompts every step: the training reward curve measures learning
+    # The same 24 prompts sampled every step (8 of them trained on): the training reward curve measures learning.
+    d.grpo_prompt_pool = 24
     d.grpo_lr = 5e-4  # on 8 repeated prompts a rise must show within 6 steps (the test compares the halves)
     # The 2,000-step student answers these prompts ~85-90% right at 0.7 (seed 1's curve then fell after step 1:
     # 0.91, 0.78, 0.88, 0.81, 0.83, 0.86); at 1.0 both curves start near 0.8 and rise (lr 1e-3 fell, 2e-3 diverged).

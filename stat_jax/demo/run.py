@@ -43,6 +43,7 @@ SHIPPED_STUDENT = Path(__file__).with_name("student")  # the pre-trained base st
 METHOD_LABELS = {"base": "base", "sft": "SFT (original mix)", "math_hard": "MATH-Hard", "embed_sel": "Embed-Sel",
                  "stat_sel": "STAT-Sel", "stat_syn": "STAT-Syn"}
 ROUND2_SPLIT = "validation_round2"  # generated after the train split, so no earlier split changes with its size
+GRPO_SPLIT = task.LAST_SPLIT  # fresh GRPO prompts, generated after every other split (none changes with its size)
 
 
 # ----- small helpers -------------------------------------------------------------------------------------------
@@ -252,6 +253,8 @@ class Demo:
         sizes = {"train": d.train_size, "heldout": d.heldout_size, "test": d.test_size}
         if d.round2_methods:
             sizes[ROUND2_SPLIT] = d.round2_heldout_size
+        if d.grpo_steps > 0 and d.grpo_prompt_source == "fresh":
+            sizes[GRPO_SPLIT] = self.grpo_prompt_count()
         skill_map_size = d.skill_map_size or d.train_size  # 0: every train question
         if skill_map_size > d.train_size:
             raise ValueError(f"demo.skill_map_size={d.skill_map_size} is larger than demo.train_size={d.train_size}; "
@@ -427,31 +430,43 @@ class Demo:
 
         return _step(self.root, "baselines", settings, inputs, [METHOD_FILES[m] for m in wanted], run)
 
-    def grpo_prompts(self) -> str:
-        """The GRPO prompts every method trains on: train-split questions, balanced over the skills.
+    def grpo_prompt_count(self) -> int:
+        d = self.d
+        return d.grpo_prompt_pool or d.grpo_steps * d.grpo_prompts * d.grpo_oversample
 
-        Balanced because the test split is: sampling the imbalanced mix would spend the RL budget on skills
-        that are already saturated. Every method and seed gets the same prompts (a fair +GRPO comparison).
+    def grpo_prompts(self) -> str:
+        """The GRPO prompts every method trains on (the same for every method and seed: a fair +GRPO comparison),
+        balanced over the skills because the test split is.
+
+        demo.grpo_prompt_source="fresh": questions of their own split, which no student has trained on (the
+        base student saw every train question ~5 times in pre-training and answers them far better than new
+        ones, so their groups are mostly all right and teach little); "train": balanced picks from the train split.
         """
         d = self.d
-        n = d.grpo_prompt_pool or d.grpo_steps * d.grpo_prompts
-        settings = {"n": n, "seed": self.config.seed}
+        n = self.grpo_prompt_count()
+        source = d.grpo_prompt_source
+        settings = {"n": n, "seed": self.config.seed, "source": source}
+        source_file = f"data/{GRPO_SPLIT}.jsonl" if source == "fresh" else "data/train.jsonl"
 
         def run():
-            train_rows = _problems(self.path("data/train.jsonl"))
+            rows = _problems(self.path(source_file))
+            if source == "fresh":  # already balanced: question i exercises skill i mod 10
+                chosen = rows[:n]
+                io.write_jsonl(self.path("grpo/prompts.jsonl"), (p.to_dict() for p in chosen))
+                return {"prompts": len(chosen), "unique": len(chosen), "source": source_file}
             rng = random.Random(f"grpo-prompts:{self.config.seed}")
-            by_skill = {s: [p for p in train_rows if s in (p.skills or [])] for s in task.SKILL_NAMES}
+            by_skill = {s: [p for p in rows if s in (p.skills or [])] for s in task.SKILL_NAMES}
             chosen, seen = [], set()
             while len(chosen) < n:
                 skill = task.SKILL_NAMES[len(chosen) % len(task.SKILL_NAMES)]
                 p = rng.choice(by_skill[skill])
-                if p.id not in seen or len(seen) == len(train_rows):
+                if p.id not in seen or len(seen) == len(rows):
                     seen.add(p.id)
                     chosen.append(p)
             io.write_jsonl(self.path("grpo/prompts.jsonl"), (p.to_dict() for p in chosen))
-            return {"prompts": len(chosen), "unique": len(seen)}
+            return {"prompts": len(chosen), "unique": len(seen), "source": source_file}
 
-        return _step(self.root, "grpo/prompts", settings, ["data/train.jsonl"], ["grpo/prompts.jsonl"], run)
+        return _step(self.root, "grpo/prompts", settings, [source_file], ["grpo/prompts.jsonl"], run)
 
     # fine-tuning -------------------------------------------------------------------------------------------
     def finetune_sets(self) -> str:
@@ -555,10 +570,12 @@ class Demo:
         settings = {"grpo": grpo_settings(d), "seed": seed}
 
         def run():
-            workdir = self.path(f"{name}/grpo-{io.json_hash([settings, str(start)])[:10]}")
+            # Named by the prompts' contents too: the trainer's own resume check sees only their path.
+            prompts = self.path("grpo/prompts.jsonl")
+            workdir = self.path(f"{name}/grpo-{io.json_hash([settings, str(start), io.file_hash(prompts)])[:10]}")
             sub = sub_config(self.config, workdir, **{"model.path": str(start)})
             sub.seed = seed
-            apply_grpo_settings(sub, self.path("grpo/prompts.jsonl"))
+            apply_grpo_settings(sub, prompts, grpo_row_length(sub, _tokenizer(start), prompts))
             # GRPO samples through the demo's one compiled backend (it swaps the policy's weights in each step);
             # afterwards the backend holds GRPO's weights, so the next serve() must load its model again.
             backend = self.server.serve(start)
@@ -606,6 +623,7 @@ class Demo:
         start = time.monotonic()
         grid = [(s, m) for s in d.seeds for m in d.methods]
         check_round2_methods(d)
+        check_grpo_prompt_source(d)
         steps = (["data", "student", "stat", "base eval", "sets"] + [f"seed {s} {m}" for s, m in grid]
                  + [f"seed {s} {m} round 2" for s in d.seeds for m in d.round2_methods] + ["report"])
         try:
@@ -785,6 +803,12 @@ def row_label(name: str) -> str:
     return METHOD_LABELS.get(method, method) + {"grpo": " +GRPO", "round2": " round 2"}.get(suffix, f" +{suffix}")
 
 
+def check_grpo_prompt_source(d) -> None:
+    if d.grpo_prompt_source not in ("fresh", "train"):
+        raise ValueError(f"demo.grpo_prompt_source={d.grpo_prompt_source!r}: use 'fresh' (a split of new questions) "
+                         "or 'train' (balanced picks from the train split)")
+
+
 def check_round2_methods(d) -> None:
     """demo.round2_methods names STAT methods the demo also runs (round 2 continues their round-1 students)."""
     bad = [m for m in d.round2_methods if m not in ("stat_sel", "stat_syn") or m not in d.methods]
@@ -873,15 +897,24 @@ def grpo_settings(d) -> dict[str, Any]:
     """The `grpo` config fields the demo sets (configs/demo.py `demo.grpo_*`); a changed value re-runs GRPO."""
     return {"steps": d.grpo_steps, "prompts_per_step": d.grpo_prompts, "num_generations": d.grpo_samples,
             "learning_rate": d.grpo_lr, "lr_schedule": d.grpo_lr_schedule, "warmup_steps": d.grpo_warmup_steps,
-            "temperature": d.grpo_temperature, "max_new_tokens": d.max_new_tokens}
+            "temperature": d.grpo_temperature, "max_new_tokens": d.max_new_tokens, "oversample": d.grpo_oversample}
 
 
-def apply_grpo_settings(c, train_file: Path) -> None:
+def grpo_row_length(c, tokenizer, prompts_file: Path) -> int:
+    """Tokens per GRPO training row: the longest of the demo's GRPO prompts plus max_new_tokens, rounded up to 16.
+
+    The update costs what its rows hold, and the demo's prompts (< 80 tokens) are far shorter than the prefill
+    bucket (128): rows sized to the bucket were a third padding."""
+    from stat_jax.train.grpo import grpo_prompt_ids
+
+    longest = max(len(ids) for ids in grpo_prompt_ids(c, tokenizer, _problems(prompts_file)))
+    return -(-(longest + int(c.demo.max_new_tokens)) // 16) * 16
+
+
+def apply_grpo_settings(c, train_file: Path, row_length: int) -> None:
     """The demo's GRPO settings, written into the `grpo` section the GRPO trainer reads (fields must exist)."""
     d = c.demo
-    values = {"train_files": (str(train_file),), **grpo_settings(d),
-              # prompts fit the largest prefill bucket; rows hold prompt + completion
-              "max_length": int(c.rollout.max_prefill_length) + int(d.max_new_tokens)}
+    values = {"train_files": (str(train_file),), **grpo_settings(d), "max_length": int(row_length)}
     if "grpo" not in c:
         raise KeyError("configs/base.py has no `grpo` section; the demo's +GRPO step needs stat_jax.train.grpo's config")
     for key, value in values.items():

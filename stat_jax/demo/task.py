@@ -281,6 +281,9 @@ def _keep_probability(skills: Iterable[str], weights: Mapping[str, float]) -> fl
     return min(float(weights.get(s, 1.0)) for s in skills)
 
 
+LAST_SPLIT = "grpo"  # generated after every other split: adding it (or resizing it) changes none of them
+
+
 def make_splits(
     seed: int,
     sizes: Mapping[str, int],
@@ -291,12 +294,12 @@ def make_splits(
     The "train" split is skill-imbalanced: a problem is kept with probability min(weights of its skills),
     so rare skills stay rare in the natural training distribution. Other splits (held-out for profiling,
     test for evaluation) are balanced: problem i must include skill i mod 10, so every skill is measured. Test problems are generated first,
-    so the test split for a seed does not depend on the other sizes.
+    so the test split for a seed does not depend on the other sizes; LAST_SPLIT is generated last.
     """
     unknown = set(train_skill_weights or {}) - set(SKILL_NAMES)
     if unknown:
         raise KeyError(f"train_skill_weights names unknown skills {sorted(unknown)}; known: {SKILL_NAMES}")
-    order = sorted(sizes, key=lambda name: (name != "test", name != "heldout", name))
+    order = sorted(sizes, key=lambda name: (name != "test", name != "heldout", name == LAST_SPLIT, name))
     seen: set[str] = set()
     out: dict[str, list[MathProblem]] = {}
     for name in order:

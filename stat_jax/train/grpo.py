@@ -20,6 +20,10 @@ Defaults (configs/base.py `grpo`), and why:
   beta > 0 keeps a frozen copy of the start weights and adds beta * k3 KL to the loss.
 - log-probs are of the temperature-scaled policy (logits / grpo.temperature), the distribution rollouts sample.
 
+`grpo.oversample` = n > 1 samples n x prompts_per_step prompts a step and trains on the prompts_per_step
+whose rewards differ (DAPO's dynamic sampling, `informative_groups`); the rollout metrics stay those of every
+sampled prompt, and trained_zero_std_groups is the share of the trained groups that still carry no signal.
+
 Metrics per step (tqdm bar + <workdir>/metrics.jsonl): reward_mean/std, accuracy, zero_std_groups,
 response_length, truncated; from the last of the mu updates: loss, clip_fraction, entropy, grad_norm, lr, and
 kl (only when beta > 0: without a reference there is no KL to report); rollout_tokens_per_s (weight swap
@@ -135,6 +139,19 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Seque
     positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy()
     return {"tokens": tokens, "targets": targets, "positions": positions, "attention_mask": attention,
             "weights": np.asarray(token_weights(mask, aggregation)), "advantages": advantages.astype(np.float32)}
+
+
+def informative_groups(rewards: np.ndarray, keep: int) -> np.ndarray:
+    """Indices (ascending) of `keep` of the sampled groups, rewards [groups, G]: the groups whose rewards differ
+    first, then all-equal ones in sampled order to fill the update's fixed row count.
+
+    DAPO's dynamic sampling: a group whose G rewards are equal has zero advantage, so it adds tokens to the
+    update but no gradient; sampling `grpo.oversample` times the prompts and training on the varied groups
+    gives each update more of the signal at the same update cost.
+    """
+    varied = rewards.std(axis=1) > 0
+    order = np.concatenate([np.flatnonzero(varied), np.flatnonzero(~varied)])
+    return np.sort(order[:keep])
 
 
 def check_groups(completions: Sequence[Sequence[Completion]], prompts: int, group_size: int) -> None:
@@ -261,11 +278,11 @@ def rollout_metrics(rewards: np.ndarray, completions: Sequence[Sequence[Completi
             "truncated": sum(c.finish_reason == "length" for group in completions for c in group) / rewards.size}
 
 
-def throughput(completions, host: dict[str, np.ndarray], mu: int, *, rollout_s: float, sync_s: float,
+def throughput(completions, host: dict[str, np.ndarray] | None, mu: int, *, rollout_s: float, sync_s: float,
                train_s: float) -> dict[str, float]:
     """Rollout tokens/s (generated tokens, weight swap included) and training tokens/s (rows' tokens x mu)."""
     generated = sum(len(c.token_ids) for group in completions for c in group)
-    trained = float(host["attention_mask"].sum()) * mu
+    trained = 0.0 if host is None else float(host["attention_mask"].sum()) * mu
     return {"rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
             "train_tokens_per_s": trained / max(train_s, 1e-9),
             "rollout_s": rollout_s, "weight_sync_s": sync_s, "train_s": train_s}
@@ -289,6 +306,8 @@ def _validate(g) -> None:
          f"grpo.prompts_per_step * num_generations = {g.prompts_per_step * g.num_generations} must be a multiple "
          f"of grpo.micro_batches={g.micro_batches} (0 = derived from grpo.memory_budget_gb)"),
         (g.steps >= 1, f"grpo.steps must be >= 1, got {g.steps}"),
+        (int(g.oversample) == g.oversample and g.oversample >= 1,
+         f"grpo.oversample must be a whole number >= 1 (prompts sampled per trained prompt), got {g.oversample}"),
         (g.num_iterations >= 1, f"grpo.num_iterations must be >= 1, got {g.num_iterations}"),
         (g.beta >= 0, f"grpo.beta must be >= 0, got {g.beta}"),
         (g.temperature > 0, f"grpo.temperature must be > 0 (greedy samples of a group are identical and carry "
@@ -452,7 +471,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
 
     def step_fn(step: int, state: dict):
         started = time.perf_counter()
-        chosen = prompts_for_step(len(problems), int(g.prompts_per_step), step, int(config.seed))
+        per_step = int(g.prompts_per_step)
+        chosen = prompts_for_step(len(problems), per_step * int(g.oversample), step, int(config.seed))
         # Seeded by step, so a resumed run samples exactly what the uninterrupted one did.
         sampling = SamplingParams(temperature=temperature, top_p=float(g.top_p), top_k=int(g.top_k),
                                   max_new_tokens=int(g.max_new_tokens), seed=int(config.seed) * 1_000_003 + step)
@@ -465,6 +485,13 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
         check_groups(completions, len(chosen), int(g.num_generations))
         rewards = np.array([[reward_fn(c.text, problems[i]) for c in group]
                             for i, group in zip(chosen, completions)], np.float32)
+        # The reward curve is the policy's, over every sampled prompt; the update trains on the kept ones.
+        sampled = {**rollout_metrics(rewards, completions),
+                   **throughput(completions, None, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=0.0)}
+        if len(chosen) > per_step:
+            keep = informative_groups(rewards, per_step)
+            chosen, completions, rewards = [chosen[i] for i in keep], [completions[i] for i in keep], rewards[keep]
+            sampled["trained_zero_std_groups"] = float((rewards.std(axis=1) == 0).mean())
         advantages = grpo_loss.group_advantages(rewards.reshape(-1), int(g.num_generations),
                                                 scale_by_std=bool(g.scale_rewards))
         host = build_batch([prompt_ids[i] for i in chosen], completions, advantages,
@@ -481,8 +508,9 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
             state, metrics = train_step(state, batch)
         metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}  # the last update's
         train_s = time.perf_counter() - t1
-        return state, {**metrics, **rollout_metrics(rewards, completions), "step_s": time.perf_counter() - started,
-                       **throughput(completions, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)}
+        trained = throughput(completions, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)
+        return state, {**metrics, **sampled, "step_s": time.perf_counter() - started,
+                       "train_tokens_per_s": trained["train_tokens_per_s"], "train_s": train_s}
 
     try:
         state, preempted, last = loop.run_loop("grpo", state, start_step, total_steps, step_fn, logger.log, ckpt,

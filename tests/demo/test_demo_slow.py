@@ -62,6 +62,10 @@ def _mean(results, row, key="overall"):
 # saturated), MATH-Hard 58.3, Embed-Sel 56.7, STAT-Sel 59.7 (+1.7 overall, +7.9 flagged), STAT-Syn 60.1 (+2.0,
 # +8.2), every STAT seed above every SFT seed; GRPO on top +0.4 (SFT), -0.4 (STAT-Sel), +0.1 (STAT-Syn); round 2
 # 59.3. Goal 1 and the baselines' order are met (no xfail); goal 2's +3 overall and goal 4 are not.
+# 2026-12-04 (session 13), GRPO on fresh balanced questions (demo.grpo_prompt_source=fresh), oversample 3 (training
+# on the groups whose rewards differ), lr 5e-5, rows sized to the prompts (all chosen on the held-out split,
+# configs/demo.py), 9 min 40 s: every SFT-side row as above; GRPO on top +0.4 +- 0.4 (SFT), +0.3 +- 0.9 (STAT-Sel),
+# +0.6 +- 0.5 (STAT-Syn): positive for every method, not yet +1.
 OPEN = "issue 15: not met by the last measured default run (see the comment above)"
 
 

@@ -133,3 +133,42 @@ def test_recomputing_activations_does_not_retrain_but_a_model_change_does(tmp_pa
 
     assert settings(remat="none") == settings(remat="full")
     assert settings(dtype="bfloat16") != settings()
+
+
+def test_fresh_grpo_prompts_are_new_balanced_questions_and_change_no_other_split():
+    sizes = {"train": 300, "heldout": 40, "test": 50, run.ROUND2_SPLIT: 30}
+    without = task.make_splits(0, sizes)
+    with_grpo = task.make_splits(0, {**sizes, run.GRPO_SPLIT: 60})
+    for name in sizes:
+        assert [p.problem for p in with_grpo[name]] == [p.problem for p in without[name]], name
+    fresh = with_grpo[run.GRPO_SPLIT]
+    seen = {p.problem for name in sizes for p in with_grpo[name]}
+    assert len(fresh) == 60 and not {p.problem for p in fresh} & seen
+    for i, p in enumerate(fresh):  # balanced like the test split: question i exercises skill i mod 10
+        assert task.SKILL_NAMES[i % len(task.SKILL_NAMES)] in p.skills
+
+
+def test_grpo_rows_are_sized_to_the_longest_prompt_not_the_prefill_bucket(tmp_path):
+    from stat_jax.config import load_config_file
+    from stat_jax.stat.io import write_jsonl
+    from stat_jax.train.grpo import grpo_prompt_ids
+
+    c = load_config_file("configs/demo.py")
+    tok = build_char_tokenizer()
+    problems = task.make_splits(0, {"test": 40})["test"]
+    write_jsonl(tmp_path / "prompts.jsonl", (p.to_dict() for p in problems))
+    row = run.grpo_row_length(c, tok, tmp_path / "prompts.jsonl")
+    need = max(len(ids) for ids in grpo_prompt_ids(c, tok, problems)) + c.demo.max_new_tokens
+    assert row % 16 == 0 and need <= row < need + 16
+    assert row < c.rollout.max_prefill_length + c.demo.max_new_tokens  # shorter than the old bucket-sized rows
+
+
+def test_an_unknown_grpo_prompt_source_is_refused_before_any_work(tmp_path):
+    from stat_jax.config import load_config_file
+
+    c = load_config_file("configs/demo.py:quick")
+    c.workdir = str(tmp_path / "demo")
+    c.demo.grpo_prompt_source = "test"
+    with pytest.raises(ValueError, match="grpo_prompt_source='test': use 'fresh'"):
+        run.Demo(c).run()
+    assert not (tmp_path / "demo" / "data").exists()

@@ -268,6 +268,29 @@ def test_grpo_raises_reward_on_toy_task(toy_student, tmp_path):
     assert (tmp_path / "run" / "hf" / "config.json").exists()
 
 
+def test_informative_groups_keeps_groups_with_varied_rewards_first_in_sampled_order():
+    rewards = np.array([[1, 1], [0, 1], [0, 0], [1, 0], [0.5, 0.5]], np.float32)
+    assert grpo.informative_groups(rewards, 2).tolist() == [1, 3]
+    assert grpo.informative_groups(rewards, 3).tolist() == [0, 1, 3]  # filled with the first all-equal group
+    assert grpo.informative_groups(rewards, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_oversampling_trains_on_the_groups_whose_rewards_differ(toy_student, tmp_path):
+    """Six of eight prompts always score 1 (no signal); with oversample=2 every step samples all eight and
+    must train on the two that can vary whenever their rewards do."""
+    def reward(response, problem):
+        return 1.0 if int(problem.id[1:]) < 6 else even_digit_reward(response, problem)
+
+    config = toy_config(toy_student, tmp_path / "run", **TOY, **{"grpo.steps": 3, "grpo.oversample": 2})
+    rows = read_metrics(grpo.train_grpo(config, PROBLEMS, mesh=one_device_mesh(), reward_fn=reward)["metrics_path"])
+    assert len(rows) == 3
+    for r in rows:
+        varied = round(8 * (1 - r["zero_std_groups"]))  # the sampled groups with differing rewards (of 8)
+        assert varied <= 2
+        assert r["trained_zero_std_groups"] == (4 - varied) / 4, r
+    assert any(r["trained_zero_std_groups"] < r["zero_std_groups"] for r in rows)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(toy_student, tmp_path_factory):
     """The reference for the resume tests: 6 uninterrupted steps with mu = 2 and beta > 0, on one device."""
@@ -371,6 +394,7 @@ def test_cli_runs_with_the_math_grader_reward(toy_student, tmp_path, capsys):
 @pytest.mark.parametrize("key, value, message", [
     ("grpo.num_generations", 1, "num_generations must be >= 2"),
     ("grpo.temperature", 0.0, "temperature must be > 0"),
+    ("grpo.oversample", 0, "oversample must be a whole number >= 1"),
     ("grpo.micro_batches", 3, "multiple of grpo.micro_batches=3"),
     ("grpo.loss_aggregation", "row", "'token' or 'sequence'"),
     ("grpo.format_reward", 1.0, "format_reward must be in"),
