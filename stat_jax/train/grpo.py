@@ -357,7 +357,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     problems: default `grpo.train_files`; backend: default JetStream in-process on the training mesh (params
     swapped in each step); reward_fn: default `grpo.reward` (the math grader). With train.lora.rank > 0 only
     adapters train (result["adapter_dir"]: their PEFT files). result["compilations"] (own backend): compiled
-    variants of the engine's kernels and of the adapter merge, one each when no weight swap recompiled.
+    variants of the engine's kernels and of the adapter merge that this run added, one each when no weight swap
+    recompiled.
     """
     import transformers
 
@@ -460,6 +461,9 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
 
         backend = make_rollout_backend(config, nnx.merge(rollout_graphdef, nnx.State(served(state["params"]))),
                                        tokenizer)
+    # Kernels of engines built from the same jitted functions share one compilation cache in the process (an
+    # earlier run's model is in it too), so this run's compilations are counted from here.
+    engine_before = getattr(backend, "compilation_counts", dict)() if own_backend else {}
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(config, workdir)
@@ -526,7 +530,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
               "total_steps": total_steps, "preempted": preempted, "fingerprint": fingerprint, "last_metrics": last,
               "prompts": len(problems), **long_prompts}
     if own_backend:  # one compiled program each for the whole run, weight swaps included
-        engine = getattr(backend, "compilation_counts", dict)()
+        engine = {k: v - engine_before.get(k, 0) for k, v in getattr(backend, "compilation_counts", dict)().items()}
         result["compilations"] = {**engine, **served.compilation_counts()}
     return loop.finish(result, policy, state["params"], frozen, export_dir=export_dir, workdir=workdir,
                        result_path=result_path, tokenizer_source=tokenizer_path, dtype=str(g.export_dtype))
