@@ -450,21 +450,9 @@ class Demo:
 
         def run():
             rows = _problems(self.path(source_file))
-            if source == "fresh":  # already balanced: question i exercises skill i mod 10
-                chosen = rows[:n]
-                io.write_jsonl(self.path("grpo/prompts.jsonl"), (p.to_dict() for p in chosen))
-                return {"prompts": len(chosen), "unique": len(chosen), "source": source_file}
-            rng = random.Random(f"grpo-prompts:{self.config.seed}")
-            by_skill = {s: [p for p in rows if s in (p.skills or [])] for s in task.SKILL_NAMES}
-            chosen, seen = [], set()
-            while len(chosen) < n:
-                skill = task.SKILL_NAMES[len(chosen) % len(task.SKILL_NAMES)]
-                p = rng.choice(by_skill[skill])
-                if p.id not in seen or len(seen) == len(rows):
-                    seen.add(p.id)
-                    chosen.append(p)
+            chosen = rows[:n] if source == "fresh" else balanced_picks(rows, n, f"grpo-prompts:{self.config.seed}")
             io.write_jsonl(self.path("grpo/prompts.jsonl"), (p.to_dict() for p in chosen))
-            return {"prompts": len(chosen), "unique": len(seen), "source": source_file}
+            return {"prompts": len(chosen), "unique": len({p.id for p in chosen}), "source": source_file}
 
         return _step(self.root, "grpo/prompts", settings, [source_file], ["grpo/prompts.jsonl"], run)
 
@@ -801,6 +789,20 @@ def row_label(name: str) -> str:
         return METHOD_LABELS[name]
     method, suffix = name.split("+", 1)
     return METHOD_LABELS.get(method, method) + {"grpo": " +GRPO", "round2": " round 2"}.get(suffix, f" +{suffix}")
+
+
+def balanced_picks(rows: Sequence[MathProblem], n: int, seed: str) -> list[MathProblem]:
+    """`n` seeded picks from `rows`, question i exercising skill i mod 10 (the train split is imbalanced), each
+    question at most once until all have been picked."""
+    rng = random.Random(seed)
+    by_skill = {s: [p for p in rows if s in (p.skills or [])] for s in task.SKILL_NAMES}
+    chosen, seen = [], set()
+    while len(chosen) < n:
+        p = rng.choice(by_skill[task.SKILL_NAMES[len(chosen) % len(task.SKILL_NAMES)]])
+        if p.id not in seen or len(seen) == len(rows):
+            seen.add(p.id)
+            chosen.append(p)
+    return chosen
 
 
 def check_grpo_prompt_source(d) -> None:

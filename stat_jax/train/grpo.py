@@ -278,11 +278,11 @@ def rollout_metrics(rewards: np.ndarray, completions: Sequence[Sequence[Completi
             "truncated": sum(c.finish_reason == "length" for group in completions for c in group) / rewards.size}
 
 
-def throughput(completions, host: dict[str, np.ndarray] | None, mu: int, *, rollout_s: float, sync_s: float,
+def throughput(completions, host: dict[str, np.ndarray], mu: int, *, rollout_s: float, sync_s: float,
                train_s: float) -> dict[str, float]:
     """Rollout tokens/s (generated tokens, weight swap included) and training tokens/s (rows' tokens x mu)."""
     generated = sum(len(c.token_ids) for group in completions for c in group)
-    trained = 0.0 if host is None else float(host["attention_mask"].sum()) * mu
+    trained = float(host["attention_mask"].sum()) * mu
     return {"rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
             "train_tokens_per_s": trained / max(train_s, 1e-9),
             "rollout_s": rollout_s, "weight_sync_s": sync_s, "train_s": train_s}
@@ -490,8 +490,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
         rewards = np.array([[reward_fn(c.text, problems[i]) for c in group]
                             for i, group in zip(chosen, completions)], np.float32)
         # The reward curve is the policy's, over every sampled prompt; the update trains on the kept ones.
-        sampled = {**rollout_metrics(rewards, completions),
-                   **throughput(completions, None, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=0.0)}
+        sampled, generated = rollout_metrics(rewards, completions), completions
         if len(chosen) > per_step:
             keep = informative_groups(rewards, per_step)
             chosen, completions, rewards = [chosen[i] for i in keep], [completions[i] for i in keep], rewards[keep]
@@ -512,9 +511,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
             state, metrics = train_step(state, batch)
         metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}  # the last update's
         train_s = time.perf_counter() - t1
-        trained = throughput(completions, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)
         return state, {**metrics, **sampled, "step_s": time.perf_counter() - started,
-                       "train_tokens_per_s": trained["train_tokens_per_s"], "train_s": train_s}
+                       **throughput(generated, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)}
 
     try:
         state, preempted, last = loop.run_loop("grpo", state, start_step, total_steps, step_fn, logger.log, ckpt,
