@@ -66,6 +66,10 @@ def _mean(results, row, key="overall"):
 # on the groups whose rewards differ), lr 5e-5, rows sized to the prompts (all chosen on the held-out split,
 # configs/demo.py), 9 min 40 s: every SFT-side row as above; GRPO on top +0.4 +- 0.4 (SFT), +0.3 +- 0.9 (STAT-Sel),
 # +0.6 +- 0.5 (STAT-Syn): positive for every method, not yet +1.
+# 2026-12-04 (session 14), finetune_lr 3e-4 and grpo_lr 1e-4 (chosen on the held-out split: configs/demo.py): base
+# 56.2, SFT 56.9 (+0.8: saturated), MATH-Hard 58.0, Embed-Sel 56.6, STAT-Sel 58.3 (+1.4 overall, +8.8 flagged),
+# STAT-Syn 61.8 (+4.9, +14.9), every STAT seed above every SFT seed; GRPO on top +1.0 (SFT), +1.3 (STAT-Sel),
+# +0.2 (STAT-Syn); round 2 60.0. Open: STAT-Sel's +3 overall and GRPO's +1 on STAT-Syn.
 OPEN = "issue 15: not met by the last measured default run (see the comment above)"
 
 
@@ -75,8 +79,8 @@ def test_plain_sft_is_saturated(results):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=OPEN, strict=False)
-@pytest.mark.parametrize("method", ["stat_sel", "stat_syn"])
+@pytest.mark.parametrize("method", [pytest.param("stat_sel", marks=pytest.mark.xfail(reason=OPEN, strict=False)),
+                                    "stat_syn"])
 def test_stat_beats_plain_sft(results, method):
     assert _mean(results, method) - _mean(results, "sft") >= 0.03, results["verdict"]
     assert _mean(results, method, "flagged") - _mean(results, "sft", "flagged") >= 0.08, results["verdict"]
@@ -91,8 +95,8 @@ def test_baselines_below_stat_sel(results, method):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=OPEN, strict=False)
-@pytest.mark.parametrize("method", ["sft", "stat_sel", "stat_syn"])
+@pytest.mark.parametrize("method", ["sft", "stat_sel",
+                                    pytest.param("stat_syn", marks=pytest.mark.xfail(reason=OPEN, strict=False))])
 def test_grpo_adds_on_top(results, method):
     with_grpo, without = _values(results, f"{method}+grpo"), _values(results, method)
     diffs = [a - b for a, b in zip(with_grpo, without)]
