@@ -324,14 +324,14 @@ def _validate(g) -> None:
             raise ValueError(message)
 
 
-def _fingerprint(config) -> str:
-    """Hash of what must not change across a resume (model, GRPO settings, seed; not mesh or logging)."""
+def _fingerprint(config, data_hash: str) -> str:
+    """Hash of what must not change across a resume (model, GRPO settings and prompts, seed; not mesh or logging)."""
     # Memory settings (micro-batches, budget, loss chunks, remat, attention blocks) change how the update is
     # computed, not what.
     memory_keys = ("micro_batches", "memory_budget_gb", "memory_fraction", "loss_chunk_tokens")
     grpo = {k: v for k, v in config_to_dict(config.grpo).items() if k not in memory_keys}
     model = {k: v for k, v in config_to_dict(config.model).items() if k not in ("remat", "attention_block")}
-    keep = {"model": model, "grpo": grpo, "seed": config.seed}
+    keep = {"model": model, "grpo": grpo, "seed": config.seed, "rows": data_hash}
     lcfg = lora.LoraConfig.from_config(config.train.get("lora"))
     if lcfg.enabled:  # full fine-tuning keeps the hash it had before adapters existed
         keep["lora"] = dataclasses.asdict(lcfg)
@@ -375,10 +375,6 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     is_writer = jax.process_index() == 0
     export_dir = workdir / "hf"
     result_path = workdir / "grpo_result.json"
-    fingerprint = _fingerprint(config)
-    if resume and (done := loop.finished_result(result_path, export_dir, fingerprint)) is not None:
-        return done
-
     if problems is None:
         if not g.train_files:
             raise ValueError("grpo needs prompts: --config.grpo.train_files=problems.jsonl")
@@ -386,6 +382,11 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     problems = list(problems)
     if not problems:
         raise ValueError("grpo: the problem list is empty")
+    data_hash = loop.rows_hash(problems)
+    fingerprint = _fingerprint(config, data_hash)
+    if resume and (done := loop.finished_result(result_path, export_dir, fingerprint)) is not None:
+        return done
+
     reward_fn = reward_fn or resolve_reward(str(g.reward), float(g.format_reward))
     mesh = mesh or sharding.mesh_from_config(config.mesh)
     model_path = resolve_model_path(config.model.path)
@@ -439,7 +440,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
         ref_params = (jax.tree.map(jnp.zeros_like, initial_params) if policy.adapters
                       else reference_params(initial_params, config.model.dtype))
     state, _, latest = loop.restore_or_init(ckpt, abstract_train_state, state_sh, tx, lambda: initial_params,
-                                            fingerprint, "grpo")
+                                            fingerprint, "grpo", data_hash)
     del initial_params
     if latest is not None:
         if int(jax.device_get(state["step"])) != latest * mu:
@@ -471,7 +472,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
                            is_writer=is_writer)
 
     def meta() -> dict[str, Any]:
-        return {"fingerprint": fingerprint, "total_steps": total_steps, **policy.checkpoint_meta()}
+        return {"data_hash": data_hash, "fingerprint": fingerprint, "total_steps": total_steps,
+                **policy.checkpoint_meta()}
 
     def step_fn(step: int, state: dict):
         started = time.perf_counter()

@@ -14,9 +14,10 @@ Training state: `{"step": int32 (optimizer updates), "params": pure dict of what
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from stat_jax import sharding
-from stat_jax.errors import CheckpointsExistError
+from stat_jax.errors import CheckpointsExistError, WorkdirError
 from stat_jax.models import lora, transformer
 from stat_jax.train import memory as train_memory
 from stat_jax.train.checkpointing import CheckpointManager, PreemptionGuard, abstract_state
@@ -302,11 +303,42 @@ def open_checkpoints(directory: Path, section, resume: bool) -> CheckpointManage
     return ckpt
 
 
+class ChangedDataError(WorkdirError, ValueError):
+    """A work directory's checkpoints were trained on other rows than the ones this run loaded."""
+
+    hint = ("restore the data the run started with, or train in a new workdir (--config.workdir=...); the "
+            "checkpoints there would continue over different rows, at positions that no longer mean the same")
+
+
+def rows_hash(rows: Iterable[Any]) -> str:
+    """Hash of the rows a run trains on, whatever the files holding them are called (resume and reuse check it)."""
+    h = hashlib.sha256()
+    for row in rows:
+        d = row.to_dict() if hasattr(row, "to_dict") else row
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def check_same_rows(saved: str | None, current: str, directory: Path, name: str) -> None:
+    """Raises ChangedDataError when checkpoints in `directory` name other rows (checkpoints from before the
+    hash was recorded name none and pass)."""
+    if saved is not None and saved != current:
+        raise ChangedDataError(f"{name}: the checkpoints in {directory} were trained on other rows than the "
+                               f"data now loaded (rows hash {saved} -> {current}): the data files changed since")
+
+
 def restore_or_init(ckpt: CheckpointManager, abstract_train_state: dict, state_sh: dict, tx,
-                    init_params: Callable[[], dict], fingerprint: str, name: str) -> tuple[dict, dict, int | None]:
-    """(state, meta, latest step or None): the latest checkpoint, or a fresh state from `init_params()`."""
+                    init_params: Callable[[], dict], fingerprint: str, name: str,
+                    data_hash: str | None = None) -> tuple[dict, dict, int | None]:
+    """(state, meta, latest step or None): the latest checkpoint, or a fresh state from `init_params()`.
+
+    With `data_hash` (rows_hash of the loaded rows), checkpoints saved with another one stop the run
+    (ChangedDataError) before any array is read."""
     latest = ckpt.latest_step()
     if latest is not None:
+        if data_hash is not None:
+            check_same_rows(latest_checkpoint_meta(ckpt.directory).get("data_hash"), data_hash, ckpt.directory, name)
         state, meta = ckpt.restore(abstract_train_state)
         if meta.get("fingerprint") != fingerprint:
             log.warning("%s: resuming %s with a changed config (hash %s -> %s)", name, ckpt.directory,

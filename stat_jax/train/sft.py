@@ -194,10 +194,11 @@ def _check_batch_divides_mesh(micro_rows: int, mesh: Mesh) -> None:
                     micro_rows, ways)
 
 
-def _run_fingerprint(config) -> str:
-    """Hash of what must not change across a resume (model, data, optimizer; not mesh or logging)."""
+def _run_fingerprint(config, data_hash: str) -> str:
+    """Hash of what must not change across a resume (model, data and its rows, optimizer; not mesh or logging)."""
     d = config_to_dict(config)
     keep = {k: d.get(k) for k in ("seed", "model", "data")}
+    keep["rows"] = data_hash  # the files' contents: the same paths can hold other rows
     keep["train"] = {k: v for k, v in d.get("train", {}).items()
                      if k not in ("checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every",
                                   "export_dir", "export_dtype", "tensorboard", "grad_accum_steps",
@@ -229,7 +230,9 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     is_writer = jax.process_index() == 0
     export_dir = Path(config.train.export_dir) if config.train.export_dir else workdir / "hf"
     result_path = workdir / "sft_result.json"
-    fingerprint = _run_fingerprint(config)
+    examples = _examples(config, examples_or_path)
+    data_hash = loop.rows_hash(examples)
+    fingerprint = _run_fingerprint(config, data_hash)
     if resume and (done := loop.finished_result(result_path, export_dir, fingerprint)) is not None:
         log.info("sft: %s already finished (step %s); nothing to do", workdir, done.get("steps"))
         return done
@@ -239,7 +242,6 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     model_cfg = ModelConfig.from_hf_dir(model_path)
     tokenizer, tokenizer_path = _load_tokenizer(config)
 
-    examples = _examples(config, examples_or_path)
     tokenized = sft_data.tokenize_examples(tokenizer, examples, model_cfg.eos_token_ids,
                                            date_string=str(config.eval.date_string))
     tokenized, dropped = sft_data.drop_too_long(tokenized, config.data.max_length)
@@ -266,7 +268,7 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
         else (None, None)
     frozen = loaded[1]
     state, restored_meta, latest = loop.restore_or_init(ckpt, abstract_train_state, state_sh, tx, lambda: loaded[0],
-                                                        fingerprint, "sft")
+                                                        fingerprint, "sft", data_hash)
     del loaded
     if latest is not None:
         batches.restore(restored_meta["data"])
@@ -287,8 +289,8 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
              dict(mesh.shape), step_memory.describe())
 
     def meta() -> dict[str, Any]:
-        return {"data": batches.state(), "fingerprint": fingerprint, "total_steps": total_steps,
-                **policy.checkpoint_meta()}
+        return {"data": batches.state(), "data_hash": data_hash, "fingerprint": fingerprint,
+                "total_steps": total_steps, **policy.checkpoint_meta()}
 
     def step_fn(step: int, state: dict):
         batch = to_device_batch(next(batches), micro, batch_sh)

@@ -291,6 +291,22 @@ def test_oversampling_trains_on_the_groups_whose_rewards_differ(toy_student, tmp
     assert any(r["trained_zero_std_groups"] < r["zero_std_groups"] for r in rows)
 
 
+def test_resume_reuses_a_run_only_over_the_same_prompts(toy_student, tmp_path):
+    """A finished run is returned on resume while its prompts are the same; with one answer changed it is refused."""
+    config = toy_config(toy_student, tmp_path / "run", **TOY, **{"grpo.steps": 2})
+
+    def train(problems):
+        return grpo.train_grpo(config, problems, mesh=one_device_mesh(), reward_fn=even_digit_reward, resume=True)
+
+    grpo.train_grpo(config, PROBLEMS, mesh=one_device_mesh(), reward_fn=even_digit_reward)
+    saved = json.loads((tmp_path / "run" / "grpo_result.json").read_text())
+    assert train(list(PROBLEMS)) == saved
+    changed = [MathProblem(id="q0", problem=PROBLEMS[0].problem, answer="2"), *PROBLEMS[1:]]
+    with pytest.raises(grpo.loop.ChangedDataError, match="trained on other rows"):
+        train(changed)
+    assert json.loads((tmp_path / "run" / "grpo_result.json").read_text()) == saved
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(toy_student, tmp_path_factory):
     """The reference for the resume tests: 6 uninterrupted steps with mu = 2 and beta > 0, on one device."""

@@ -1,5 +1,6 @@
 """The SFT trainer: masked loss by hand, accumulation equivalence, learning, kill -9 / SIGTERM / mesh-change resume."""
 
+import json
 import os
 import shutil
 import signal
@@ -172,6 +173,35 @@ def test_resume_onto_a_different_mesh(setup, reference, tmp_path):
     assert sorted(got) == list(range(resume_from + 1, STEPS + 1))
     for step in want:
         np.testing.assert_allclose(got[step], want[step], rtol=1e-4, err_msg=f"step {step}")
+
+
+def test_resume_reuses_a_run_only_over_the_same_rows(setup, reference, tmp_path):
+    """The data file keeps its path and loses a row: the finished run is neither returned nor continued."""
+    root, student, data = setup
+    workdir, rows_file = tmp_path / "run", tmp_path / "train.jsonl"
+    shutil.copytree(Path(reference[0]["checkpoint_dir"]).parent, workdir)
+    shutil.copy(data, rows_file)
+    config = build_config(str(REPO / "configs/sft_tiny.py"), _overrides(student, rows_file, workdir))
+    # The same rows under another path: the checkpoints continue (nothing is left to train).
+    assert sft.train_sft(config, resume=True)["steps"] == STEPS
+    saved = json.loads((workdir / "sft_result.json").read_text())
+    assert sft.train_sft(config, resume=True) == saved  # nothing changed: the finished run is reused
+    lines = rows_file.read_text().splitlines()
+    rows_file.write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(sft.loop.ChangedDataError, match="trained on other rows") as caught:
+        sft.train_sft(config, resume=True)
+    assert "new workdir" in caught.value.hint
+    assert json.loads((workdir / "sft_result.json").read_text()) == saved  # left as it was
+
+
+def test_rows_hash_follows_every_row_and_their_order():
+    rows = [SFTExample(prompt="rev ab", response="ba"), SFTExample(prompt="rev abc", response="cba")]
+    same = [SFTExample(prompt="rev ab", response="ba"), SFTExample(prompt="rev abc", response="cba")]
+    assert sft.loop.rows_hash(rows) == sft.loop.rows_hash(same)
+    assert sft.loop.rows_hash(rows) != sft.loop.rows_hash(rows[::-1])
+    assert sft.loop.rows_hash(rows) != sft.loop.rows_hash([rows[0], SFTExample(prompt="rev abc", response="cbb")])
+    assert sft.loop.rows_hash([{"problem": "1+1", "answer": "2"}]) != sft.loop.rows_hash([{"problem": "1+1",
+                                                                                           "answer": "3"}])
 
 
 def test_bad_config_fails_fast(capsys, setup):
