@@ -300,7 +300,10 @@ class Demo:
 
         def run():
             start = time.monotonic()
-            export = train(self.config, self.path(f"student/pretrain-{io.json_hash(settings)[:10]}"),
+            # Named by the data too (the trainer would refuse a resume over other rows): train_size and the
+            # instruction change the mix without changing these settings.
+            key = io.json_hash([settings, io.file_hash(self.path("data/original_mix.jsonl"))])[:10]
+            export = train(self.config, self.path(f"student/pretrain-{key}"),
                            self.path("student/init"),
                            [self.path("data/original_mix.jsonl")], steps=d.pretrain_steps,
                            batch_size=d.pretrain_batch_size, lr=d.pretrain_lr, seed=self.config.seed)

@@ -104,6 +104,12 @@ def load_prompts(path: str | Path) -> list[MathProblem]:
     return load_answer_file(path)
 
 
+def prompts_hash(problems: Sequence[Any]) -> str:
+    """loop.rows_hash of the prompts without the file each came from (moving the file changes no prompt)."""
+    return loop.rows_hash({k: v for k, v in (p.to_dict() if hasattr(p, "to_dict") else dict(p)).items()
+                           if k != "source"} for p in problems)
+
+
 def prompts_for_step(num_problems: int, per_step: int, step: int, seed: int) -> list[int]:
     """Problem indices of a (1-based) step: a fresh seeded permutation per epoch, so resume sees the same order."""
     start = (step - 1) * per_step
@@ -382,10 +388,12 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     problems = list(problems)
     if not problems:
         raise ValueError("grpo: the problem list is empty")
-    data_hash = loop.rows_hash(problems)
+    data_hash = prompts_hash(problems)
     fingerprint = _fingerprint(config, data_hash)
     if resume and (done := loop.finished_result(result_path, export_dir, fingerprint)) is not None:
         return done
+    if resume:
+        loop.check_resume_rows(workdir / "checkpoints", data_hash, "grpo")
 
     reward_fn = reward_fn or resolve_reward(str(g.reward), float(g.format_reward))
     mesh = mesh or sharding.mesh_from_config(config.mesh)
@@ -440,7 +448,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
         ref_params = (jax.tree.map(jnp.zeros_like, initial_params) if policy.adapters
                       else reference_params(initial_params, config.model.dtype))
     state, _, latest = loop.restore_or_init(ckpt, abstract_train_state, state_sh, tx, lambda: initial_params,
-                                            fingerprint, "grpo", data_hash)
+                                            fingerprint, "grpo")
     del initial_params
     if latest is not None:
         if int(jax.device_get(state["step"])) != latest * mu:

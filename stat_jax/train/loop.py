@@ -320,25 +320,22 @@ def rows_hash(rows: Iterable[Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_same_rows(saved: str | None, current: str, directory: Path, name: str) -> None:
-    """Raises ChangedDataError when checkpoints in `directory` name other rows (checkpoints from before the
-    hash was recorded name none and pass)."""
-    if saved is not None and saved != current:
-        raise ChangedDataError(f"{name}: the checkpoints in {directory} were trained on other rows than the "
-                               f"data now loaded (rows hash {saved} -> {current}): the data files changed since")
+def check_resume_rows(checkpoint_dir: Path, data_hash: str, name: str) -> None:
+    """Raises ChangedDataError when the newest checkpoint in `checkpoint_dir` was saved over other rows.
+
+    Called before any model is loaded or compiled, from the checkpoint's JSON meta alone; checkpoints from before
+    the hash was recorded name none and pass."""
+    saved = latest_checkpoint_meta(checkpoint_dir).get("data_hash") if Path(checkpoint_dir).is_dir() else None
+    if saved is not None and saved != data_hash:
+        raise ChangedDataError(f"{name}: the checkpoints in {checkpoint_dir} were trained on other rows than the "
+                               f"data now loaded (rows hash {saved} -> {data_hash}): the data files changed since")
 
 
 def restore_or_init(ckpt: CheckpointManager, abstract_train_state: dict, state_sh: dict, tx,
-                    init_params: Callable[[], dict], fingerprint: str, name: str,
-                    data_hash: str | None = None) -> tuple[dict, dict, int | None]:
-    """(state, meta, latest step or None): the latest checkpoint, or a fresh state from `init_params()`.
-
-    With `data_hash` (rows_hash of the loaded rows), checkpoints saved with another one stop the run
-    (ChangedDataError) before any array is read."""
+                    init_params: Callable[[], dict], fingerprint: str, name: str) -> tuple[dict, dict, int | None]:
+    """(state, meta, latest step or None): the latest checkpoint, or a fresh state from `init_params()`."""
     latest = ckpt.latest_step()
     if latest is not None:
-        if data_hash is not None:
-            check_same_rows(latest_checkpoint_meta(ckpt.directory).get("data_hash"), data_hash, ckpt.directory, name)
         state, meta = ckpt.restore(abstract_train_state)
         if meta.get("fingerprint") != fingerprint:
             log.warning("%s: resuming %s with a changed config (hash %s -> %s)", name, ckpt.directory,

@@ -236,6 +236,8 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     if resume and (done := loop.finished_result(result_path, export_dir, fingerprint)) is not None:
         log.info("sft: %s already finished (step %s); nothing to do", workdir, done.get("steps"))
         return done
+    if resume:
+        loop.check_resume_rows(workdir / "checkpoints", data_hash, "sft")
 
     mesh = mesh or sharding.mesh_from_config(config.mesh)
     model_path = resolve_model_path(config.model.path)
@@ -268,7 +270,7 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
         else (None, None)
     frozen = loaded[1]
     state, restored_meta, latest = loop.restore_or_init(ckpt, abstract_train_state, state_sh, tx, lambda: loaded[0],
-                                                        fingerprint, "sft", data_hash)
+                                                        fingerprint, "sft")
     del loaded
     if latest is not None:
         batches.restore(restored_meta["data"])

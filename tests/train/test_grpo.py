@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ from stat_jax.data.char_tokenizer import save_char_tokenizer
 from stat_jax.data.records import MathProblem
 from stat_jax.models import export_hf_checkpoint, init_model
 from stat_jax.models.llama import tiny_llama
+from stat_jax.stat import io
 from stat_jax.train import grpo, grpo_loss
 from stat_jax.train.metrics import read_metrics
 
@@ -292,19 +295,30 @@ def test_oversampling_trains_on_the_groups_whose_rewards_differ(toy_student, tmp
 
 
 def test_resume_reuses_a_run_only_over_the_same_prompts(toy_student, tmp_path):
-    """A finished run is returned on resume while its prompts are the same; with one answer changed it is refused."""
-    config = toy_config(toy_student, tmp_path / "run", **TOY, **{"grpo.steps": 2})
+    """The same prompts in a moved file continue the run; with one answer changed the run is refused before any
+    model is loaded, and its result is left as it was."""
+    first, moved = tmp_path / "a.jsonl", tmp_path / "moved" / "b.jsonl"
+    io.write_jsonl(first, ({"id": p.id, "problem": p.problem, "answer": p.answer} for p in PROBLEMS))
+    moved.parent.mkdir()
+    shutil.copy(first, moved)
+    workdir = tmp_path / "run"
 
-    def train(problems):
-        return grpo.train_grpo(config, problems, mesh=one_device_mesh(), reward_fn=even_digit_reward, resume=True)
+    def train(prompts_file, **kw):
+        config = toy_config(toy_student, workdir, **TOY, **{"grpo.steps": 2, "grpo.train_files": prompts_file})
+        return grpo.train_grpo(config, mesh=one_device_mesh(), reward_fn=even_digit_reward, **kw)
 
-    grpo.train_grpo(config, PROBLEMS, mesh=one_device_mesh(), reward_fn=even_digit_reward)
-    saved = json.loads((tmp_path / "run" / "grpo_result.json").read_text())
-    assert train(list(PROBLEMS)) == saved
-    changed = [MathProblem(id="q0", problem=PROBLEMS[0].problem, answer="2"), *PROBLEMS[1:]]
-    with pytest.raises(grpo.loop.ChangedDataError, match="trained on other rows"):
-        train(changed)
-    assert json.loads((tmp_path / "run" / "grpo_result.json").read_text()) == saved
+    train(first)
+    assert train(moved, resume=True)["steps"] == 2  # another path, the same rows: the checkpoints continue
+    saved = json.loads((workdir / "grpo_result.json").read_text())
+    assert train(moved, resume=True) == saved  # nothing changed: the finished run is reused
+    rows = moved.read_text().splitlines()
+    moved.write_text("\n".join([rows[0].replace('"answer": "0"', '"answer": "2"'), *rows[1:]]) + "\n")
+    loads = []
+    with mock.patch.object(grpo.loop, "load_policy", side_effect=lambda *a, **k: loads.append(a)):
+        with pytest.raises(grpo.loop.ChangedDataError, match="trained on other rows"):
+            train(moved, resume=True)
+    assert not loads  # refused from the checkpoint's meta, before the weights were read
+    assert json.loads((workdir / "grpo_result.json").read_text()) == saved
 
 
 @pytest.fixture(scope="module")
