@@ -71,19 +71,21 @@ def _mean(results, row, key="overall"):
 # STAT-Syn 61.8 (+4.9, +14.9), every STAT seed above every SFT seed; GRPO on top +1.0 (SFT), +1.3 (STAT-Sel),
 # +0.2 (STAT-Syn); round 2 60.0. Open: STAT-Sel's +3 overall and GRPO's +1 on STAT-Syn.
 OPEN = "issue 15: not met by the last measured default run (see the comment above)"
+# Accuracies are counts over 600 questions: a gain of exactly 1 point averages to 0.00999... in floats.
+EPS = 1e-9
 
 
 @pytest.mark.slow
 def test_plain_sft_is_saturated(results):
-    assert abs(_mean(results, "sft") - _mean(results, "base")) <= 0.02, results["verdict"]
+    assert abs(_mean(results, "sft") - _mean(results, "base")) <= 0.02 + EPS, results["verdict"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [pytest.param("stat_sel", marks=pytest.mark.xfail(reason=OPEN, strict=False)),
                                     "stat_syn"])
 def test_stat_beats_plain_sft(results, method):
-    assert _mean(results, method) - _mean(results, "sft") >= 0.03, results["verdict"]
-    assert _mean(results, method, "flagged") - _mean(results, "sft", "flagged") >= 0.08, results["verdict"]
+    assert _mean(results, method) - _mean(results, "sft") >= 0.03 - EPS, results["verdict"]
+    assert _mean(results, method, "flagged") - _mean(results, "sft", "flagged") >= 0.08 - EPS, results["verdict"]
     assert min(_values(results, method)) > max(_values(results, "sft")), results["verdict"]
     assert set(results["rare_skills"]) <= set(results["flagged_skills"])
 
@@ -101,8 +103,8 @@ def test_grpo_adds_on_top(results, method):
     with_grpo, without = _values(results, f"{method}+grpo"), _values(results, method)
     diffs = [a - b for a, b in zip(with_grpo, without)]
     spread = results["rows"][method]["overall"]["std"]
-    assert sum(diffs) / len(diffs) >= 0.01, results["verdict"]
-    assert min(diffs) >= -spread, (diffs, spread)
+    assert sum(diffs) / len(diffs) >= 0.01 - EPS, results["verdict"]
+    assert min(diffs) >= -spread - EPS, (diffs, spread)
 
 
 @pytest.mark.slow
