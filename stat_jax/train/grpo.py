@@ -104,12 +104,6 @@ def load_prompts(path: str | Path) -> list[MathProblem]:
     return load_answer_file(path)
 
 
-def prompts_hash(problems: Sequence[Any]) -> str:
-    """loop.rows_hash of the prompts without the file each came from (moving the file changes no prompt)."""
-    return loop.rows_hash({k: v for k, v in (p.to_dict() if hasattr(p, "to_dict") else dict(p)).items()
-                           if k != "source"} for p in problems)
-
-
 def prompts_for_step(num_problems: int, per_step: int, step: int, seed: int) -> list[int]:
     """Problem indices of a (1-based) step: a fresh seeded permutation per epoch, so resume sees the same order."""
     start = (step - 1) * per_step
@@ -388,7 +382,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     problems = list(problems)
     if not problems:
         raise ValueError("grpo: the problem list is empty")
-    data_hash = prompts_hash(problems)
+    data_hash = loop.rows_hash(problems, leave_out=("source",))  # the file a prompt came from: moving it changes none
     fingerprint = _fingerprint(config, data_hash)
     if resume and (done := loop.finished_result(result_path, export_dir, fingerprint)) is not None:
         return done

@@ -310,11 +310,13 @@ class ChangedDataError(WorkdirError, ValueError):
             "checkpoints there would continue over different rows, at positions that no longer mean the same")
 
 
-def rows_hash(rows: Iterable[Any]) -> str:
-    """Hash of the rows a run trains on, whatever the files holding them are called (resume and reuse check it)."""
+def rows_hash(rows: Iterable[Any], leave_out: tuple[str, ...] = ()) -> str:
+    """Hash of the rows a run trains on, whatever the files holding them are called (resume and reuse check it);
+    `leave_out`: fields that name where a row came from, not what it is."""
     h = hashlib.sha256()
     for row in rows:
-        d = row.to_dict() if hasattr(row, "to_dict") else row
+        d = row.to_dict() if hasattr(row, "to_dict") else dict(row)
+        d = {k: v for k, v in d.items() if k not in leave_out}
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
@@ -325,7 +327,7 @@ def check_resume_rows(checkpoint_dir: Path, data_hash: str, name: str) -> None:
 
     Called before any model is loaded or compiled, from the checkpoint's JSON meta alone; checkpoints from before
     the hash was recorded name none and pass."""
-    saved = latest_checkpoint_meta(checkpoint_dir).get("data_hash") if Path(checkpoint_dir).is_dir() else None
+    saved = latest_checkpoint_meta(checkpoint_dir).get("data_hash")  # {} without checkpoints
     if saved is not None and saved != data_hash:
         raise ChangedDataError(f"{name}: the checkpoints in {checkpoint_dir} were trained on other rows than the "
                                f"data now loaded (rows hash {saved} -> {data_hash}): the data files changed since")
