@@ -31,6 +31,7 @@ from stat_jax.demo import task
 from stat_jax.progress import progress_bar
 from stat_jax.rollout.base import RolloutBackend
 from stat_jax.stat import io
+from stat_jax.stat.pipeline import Stage, StageContext, run_pipeline, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,13 @@ GRPO_SPLIT = task.LAST_SPLIT  # fresh GRPO prompts, generated after every other 
 
 
 # ----- small helpers -------------------------------------------------------------------------------------------
-def _step(root: Path, name: str, settings: dict[str, Any], inputs: Sequence[str], outputs: Sequence[str],
+def _step(ctx, name: str, settings: dict[str, Any], inputs: Sequence[str], outputs: Sequence[str],
           run: Callable[[], dict[str, Any] | None]) -> str:
-    """Runs one demo step unless its manifest (settings, input and output hashes) says it is done."""
-    if io.stage_is_done(root, name, settings, inputs):
-        return "skipped"
-    io.run_recorded(root, name, settings, inputs, outputs, run)
-    return "done"
+    """Runs one demo step as a pipeline Stage, through the pipeline's stage runner: skipped when its manifest
+    (settings, input and output hashes) says it is done, else run and recorded."""
+    stage = Stage(name, lambda _ctx: run(), tuple(inputs), tuple(outputs), config_keys=(),
+                  settings=lambda _ctx: settings)
+    return run_stage(stage, ctx)
 
 
 def _model_record(export: Path) -> dict[str, Any]:
@@ -242,6 +243,7 @@ class Demo:
         self.root = Path(config.workdir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.server = StudentServer(config)
+        self.ctx = StageContext(config, self.root)  # the demo's steps run as pipeline stages over its workdir
         self.grpo_skipped: str | None = None
 
     def path(self, name: str) -> Path:
@@ -278,7 +280,7 @@ class Demo:
             io.write_jsonl(self.path("stat/data/heldout.jsonl"), (p.to_dict() for p in splits["heldout"]))
             return {k: len(v) for k, v in splits.items()}
 
-        return _step(self.root, "data", settings, [], outputs, run)
+        return _step(self.ctx, "data", settings, [], outputs, run)
 
     # student ----------------------------------------------------------------------------------------------
     def student(self) -> str:
@@ -291,9 +293,9 @@ class Demo:
                 return {"shipped": str(shipped)}
 
             settings = {"shipped": self.student_settings(), "weights": _model_record(shipped)["weights_sha256"]}
-            return _step(self.root, "student/base", settings, [], ["student/base.json"], use_shipped)
+            return _step(self.ctx, "student/base", settings, [], ["student/base.json"], use_shipped)
         init_settings = {"seed": self.config.seed, "arch": [d.hidden_size, d.num_layers, d.num_heads, d.max_seq_len]}
-        _step(self.root, "student/init", init_settings, [], ["student/init/config.json"],
+        _step(self.ctx, "student/init", init_settings, [], ["student/init/config.json"],
               lambda: make_initial_student(self.config, self.path("student/init")))
         settings = {**init_settings, "steps": d.pretrain_steps, "batch": d.pretrain_batch_size, "lr": d.pretrain_lr,
                     **self.trainer_settings()}
@@ -310,7 +312,7 @@ class Demo:
             io.write_json(self.path("student/base.json"), _model_record(export))
             return {"seconds": round(time.monotonic() - start, 1)}
 
-        return _step(self.root, "student/base", settings, ["data/original_mix.jsonl", "student/init/config.json"],
+        return _step(self.ctx, "student/base", settings, ["data/original_mix.jsonl", "student/init/config.json"],
                      ["student/base.json"], run)
 
     def student_settings(self) -> dict[str, Any]:
@@ -383,7 +385,6 @@ class Demo:
     def stat(self) -> dict[str, str]:
         """The STAT pipeline's stages on the base student, with the offline teacher and the rollout backend."""
         from stat_jax.demo.offline_teacher import OfflineTeacher
-        from stat_jax.stat.pipeline import run_pipeline
 
         d = self.d
         config = sub_config(self.config, self.root, **{"model.path": str(self.base_model),
@@ -431,7 +432,7 @@ class Demo:
                                       "unique_questions": len({s["problem"].id for s in picked})}
             return stats
 
-        return _step(self.root, "baselines", settings, inputs, [METHOD_FILES[m] for m in wanted], run)
+        return _step(self.ctx, "baselines", settings, inputs, [METHOD_FILES[m] for m in wanted], run)
 
     def grpo_prompt_count(self) -> int:
         d = self.d
@@ -457,7 +458,7 @@ class Demo:
             io.write_jsonl(self.path("grpo/prompts.jsonl"), (p.to_dict() for p in chosen))
             return {"prompts": len(chosen), "unique": len({p.id for p in chosen}), "source": source_file}
 
-        return _step(self.root, "grpo/prompts", settings, [source_file], ["grpo/prompts.jsonl"], run)
+        return _step(self.ctx, "grpo/prompts", settings, [source_file], ["grpo/prompts.jsonl"], run)
 
     # fine-tuning -------------------------------------------------------------------------------------------
     def finetune_sets(self) -> str:
@@ -481,7 +482,7 @@ class Demo:
                                              "skill_shares": skill_shares(chosen)}
             return stats
 
-        return _step(self.root, "finetune/sets", settings, inputs, outputs, run)
+        return _step(self.ctx, "finetune/sets", settings, inputs, outputs, run)
 
     def finetune(self, seed: int, method: str) -> Path:
         return self._finetune(f"finetune/seed{seed}/{method}", "student/base.json", seed)
@@ -501,7 +502,7 @@ class Demo:
                            batch_size=d.finetune_batch_size, lr=d.finetune_lr, seed=seed)
             io.write_json(self.path(f"{name}/model.json"), _model_record(export))
 
-        _step(self.root, f"{name}/train", settings, [f"{name}/train.jsonl", start_record],
+        _step(self.ctx, f"{name}/train", settings, [f"{name}/train.jsonl", start_record],
               [f"{name}/model.json"], run)
         return Path(io.read_json(self.path(f"{name}/model.json"))["model"])
 
@@ -511,7 +512,6 @@ class Demo:
         with stat.round=2, on a new validation split; its new selection (same token budget) trains it further.
         Returns the record file of the round-2 model."""
         from stat_jax.demo.offline_teacher import OfflineTeacher
-        from stat_jax.stat.pipeline import run_pipeline
 
         d = self.d
         name = f"round2/seed{seed}/{method}"
@@ -547,7 +547,7 @@ class Demo:
             return {"examples": len(chosen), "unique_source": len(examples),
                     "tokens": sum(example_tokens(tokenizer, e) for e in chosen), "skill_shares": skill_shares(chosen)}
 
-        _step(self.root, f"{name}/set", settings, [source.relative_to(self.root).as_posix()],
+        _step(self.ctx, f"{name}/set", settings, [source.relative_to(self.root).as_posix()],
               [f"{name}/train.jsonl"], choose)
         self._finetune(name, start_record, seed)
         return f"{name}/model.json"
@@ -585,7 +585,7 @@ class Demo:
                      for r in io.read_jsonl(Path(result["metrics_path"])) if "reward_mean" in r]
             io.write_json(self.path(f"{name}/grpo_curve.json"), curve)
 
-        _step(self.root, f"{name}/grpo", settings, [f"{name}/model.json", "grpo/prompts.jsonl"],
+        _step(self.ctx, f"{name}/grpo", settings, [f"{name}/model.json", "grpo/prompts.jsonl"],
               [f"{name}/grpo_model.json", f"{name}/grpo_curve.json"], run)
         return Path(io.read_json(self.path(f"{name}/grpo_model.json"))["model"])
 
@@ -603,7 +603,7 @@ class Demo:
             model = Path(io.read_json(self.path(model_file))["model"])
             return self.server.evaluate(model, out, test)
 
-        _step(self.root, out.relative_to(self.root).as_posix(), settings, [f"data/{split}.jsonl", model_file],
+        _step(self.ctx, out.relative_to(self.root).as_posix(), settings, [f"data/{split}.jsonl", model_file],
               [f"{out.relative_to(self.root).as_posix()}/per_skill.json"], run)
         return io.read_json(out / "per_skill.json")
 

@@ -117,6 +117,11 @@ class Stage:
     outputs: tuple[str, ...]
     config_keys: tuple[str, ...]  # dotted config fields that change this stage's result
     process0_only: bool = True  # False: every process takes part (device work), process 0 writes
+    # Inputs known only at run time (SFT: the sets stat.method names), after `inputs`.
+    more_inputs: Callable[[StageContext], tuple[str, ...]] | None = None
+    # What changes the result when config fields alone do not say it (the demo's steps: a student's weight
+    # hash, a seed of the grid); None: the `config_keys` fields.
+    settings: Callable[[StageContext], dict[str, Any]] | None = None
 
 
 def _select(config: Any, keys: Sequence[str]) -> dict[str, Any]:
@@ -663,10 +668,11 @@ STAGES: tuple[Stage, ...] = (
               "stat.syn_solutions", "stat.syn_min_agree")),
     Stage("sft", stage_sft, (), ("sft/done.json",), ("seed", "stat.method", "model", "data", "train",
                                                      "eval.date_string"),
-          process0_only=False),
+          process0_only=False, more_inputs=lambda ctx: tuple(_sft_files(ctx))),
     Stage("eval", stage_eval, ("sft/done.json",), ("eval/summary.json",), _EVAL_KEYS, process0_only=False),
     Stage("grpo", stage_grpo, ("sft/done.json",), ("grpo/done.json",),
-          _PROMPT_KEYS + _STUDENT_KEYS + ("seed", "grpo", "eval.use_chat_template"), process0_only=False),
+          _PROMPT_KEYS + _STUDENT_KEYS + ("seed", "grpo", "eval.use_chat_template"), process0_only=False,
+          more_inputs=lambda ctx: _grpo_prompt_files(ctx)),
     Stage("eval_grpo", stage_eval_grpo, ("grpo/done.json",), ("eval_grpo/summary.json",), _EVAL_KEYS,
           process0_only=False),
 )
@@ -688,12 +694,17 @@ def _multi_process() -> bool:
 
 
 def _inputs_for(stage: Stage, ctx: StageContext) -> tuple[str, ...]:
-    # SFT's inputs are whichever STAT sets stat.method trains on; GRPO's include its prompt files.
-    if stage.name == "sft":
-        return tuple(_sft_files(ctx))
-    if stage.name == "grpo":
-        return stage.inputs + _grpo_prompt_files(ctx)
-    return stage.inputs
+    return stage.inputs + (stage.more_inputs(ctx) if stage.more_inputs else ())
+
+
+def _settings_for(stage: Stage, ctx: StageContext) -> dict[str, Any]:
+    if stage.settings is not None:
+        return stage.settings(ctx)
+    stage_config = _select(ctx.config, stage.config_keys)
+    if "teacher.backend" in stage.config_keys and ctx.teacher_backend is not None:
+        # An injected backend (e.g. the demo's offline teacher) is named by its id, which covers its settings.
+        stage_config["teacher.backend_id"] = ctx.teacher_backend.backend_id
+    return stage_config
 
 
 def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
@@ -701,12 +712,10 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
     inputs = _inputs_for(stage, ctx)
     missing = [n for n in inputs if not ctx.path(n).exists()]
     if missing:
+        order = f" (order: {', '.join(STAGE_NAMES)})" if stage.name in STAGE_NAMES else ""
         raise errors.RunStateMissingError(f"stage {stage.name!r} needs {missing} under {ctx.run_dir}: run the "
-                                          f"stages before it (order: {', '.join(STAGE_NAMES)})")
-    stage_config = _select(ctx.config, stage.config_keys)
-    if "teacher.backend" in stage.config_keys and ctx.teacher_backend is not None:
-        # An injected backend (e.g. the demo's offline teacher) is named by its id, which covers its settings.
-        stage_config["teacher.backend_id"] = ctx.teacher_backend.backend_id
+                                          f"stages before it{order}")
+    stage_config = _settings_for(stage, ctx)
     if not force and io.stage_is_done(ctx.run_dir, stage.name, stage_config, inputs):
         log.info("stage %s: up to date, skipped", stage.name)
         return "skipped"
@@ -719,7 +728,7 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
         stats = io.run_recorded(ctx.run_dir, stage.name, stage_config, inputs, stage.outputs,
                                 lambda: stage.run(ctx), write=_is_process0())
     except Exception as e:
-        e.add_note(f"stat-jax run: stage {stage.name!r} failed; its files are under {ctx.path(stage.name)}")
+        e.add_note(f"stage {stage.name!r} failed; its files are under {ctx.path(stage.name)}")
         raise
     if _multi_process() and not stage.process0_only and not _is_process0():
         _wait_for(stage, ctx, stage_config, inputs)

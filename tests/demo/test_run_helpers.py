@@ -172,3 +172,20 @@ def test_an_unknown_grpo_prompt_source_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="grpo_prompt_source='test': use 'fresh'"):
         run.Demo(c).run()
     assert not (tmp_path / "demo" / "data").exists()
+
+
+def test_demo_steps_run_as_pipeline_stages_a_lost_input_is_named_before_any_work(tmp_path):
+    from stat_jax import errors
+    from stat_jax.config import load_config_file
+
+    c = load_config_file("configs/demo.py:quick")
+    c.workdir = str(tmp_path / "demo")
+    demo = run.Demo(c)
+    assert demo.data() == "done" and demo.data() == "skipped"
+    (tmp_path / "demo/data/original_mix.jsonl").unlink()
+    # The pipeline's stage runner checks a step's inputs before running it (the sets step would otherwise fail
+    # later, on the missing base student, without naming what is gone).
+    with pytest.raises(errors.RunStateMissingError, match=r"stage 'finetune/sets' needs \['data/original_mix.jsonl', "):
+        demo.finetune_sets()
+    assert not (tmp_path / "demo/finetune").exists()
+    assert demo.data() == "done" and (tmp_path / "demo/data/original_mix.jsonl").exists()
