@@ -9,8 +9,11 @@
        round 2) and trained further on its new selection
     -> per-skill evaluation on the test split (`eval.evaluate`) -> table, JSON, plots.
 
-Every step writes under `config.workdir` with a manifest and is skipped when its manifest still matches,
-so a re-run is a no-op that reprints the same table and a killed run resumes. The test split is only
+Every step is a pipeline `Stage` run by the pipeline's stage runner (`stat.pipeline.run_stage`): it writes
+under `config.workdir` with a manifest and is skipped when its manifest still matches, so a re-run is a no-op
+that reprints the same table and a killed run resumes. Fine-tuning, GRPO and evaluation call the trainers and
+the evaluator directly rather than through the pipeline's sft/eval stages: the demo's ~30 students share one
+compiled rollout backend (weights swapped in), where each pipeline run builds its own. The test split is only
 evaluated: nothing is chosen by looking at it.
 """
 
