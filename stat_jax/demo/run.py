@@ -387,18 +387,22 @@ class Demo:
     # STAT --------------------------------------------------------------------------------------------------
     def stat(self) -> dict[str, str]:
         """The STAT pipeline's stages on the base student, with the offline teacher and the rollout backend."""
-        from stat_jax.demo.offline_teacher import OfflineTeacher
-
-        d = self.d
         config = sub_config(self.config, self.root, **{"model.path": str(self.base_model),
                                                         "stat.run_dir": str(self.path("stat")),
                                                         "stat.stages": STAT_STAGES})
-        teacher = OfflineTeacher(seed=self.config.seed, solution_slip_rate=d.teacher_slip_rate,
-                                 label_noise=d.teacher_label_noise, max_missing_skills=config.stat.diagnose_max_skills)
+        teacher = self.offline_teacher(config)
         # The rollout stage samples through the demo's one backend, serving the base student; a re-run whose
         # rollout stage is up to date never builds it.
         return run_pipeline(config, resume=True, teacher_backend=teacher, tokenizer=_tokenizer(self.base_model),
                             rollout_backend=LazyBackend(lambda: self.server.serve(self.base_model)))
+
+    def offline_teacher(self, config):
+        """The demo's teacher (offline: it knows each question's skills and answer), as every STAT round sees it."""
+        from stat_jax.demo.offline_teacher import OfflineTeacher
+
+        d = self.d
+        return OfflineTeacher(seed=self.config.seed, solution_slip_rate=d.teacher_slip_rate,
+                              label_noise=d.teacher_label_noise, max_missing_skills=config.stat.diagnose_max_skills)
 
     # the paper's baselines -----------------------------------------------------------------------------------
     def baselines(self) -> str:
@@ -514,8 +518,6 @@ class Demo:
         """Continual STAT (PAPER.md §3.3): this seed's round-1 `method` student is profiled again, by the pipeline
         with stat.round=2, on a new validation split; its new selection (same token budget) trains it further.
         Returns the record file of the round-2 model."""
-        from stat_jax.demo.offline_teacher import OfflineTeacher
-
         d = self.d
         name = f"round2/seed{seed}/{method}"
         start_record = f"finetune/seed{seed}/{method}/model.json"
@@ -534,8 +536,7 @@ class Demo:
             "model.path": str(start), "stat.run_dir": str(run_dir), "stat.stages": stages, "stat.round": 2,
             "stat.previous_run": str(self.path("stat")), "stat.previous_student": str(start),
             "stat.heldout_source": str(self.path(f"data/{ROUND2_SPLIT}.jsonl"))})
-        teacher = OfflineTeacher(seed=self.config.seed, solution_slip_rate=d.teacher_slip_rate,
-                                 label_noise=d.teacher_label_noise, max_missing_skills=config.stat.diagnose_max_skills)
+        teacher = self.offline_teacher(config)
         run_pipeline(config, resume=True, teacher_backend=teacher, tokenizer=_tokenizer(start),
                      rollout_backend=LazyBackend(lambda: self.server.serve(start)))
         source = run_dir / Path(METHOD_FILES[method]).relative_to("stat")
