@@ -51,7 +51,7 @@ GRPO_SPLIT = task.LAST_SPLIT  # fresh GRPO prompts, generated after every other 
 
 
 # ----- small helpers -------------------------------------------------------------------------------------------
-def _step(ctx, name: str, settings: dict[str, Any], inputs: Sequence[str], outputs: Sequence[str],
+def _step(ctx: StageContext, name: str, settings: dict[str, Any], inputs: Sequence[str], outputs: Sequence[str],
           run: Callable[[], dict[str, Any] | None]) -> str:
     """Runs one demo step as a pipeline Stage, through the pipeline's stage runner: skipped when its manifest
     (settings, input and output hashes) says it is done, else run and recorded."""

@@ -712,7 +712,8 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
     inputs = _inputs_for(stage, ctx)
     missing = [n for n in inputs if not ctx.path(n).exists()]
     if missing:
-        order = f" (order: {', '.join(STAGE_NAMES)})" if stage.name in STAGE_NAMES else ""
+        # The pipeline's own stages (its baselines too) have an order to name; a demo step is not among them.
+        order = f" (order: {', '.join(STAGE_NAMES)})" if stage in STAGES else ""
         raise errors.RunStateMissingError(f"stage {stage.name!r} needs {missing} under {ctx.run_dir}: run the "
                                           f"stages before it{order}")
     stage_config = _settings_for(stage, ctx)

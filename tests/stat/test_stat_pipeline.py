@@ -282,3 +282,18 @@ def test_run_command_only_profile_and_budget_exit_code(tmp_path, fake, capsys):
     assert main(config, argparse.Namespace(only="profile", resume=True, dry_run=False)) == 0
     assert profile.stat().st_mtime_ns != before  # --only re-runs the named stage
     assert '"profile": "done"' in capsys.readouterr().out
+
+
+def test_a_missing_input_names_the_pipeline_order_for_its_own_stages_only(tmp_path):
+    from stat_jax import errors
+    from stat_jax.stat import pipeline
+
+    ctx = pipeline.StageContext(None, tmp_path)
+    math_hard = next(s for s in pipeline.STAGES if s.name == "math_hard")
+    with pytest.raises(errors.RunStateMissingError, match=r"needs \['data/train.jsonl'\] .*\(order: data, skills"):
+        pipeline.run_stage(math_hard, ctx)
+    # A demo step that shares a stage's name is not that stage: no pipeline order to follow.
+    step = pipeline.Stage("data", lambda _ctx: None, ("data/original_mix.jsonl",), (), ())
+    with pytest.raises(errors.RunStateMissingError) as e:
+        pipeline.run_stage(step, ctx)
+    assert "order:" not in str(e.value)
