@@ -187,6 +187,10 @@ def get_config() -> ConfigDict:
     c.eval.grade_timeout = 10.0  # seconds per graded answer before its worker is killed
     c.eval.chunk_size = 256  # questions per generate-grade-append step (the unit of --resume)
     c.eval.out_dir = ""  # default: <workdir>/eval
+    # Each answer is graded strictly (pass@1: the last \boxed{}, the paper's protocol) and flexibly (pass@1_flexible:
+    # lm-eval's rule for GSM8K, math-verify's last expression otherwise); this picks each benchmark's headline.
+    # GSM8K's is lm-eval's (small students rarely box their answer); --config.eval.headline.NAME=flexible for others.
+    c.eval.headline = ConfigDict({"gsm8k": "flexible"})
 
     # Teacher (stat_jax.teacher). Credentials never go here: GEMINI_API_KEY / GOOGLE_API_KEY or Vertex AI.
     c.teacher = ConfigDict()

@@ -94,7 +94,7 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
 
 # Sections that map a user-chosen name to a string, so the command line may add keys to them: a benchmark of
 # the user's own is `--config.eval.paths.mine=FILE` (+ `--config.eval.fields.mine=problem:q,answer:a`).
-OPEN_SECTIONS = ("eval.paths", "eval.fields")
+OPEN_SECTIONS = ("eval.paths", "eval.fields", "eval.headline")
 
 
 def _add_open_key(node: ConfigDict, section: str, name: str, raw: str) -> None:

@@ -19,18 +19,13 @@ from stat_jax.errors import (
     CheckpointsExistError,
     ConfigError,
     DataError,
-    ModelFileError,
     ModelNotFoundError,
     StatJaxError,
     TeacherFailure,
-    TokenizerError,
 )
 
 log = logging.getLogger(__name__)
 
-# A tokenizer directory holds one of these (fast tokenizers: tokenizer.json; sentencepiece: tokenizer.model;
-# BPE: vocab.json + merges.txt).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 STUDENT_STAGES = ("rollout", "sft")  # stages that load config.model.path (eval/grpo load the sft export)
 
 
@@ -46,8 +41,13 @@ def _is_hub_name(ref: str) -> bool:
     return not ref.startswith((".", "/", "~")) and ref.count("/") == 1 and not Path(ref).expanduser().exists()
 
 
-def check_model_dir(model_cfg: Any, who: str) -> list[StatJaxError]:
-    """config.json (parsed as a ModelConfig), tokenizer files and weights of `model.path`."""
+def check_model_dir(model_cfg: Any, who: str, *, chat_template: bool = False) -> list[StatJaxError]:
+    """config.json, weights and tokenizer of `model.path` (models/dir_check.py), every problem at once.
+
+    `chat_template`: the command renders chat prompts, so the tokenizer must have a template.
+    """
+    from stat_jax.models.dir_check import model_dir_problems
+
     ref = model_cfg.path
     if not ref:
         return [ConfigError(f"{who} needs a student and model.path is empty",
@@ -64,52 +64,9 @@ def check_model_dir(model_cfg: Any, who: str) -> list[StatJaxError]:
         return [ModelNotFoundError(f"model directory {path} does not exist (model.path)")]
     if not path.is_dir():
         return [ModelNotFoundError(f"model.path={path} is a file, not a checkpoint directory")]
-    problems = _model_config_problems(path) + _weight_problems(path)
+    tok_key = "model.tokenizer_path" if model_cfg.tokenizer_path else "model.path"
     tok_dir = Path(model_cfg.tokenizer_path).expanduser() if model_cfg.tokenizer_path else path
-    problems += _tokenizer_problems(tok_dir, "model.tokenizer_path" if model_cfg.tokenizer_path else "model.path")
-    return problems
-
-
-def _model_config_problems(path: Path) -> list[StatJaxError]:
-    from stat_jax.models.config import ModelConfig
-
-    try:
-        ModelConfig.from_hf_dir(path)
-    except StatJaxError as e:
-        return [e]
-    except (KeyError, ValueError, TypeError) as e:  # config.json of an unexpected shape
-        return [ModelFileError(f"{path}/config.json: {e}")]
-    return []
-
-
-def _weight_problems(path: Path) -> list[StatJaxError]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            return [ModelFileError(f"{index}: not a valid safetensors index ({e})",
-                                   hint="re-download or re-export the checkpoint")]
-        missing = [f for f in files if not (path / f).is_file()]
-        return [ModelNotFoundError(f"{path}: weight files {missing} listed in {index.name} are missing",
-                                   hint="finish the download (or re-export) of the checkpoint")] if missing else []
-    if not any(path.glob("*.safetensors")):
-        found = sorted(p.name for p in path.glob("*.bin"))[:3]
-        return [ModelNotFoundError(
-            f"{path}: no *.safetensors weights" + (f" (found {found}: PyTorch .bin is not read)" if found else ""),
-            hint="save the model with transformers' save_pretrained(safe_serialization=True), or "
-                 "`stat-jax import-gguf FILE DIR` for a GGUF file")]
-    return []
-
-
-def _tokenizer_problems(tok_dir: Path, key: str) -> list[StatJaxError]:
-    if not tok_dir.is_dir():
-        return [TokenizerError(f"tokenizer directory {tok_dir} does not exist ({key})")]
-    if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
-        return [TokenizerError(f"{tok_dir} holds no tokenizer ({' / '.join(TOKENIZER_FILES)} missing; {key})",
-                               hint="copy the tokenizer files next to config.json, or set "
-                                    "--config.model.tokenizer_path=DIR")]
-    return []
+    return model_dir_problems(path, tokenizer_dir=tok_dir, tokenizer_key=tok_key, chat_template=chat_template)
 
 
 # ----- data files ----------------------------------------------------------------------------------------
@@ -219,6 +176,11 @@ def check_checkpoints(workdir: Path, resume: bool) -> list[StatJaxError]:
     if steps and not resume:
         return [CheckpointsExistError(f"{ckpt} already holds checkpoints (latest step {steps[-1]}) and --resume "
                                       "was not given")]
+    if steps:  # --resume: the checkpoint it will read is complete (its array data is checked when read)
+        from stat_jax.train.checkpointing import damaged_error, step_dir_problems
+
+        problems = step_dir_problems(ckpt / str(steps[-1]))
+        return [damaged_error(ckpt / str(steps[-1]), "; ".join(problems), steps)] if problems else []
     return []
 
 
@@ -228,7 +190,8 @@ def _check_eval(config: Any, args: Any) -> list[StatJaxError]:
     from stat_jax.eval.evaluate import benchmark_names
 
     ev = config.eval
-    problems = check_rollout_settings(config.rollout) + check_model_dir(config.model, "stat-jax eval")
+    problems = check_rollout_settings(config.rollout) + check_model_dir(
+        config.model, "stat-jax eval", chat_template=bool(ev.use_chat_template))
     try:
         names = benchmark_names(ev.benchmarks)
     except ValueError as e:
@@ -245,7 +208,7 @@ def _check_eval(config: Any, args: Any) -> list[StatJaxError]:
 
 
 def _check_sft(config: Any, args: Any) -> list[StatJaxError]:
-    problems = check_model_dir(config.model, "stat-jax sft")
+    problems = check_model_dir(config.model, "stat-jax sft", chat_template=True)  # SFT renders chats
     if not config.data.train_files and not config.data.dataset:
         problems.append(ConfigError("sft has no training data: data.train_files and data.dataset are empty",
                                     hint="pass --config.data.train_files=FILE.jsonl (records {prompt, response})"))
@@ -255,7 +218,8 @@ def _check_sft(config: Any, args: Any) -> list[StatJaxError]:
 
 
 def _check_grpo(config: Any, args: Any) -> list[StatJaxError]:
-    problems = check_rollout_settings(config.rollout) + check_model_dir(config.model, "stat-jax grpo")
+    problems = check_rollout_settings(config.rollout) + check_model_dir(
+        config.model, "stat-jax grpo", chat_template=bool(config.eval.use_chat_template))
     if not config.grpo.train_files:
         problems.append(ConfigError("grpo has no prompts: grpo.train_files is empty",
                                     hint="pass --config.grpo.train_files=FILE.jsonl (rows {problem, answer})"))
@@ -284,7 +248,8 @@ def _check_run(config: Any, args: Any) -> list[StatJaxError]:
     if "rollout" in names:
         problems += check_rollout_settings(config.rollout)
     if names & set(STUDENT_STAGES):
-        problems += check_model_dir(config.model, f"stage {sorted(names & set(STUDENT_STAGES))[0]!r}")
+        problems += check_model_dir(config.model, f"stage {sorted(names & set(STUDENT_STAGES))[0]!r}",
+                                    chat_template="sft" in names or bool(config.eval.use_chat_template))
     s = config.stat
     if "data" in names:
         for bench, source, key in ((s.train_benchmark, s.train_source, "stat.train_source"),

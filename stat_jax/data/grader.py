@@ -1,8 +1,13 @@
 """Final-answer extraction and grading of math responses with math-verify, in killable worker processes.
 
-A response is graded by its LAST `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`): it is correct when it
-equals the reference after light normalisation, or when math-verify finds the two LaTeX answers equivalent
-(fractions, decimals, percent, units, intervals, sets, matrices, symbolic expressions).
+Two gradings, reported side by side (a figure always names the one that produced it):
+- strict (`pass@1`, the paper's protocol): the response's LAST `\\boxed{...}` (or `\\fbox{...}`, or
+  `\\boxed 5`) is correct when it equals the reference after light normalisation, or when math-verify finds the
+  two LaTeX answers equivalent (fractions, decimals, percent, units, intervals, sets, matrices, expressions).
+- flexible (`pass@1_flexible`), by a rule per benchmark (`FLEXIBLE_RULES`): lm-eval's GSM8K rule (the number
+  after `#### `, else the last number in the response, compared as lm-eval does: exact match once commas, `$`
+  and a trailing period are dropped), or for MATH-style answers the last math expression math-verify extracts
+  from the whole response (a `\\boxed{}` first, then "the answer is ...", then the last LaTeX/plain expression).
 
 math-verify bounds its own parsing/comparison with `signal.alarm`, which only works in the main thread and
 cannot interrupt a long C-level computation. So `GraderPool` grades in worker processes (each task runs in
@@ -21,7 +26,7 @@ import multiprocessing.connection
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
@@ -42,11 +47,14 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 @dataclasses.dataclass(frozen=True)
 class GradeResult:
-    """Whether a response is correct, the answer extracted from it, and why."""
+    """Whether a response is correct, the answer extracted from it, and why; the flexible rule's verdict too
+    when one was asked for (None otherwise)."""
 
     correct: bool
     extracted: str | None
     reason: str
+    flexible_correct: bool | None = None
+    flexible_extracted: str | None = None
 
 
 def _braced_group(text: str, start: int) -> str | None:
@@ -127,13 +135,91 @@ def _prepare_for_math_verify(answer: str) -> str:
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
+# ----- the flexible rules ------------------------------------------------------------------------------
+# lm-eval's gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml): "strict-match" reads `#### N`, "flexible-extract" the
+# last number; both then drop the `regexes_to_ignore` below and compare exactly.
+_LM_EVAL_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_LM_EVAL_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_LM_EVAL_IGNORE = re.compile(r",|\$|(?s:.*#### )|\.$")
 
-def grade(response: str, reference: str, timeout: float | None = 5.0) -> GradeResult:
-    """Grades one response against a reference answer, in this process.
+
+def _lm_eval_clean(text: str) -> str:
+    return _LM_EVAL_IGNORE.sub("", text.strip()).strip()
+
+
+def gsm8k_flexible_answer(response: str) -> str | None:
+    """lm-eval's GSM8K extraction: the number after the last `#### `, else the last number in the response."""
+    strict = _LM_EVAL_STRICT.findall(response or "")
+    if strict:
+        return strict[-1]
+    found = _LM_EVAL_FLEXIBLE.findall(response or "")
+    if not found:
+        return None
+    return next(g for g in found[-1] if g)
+
+
+def _grade_gsm8k_flexible(response: str, reference: str, alarm: int | None) -> tuple[bool, str | None]:
+    extracted = gsm8k_flexible_answer(response)
+    if extracted is None:
+        return False, None
+    return _lm_eval_clean(extracted) == _lm_eval_clean(reference), extracted
+
+
+def _grade_math_flexible(response: str, reference: str, alarm: int | None) -> tuple[bool, str | None]:
+    """math-verify's own extraction over the whole response, against the reference as a boxed answer."""
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    try:
+        pred = parse(response or "", extraction_config=config, parsing_timeout=alarm, raise_on_error=True)
+        if not pred:
+            return False, None
+        gold = parse(f"\\boxed{{{_prepare_for_math_verify(reference)}}}", extraction_config=config,
+                     parsing_timeout=alarm, raise_on_error=True)
+        extracted = str(pred[-1])
+        return bool(gold) and verify(gold, pred, timeout_seconds=alarm, raise_on_error=True), extracted
+    except TimeoutException:
+        return False, None
+    except Exception as e:  # an unparsable answer is a wrong answer, not a crash of the run
+        logger.debug("math-verify (flexible) failed on %.80r vs %r: %s", response, reference, e)
+        return False, None
+
+
+# rule name -> (grade(response, reference, alarm) -> (correct, extracted), what it does, in one line)
+FLEXIBLE_RULES: dict[str, tuple[Callable[[str, str, int | None], tuple[bool, str | None]], str]] = {
+    "gsm8k": (_grade_gsm8k_flexible, "lm-eval gsm8k: the number after '#### ', else the last number; exact match"),
+    "math": (_grade_math_flexible, "math-verify: the last math expression of the response, checked for "
+                                   "equivalence"),
+}
+STRICT_RULE = "the last \\boxed{} answer, checked for equivalence by math-verify (the paper's protocol)"
+
+
+def check_flexible_rule(rule: str) -> None:
+    if rule not in FLEXIBLE_RULES:
+        raise ValueError(f"unknown flexible grading rule {rule!r}; known: {', '.join(FLEXIBLE_RULES)}")
+
+
+def grade_flexible(response: str, reference: str, rule: str, timeout: float | None = 5.0) -> tuple[bool, str | None]:
+    """(correct, extracted) under the flexible rule `rule` (a key of FLEXIBLE_RULES)."""
+    check_flexible_rule(rule)
+    alarm = max(1, math.ceil(timeout)) if timeout and _in_main_thread() else None
+    return FLEXIBLE_RULES[rule][0](response, reference, alarm)
+
+
+
+def grade(response: str, reference: str, timeout: float | None = 5.0, flexible: str | None = None) -> GradeResult:
+    """Grades one response against a reference answer, in this process: strictly, and by the flexible rule
+    `flexible` (a key of FLEXIBLE_RULES) when given.
 
     `timeout` bounds each math-verify parse/compare step with its SIGALRM mechanism, which only works in
     the main thread (elsewhere the steps run unbounded: use `GraderPool` for untrusted batches).
     """
+    strict = _grade_strict(response, reference, timeout)
+    if flexible is None:
+        return strict
+    correct, extracted = grade_flexible(response, reference, flexible, timeout)
+    return dataclasses.replace(strict, flexible_correct=correct, flexible_extracted=extracted)
+
+
+def _grade_strict(response: str, reference: str, timeout: float | None) -> GradeResult:
     extracted = last_boxed(response)
     if extracted is None:
         return GradeResult(False, None, NO_BOXED)
@@ -167,9 +253,8 @@ def _worker_loop(conn) -> None:
             return
         if task is None:
             return
-        index, response, reference, timeout = task
-        result = grade(response, reference, timeout)
-        conn.send((index, result.correct, result.extracted, result.reason))
+        index, response, reference, timeout, flexible = task
+        conn.send((index, grade(response, reference, timeout, flexible)))
 
 
 def _mp_context():
@@ -207,6 +292,11 @@ class _Worker:
         self.conn.close()
 
 
+def _ungraded(response: str, reason: str, flexible: str | None) -> GradeResult:
+    """A response whose grading was cut off: wrong under both rules."""
+    return GradeResult(False, last_boxed(response), reason, flexible_correct=False if flexible else None)
+
+
 class GraderPool:
     """Worker processes grading (response, reference) pairs; a worker past `timeout` seconds is killed and replaced.
 
@@ -225,9 +315,12 @@ class GraderPool:
         self.restarts = 0
 
     def grade_many(
-        self, pairs: Iterable[tuple[str, str]], *, progress: bool = True, desc: str = "grading"
+        self, pairs: Iterable[tuple[str, str]], *, progress: bool = True, desc: str = "grading",
+        flexible: str | None = None,
     ) -> list[GradeResult]:
-        """Grades (response, reference) pairs; results in input order."""
+        """Grades (response, reference) pairs, also by the flexible rule `flexible` when given; in input order."""
+        if flexible is not None:
+            check_flexible_rule(flexible)
         pairs = list(pairs)
         results: list[GradeResult | None] = [None] * len(pairs)
         queue = collections.deque(range(len(pairs)))
@@ -239,7 +332,7 @@ class GraderPool:
                         index = queue.popleft()
                         response, reference = pairs[index]
                         try:
-                            w.conn.send((index, response, reference, inner_timeout))
+                            w.conn.send((index, response, reference, inner_timeout, flexible))
                         except (BrokenPipeError, OSError):
                             self._replace(i)
                             queue.appendleft(index)
@@ -254,18 +347,17 @@ class GraderPool:
                     index = w.task[0]
                     if w.conn in ready:
                         try:
-                            _, correct, extracted, reason = w.conn.recv()
-                            results[index] = GradeResult(correct, extracted, reason)
+                            _, results[index] = w.conn.recv()
                             w.task = None
                         except (EOFError, OSError):
                             logger.warning("grader worker died on pair %d; replacing it", index)
-                            results[index] = GradeResult(False, last_boxed(pairs[index][0]), WORKER_DIED)
+                            results[index] = _ungraded(pairs[index][0], WORKER_DIED, flexible)
                             self._replace(i)
                         bar.update(1)
                     elif time.monotonic() >= w.task[1]:
                         logger.warning("grading pair %d exceeded %.1fs; killing its worker (extracted %.80r)",
                                        index, self.timeout, last_boxed(pairs[index][0]))
-                        results[index] = GradeResult(False, last_boxed(pairs[index][0]), TIMEOUT)
+                        results[index] = _ungraded(pairs[index][0], TIMEOUT, flexible)
                         self._replace(i)
                         bar.update(1)
         return results  # type: ignore[return-value]
@@ -290,12 +382,13 @@ class GraderPool:
 
 def grade_many(
     pairs: Sequence[tuple[str, str]], workers: int = 2, timeout: float = 10.0, *, progress: bool = True,
-    pool: GraderPool | None = None,
+    pool: GraderPool | None = None, flexible: str | None = None,
 ) -> list[GradeResult]:
-    """Grades (response, reference) pairs in a process pool (`pool` if given, else a temporary one)."""
+    """Grades (response, reference) pairs in a process pool (`pool` if given, else a temporary one); also by
+    the flexible rule `flexible` when given."""
     if pool is not None:
-        return pool.grade_many(pairs, progress=progress)
+        return pool.grade_many(pairs, progress=progress, flexible=flexible)
     if not pairs:
         return []
     with GraderPool(workers=min(workers, len(pairs)), timeout=timeout) as tmp:
-        return tmp.grade_many(pairs, progress=progress)
+        return tmp.grade_many(pairs, progress=progress, flexible=flexible)

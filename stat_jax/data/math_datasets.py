@@ -54,6 +54,7 @@ class BenchmarkSpec:
     hub_configs: tuple[str | None, ...]  # configs of the default hub copy to concatenate
     row_to_problem: Callable[[Mapping[str, Any], str, str], MathProblem]  # (row, row id, location)
     fields: str  # the row schema, for error messages
+    flexible_rule: str = "math"  # how pass@1_flexible reads an answer (stat_jax.data.grader.FLEXIBLE_RULES)
 
 
 def subject_slug(subject: str) -> str:
@@ -156,7 +157,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", (None,), _answer_row,
                       "problem, answer, solution, subject, level, unique_id"),
         BenchmarkSpec("gsm8k", "openai/gsm8k", "test", ("main",), _gsm8k_row,
-                      "question, answer (solution ending in '#### <number>')"),
+                      "question, answer (solution ending in '#### <number>')", flexible_rule="gsm8k"),
         BenchmarkSpec("aime24", "HuggingFaceH4/aime_2024", "train", (None,), _answer_row, "problem, answer, id"),
         BenchmarkSpec("aime25", "yentinglin/aime_2025", "train", (None,), _answer_row, "problem, answer, id"),
         BenchmarkSpec("amc23", "math-ai/amc23", "test", (None,), _answer_row, "question, answer, id"),

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from stat_jax.data.grader import last_boxed
 from stat_jax.data.records import MathProblem
+from stat_jax.errors import TokenizerError
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # The date templates that read one are given (config `eval.date_string`): Llama-3.x's own fallback when
@@ -93,12 +94,16 @@ def render_prompt(
     if not use_chat_template:
         return render_plain(messages)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise NoChatTemplateError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no chat template; "
             "use an instruct checkpoint, or render plain 'Question:/Answer:' prompts with "
             "--config.eval.use_chat_template=false"
         )
     return apply_chat_template(tokenizer, messages, add_generation_prompt=True, date_string=date_string)
+
+
+class NoChatTemplateError(TokenizerError, ValueError):
+    """The tokenizer has no chat template and the prompts are to be rendered with one."""
 
 
 def render_prompts(tokenizer, problems: Sequence[MathProblem], **kwargs) -> list[str]:

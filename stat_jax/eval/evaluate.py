@@ -6,7 +6,11 @@ prompts with the student's chat template, grades with math-verify in a process p
 `out_dir`:
   <benchmark>.jsonl          one record per question: prompt, responses, extracted answers, correctness, metrics
   <benchmark>.summary.json   pass@1 (greedy), avg@k, pass@j, per subject and level; the questions it could not
-                             evaluate (malformed rows, prompts over the rollout limits) and why
+                             evaluate (malformed rows, prompts over the rollout limits) and why. Every answer is
+                             graded twice: strictly (`pass@1`, the last \\boxed{}: the paper's protocol) and by
+                             the benchmark's flexible rule (`pass@1_flexible`: lm-eval's for GSM8K, math-verify's
+                             last expression otherwise); `grading` names both rules and `headline` the one
+                             eval.headline.<benchmark> picks
   <benchmark>.settings.json  what produced the records (a resumed run must match it)
   summary.json               all benchmarks and the settings
 Work proceeds in chunks of questions appended to the JSONL, so `resume=True` continues an interrupted run.
@@ -31,17 +35,19 @@ from typing import Any
 
 import numpy as np
 
-from stat_jax.data.grader import NO_BOXED, TIMEOUT, WORKER_DIED, GradeResult, GraderPool
+from stat_jax.data.grader import (FLEXIBLE_RULES, NO_BOXED, STRICT_RULE, TIMEOUT, WORKER_DIED, GradeResult,
+                                  GraderPool)
 from stat_jax.data.prompting import DEFAULT_DATE_STRING, DEFAULT_INSTRUCTION, render_prompts
 from stat_jax.data.records import MathProblem
 from stat_jax.distributed import broadcast_from_coordinator, is_coordinator
-from stat_jax.eval.metrics import grouped_metrics, mean_metrics, question_metrics
+from stat_jax.eval.metrics import FLEXIBLE_SUFFIX, grouped_metrics, mean_metrics, question_metrics
 from stat_jax.lengths import (LongPrompt, PromptLimit, enforce_policy, long_prompt_report, prompt_token_counts,
                               split_by_length)
 from stat_jax.rollout.base import Completion, SamplingParams
 
 logger = logging.getLogger(__name__)
 
+GRADINGS = ("strict", "flexible")  # eval.headline values: pass@1 (the last \\boxed{}) or pass@1_flexible
 GenerateFn = Callable[[list[str], SamplingParams, int], Sequence[Sequence[Completion | str]]]
 
 
@@ -64,6 +70,7 @@ class EvalSettings:
     grade_workers: int = 2
     grade_timeout: float = 10.0
     chunk_size: int = 256  # questions per generate-grade-append step
+    headline: Mapping[str, str] = dataclasses.field(default_factory=dict)  # benchmark -> strict | flexible
 
     @classmethod
     def from_config(cls, config) -> EvalSettings:
@@ -75,6 +82,8 @@ class EvalSettings:
             values["seed"] = int(config.seed)  # the run's seed, so samples are reproducible per run
         if "pass_k" in values:
             values["pass_k"] = tuple(int(j) for j in values["pass_k"])
+        if "headline" in values:
+            values["headline"] = {str(k): str(v) for k, v in dict(values["headline"]).items()}
         settings = cls(**values)
         settings.validate()
         return settings
@@ -86,6 +95,13 @@ class EvalSettings:
             raise ValueError(f"eval.num_samples must be >= 0, got {self.num_samples}")
         if self.num_samples > 0 and self.temperature <= 0:
             raise ValueError("eval.num_samples > 0 needs eval.temperature > 0 (k greedy samples would be identical)")
+        bad = {k: v for k, v in self.headline.items() if v not in GRADINGS}
+        if bad:
+            raise ValueError(f"eval.headline: {bad} — each benchmark's headline grading is one of {GRADINGS}")
+
+    def headline_metric(self, benchmark: str) -> str:
+        """The summary key that is `benchmark`'s headline figure: pass@1, or pass@1_flexible."""
+        return "pass@1" + (FLEXIBLE_SUFFIX if self.headline.get(benchmark, "strict") == "flexible" else "")
 
     def sampling(self, greedy: bool) -> SamplingParams:
         if greedy:
@@ -123,13 +139,23 @@ def _texts(outputs, n_prompts: int, n: int) -> list[list[tuple[str, str | None]]
     return out
 
 
+def flexible_rule(benchmark: str) -> str:
+    """The flexible grading rule of a benchmark (a key of grader.FLEXIBLE_RULES): GSM8K's, else MATH-style."""
+    from stat_jax.data.math_datasets import BENCHMARKS
+
+    return BENCHMARKS[benchmark].flexible_rule if benchmark in BENCHMARKS else "math"
+
+
 def _sample_record(text: str, finish_reason: str | None, grade: GradeResult) -> dict[str, Any]:
     return {"response": text, "extracted": grade.extracted, "correct": grade.correct, "reason": grade.reason,
+            "flexible_extracted": grade.flexible_extracted, "flexible_correct": grade.flexible_correct,
             "finish_reason": finish_reason}
 
 
 def _question_record(benchmark: str, problem: MathProblem, prompt: str, greedy, samples, pass_ks) -> dict[str, Any]:
-    metrics = question_metrics(greedy["correct"] if greedy else None, [s["correct"] for s in samples], pass_ks)
+    flexible = (greedy["flexible_correct"] if greedy else None, [s["flexible_correct"] for s in samples])
+    metrics = question_metrics(greedy["correct"] if greedy else None, [s["correct"] for s in samples], pass_ks,
+                               flexible)
     return {"id": problem.id, "benchmark": benchmark, "subject": problem.subject, "level": problem.level,
             "answer": problem.answer, "prompt": prompt, "greedy": greedy, "samples": samples, "metrics": metrics}
 
@@ -148,7 +174,7 @@ def _generate_chunk(generate, prompts, settings) -> list[tuple[str, list[list[tu
 def _grade_chunk(runs, problems, prompts, settings, pool, benchmark) -> list[dict[str, Any]]:
     """Grades a chunk's runs in the pool and returns one record per question."""
     pairs = [(text, p.answer) for _, outs in runs for p, row in zip(problems, outs) for text, _ in row]
-    grades = iter(pool.grade_many(pairs, desc=f"grading {benchmark}"))
+    grades = iter(pool.grade_many(pairs, desc=f"grading {benchmark}", flexible=flexible_rule(benchmark)))
     graded: dict[str, list[list[dict]]] = {}
     for kind, outs in runs:
         graded[kind] = [[_sample_record(text, fr, next(grades)) for text, fr in row] for row in outs]
@@ -163,10 +189,10 @@ def _grade_chunk(runs, problems, prompts, settings, pool, benchmark) -> list[dic
 def _settings_fingerprint(benchmark: str, problems: Sequence[MathProblem], settings: EvalSettings,
                           few_shot: Sequence[MathProblem], model: str) -> dict[str, Any]:
     numeric = {k: v for k, v in dataclasses.asdict(settings).items()
-               if k not in ("grade_workers", "chunk_size")}  # these change speed, not numbers
+               if k not in ("grade_workers", "chunk_size", "headline")}  # speed and presentation, not numbers
     ids = hashlib.sha256("\n".join(p.id + "\t" + p.answer for p in problems).encode()).hexdigest()[:16]
     return {"benchmark": benchmark, "questions": len(problems), "questions_hash": ids, "model": model,
-            "few_shot_ids": [p.id for p in few_shot], **numeric}
+            "few_shot_ids": [p.id for p in few_shot], "flexible_rule": flexible_rule(benchmark), **numeric}
 
 
 def _read_done(records_path: Path, settings_path: Path, fingerprint: dict, resume: bool) -> list[dict]:
@@ -192,13 +218,24 @@ def _read_done(records_path: Path, settings_path: Path, fingerprint: dict, resum
     return []
 
 
-def _summarize(benchmark: str, records: Sequence[dict], seconds: float) -> dict[str, Any]:
+def grading_summary(benchmark: str, settings: EvalSettings) -> dict[str, Any]:
+    """Which rule produced each figure of a benchmark's summary, and which figure is the headline."""
+    rule = flexible_rule(benchmark)
+    return {"pass@1": STRICT_RULE, f"pass@1{FLEXIBLE_SUFFIX}": FLEXIBLE_RULES[rule][1], "flexible_rule": rule,
+            "headline": settings.headline_metric(benchmark)}
+
+
+def _summarize(benchmark: str, records: Sequence[dict], seconds: float, settings: EvalSettings) -> dict[str, Any]:
     samples = [s for r in records for s in ([r["greedy"]] if r["greedy"] else []) + r["samples"]]
     finish = [s["finish_reason"] for s in samples if s["finish_reason"] is not None]
+    metrics = mean_metrics([r["metrics"] for r in records])
+    grading = grading_summary(benchmark, settings)
     return {
         "benchmark": benchmark,
         "n": len(records),
-        **mean_metrics([r["metrics"] for r in records]),
+        **metrics,
+        "headline": metrics.get(grading["headline"]),
+        "grading": grading,
         "no_boxed_rate": sum(s["reason"] == NO_BOXED for s in samples) / max(1, len(samples)),
         "truncated_rate": (sum(f == "length" for f in finish) / len(finish)) if finish else None,
         "grading_timeouts": sum(s["reason"] == TIMEOUT for s in samples),
@@ -269,7 +306,7 @@ def _evaluate_benchmark(name, prep: _Prepared, dropped, generate, settings, few_
         records.extend(new)
     if not writer:
         return None
-    summary = {**_summarize(name, records, time.perf_counter() - start), **_not_evaluated(prep, dropped)}
+    summary = {**_summarize(name, records, time.perf_counter() - start, settings), **_not_evaluated(prep, dropped)}
     (out_dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -349,9 +386,10 @@ def _metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def _table(title: str, rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     columns = _metric_columns([r for _, r in rows])
     width = max([len(title)] + [len(name) for name, _ in rows]) + 2
-    lines = [title.ljust(width) + "n".rjust(6) + "".join(c.rjust(10) for c in columns)]
+    widths = [max(10, len(c) + 2) for c in columns]
+    lines = [title.ljust(width) + "n".rjust(6) + "".join(c.rjust(w) for c, w in zip(columns, widths))]
     for name, r in rows:
-        cells = "".join((f"{100 * r[c]:.1f}" if c in r else "-").rjust(10) for c in columns)
+        cells = "".join((f"{100 * r[c]:.1f}" if c in r else "-").rjust(w) for c, w in zip(columns, widths))
         lines.append(name.ljust(width) + str(r["n"]).rjust(6) + cells)
     return "\n".join(lines)
 
@@ -360,6 +398,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
     """Accuracy (%) per benchmark, then per subject and per level where the benchmark has them."""
     benchmarks = summary["benchmarks"]
     parts = [_table("benchmark", [(name, b) for name, b in benchmarks.items()])]
+    parts.append("\n".join(_grading_lines(benchmarks)))
     left_out = [f"{name}: {sum(b['not_evaluated'].values())} questions not evaluated ("
                 + ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in b["not_evaluated"].items() if n) + ")"
                 for name, b in benchmarks.items() if sum(b.get("not_evaluated", {}).values())]
@@ -370,6 +409,18 @@ def format_table(summary: Mapping[str, Any]) -> str:
             if b[group]:
                 parts.append(_table(f"{name} {group[3:]}", list(b[group].items())))
     return "\n\n".join(parts)
+
+
+def _grading_lines(benchmarks: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Which rule graded each column, and each benchmark's headline figure."""
+    lines = [f"pass@1: {STRICT_RULE}"]
+    for name, b in benchmarks.items():
+        g = b.get("grading")
+        if not g:
+            continue
+        lines.append(f"{name}: pass@1{FLEXIBLE_SUFFIX} = {g[f'pass@1{FLEXIBLE_SUFFIX}']}; headline "
+                     f"{g['headline']}" + (f" = {100 * b['headline']:.1f}" if b.get("headline") is not None else ""))
+    return lines
 
 
 def benchmark_names(value) -> list[str]:

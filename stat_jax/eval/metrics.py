@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+FLEXIBLE_SUFFIX = "_flexible"  # a metric graded by the benchmark's flexible rule (stat_jax.data.grader)
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimate of P(at least one of k samples is correct) from n samples with c correct.
@@ -24,8 +26,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def question_metrics(greedy_correct: bool | None, sample_correct: Sequence[bool], pass_ks: Iterable[int]) -> dict:
-    """Per-question metrics: pass@1 (greedy), avg@k and pass@j (j in pass_ks, 1 < j <= k) from k samples."""
+def question_metrics(greedy_correct: bool | None, sample_correct: Sequence[bool], pass_ks: Iterable[int],
+                     flexible: tuple[bool | None, Sequence[bool]] | None = None) -> dict:
+    """Per-question metrics: pass@1 (greedy), avg@k and pass@j (j in pass_ks, 1 < j <= k) from k samples;
+    with `flexible` = (greedy, samples) graded by the flexible rule, pass@1_flexible and avg@k_flexible too."""
     out: dict[str, float] = {}
     if greedy_correct is not None:
         out["pass@1"] = float(greedy_correct)
@@ -36,6 +40,12 @@ def question_metrics(greedy_correct: bool | None, sample_correct: Sequence[bool]
         # pass@1 from samples equals avg@k, and "pass@1" already names the greedy score.
         for j in sorted({j for j in pass_ks if 1 < j <= k}):
             out[f"pass@{j}"] = pass_at_k(k, c, j)
+    if flexible is not None:
+        flexible_greedy, flexible_samples = flexible
+        if flexible_greedy is not None:
+            out[f"pass@1{FLEXIBLE_SUFFIX}"] = float(flexible_greedy)
+        if flexible_samples:
+            out[f"avg@{len(flexible_samples)}{FLEXIBLE_SUFFIX}"] = sum(flexible_samples) / len(flexible_samples)
     return out
 
 

@@ -24,9 +24,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from stat_jax import sharding
-from stat_jax.errors import ModelError, ModelNotFoundError
+from stat_jax.errors import ModelNotFoundError
 from stat_jax.models.build import abstract_model, as_dtype
 from stat_jax.models.config import ModelConfig
+from stat_jax.models.dir_check import CheckpointError, safetensors_header  # noqa: F401  (re-exported)
 from stat_jax.models.transformer import DecoderLM
 
 TOKENIZER_FILES = (
@@ -56,31 +57,13 @@ _ST_DTYPES: dict[str, Any] = {
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
-class CheckpointError(ModelError, ValueError):
-    """A checkpoint directory or tensor does not match what the model expects."""
-
-
 # ----- safetensors (format: u64 header size, JSON header, raw little-endian bytes) ------------------------
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: too short to be a safetensors file")
-        (size,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
 class SafetensorsFile:
     """Zero-copy (memory-mapped) access to the tensors of one safetensors file."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.header, self._data_start = read_safetensors_header(path)
+        self.header, self._data_start = safetensors_header(path)  # checked against the file's size
         self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
 
     def keys(self):

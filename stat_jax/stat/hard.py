@@ -27,24 +27,46 @@ class ResponseScorer(Protocol):
 
 
 class AccuracyScorer:
-    """1.0 for a response whose final answer the grader accepts, else 0.0 (needs reference answers)."""
+    """1.0 for a response whose final answer the grader accepts, else 0.0 (needs reference answers).
+
+    `grading` is the held-out benchmark's headline grading (eval.headline): "strict" reads the last \\boxed{},
+    "flexible" the benchmark's flexible rule `flexible_rule` (stat_jax.data.grader.FLEXIBLE_RULES).
+    """
 
     name = "accuracy"
     uses_labels = True
 
-    def __init__(self, workers: int = 2, timeout: float = 10.0):
+    def __init__(self, workers: int = 2, timeout: float = 10.0, grading: str = "strict", flexible_rule: str = "math"):
+        from stat_jax.data import grader
+
+        if grading not in ("strict", "flexible"):
+            raise ConfigError(f"accuracy grading {grading!r}: choose strict or flexible (eval.headline)")
+        grader.check_flexible_rule(flexible_rule)
         self.workers = workers
         self.timeout = timeout
+        self.grading = grading
+        self.flexible_rule = flexible_rule
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The grading rule the hard stage's accuracy used, for its manifest."""
+        from stat_jax.data import grader
+
+        rule = grader.STRICT_RULE if self.grading == "strict" else grader.FLEXIBLE_RULES[self.flexible_rule][1]
+        return {"grading": self.grading, "grading_rule": rule}
 
     def score(self, problems: Sequence[MathProblem], responses: Sequence[Sequence[str]]) -> list[list[float]]:
         from stat_jax.data import grader
 
         pairs = [(r, p.answer) for p, rs in zip(problems, responses) for r in rs]
+        flexible = self.flexible_rule if self.grading == "flexible" else None
         if self.workers > 0:
-            results = grader.grade_many(pairs, workers=self.workers, timeout=self.timeout, progress=True)
+            results = grader.grade_many(pairs, workers=self.workers, timeout=self.timeout, progress=True,
+                                        flexible=flexible)
         else:  # in-process: math-verify's own alarms bound each comparison in the main thread
-            results = [grader.grade(r, a, timeout=self.timeout) for r, a in pairs]
-        flat = iter([1.0 if g.correct else 0.0 for g in results])
+            results = [grader.grade(r, a, timeout=self.timeout, flexible=flexible) for r, a in pairs]
+        right = [g.flexible_correct if flexible else g.correct for g in results]
+        flat = iter([1.0 if ok else 0.0 for ok in right])
         return [[next(flat) for _ in rs] for rs in responses]
 
 

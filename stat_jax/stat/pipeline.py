@@ -340,8 +340,13 @@ def _build_scorer(ctx: StageContext):
     if name == "consistency":
         return hard_mod.ConsistencyScorer(min_agree=s.consistency_min_agree, workers=s.grade_workers,
                                           timeout=ctx.config.eval.grade_timeout)
-    if name == "accuracy":
-        return hard_mod.AccuracyScorer(workers=s.grade_workers, timeout=ctx.config.eval.grade_timeout)
+    if name == "accuracy":  # graded by the held-out benchmark's headline rule (eval.headline)
+        from stat_jax.eval.evaluate import EvalSettings, flexible_rule
+
+        grading = "flexible" if EvalSettings.from_config(ctx.config).headline_metric(s.heldout_benchmark) != "pass@1" \
+            else "strict"
+        return hard_mod.AccuracyScorer(workers=s.grade_workers, timeout=ctx.config.eval.grade_timeout,
+                                       grading=grading, flexible_rule=flexible_rule(s.heldout_benchmark))
     if name == "prm":
         from stat_jax import sharding
 
@@ -632,7 +637,7 @@ STAGES: tuple[Stage, ...] = (
           + _LENGTH_KEYS, process0_only=False),
     Stage("hard", stage_hard, ("data/heldout.jsonl", "rollout/responses.jsonl"), ("hard/scores.jsonl", "hard/hard.jsonl"),
           ("seed", "stat.scorer", "stat.num_hard", "stat.hard_threshold", "stat.consistency_min_agree",
-           "stat.prm_format", "stat.prm_path",
+           "stat.heldout_benchmark", "eval.headline", "stat.prm_format", "stat.prm_path",
            "stat.prm_rule", "stat.prm_last_step_threshold", "stat.prm_mean_threshold",
            "stat.prm_earlier_step_threshold", "stat.prm_dtype", "stat.prm_max_length")),
     Stage("diagnose", stage_diagnose, ("hard/hard.jsonl", "skills/catalog.json"), ("diagnose/diagnoses.jsonl",),

@@ -29,8 +29,10 @@ Typical loop:
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -39,9 +41,44 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from stat_jax.errors import WorkdirError
+
 log = logging.getLogger(__name__)
 
 STATE_ITEM, META_ITEM = "state", "meta"
+
+
+class CheckpointDamagedError(WorkdirError, ValueError):
+    """A checkpoint to resume from is damaged, cut short, or written for another model/optimizer."""
+
+
+def step_dir_problems(step_dir: Path) -> list[str]:
+    """What a complete checkpoint step directory lacks (files only: the array data is checked when read)."""
+    problems = []
+    state = step_dir / STATE_ITEM
+    if not state.is_dir():
+        return [f"{step_dir}: no {STATE_ITEM}/ directory"]
+    if not (state / "_METADATA").is_file():
+        problems.append(f"{state}/_METADATA is missing")
+    if not (state / "manifest.ocdbt").is_file() and not any(state.glob("ocdbt.process_*")):
+        problems.append(f"{state}: no array data (manifest.ocdbt)")
+    meta = step_dir / META_ITEM / "metadata"
+    try:
+        json.loads(meta.read_text())
+    except OSError:
+        problems.append(f"{meta} is missing")
+    except ValueError:
+        problems.append(f"{meta} is not valid JSON")
+    return problems
+
+
+def damaged_error(step_dir: Path, what: str, steps: list[int]) -> CheckpointDamagedError:
+    """The one-line error for a checkpoint that cannot be resumed, with what to do about it."""
+    earlier = [s for s in steps if s < int(step_dir.name)]
+    fallback = (f"delete {step_dir} to resume from step {earlier[-1]}" if earlier else
+                f"delete {step_dir}")
+    return CheckpointDamagedError(f"checkpoint {step_dir} cannot be resumed: {what}",
+                                  hint=f"{fallback}, or start over without --resume (another --config.workdir)")
 
 
 def abstract_state(shapes: Any, shardings: Any) -> Any:
@@ -102,6 +139,15 @@ class CheckpointManager:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        step_dir = self.directory / str(step)
+        problems = step_dir_problems(step_dir)
+        if problems:
+            raise damaged_error(step_dir, "; ".join(problems), self.all_steps())
+        previous_hook, asyncio_log = _quiet_closed_loop_callbacks(), logging.getLogger("asyncio")
+        previous_level = asyncio_log.level
+        # orbax reads the arrays in concurrent asyncio tasks: when one fails, its siblings would each log their own
+        # traceback ("Task exception was never retrieved") around the command's one-line error.
+        asyncio_log.setLevel(logging.CRITICAL)
         try:
             restored = self._manager.restore(
                 step,
@@ -109,11 +155,18 @@ class CheckpointManager:
                     **{STATE_ITEM: ocp.args.StandardRestore(target), META_ITEM: ocp.args.JsonRestore()}
                 ),
             )
-        except (ValueError, KeyError) as e:
-            raise ValueError(
-                f"checkpoint {self.directory}/{step} does not match the current model/optimizer "
-                f"(was it written by another config?): {e}"
-            ) from e
+        except Exception as e:  # noqa: BLE001  (orbax/tensorstore report a damaged file in many ways)
+            root = _root_cause(e)
+            what = f"{type(root).__name__}: {_first_line(root)}"
+            if isinstance(e, (ValueError, KeyError)) and not _is_storage_error(root):
+                raise CheckpointDamagedError(
+                    f"checkpoint {step_dir} does not match the current model/optimizer (was it written by another "
+                    f"config?): {what}", hint="resume with the config that wrote it, or start over without --resume"
+                ) from e
+            raise damaged_error(step_dir, f"reading it failed ({what}); it is damaged or was cut short",
+                                self.all_steps()) from e
+        sys.unraisablehook = previous_hook
+        asyncio_log.setLevel(previous_level)
         return restored[STATE_ITEM], dict(restored[META_ITEM] or {})
 
     def wait(self) -> None:
@@ -133,6 +186,36 @@ class CheckpointManager:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _quiet_closed_loop_callbacks():
+    """Installs (and returns the previous) sys.unraisablehook that drops "Event loop is closed": when a restore
+    fails, tensorstore's reads still in flight call back into orbax's closed event loop from C++ threads, and each
+    such error would print a traceback after the command's one-line error."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (unraisable.exc_type is RuntimeError and "Event loop is closed" in str(unraisable.exc_value)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    return previous
+
+
+def _is_storage_error(e: BaseException) -> bool:
+    """tensorstore's status codes for data it could not read (a missing or cut-short file)."""
+    return any(code in str(e) for code in ("FAILED_PRECONDITION", "OUT_OF_RANGE", "NOT_FOUND", "DATA_LOSS"))
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 class PreemptionGuard:

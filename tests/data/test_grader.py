@@ -139,3 +139,45 @@ def test_pathological_answer_times_out_and_pool_recovers():
         assert results[0] == GradeResult(False, "1", grader.TIMEOUT)
         assert results[1].correct  # the replacement worker grades the next pair
         assert p.restarts == 1
+
+
+# ----- the flexible rules (pass@1_flexible) ------------------------------------------------------------------
+# (response, reference, rule, strict credits, flexible credits)
+FLEXIBLE_CASES = [
+    # only the flexible rule credits: plain-text answers, as a small student writes them
+    ("She pays 5 * 3 = 15 dollars, so the answer is $1,215.", "1215", "gsm8k", False, True),
+    ("Step 1: 4 + 3 = 7\n#### 7\nI hope 9 helps", "7", "gsm8k", False, True),  # `#### N` wins over the last number
+    ("The final answer is $\\frac{1}{2}$", "0.5", "math", False, True),
+    ("So x = 3.", "3", "math", False, True),
+    # neither credits
+    ("I think 5 apples", "6", "gsm8k", False, False),
+    ("The answer is 18.00", "18", "gsm8k", False, False),  # lm-eval compares strings exactly
+    ("no number at all", "3", "math", False, False),
+    ("x = 4", "5", "math", False, False),
+    # both credit
+    ("\\boxed{1/2}", "\\frac12", "math", True, True),
+    ("so the total is \\boxed{42}", "42", "gsm8k", True, True),
+    # only the strict rule credits: lm-eval's last number is not the boxed one
+    ("\\boxed{42}, check: 42 + 1 = 43", "42", "gsm8k", True, False),
+]
+
+
+@pytest.mark.parametrize("response,reference,rule,strict,flexible", FLEXIBLE_CASES)
+def test_flexible_rules_credit_plain_answers_the_strict_rule_does_not(response, reference, rule, strict, flexible):
+    result = grade(response, reference, flexible=rule)
+    assert (result.correct, result.flexible_correct) == (strict, flexible)
+    assert grade(response, reference).flexible_correct is None  # not asked for: not graded
+
+
+def test_pool_grades_both_rules_like_the_in_process_grader():
+    pairs = [(r, ref) for r, ref, rule, _, _ in FLEXIBLE_CASES if rule == "gsm8k"]
+    expected = [(s, f) for _, _, rule, s, f in FLEXIBLE_CASES if rule == "gsm8k"]
+    with GraderPool(workers=2, timeout=10.0) as pool:
+        got = pool.grade_many(pairs, progress=False, flexible="gsm8k")
+    assert [(g.correct, g.flexible_correct) for g in got] == expected
+    assert got[0].flexible_extracted == "$1,215."
+
+
+def test_unknown_flexible_rule_is_refused():
+    with pytest.raises(ValueError, match="unknown flexible grading rule 'lm'"):
+        grade("1", "1", flexible="lm")

@@ -74,9 +74,14 @@ def test_metrics_records_and_files_match_hand_computation(tmp_path, tok, pool, c
     assert b["pass@2"] == pytest.approx(((1 - 1 / 6) + 0 + (1 - 3 / 6)) / 3)  # 1 - C(n-c,2)/C(4,2)
     assert b["pass@4"] == pytest.approx(2 / 3)
     assert "pass@8" not in b  # j > k is not reported
-    assert b["by_subject"] == {"Algebra": {"n": 2, "pass@1": 0.5, "avg@4": 0.375, "pass@2": pytest.approx(2 / 3),
-                                           "pass@4": 1.0},
-                               "Geometry": {"n": 1, "pass@1": 1.0, "avg@4": 0.0, "pass@2": 0.0, "pass@4": 0.0}}
+    strict = {g: {k: v for k, v in m.items() if not k.endswith("_flexible")} for g, m in b["by_subject"].items()}
+    assert strict == {"Algebra": {"n": 2, "pass@1": 0.5, "avg@4": 0.375, "pass@2": pytest.approx(2 / 3),
+                                  "pass@4": 1.0},
+                      "Geometry": {"n": 1, "pass@1": 1.0, "avg@4": 0.0, "pass@2": 0.0, "pass@4": 0.0}}
+    # every answer here is boxed, so math-verify's flexible reading agrees with the strict one on the greedy run
+    assert b["pass@1_flexible"] == pytest.approx(2 / 3) and b["by_subject"]["Geometry"]["pass@1_flexible"] == 1.0
+    assert b["headline"] == b["pass@1"] and b["grading"]["headline"] == "pass@1"
+    assert b["grading"]["flexible_rule"] == "math" and "boxed" in b["grading"]["pass@1"]
     assert set(b["by_level"]) == {"Level 1", "Level 2"} and b["by_level"]["Level 2"]["n"] == 2
     assert b["no_boxed_rate"] == pytest.approx(2 / 15)  # "no box" and the unclosed "\boxed{"
     assert b["truncated_rate"] == pytest.approx(1 / 12)  # finish reasons known for the 12 Completions only
@@ -88,13 +93,38 @@ def test_metrics_records_and_files_match_hand_computation(tmp_path, tok, pool, c
     assert rec["id"] == "t/0" and rec["answer"] == "2" and rec["subject"] == "Algebra"
     assert rec["prompt"].startswith("<bos><|user|>\nWhat is 1+1?") and rec["prompt"].endswith("<|assistant|>\n")
     assert rec["greedy"] == {"response": "so \\boxed{2}", "extracted": "2", "correct": True, "reason": "exact",
-                             "finish_reason": None}
+                             "flexible_extracted": "2", "flexible_correct": True, "finish_reason": None}
     assert [s["correct"] for s in rec["samples"]] == [True, False, False, True]
     assert rec["samples"][3]["reason"] == "equivalent"
     assert json.loads((tmp_path / "toy.summary.json").read_text()) == json.loads(json.dumps(b))
     assert json.loads((tmp_path / "summary.json").read_text())["benchmarks"]["toy"]["pass@1"] == b["pass@1"]
     table = capsys.readouterr().out
     assert "toy" in table and "66.7" in table and "Geometry" in table and "Level 2" in table
+
+
+GSM8K_PROBLEMS = [MathProblem(id=f"g/{i}", problem=f"Question {i}?", answer=a) for i, a in enumerate(("12", "7", "30"))]
+GSM8K_ANSWERS = {"Question 0?": "3 boxes of 4 make 12 eggs.",  # only lm-eval's last number credits it
+                 "Question 1?": "so \\boxed{7}",  # both rules
+                 "Question 2?": "I get 31."}  # neither
+
+
+def test_gsm8k_is_graded_both_ways_and_its_headline_is_the_flexible_figure(tmp_path, tok, pool, capsys):
+    def gen(prompts, sampling, n):
+        return [[next(v for k, v in GSM8K_ANSWERS.items() if k in p)] * n for p in prompts]
+
+    settings = EvalSettings(greedy=True, max_new_tokens=16, headline={"gsm8k": "flexible"})
+    b = evaluate(gen, {"gsm8k": GSM8K_PROBLEMS}, tok, settings, out_dir=tmp_path, pool=pool)["benchmarks"]["gsm8k"]
+    assert b["pass@1"] == pytest.approx(1 / 3) and b["pass@1_flexible"] == pytest.approx(2 / 3)
+    assert b["headline"] == b["pass@1_flexible"] and b["grading"]["headline"] == "pass@1_flexible"
+    assert b["grading"]["flexible_rule"] == "gsm8k" and "lm-eval" in b["grading"]["pass@1_flexible"]
+    out = capsys.readouterr().out
+    assert "gsm8k: pass@1_flexible = lm-eval" in out and "headline pass@1_flexible = 66.7" in out
+    strict = EvalSettings(greedy=True, max_new_tokens=16)  # headline: strict unless the config says otherwise
+    b = evaluate(gen, {"gsm8k": GSM8K_PROBLEMS}, tok, strict, out_dir=tmp_path / "s", pool=pool,
+                 print_table=False)["benchmarks"]["gsm8k"]
+    assert b["headline"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="eval.headline"):
+        EvalSettings(headline={"gsm8k": "lenient"}).validate()
 
 
 def test_resume_continues_after_a_crash_and_refuses_changed_settings(tmp_path, tok, pool):

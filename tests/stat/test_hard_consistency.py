@@ -110,6 +110,26 @@ def test_accuracy_is_an_option_that_says_it_uses_labels(tmp_path, caplog):
     assert len(rows) == len(SAMPLES) and {r["rule"] for r in rows} == {"accuracy"}
 
 
+def test_accuracy_grades_by_the_heldout_benchmarks_headline_rule_and_records_it(tmp_path):
+    """GSM8K-style answers in plain text: wrong by the strict rule, right by lm-eval's (GSM8K's headline)."""
+    run_dir = tmp_path / "stat"
+    problems = [MathProblem(id=f"q{i}", problem=f"question {i}", answer=str(i)) for i in range(3)]
+    io.write_jsonl(run_dir / "data/heldout.jsonl", [p.to_dict() for p in problems])
+    answers = {"q0": ["So the answer is 0."] * 2, "q1": ["I get 7."] * 2, "q2": ["\\boxed{2}"] * 2}
+    io.write_jsonl(run_dir / "rollout/responses.jsonl",
+                   [{"id": k, "prompt": k, "responses": rs, "finish_reasons": ["stop"] * 2} for k, rs in answers.items()])
+
+    def hard_ids(heldout_benchmark="gsm8k"):
+        config = _config(scorer="accuracy", rollout_samples=2, heldout_benchmark=heldout_benchmark)
+        stats = stage_hard(StageContext(config, run_dir))
+        return stats, [r["id"] for r in io.read_jsonl(run_dir / "hard/hard.jsonl")]
+
+    stats, ids = hard_ids()  # configs/base.py: eval.headline.gsm8k = flexible
+    assert ids == ["q1"] and stats["grading"] == "flexible" and "lm-eval" in stats["grading_rule"]
+    stats, ids = hard_ids(heldout_benchmark="math500")  # MATH-style: strict (the last \\boxed{})
+    assert sorted(ids) == ["q0", "q1"] and stats["grading"] == "strict" and "boxed" in stats["grading_rule"]
+
+
 def test_auto_means_the_prm_when_a_prm_path_is_set():
     assert hard.scorer_name(_config().stat) == "consistency"
     assert hard.scorer_name(_config(prm_path="/some/prm").stat) == "prm"
