@@ -25,39 +25,11 @@ def get_config() -> ConfigDict:
     c.model.tokenizer_path = ""  # defaults to model.path
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
-    # Rematerialisation of the training forward (stat_jax/models/transformer.py REMAT_POLICIES): none | full
-    # (recompute each layer) | dots (keep matmul outputs); true/false still mean full/none. Default full, chosen
-    # by XLA's memory analysis of the compiled update at SmolLM2-135M's shape in float32 (benchmarks/
-    # train_memory.py; the analysis tracked peak RSS within ~15% there): GRPO 16 rows x 512 tokens peaks at
-    # 4.0 GB with full (0.23 MB/token beyond params+grads+AdamW) and 9.1 GB with dots (0.85 MB/token), so only
-    # full keeps that step within 8 GB; none needs ~2.7 MB/token (measured RSS slope, SFT 1->2 x 512 tokens).
-    # dots recomputes only the attention softmax and elementwise ops (full: the whole layer forward, ~1/3 more
-    # compute): pick it when memory allows. Measured peak RSS with full (benchmarks/train_memory.py, 2026-12-01):
-    # GRPO 16 x 512 5.3 GB, 0.20 MB/token beyond the fixed 2.15 GB (SFT 0.09); time per token no worse than
-    # none with unchunked logits (GRPO 14.4 vs 14.6 ms, SFT 14.7 vs 24.2 ms: the chunked loss saves more than
-    # the recompute costs on CPU). Again after the chunked attention below (2026-12-02, same benchmark, peak RSS of
-    # the whole process): GRPO 16 x 512 7.10 GB (within 8), 0.19 MB/token beyond the fixed part (SFT 0.28, where
-    # none needs 2.86); time per token at 2 x 512 0.91x (SFT) and 0.96x (GRPO) of none's. `stat-jax sft` on 4 real
-    # MATH rows x 1,024 in float32: 0.98x the throughput of the tree before issue 19 (remat none) at 6.5 GB
-    # instead of 16.2 (remat none here: 1.03x at 13.4 GB, dots 1.00x at 8.7 GB).
-    # The training forward runs the layers as one lax.scan over their stacked weights (models/transformer.py
-    # _scanned_layers) and the loss head / embedding lookup vocab-parallel: at the paper shapes (bf16 compute,
-    # f32 masters, fsdp=8, XLA CPU's memory analysis, 2026-12-02) Qwen2.5-3B SFT 8 x 2,048 went 21.16 -> 8.60 GB
-    # per device as recorded then (11.01 GB when that tree was measured again: see attention_block) and GRPO 64 x 2,048 per micro-batch 23.56 -> 20.08 GB (-2.90 GB:
-    # not yet within a v5e chip at 64 rows per micro-batch; 13.9 GB of it temporaries).
+    # Rematerialisation of the training forward: none | full (recompute each layer) | dots (keep matmul outputs).
+    # full keeps GRPO 16 x 512 of the real student within 8 GB at no loss of speed (docs/decisions.md).
     c.model.remat = "full"
-    # Query positions per block of the training/scoring forward's causal attention (models/layers.py
-    # causal_attention: its backward recomputes one block's probabilities at a time from the saved softmax max and
-    # sum, flash-attention style); 0 = the previous autodiff blocks (of 128), which keep every block's
-    # probabilities for the backward. Decoding keeps its own attention. 128 chosen by measurement
-    # (benchmarks/train_memory.py --runs=blocks and --only-paper --paper-attention-block=B, 2026-12-02): the real
-    # student's SFT step at 1 x 2,048 in float32 takes 0.92 / 0.90 / 0.95 / 1.01 x block 0's time at blocks
-    # 64 / 128 / 256 / 512, and Qwen2.5-3B GRPO 64 x 2,048 (XLA CPU, fsdp=8, per device) needs 16.93 GB at 0,
-    # 14.93 at 64, 14.78 at 128, 14.79 at 256 and 15.03 at 512 (Llama-3.2-1B GRPO: 12.91 / 9.10 / 8.48 / 8.28 /
-    # 9.37). Qwen2.5-3B SFT 8 x 2,048 is 11.23-11.30 GB at every block, 0 included: attention is not its peak.
-    # Its earlier "8.60 GB" (commit 51a72a8's message) does not reproduce: that commit's own tree measures 11.01 GB
-    # with this benchmark, so the chunked attention and 16-bit saved inputs cost SFT +0.23 GB and saved GRPO
-    # 5.30 GB (20.08 -> 14.78: +2.40 GB under 16 GiB). Llama-3.2-1B SFT 4.63 GB.
+    # Query positions per block of the training forward's causal attention (flash-style backward); 0 = the older
+    # autodiff blocks. 128: the fastest step and the least GRPO memory at the paper shapes (docs/decisions.md).
     c.model.attention_block = 128
 
     c.mesh = ConfigDict()

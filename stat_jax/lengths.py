@@ -19,6 +19,10 @@ from typing import Any
 
 from stat_jax.errors import ConfigError, RolloutFailure
 
+# Auto cache length (rollout.max_target_length=0) = the largest prompt bucket + this (STAT's rollout_max_new_tokens);
+# the engine (stat_jax.rollout.engine) resolves it with this same constant.
+AUTO_NEW_TOKENS = 2048
+
 LONG_PROMPT_POLICIES = ("skip", "error")
 PREFILL_BUCKETS = tuple(16 * 2**i for i in range(12))  # JetStream 0.2.2's padding buckets (token_utils)
 
@@ -35,8 +39,6 @@ def target_length(rollout_cfg, model_context: int | None = None) -> int:
     length = int(rollout_cfg.max_target_length)
     if length:
         return length
-    from stat_jax.rollout.engine import AUTO_NEW_TOKENS  # the engine's rule, not a copy of it
-
     length = int(rollout_cfg.max_prefill_length) + AUTO_NEW_TOKENS
     return min(length, int(model_context)) if model_context else length
 

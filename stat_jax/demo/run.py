@@ -191,8 +191,8 @@ class StudentServer:
         self.serving: Path | None = None
 
     def serve(self, model_dir: Path):
+        from stat_jax.models.student import load_model
         from stat_jax.rollout import make_rollout_backend
-        from stat_jax.rollout.factory import load_model
 
         if self.serving == model_dir:
             return self.backend
@@ -258,7 +258,7 @@ class Demo:
         sizes = {"train": d.train_size, "heldout": d.heldout_size, "test": d.test_size}
         if d.round2_methods:
             sizes[ROUND2_SPLIT] = d.round2_heldout_size
-        if d.grpo_steps > 0 and d.grpo_prompt_source == "fresh":
+        if self.config.grpo.steps > 0 and d.grpo_prompt_source == "fresh":
             sizes[GRPO_SPLIT] = self.grpo_prompt_count()
         skill_map_size = d.skill_map_size or d.train_size  # 0: every train question
         if skill_map_size > d.train_size:
@@ -408,7 +408,7 @@ class Demo:
     def baselines(self) -> str:
         """MATH-Hard and Embed-Sel training sets (stat_jax.demo.baselines), from the same Skill-Map pool as STAT-Sel."""
         from stat_jax.demo import baselines
-        from stat_jax.rollout.factory import load_model
+        from stat_jax.models.student import load_model
 
         d = self.d
         wanted = [m for m in d.methods if m in BASELINES]
@@ -442,8 +442,8 @@ class Demo:
         return _step(self.ctx, "baselines", settings, inputs, [METHOD_FILES[m] for m in wanted], run)
 
     def grpo_prompt_count(self) -> int:
-        d = self.d
-        return d.grpo_prompt_pool or d.grpo_steps * d.grpo_prompts * d.grpo_oversample
+        g = self.config.grpo
+        return self.d.grpo_prompt_pool or g.steps * g.prompts_per_step * g.oversample
 
     def grpo_prompts(self) -> str:
         """The GRPO prompts every method trains on (the same for every method and seed: a fair +GRPO comparison),
@@ -496,17 +496,17 @@ class Demo:
 
     def _finetune(self, name: str, start_record: str, seed: int) -> Path:
         """SFT on `name`/train.jsonl from the student `start_record` names; writes `name`/model.json."""
-        d = self.d
         train_file = self.path(f"{name}/train.jsonl")
-        settings = {"batch": d.finetune_batch_size, "lr": d.finetune_lr, "seed": seed, **self.trainer_settings()}
+        settings = {"seed": seed, **self.trainer_settings()}  # train.learning_rate / batch_size among them
 
         def run():
             # The trainer's directory is named by the settings: a killed run resumes its own checkpoints, and a
             # changed setting starts fresh instead of resuming another run's.
             start = Path(io.read_json(self.path(start_record))["model"])
             workdir = self.path(f"{name}/sft-{io.json_hash([settings, io.file_hash(train_file), str(start)])[:10]}")
-            export = train(self.config, workdir, start, [train_file], steps=0,
-                           batch_size=d.finetune_batch_size, lr=d.finetune_lr, seed=seed)
+            t = self.config.train
+            export = train(self.config, workdir, start, [train_file], steps=0, batch_size=t.batch_size,
+                           lr=t.learning_rate, seed=seed)
             io.write_json(self.path(f"{name}/model.json"), _model_record(export))
 
         _step(self.ctx, f"{name}/train", settings, [f"{name}/train.jsonl", start_record],
@@ -560,17 +560,14 @@ class Demo:
         """A short GRPO from the fine-tuned student, on training-split questions (never the test split)."""
         from stat_jax.train import grpo as grpo_mod
 
-        d = self.d
         name = f"finetune/seed{seed}/{method}"
-        settings = {"grpo": grpo_settings(d), "seed": seed}
+        settings = {"grpo": self.config.grpo.to_dict(), "seed": seed}
 
         def run():
             # Named by the prompts' contents too: the trainer's own resume check sees only their path.
             prompts = self.path("grpo/prompts.jsonl")
             workdir = self.path(f"{name}/grpo-{io.json_hash([settings, str(start), io.file_hash(prompts)])[:10]}")
-            sub = sub_config(self.config, workdir, **{"model.path": str(start)})
-            sub.seed = seed
-            apply_grpo_settings(sub, prompts, grpo_row_length(sub, _tokenizer(start), prompts))
+            sub = grpo_run_config(self.config, workdir, start, seed, prompts)
             # GRPO samples through the demo's one compiled backend (it swaps the policy's weights in each step);
             # afterwards the backend holds GRPO's weights, so the next serve() must load its model again.
             backend = self.server.serve(start)
@@ -630,8 +627,8 @@ class Demo:
 
     def _run_steps(self, steps: list[str], grid: list[tuple[int, str]]) -> dict[str, Any]:
         d = self.d
-        with_grpo = d.grpo_steps > 0 and grpo_available()
-        if d.grpo_steps > 0 and not with_grpo:
+        with_grpo = self.config.grpo.steps > 0 and grpo_available()
+        if self.config.grpo.steps > 0 and not with_grpo:
             self.grpo_skipped = "stat_jax.train.grpo is not installed in this checkout; the +GRPO rows are missing"
             log.warning("demo: %s", self.grpo_skipped)
         with progress_bar(total=len(steps), desc="demo", unit="step") as bar:
@@ -902,11 +899,13 @@ def grpo_available() -> bool:
     return importlib.util.find_spec("stat_jax.train.grpo") is not None
 
 
-def grpo_settings(d) -> dict[str, Any]:
-    """The `grpo` config fields the demo sets (configs/demo.py `demo.grpo_*`); a changed value re-runs GRPO."""
-    return {"steps": d.grpo_steps, "prompts_per_step": d.grpo_prompts, "num_generations": d.grpo_samples,
-            "learning_rate": d.grpo_lr, "lr_schedule": d.grpo_lr_schedule, "warmup_steps": d.grpo_warmup_steps,
-            "temperature": d.grpo_temperature, "max_new_tokens": d.max_new_tokens, "oversample": d.grpo_oversample}
+def grpo_run_config(config, workdir: Path, start: Path, seed: int, prompts: Path):
+    """The config of one demo GRPO run: the demo's (its grpo section as the user left it) with this run's
+    workdir, student, seed, prompts and rows sized to them."""
+    sub = sub_config(config, workdir, **{"model.path": str(start), "grpo.train_files": (str(prompts),)})
+    sub.seed = seed
+    sub.grpo.max_length = grpo_row_length(sub, _tokenizer(start), prompts)
+    return sub
 
 
 def grpo_row_length(c, tokenizer, prompts_file: Path) -> int:
@@ -917,20 +916,7 @@ def grpo_row_length(c, tokenizer, prompts_file: Path) -> int:
     from stat_jax.train.grpo import grpo_prompt_ids
 
     longest = max(len(ids) for ids in grpo_prompt_ids(c, tokenizer, _problems(prompts_file)))
-    return -(-(longest + int(c.demo.max_new_tokens)) // 16) * 16
-
-
-def apply_grpo_settings(c, train_file: Path, row_length: int) -> None:
-    """The demo's GRPO settings, written into the `grpo` section the GRPO trainer reads (fields must exist)."""
-    d = c.demo
-    values = {"train_files": (str(train_file),), **grpo_settings(d), "max_length": int(row_length)}
-    if "grpo" not in c:
-        raise KeyError("configs/base.py has no `grpo` section; the demo's +GRPO step needs stat_jax.train.grpo's config")
-    for key, value in values.items():
-        if key not in c.grpo:
-            raise KeyError(f"config grpo.{key} does not exist (fields: {sorted(c.grpo)}); update "
-                           "stat_jax/demo/run.py:apply_grpo_settings to the GRPO trainer's config")
-        c.grpo[key] = value
+    return -(-(longest + int(c.grpo.max_new_tokens)) // 16) * 16
 
 
 def use_compilation_cache(workdir: Path) -> None:

@@ -509,8 +509,33 @@ def check_eval_prompts(data: EvalData, tokenizer, config) -> dict[str, int]:
     return counts
 
 
+def evaluate_model(config, *, out_dir: str | os.PathLike | None = None, resume: bool = False, tokenizer=None,
+                   data: EvalData | None = None) -> dict[str, Any] | None:
+    """Evaluates the checkpoint at config.model.path on config.eval's benchmarks: loads the data, the tokenizer
+    (unless given; prompts are checked before any weight loads), the model and a rollout backend, then `evaluate`.
+
+    Returns the summary on process 0 (None on the others), as `evaluate` does.
+    """
+    from stat_jax.lengths import check_config_lengths
+    from stat_jax.models.student import load_model, load_tokenizer
+    from stat_jax.rollout import make_rollout_backend  # the engine is heavy: import only when generating
+
+    check_config_lengths(config, "eval")
+    data = data or load_eval_data(config)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
+    check_eval_prompts(data, tokenizer, config)  # before the weights reach a device
+    model = load_model(config)
+    out_dir = Path(out_dir or config.eval.out_dir or Path(config.workdir) / "eval")
+    with make_rollout_backend(config, model, tokenizer) as backend:
+        summary = evaluate(backend, data.benchmarks, tokenizer, config, out_dir=out_dir, few_shot=data.few_shot,
+                           resume=resume, model_name=str(config.model.path), prompt_limit=eval_prompt_limit(config),
+                           on_long_prompt=str(config.rollout.get("on_long_prompt", "skip")), dropped=data.dropped)
+    logger.info("eval results in %s", out_dir)
+    return summary
+
+
 def main(config, args) -> int:
-    """`stat-jax eval`: check lengths, load the data, the tokenizer (prompts checked), the student; evaluate."""
+    """`stat-jax eval`: the data (printed with --dry-run), then `evaluate_model`."""
     from stat_jax.lengths import check_config_lengths
 
     check_config_lengths(config, "eval")
@@ -521,27 +546,5 @@ def main(config, args) -> int:
                           "benchmarks": {k: len(v) for k, v in data.benchmarks.items()},
                           "not_evaluated": data.dropped, "few_shot": [p.id for p in data.few_shot]}, indent=2))
         return 0
-    if not config.model.path:
-        raise ValueError("stat-jax eval needs a student: --config.model.path=/path/to/hf_checkpoint")
-
-    import transformers
-
-    from stat_jax import sharding
-    from stat_jax.models import load_hf_checkpoint
-    from stat_jax.models.hub import resolve_model_path
-    from stat_jax.rollout import make_rollout_backend  # the engine is heavy: import only when generating
-
-    model_path = resolve_model_path(config.model.path)
-    tokenizer_path = config.model.tokenizer_path or model_path
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path))
-    check_eval_prompts(data, tokenizer, config)  # before the weights reach a device
-    mesh = sharding.mesh_from_config(config.mesh)
-    model = load_hf_checkpoint(model_path, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-    with make_rollout_backend(config, model, tokenizer) as backend:
-        evaluate(backend, data.benchmarks, tokenizer, config, out_dir=out_dir, few_shot=data.few_shot,
-                 resume=bool(getattr(args, "resume", False)), model_name=str(config.model.path),
-                 prompt_limit=eval_prompt_limit(config),
-                 on_long_prompt=str(config.rollout.get("on_long_prompt", "skip")),
-                 dropped=data.dropped)
-    logger.info("eval results in %s", out_dir)
+    evaluate_model(config, out_dir=out_dir, resume=bool(getattr(args, "resume", False)), data=data)
     return 0

@@ -38,6 +38,8 @@ import numpy as np
 from flax import nnx
 
 from stat_jax import sharding
+from stat_jax.hardware import device_memory_bytes, host_memory_bytes
+from stat_jax.lengths import AUTO_NEW_TOKENS
 from stat_jax.models.build import as_dtype
 from stat_jax.models.transformer import CACHE_AXES, LENGTH_AXIS, DecoderLM, KVCache
 from stat_jax.rollout.base import SamplingParams
@@ -72,7 +74,6 @@ def prefill_buckets(max_prefill_length: int) -> list[int]:
 
 
 AUTO = 0  # rollout.max_concurrent_decodes / max_target_length = 0: sized by `resolve_settings`
-AUTO_NEW_TOKENS = 2048  # auto cache length = largest prompt bucket + this (STAT's rollout_max_new_tokens)
 MAX_AUTO_SLOTS = 256
 
 
@@ -112,8 +113,6 @@ def kv_bytes_per_token(cfg, dtype) -> int:
 def engine_memory_bytes(mesh: jax.sharding.Mesh | None) -> int:
     """Memory the cache can spread over: the mesh's devices' allocator limits; on CPU the host's RAM (once:
     fake CPU devices share it)."""
-    from stat_jax.train.memory import device_memory_bytes, host_memory_bytes
-
     devices = list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
     if devices[0].platform == "cpu":
         return host_memory_bytes()

@@ -46,26 +46,11 @@ def build_engine(config, model: DecoderLM, tokenizer) -> StudentEngine:
                          default_sampling(r))
 
 
-def load_model(config, path) -> DecoderLM:
-    """The HF checkpoint at `path` as a DecoderLM on config.mesh, in config.model's dtypes."""
-    from stat_jax import sharding
-    from stat_jax.models import load_hf_checkpoint
-
-    mesh = sharding.mesh_from_config(config.mesh)
-    return load_hf_checkpoint(path, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-
-
 def load_student(config):
     """The student DecoderLM (on config.mesh) and its HF tokenizer, from config.model."""
-    import transformers
+    from stat_jax.models.student import load_model, load_tokenizer
 
-    from stat_jax.models.hub import resolve_model_path
-
-    if not config.model.path:
-        raise ValueError("serving needs a student: --config.model.path=/path/to/hf_checkpoint")
-    path = resolve_model_path(config.model.path)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(config.model.tokenizer_path or path))
-    return load_model(config, path), tokenizer
+    return load_model(config), load_tokenizer(config)
 
 
 def make_rollout_backend(config, model_or_params: Any, tokenizer) -> RolloutBackend:

@@ -2,6 +2,8 @@
 
 Label-free by default: a PRM when stat.prm_path is set, else the paper's consistency heuristic (agreement among
 the student's own samples). Grader accuracy against the reference answers is an option that uses labels.
+Scorers are built by name from `SCORERS` (stat.scorer): a new rule is a `Scorer` subclass and one
+`register_scorer` line.
 """
 
 from __future__ import annotations
@@ -9,24 +11,59 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from stat_jax.data.records import MathProblem
 from stat_jax.errors import ConfigError
 
-SCORERS = ("auto", "consistency", "accuracy", "prm")
+
+class Scorer:
+    """Scores each response of each question in [0, 1] (1 = surely right); the hard stage keeps the questions
+    whose mean score is under stat.hard_threshold, or those `hard_flags` names when the rule decides itself."""
+
+    name = "scorer"
+    uses_labels = False  # whether scoring reads the reference answers
+
+    def score(self, problems: Sequence[MathProblem], responses: Sequence[Sequence[str]]) -> list[list[float]]:
+        raise NotImplementedError
+
+    def hard_flags(self) -> list[bool] | None:
+        """Per question of the last `score`: hard or not, when the rule decides itself (None: by threshold)."""
+        return None
+
+    def question_details(self) -> list[dict[str, Any]] | None:
+        """Per question of the last `score`: what the rule read (recorded in hard/scores.jsonl), or None."""
+        return None
+
+    def hard_rule(self, stat) -> str:
+        """The rule that makes a question hard, as the hard stage's manifest states it."""
+        return f"{self.name}: mean response score < stat.hard_threshold={stat.hard_threshold}"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """What else the hard stage's manifest records about this scorer."""
+        return {}
 
 
-class ResponseScorer(Protocol):
-    """Scores each response of each question in [0, 1] (1 = surely right)."""
-
-    name: str
-    uses_labels: bool  # whether scoring reads the reference answers
-
-    def score(self, problems: Sequence[MathProblem], responses: Sequence[Sequence[str]]) -> list[list[float]]: ...
+ResponseScorer = Scorer  # the name earlier code used
 
 
-class AccuracyScorer:
+# stat.scorer name -> build(config) -> Scorer
+SCORERS: dict[str, Callable[[Any], Scorer]] = {}
+
+
+def register_scorer(name: str, build: Callable[[Any], Scorer]) -> None:
+    """Makes `stat.scorer=name` build its scorer with `build(config)`."""
+    SCORERS[name] = build
+
+
+def build_scorer(config) -> Scorer:
+    """The scorer stat.scorer names (`auto` resolved by `scorer_name`)."""
+    return SCORERS[scorer_name(config.stat)](config)
+
+
+class AccuracyScorer(Scorer):
     """1.0 for a response whose final answer the grader accepts, else 0.0 (needs reference answers).
 
     `grading` is the held-out benchmark's headline grading (eval.headline): "strict" reads the last \\boxed{},
@@ -73,10 +110,10 @@ class AccuracyScorer:
 def scorer_name(stat) -> str:
     """stat.scorer with `auto` resolved: the PRM when stat.prm_path is set, else the consistency heuristic."""
     name = stat.scorer
-    if name not in SCORERS:
-        raise ConfigError(f"stat.scorer={name!r}: choose one of {SCORERS}")
     if name == "auto":
         return "prm" if stat.get("prm_path", "") else "consistency"
+    if name not in SCORERS:
+        raise ConfigError(f"stat.scorer={name!r}: choose one of {('auto', *SCORERS)}")
     return name
 
 
@@ -98,7 +135,7 @@ def check_hard_config(stat) -> None:
             hint="the paper's rule is 2 of 5 samples")
 
 
-class ConsistencyScorer:
+class ConsistencyScorer(Scorer):
     """Label-free: a question is hard when fewer than `min_agree` of its responses share a final answer.
 
     The paper's heuristic (5 samples; hard when the most common answer appears fewer than 2 times), which it
@@ -151,12 +188,16 @@ class ConsistencyScorer:
         """Per question of the last `score`: whether fewer than `min_agree` of its responses agree."""
         return [n < self.min_agree for n in self.agreement]
 
+    def hard_rule(self, stat) -> str:
+        return (f"{self.name}: fewer than stat.consistency_min_agree={self.min_agree} of the "
+                f"stat.rollout_samples={stat.rollout_samples} final answers agree")
+
     def question_details(self) -> list[dict[str, Any]]:
         """Per question of the last `score`: the final answers read and the largest agreeing group's size."""
         return [{"final_answers": a, "agreement": n} for a, n in zip(self.final_answers, self.agreement)]
 
 
-class PRMScorer:
+class PRMScorer(Scorer):
     """A process reward model's verdict on each response (`stat.prm_*`; needs no reference answers).
 
     Rule `paper` (default): 1.0 when the response's step scores pass the paper's thresholds, 0.0 when the PRM
@@ -211,6 +252,29 @@ class PRMScorer:
         """What the hard stage's manifest records about the PRM: format, rule, and the inputs cut to fit."""
         return {"prm_format": self.step_scorer.format, "prm_rule": self.rule, "truncated": self.step_scorer.truncated,
                 "truncated_steps_dropped": self.step_scorer.dropped_steps}
+
+
+def _accuracy(config) -> AccuracyScorer:
+    """Graded by the held-out benchmark's headline rule (eval.headline)."""
+    from stat_jax.eval.evaluate import EvalSettings, flexible_rule
+
+    s = config.stat
+    headline = EvalSettings.from_config(config).headline_metric(s.heldout_benchmark)
+    return AccuracyScorer(workers=s.grade_workers, timeout=config.eval.grade_timeout,
+                          grading="strict" if headline == "pass@1" else "flexible",
+                          flexible_rule=flexible_rule(s.heldout_benchmark))
+
+
+def _prm(config) -> PRMScorer:
+    from stat_jax import sharding
+
+    return PRMScorer.from_config(config.stat, sharding.mesh_from_config(config.mesh))  # the student's mesh
+
+
+register_scorer("consistency", lambda c: ConsistencyScorer(min_agree=c.stat.consistency_min_agree,
+                                                           workers=c.stat.grade_workers, timeout=c.eval.grade_timeout))
+register_scorer("accuracy", _accuracy)
+register_scorer("prm", _prm)
 
 
 def select_hard(problems: Sequence[MathProblem], responses: Sequence[Sequence[str]], scores: Sequence[Sequence[float]],

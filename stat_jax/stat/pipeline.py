@@ -51,7 +51,7 @@ class StageContext:
     teacher_backend: TeacherBackend | None = None
     rollout_backend: Any = None  # a RolloutBackend; built from config.model when None
     tokenizer: Any = None
-    scorer: Any = None  # a hard.ResponseScorer; built from config.stat.scorer when None
+    scorer: Any = None  # a hard.Scorer; built from config.stat.scorer (hard.SCORERS) when None
     resume: bool = True
     _teacher: Any = None
     _owns_rollout_backend: bool = False
@@ -73,29 +73,18 @@ class StageContext:
 
     def student_tokenizer(self):
         if self.tokenizer is None:
-            import transformers
+            from stat_jax.models.student import load_tokenizer
 
-            from stat_jax.models.hub import resolve_model_path
-
-            if not self.config.model.path:
-                raise ValueError("the rollout stage needs a student: --config.model.path=/path/to/hf_checkpoint")
-            path = self.config.model.tokenizer_path or resolve_model_path(self.config.model.path)
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+            self.tokenizer = load_tokenizer(self.config)
         return self.tokenizer
 
     def student_backend(self):
         if self.rollout_backend is None:
-            from stat_jax import sharding
-            from stat_jax.models import load_hf_checkpoint
-            from stat_jax.models.hub import resolve_model_path
+            from stat_jax.models.student import load_model
             from stat_jax.rollout import make_rollout_backend  # heavy: only when the student generates
 
-            c = self.config
             tokenizer = self.student_tokenizer()  # first: it says what to pass when model.path is unset
-            mesh = sharding.mesh_from_config(c.mesh)
-            model = load_hf_checkpoint(resolve_model_path(c.model.path), mesh, dtype=c.model.dtype,
-                                       param_dtype=c.model.param_dtype)
-            self.rollout_backend = make_rollout_backend(c, model, tokenizer)
+            self.rollout_backend = make_rollout_backend(self.config, load_model(self.config), tokenizer)
             self._owns_rollout_backend = True
         return self.rollout_backend
 
@@ -332,36 +321,6 @@ def stage_rollout(ctx: StageContext) -> dict[str, Any]:
     return {"questions": len(rows), "samples": s.rollout_samples, **long_prompt_report(long, ids)}
 
 
-def _build_scorer(ctx: StageContext):
-    s = ctx.config.stat
-    if ctx.scorer is not None:
-        return ctx.scorer
-    name = hard_mod.scorer_name(s)
-    if name == "consistency":
-        return hard_mod.ConsistencyScorer(min_agree=s.consistency_min_agree, workers=s.grade_workers,
-                                          timeout=ctx.config.eval.grade_timeout)
-    if name == "accuracy":  # graded by the held-out benchmark's headline rule (eval.headline)
-        from stat_jax.eval.evaluate import EvalSettings, flexible_rule
-
-        grading = "flexible" if EvalSettings.from_config(ctx.config).headline_metric(s.heldout_benchmark) != "pass@1" \
-            else "strict"
-        return hard_mod.AccuracyScorer(workers=s.grade_workers, timeout=ctx.config.eval.grade_timeout,
-                                       grading=grading, flexible_rule=flexible_rule(s.heldout_benchmark))
-    if name == "prm":
-        from stat_jax import sharding
-
-        return hard_mod.PRMScorer.from_config(s, sharding.mesh_from_config(ctx.config.mesh))  # the student's mesh
-    raise ValueError(f"stat.scorer={s.scorer!r}: choose one of {hard_mod.SCORERS}")
-
-
-def _hard_rule(scorer: Any, s: Any) -> str:
-    """The rule that makes a question hard, as the manifest states it."""
-    if hasattr(scorer, "hard_flags"):
-        return (f"{scorer.name}: fewer than stat.consistency_min_agree={scorer.min_agree} of the "
-                f"stat.rollout_samples={s.rollout_samples} final answers agree")
-    return f"{scorer.name}: mean response score < stat.hard_threshold={s.hard_threshold}"
-
-
 def stage_hard(ctx: StageContext) -> dict[str, Any]:
     """Scores every response and keeps up to `num_hard` questions the scorer's rule finds hard, hardest first.
 
@@ -377,13 +336,13 @@ def stage_hard(ctx: StageContext) -> dict[str, Any]:
         raise ValueError(f"{ctx.path('rollout/responses.jsonl')} lacks {len(missing)} held-out questions "
                          f"(first: {missing[0]}); re-run the rollout stage")
     responses = [rows[p.id]["responses"] for p in heldout]
-    scorer = _build_scorer(ctx)
-    rule, uses_labels = _hard_rule(scorer, s), bool(getattr(scorer, "uses_labels", False))
+    scorer = ctx.scorer if ctx.scorer is not None else hard_mod.build_scorer(ctx.config)
+    rule, uses_labels = scorer.hard_rule(s), bool(scorer.uses_labels)
     log.info("stage hard: rule %s%s", rule, " (uses the reference answers: labels)" if uses_labels else
              " (label-free)")
     scores = scorer.score(heldout, responses)
-    flags = scorer.hard_flags() if hasattr(scorer, "hard_flags") else None
-    details = scorer.question_details() if hasattr(scorer, "question_details") else [{} for _ in heldout]
+    flags = scorer.hard_flags()
+    details = scorer.question_details() or [{} for _ in heldout]
     io.write_jsonl(ctx.path("hard/scores.jsonl"),
                    ({"id": p.id, "rule": scorer.name, "score": sum(sc) / len(sc) if sc else None, "scores": sc,
                      **({"hard": f} if flags is not None else {}), **d}
@@ -395,7 +354,7 @@ def stage_hard(ctx: StageContext) -> dict[str, Any]:
     io.write_jsonl(ctx.path("hard/hard.jsonl"), hard)
     return {"scorer": scorer.name, "rule": rule, "uses_reference_labels": uses_labels,
             "flagged_by_rule": sum(flags) if flags is not None else None, "heldout": len(heldout), "hard": len(hard),
-            "mean_score": sum(map(sum, scores)) / max(1, sum(map(len, scores))), **getattr(scorer, "manifest", {})}
+            "mean_score": sum(map(sum, scores)) / max(1, sum(map(len, scores))), **scorer.manifest}
 
 
 def stage_diagnose(ctx: StageContext) -> dict[str, Any]:
@@ -456,14 +415,15 @@ def stage_syn(ctx: StageContext) -> dict[str, Any]:
 
 
 # ----- training and evaluation (other packages; imported lazily by name) ------------------------------------
+def _method(config) -> Method:
+    name = config.stat.method
+    if name not in METHODS:
+        raise errors.ConfigError(f"stat.method={name!r}: choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
 def _sft_files(ctx: StageContext) -> list[str]:
-    method = ctx.config.stat.method
-    files = {"sel": ["sel/stat_sel.jsonl"], "syn": ["syn/stat_syn.jsonl"],
-             "sel+syn": ["sel/stat_sel.jsonl", "syn/stat_syn.jsonl"],
-             **{m: [f] for m, f in baselines_mod.METHOD_FILES.items()}}  # the paper's baselines
-    if method not in files:
-        raise ValueError(f"stat.method={method!r}: choose one of {sorted(files)}")
-    return files[method]
+    return list(_method(ctx.config).files)
 
 
 def _sub_config(ctx: StageContext, workdir: str):
@@ -472,7 +432,7 @@ def _sub_config(ctx: StageContext, workdir: str):
 
 def _stage_key(ctx: StageContext, name: str) -> str:
     """Hash of a stage's config and input files: what its result is a function of."""
-    stage = next(s for s in STAGES if s.name == name)
+    stage = next(s for s in pipeline_stages() if s.name == name)
     inputs = {n: io.file_hash(ctx.path(n)) for n in _inputs_for(stage, ctx)}
     return io.json_hash({"config": _select(ctx.config, stage.config_keys), "inputs": inputs})
 
@@ -503,14 +463,10 @@ def _prepare_subrun(ctx: StageContext, name: str, stale: Sequence[str]) -> tuple
     return key, same and ctx.resume
 
 
-def _check_status(status: int, what: str, workdir: Path) -> None:
-    from stat_jax.train.sft import PREEMPTED_STATUS
-
-    if status == PREEMPTED_STATUS:
+def _check_preempted(result: dict[str, Any], what: str, workdir: Path) -> None:
+    if result.get("preempted"):
         raise RuntimeError(f"{what} stopped by SIGTERM after writing a checkpoint under {workdir}/checkpoints; "
                            "re-run `stat-jax run --resume` to continue it")
-    if status:
-        raise RuntimeError(f"{what} returned exit status {status}; its log and files are under {workdir}")
 
 
 def _done_record(ctx: StageContext, name: str, key: str, result_file: str) -> dict[str, Any]:
@@ -531,14 +487,14 @@ def _done_record(ctx: StageContext, name: str, key: str, result_file: str) -> di
 
 
 def stage_sft(ctx: StageContext) -> dict[str, Any]:
-    """SFT of the student on the STAT set through `stat_jax.train.sft.main` (its own checkpoints and resume)."""
+    """SFT of the student on the STAT set with `train_sft` (its own checkpoints and resume)."""
     from stat_jax.train import sft
 
     key, resume = _prepare_subrun(ctx, "sft", ("checkpoints", "hf", "sft_result.json", "done.json"))
     config = _sub_config(ctx, "sft")
     config.data.train_files = tuple(str(ctx.path(f)) for f in _sft_files(ctx))
     config.train.export_dir = str(ctx.path("sft/hf"))  # explicit: done.json and the eval stage read it there
-    _check_status(sft.main(config, _Args(resume=resume)), "stat_jax.train.sft.main", ctx.path("sft"))
+    _check_preempted(sft.train_sft(config, workdir=config.workdir, resume=resume), "SFT", ctx.path("sft"))
     return _done_record(ctx, "sft", key, "sft_result.json")
 
 
@@ -557,7 +513,7 @@ def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
         check_heldout_unseen(config, _problems(heldout_file))
         if config.stat.get("heldout_size", 0):
             config.eval.exclude_from = str(heldout_file)
-    _check_status(evaluate.main(config, _Args(resume=resume)), "stat_jax.eval.evaluate.main", ctx.path(name))
+    evaluate.evaluate_model(config, out_dir=ctx.path(name), resume=resume)
     if not _is_process0():
         return {}  # process 0 grades, writes the summary and the manifest; run_stage waits for that
     summary_path = ctx.path(f"{name}/summary.json")
@@ -582,7 +538,8 @@ def _grpo_prompt_files(ctx: StageContext) -> tuple[str, ...]:
 
 
 def stage_grpo(ctx: StageContext) -> dict[str, Any]:
-    """GRPO starting from the SFT student through `stat_jax.train.grpo.main`; it exports to <workdir>/hf."""
+    """GRPO starting from the SFT student with `train_grpo`; it exports to <workdir>/hf."""
+    from stat_jax.lengths import check_config_lengths
     from stat_jax.train import grpo
 
     key, resume = _prepare_subrun(ctx, "grpo", ("checkpoints", "hf", "grpo_result.json", "done.json"))
@@ -591,21 +548,14 @@ def stage_grpo(ctx: StageContext) -> dict[str, Any]:
     config.grpo.train_files = tuple(str(ctx.path(f)) for f in _grpo_prompt_files(ctx))
     # GRPO samples the prompt SFT trained on (stat.instruction), unless it names its own.
     config.grpo.instruction = ctx.config.grpo.instruction or ctx.instruction
-    _check_status(grpo.main(config, _Args(resume=resume)), "stat_jax.train.grpo.main", ctx.path("grpo"))
+    check_config_lengths(config, "grpo")
+    _check_preempted(grpo.train_grpo(config, workdir=config.workdir, resume=resume), "GRPO", ctx.path("grpo"))
     return _done_record(ctx, "grpo", key, "grpo_result.json")
 
 
 def stage_eval_grpo(ctx: StageContext) -> dict[str, Any]:
     """Evaluates the GRPO student."""
     return {"benchmarks": _evaluate(ctx, "eval_grpo", "grpo/done.json")}
-
-
-@dataclasses.dataclass
-class _Args:
-    resume: bool = True
-    only: str | None = None
-    dry_run: bool = False
-    quick: bool = False
 
 
 _DATA_KEYS = ("stat.train_benchmark", "stat.train_source", "stat.train_limit", "stat.heldout_benchmark",
@@ -686,6 +636,39 @@ BASELINE_STAGE_NAMES = tuple(baselines_mod.METHOD_FILES)
 STAGE_NAMES = tuple(s.name for s in STAGES if s.name not in BASELINE_STAGE_NAMES)
 
 
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """An SFT-set method (stat.method): the set files the sft stage trains on and the stages that write them."""
+
+    files: tuple[str, ...]
+    stages: tuple[str, ...]
+
+
+# stat.method name -> Method. STAT-Sel, STAT-Syn, both, and the paper's baselines at STAT-Sel's budget.
+METHODS: dict[str, Method] = {
+    "sel": Method(("sel/stat_sel.jsonl",), ("sel",)),
+    "syn": Method(("syn/stat_syn.jsonl",), ("syn",)),
+    "sel+syn": Method(("sel/stat_sel.jsonl", "syn/stat_syn.jsonl"), ("sel", "syn")),
+    **{m: Method((f,), (m,)) for m, f in baselines_mod.METHOD_FILES.items()},
+}
+_REGISTERED_STAGES: list[Stage] = []  # the stages of methods registered with register_method
+
+
+def register_method(name: str, stage: Stage) -> None:
+    """Makes `stat.method=name` train on what `stage` writes (its first output); the stage runs before sft when
+    stat.stages names it. A new SFT-set method is one file with its stage function and this one line."""
+    if any(s.name == stage.name for s in pipeline_stages()):
+        raise ValueError(f"a stage named {stage.name!r} already exists")
+    _REGISTERED_STAGES.append(stage)
+    METHODS[name] = Method((stage.outputs[0],), (stage.name,))
+
+
+def pipeline_stages() -> tuple[Stage, ...]:
+    """Every stage in pipeline order: the built-in ones, with registered methods' stages just before sft."""
+    i = next(i for i, s in enumerate(STAGES) if s.name == "sft")
+    return STAGES[:i] + tuple(_REGISTERED_STAGES) + STAGES[i:]
+
+
 def _is_process0() -> bool:
     import jax
 
@@ -718,7 +701,7 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
     missing = [n for n in inputs if not ctx.path(n).exists()]
     if missing:
         # The pipeline's own stages (its baselines too) have an order to name; a demo step is not among them.
-        order = f" (order: {', '.join(STAGE_NAMES)})" if stage in STAGES else ""
+        order = f" (order: {', '.join(STAGE_NAMES)})" if stage in pipeline_stages() else ""
         raise errors.RunStateMissingError(f"stage {stage.name!r} needs {missing} under {ctx.run_dir}: run the "
                                           f"stages before it{order}")
     stage_config = _settings_for(stage, ctx)
@@ -756,17 +739,35 @@ def _wait_for(stage: Stage, ctx: StageContext, stage_config: Any, inputs: Sequen
 def stages_to_run(config: Any, only: str | None) -> list[Stage]:
     """The configured stage list (`stat.stages`), or the stages named in `--only` in pipeline order."""
     names = [n.strip() for n in (only.split(",") if only else config.stat.stages) if n.strip()]
-    unknown = [n for n in names if n not in STAGE_NAMES + BASELINE_STAGE_NAMES]
+    known = [s.name for s in pipeline_stages()]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGE_NAMES)} (baselines: "
-                         f"{', '.join(BASELINE_STAGE_NAMES)})")
-    return [s for s in STAGES if s.name in names]
+        others = [n for n in known if n not in STAGE_NAMES]
+        raise ValueError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGE_NAMES)} (the other methods' "
+                         f"sets: {', '.join(others)})")
+    return [s for s in pipeline_stages() if s.name in names]
 
 
 def check_stage_config(config: Any, stages: Sequence[Stage]) -> None:
     """Raises ConfigError for settings that would make a stage fail after earlier stages were paid for."""
-    if any(st.name == "hard" for st in stages):
+    names = {st.name for st in stages}
+    if "hard" in names:
         hard_mod.check_hard_config(config.stat)
+    if "sft" in names:
+        _check_method_stages(config, names)
+
+
+def _check_method_stages(config: Any, names: set[str]) -> None:
+    """stat.method's set must be written by a stage this run runs, or be in the run directory already."""
+    method = _method(config)
+    run_dir = Path(config.stat.run_dir or Path(config.workdir) / "stat")
+    absent = [(f, st) for f, st in zip(method.files, method.stages) if st not in names and not (run_dir / f).exists()]
+    if absent:
+        f, st = absent[0]
+        raise errors.ConfigError(
+            f"stat.method={config.stat.method!r} trains on {f}, which stage {st!r} writes, but stat.stages does not "
+            f"run it and {run_dir} does not hold it yet",
+            hint=f"add {st} to --config.stat.stages (before sft), or choose the stat.method your stages build")
 
 
 def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, force: bool = False,
@@ -867,14 +868,14 @@ def _dry_run_rows(config: Any, run_dir: Path) -> tuple[list[MathProblem], list[M
 
 
 def dry_run_teacher_plan(config: Any, stages: Sequence[Stage], run_dir: Path) -> dict[str, Any]:
-    """The teacher calls, tokens and price of `stages` (stat_jax/teacher/plan.py); asks the teacher nothing.
+    """The teacher calls, tokens and price of `stages` (stat_jax/stat/plan.py); asks the teacher nothing.
 
     The table goes to stderr; the returned JSON is part of the dry run's output. Raises BudgetFailure when the
     plan exceeds teacher.max_calls.
     """
     import sys
 
-    from stat_jax.teacher import plan as plan_mod
+    from stat_jax.stat import plan as plan_mod
 
     names = [st.name for st in stages if "teacher.backend" in st.config_keys]
     if not names:

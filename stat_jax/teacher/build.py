@@ -1,8 +1,13 @@
-"""Builds the teacher backend and its `TeacherClient` from `config.teacher`."""
+"""Builds the teacher backend and its `TeacherClient` from `config.teacher`.
+
+`teacher.backend` names a factory in `BACKENDS` (a new API is one `TeacherBackend` subclass and one
+`register_backend` line), or "package.module:ClassName" for a class built without arguments.
+"""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,19 +15,33 @@ from stat_jax.teacher.base import TeacherBackend, TeacherError
 from stat_jax.teacher.client import Budget, Pricing, RetryPolicy, TeacherClient
 
 
-def build_backend(tc: Any) -> TeacherBackend:
-    """`teacher.backend`: "gemini", or "module.path:ClassName" for any other `TeacherBackend` (e.g. the demo's)."""
-    if tc.backend == "gemini":
-        from stat_jax.teacher.gemini import GeminiTeacher
+def _gemini(tc: Any) -> TeacherBackend:
+    from stat_jax.teacher.gemini import GeminiTeacher
 
-        return GeminiTeacher(tc.model, api_key_env=tc.api_key_env, base_url=tc.base_url, vertexai=tc.vertexai,
-                             project=tc.project, location=tc.location, timeout_s=tc.timeout_s,
-                             max_output_tokens=tc.max_output_tokens,
-                             max_output_tokens_by_task=dict(tc.get("max_output_tokens_by_task", {}) or {}),
-                             thinking_budget_by_task=dict(tc.get("thinking_budget_by_task", {}) or {}))
+    return GeminiTeacher(tc.model, api_key_env=tc.api_key_env, base_url=tc.base_url, vertexai=tc.vertexai,
+                         project=tc.project, location=tc.location, timeout_s=tc.timeout_s,
+                         max_output_tokens=tc.max_output_tokens,
+                         max_output_tokens_by_task=dict(tc.get("max_output_tokens_by_task", {}) or {}),
+                         thinking_budget_by_task=dict(tc.get("thinking_budget_by_task", {}) or {}))
+
+
+# teacher.backend name -> build(config.teacher) -> TeacherBackend
+BACKENDS: dict[str, Callable[[Any], TeacherBackend]] = {"gemini": _gemini}
+
+
+def register_backend(name: str, build: Callable[[Any], TeacherBackend]) -> None:
+    """Makes `teacher.backend=name` build its backend with `build(config.teacher)`."""
+    BACKENDS[name] = build
+
+
+def build_backend(tc: Any) -> TeacherBackend:
+    """The backend `teacher.backend` names: a key of BACKENDS, or "module.path:ClassName" (e.g. the demo's)."""
+    if tc.backend in BACKENDS:
+        return BACKENDS[tc.backend](tc)
     module_name, _, class_name = tc.backend.partition(":")
     if not class_name:
-        raise TeacherError(f"teacher.backend={tc.backend!r}: use 'gemini' or 'package.module:ClassName'")
+        raise TeacherError(f"teacher.backend={tc.backend!r}: use one of {sorted(BACKENDS)} or "
+                           "'package.module:ClassName'")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as e:

@@ -360,11 +360,10 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     variants of the engine's kernels and of the adapter merge that this run added, one each when no weight swap
     recompiled.
     """
-    import transformers
-
     from stat_jax.data.stop_tokens import end_token_id
     from stat_jax.models.config import ModelConfig
     from stat_jax.models.hub import resolve_model_path
+    from stat_jax.models.student import load_tokenizer
 
     g = config.grpo
     _validate(g)
@@ -393,8 +392,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     mesh = mesh or sharding.mesh_from_config(config.mesh)
     model_path = resolve_model_path(config.model.path)
     model_cfg = ModelConfig.from_hf_dir(model_path)
-    tokenizer_path = config.model.tokenizer_path or model_path
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path))
+    tokenizer_path = config.model.tokenizer_path or model_path  # copied beside the export
+    tokenizer = load_tokenizer(config)
     # The end-of-turn token a finished completion is scored on: the same one rollouts stop at and SFT teaches.
     eos_id = end_token_id(tokenizer, model_cfg.eos_token_ids)
 

@@ -144,12 +144,10 @@ def to_device_batch(host: dict[str, np.ndarray], micro_batches: int, batch_sh: d
 
 # ----- setup -----------------------------------------------------------------------------------------------
 def _load_tokenizer(config):
-    import transformers
-
     from stat_jax.models.hub import resolve_model_path
+    from stat_jax.models.student import load_tokenizer
 
-    path = resolve_model_path(config.model.tokenizer_path or config.model.path)
-    return transformers.AutoTokenizer.from_pretrained(str(path)), path
+    return load_tokenizer(config), resolve_model_path(config.model.tokenizer_path or config.model.path)
 
 
 def _examples(config, examples_or_path) -> list[SFTExample]:

@@ -158,9 +158,9 @@ def test_grpo_rows_are_sized_to_the_longest_prompt_not_the_prefill_bucket(tmp_pa
     problems = task.make_splits(0, {"test": 40})["test"]
     write_jsonl(tmp_path / "prompts.jsonl", (p.to_dict() for p in problems))
     row = run.grpo_row_length(c, tok, tmp_path / "prompts.jsonl")
-    need = max(len(ids) for ids in grpo_prompt_ids(c, tok, problems)) + c.demo.max_new_tokens
+    need = max(len(ids) for ids in grpo_prompt_ids(c, tok, problems)) + c.grpo.max_new_tokens
     assert row % 16 == 0 and need <= row < need + 16
-    assert row < c.rollout.max_prefill_length + c.demo.max_new_tokens  # shorter than the old bucket-sized rows
+    assert row < c.rollout.max_prefill_length + c.grpo.max_new_tokens  # shorter than the old bucket-sized rows
 
 
 def test_an_unknown_grpo_prompt_source_is_refused_before_any_work(tmp_path):
@@ -189,3 +189,35 @@ def test_demo_steps_run_as_pipeline_stages_a_lost_input_is_named_before_any_work
         demo.finetune_sets()
     assert not (tmp_path / "demo/finetune").exists()
     assert demo.data() == "done" and (tmp_path / "demo/data/original_mix.jsonl").exists()
+
+
+def test_a_users_grpo_and_train_overrides_reach_the_demos_trainers(tmp_path, monkeypatch):
+    """No demo.* copies of grpo.* or train.*: `stat-jax demo --config.grpo.X / --config.train.X` take effect."""
+    from stat_jax import cli
+    from stat_jax.data.char_tokenizer import save_char_tokenizer
+    from stat_jax.stat.io import write_jsonl
+
+    c = cli.build_config("configs/demo.py:quick", [("grpo.learning_rate", "2e-5"), ("grpo.num_generations", "4"),
+                                                   ("train.learning_rate", "7e-4"), ("train.batch_size", "4"),
+                                                   ("workdir", str(tmp_path / "demo"))])
+    student = tmp_path / "student"
+    save_char_tokenizer(student)
+    write_jsonl(tmp_path / "prompts.jsonl", (p.to_dict() for p in task.make_splits(0, {"test": 8})["test"]))
+    sub = run.grpo_run_config(c, tmp_path / "grpo", student, 1, tmp_path / "prompts.jsonl")
+    assert (sub.grpo.learning_rate, sub.grpo.num_generations, sub.seed) == (2e-5, 4, 1)
+    assert sub.grpo.train_files == (str(tmp_path / "prompts.jsonl"),) and sub.model.path == str(student)
+
+    seen = {}
+
+    def fake_train(config, workdir, init_model, files, *, steps, batch_size, lr, seed):
+        seen.update(lr=lr, batch_size=batch_size)
+        (workdir / "hf").mkdir(parents=True)
+        return workdir / "hf"
+
+    monkeypatch.setattr(run, "train", fake_train)
+    demo = run.Demo(c)
+    (tmp_path / "demo/ft").mkdir(parents=True)
+    (tmp_path / "demo/ft/train.jsonl").write_text("")
+    (tmp_path / "demo/start.json").write_text('{"model": "%s"}' % student)
+    demo._finetune("ft", "start.json", seed=0)
+    assert seen == {"lr": 7e-4, "batch_size": 4}

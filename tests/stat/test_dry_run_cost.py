@@ -3,6 +3,7 @@ price from the real prompts on the run's own rows, refuses a plan over teacher.m
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -11,7 +12,8 @@ import pytest
 from stat_jax import cli
 from stat_jax.errors import BudgetFailure
 from stat_jax.stat import pipeline
-from stat_jax.teacher import plan, prompts
+from stat_jax.stat import plan
+from stat_jax.teacher import prompts
 from stat_jax.teacher.gemini import GeminiTeacher
 from tests.teacher.fake_gemini import FakeGemini
 
@@ -107,7 +109,7 @@ def test_a_plan_over_the_call_cap_is_refused_and_no_teacher_is_asked(tmp_path, c
         args = _overrides(tmp_path, 10, **{"teacher.max_calls": 50, "teacher.base_url": fake.base_url})
         config = cli.build_config("configs/base.py", [tuple(a.removeprefix("--config.").split("=", 1)) for a in args])
         with pytest.raises(BudgetFailure, match=r"plans 2\d\d teacher calls, more than teacher.max_calls=50"):
-            pipeline.main(config, pipeline._Args(dry_run=True))
+            pipeline.main(config, argparse.Namespace(dry_run=True, only=None, resume=False))
         assert "total" in capsys.readouterr().err  # the plan was shown before the refusal
         dry_run(capsys, tmp_path, 10, **{"teacher.base_url": fake.base_url})  # under the default cap: fine
         assert fake.requests == []  # nothing was asked

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stat_jax.data.records import MathProblem
+from stat_jax.stat import baselines, skills
 from stat_jax.teacher import prompts
 
 CHARS_PER_TOKEN = 4  # English + LaTeX averages about 4 characters a token on GPT/Gemini tokenizers
@@ -71,8 +72,6 @@ def _catalog(catalog: dict[str, Any] | None, subject: str, size: int) -> list[di
 def plan_teacher(config: Any, train: Sequence[MathProblem], heldout: Sequence[MathProblem],
                  stages: Sequence[str], catalog: dict[str, Any] | None = None) -> list[PlannedStage]:
     """The teacher calls of `stages` for these training and held-out rows (see the module docstring)."""
-    from stat_jax.stat import baselines, skills
-
     s, tc = config.stat, config.teacher
     subject = skills.subject_of
     rows: list[PlannedStage] = []
