@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.set_defaults(**{flag: _FLAGS[flag].get("default", False) for flag in _FLAGS if flag not in cmd.flags})
     sub.add_parser("import-gguf", help="convert a GGUF model file into a Hugging Face checkpoint directory",
                    add_help=False)
+    sub.add_parser("report", help="one self-contained HTML page of STAT runs: `stat-jax report RUN_DIR [...]`",
+                   add_help=False)
     return p
 
 
@@ -162,6 +164,10 @@ def _run(argv: list[str]) -> int:
     silence_other_bars()  # before transformers/datasets are imported
     if argv[:1] == ["import-gguf"]:
         return _import_gguf(argv[1:])
+    if argv[:1] == ["report"]:
+        from stat_jax.report import main as report_main  # takes run directories, no config
+
+        return report_main(argv[1:])
     overrides, rest = split_override_args(argv)
     args = _parser().parse_args(rest)
     _setup_logging(args.log_level)
@@ -196,12 +202,21 @@ def _run(argv: list[str]) -> int:
         raise
     if not args.dry_run and args.command not in NO_WORKDIR and "workdir" in config and is_coordinator():
         write_resolved_config(config, Path(config.workdir))
+        write_command(argv, Path(config.workdir))
     module = importlib.import_module(cmd.module)
     return int(module.main(config, args) or 0)
 
 
+def write_command(argv: list[str], workdir: Path) -> None:
+    """<workdir>/command.json: the command line that produced the run (the report's "reproduce" line)."""
+    import shlex
+
+    (workdir / "command.json").write_text(json.dumps({"command": shlex.join(["stat-jax", *argv]),
+                                                      "cwd": str(Path.cwd())}, indent=2) + "\n")
+
+
 def _command_name(argv: list[str]) -> str:
-    return argv[0] if argv and (argv[0] in COMMANDS or argv[0] == "import-gguf") else ""
+    return argv[0] if argv and (argv[0] in COMMANDS or argv[0] in ("import-gguf", "report")) else ""
 
 
 def _wants_supervisor(argv: list[str]) -> bool:

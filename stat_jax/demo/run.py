@@ -948,7 +948,10 @@ def main(config, args) -> int:
         return 0
     use_compilation_cache(Path(config.workdir))
     report = Demo(config).run()
+    from stat_jax.report import write_report_quietly
+
+    write_report_quietly(config.workdir)
     print(format_table(report))
-    print(f"\nresults: {Path(config.workdir) / 'results.json'}; plots: "
+    print(f"\nresults: {Path(config.workdir) / 'results.json'} and {Path(config.workdir) / 'report.html'}; plots: "
           f"{Path(config.workdir) / 'stat/profile/profile.png'}, {Path(config.workdir) / 'per_skill_accuracy.png'}")
     return 0

@@ -795,8 +795,26 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
                      summary["session"]["cost_usd"], summary["run_total"]["calls"])
             if _is_process0():
                 io.write_json(run_dir / "teacher" / "summary.json", summary)
+                _write_teacher_plan(config, run_dir, stages_to_run(config, only))
         ctx.release_student_backend()
     return results
+
+
+def _write_teacher_plan(config: Any, run_dir: Path, stages: Sequence[Stage]) -> None:
+    """teacher/plan.json: the dry run's plan for this run's teacher stages and rows, beside the ledger's figures."""
+    from stat_jax.stat import plan as plan_mod
+
+    names = [st.name for st in stages if "teacher.backend" in st.config_keys]
+    files = (run_dir / "data/train.jsonl", run_dir / "data/heldout.jsonl")
+    if not names or not all(f.exists() for f in files):
+        return
+    try:
+        catalog_file = run_dir / "skills/catalog.json"
+        catalog = io.read_json(catalog_file) if catalog_file.exists() else None
+        rows = plan_mod.plan_teacher(config, _problems(files[0]), _problems(files[1]), names, catalog)
+        io.write_json(run_dir / "teacher" / "plan.json", plan_mod.plan_summary(rows, config.teacher))
+    except Exception as e:  # noqa: BLE001  (the plan is for the report; it never fails the run)
+        log.warning("teacher plan for the report could not be computed: %s: %s", type(e).__name__, e)
 
 
 def continual_round(config: Any, run_dir: Path) -> tuple[Any, dict[str, Any] | None]:
@@ -910,5 +928,9 @@ def main(config, args) -> int:
     # A spent budget (BudgetExceeded, exit status EXIT_BUDGET, resumable) and other teacher errors end the command
     # through stat_jax.cli: one line on stderr and the error's exit status.
     results = run_pipeline(config, only=only, resume=bool(getattr(args, "resume", False)), force=bool(only))
+    if _is_process0():
+        from stat_jax.report import write_report_quietly
+
+        write_report_quietly(config.workdir)
     print(json.dumps(results, indent=2))
     return 0

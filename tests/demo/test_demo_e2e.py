@@ -28,10 +28,17 @@ def _demo(workdir: Path) -> tuple[subprocess.CompletedProcess, float]:
     return proc, time.monotonic() - start
 
 
-@pytest.mark.timeout(2400)  # two demo runs; a loaded shared machine can take several times the idle ~5 minutes
-def test_demo_quick_end_to_end_and_rerun_is_a_noop(tmp_path):
-    workdir = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One `stat-jax demo --quick` run: (workdir, its process, seconds)."""
+    workdir = tmp_path_factory.mktemp("quick") / "demo"
     first, seconds = _demo(workdir)
+    return workdir, first, seconds
+
+
+@pytest.mark.timeout(2400)  # two demo runs; a loaded shared machine can take several times the idle ~5 minutes
+def test_demo_quick_end_to_end_and_rerun_is_a_noop(quick_demo):
+    workdir, first, seconds = quick_demo
     assert seconds < 1800, f"--quick took {seconds:.0f}s; it runs in ~5 minutes on 2 idle cores"
 
     results = json.loads((workdir / "results.json").read_text())
@@ -88,8 +95,34 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(tmp_path):
     # The offline teacher went through the shared client: its ledger recorded the calls.
     assert (workdir / "stat/teacher/ledger.jsonl").stat().st_size > 0
 
+    assert (workdir / "report.html").stat().st_size > 10_000  # the demo writes its report at its end
     before = (workdir / "results.json").read_bytes()
     second, rerun_seconds = _demo(workdir)
     assert (workdir / "results.json").read_bytes() == before
     assert second.stdout.split("results:")[0] == first.stdout.split("results:")[0]
     assert rerun_seconds < seconds / 2, (rerun_seconds, seconds)  # every step was skipped
+
+
+def test_the_quick_demos_report_in_a_real_browser(quick_demo, tmp_path):
+    """The report renders in headless Chromium: every section, one entry per hard question, a skill filter that
+    hides the others, and charts that are drawn (non-blank, coloured pixels in the screenshot)."""
+    from tests.report_browser import chromium_dom, chromium_screenshot, hard_entries
+
+    workdir = quick_demo[0]
+    report = workdir / "report.html"
+    dom = chromium_dom(report)
+    for section in ("verdict", "per-skill", "profile", "shares", "hard", "grpo", "ledger", "config"):
+        assert f'id="{section}"' in dom, section
+    hard_rows = (workdir / "stat/hard/hard.jsonl").read_text().splitlines()
+    entries = hard_entries(dom)
+    assert len(entries) == len(hard_rows) and not any(hidden for _, hidden in entries)
+    skill = "rounding"
+    wanted = sum(skill in skills.split() for skills, _ in entries)
+    filtered = hard_entries(chromium_dom(report, fragment=f"skill={skill}"))
+    visible = [skills for skills, hidden in filtered if not hidden]
+    assert 0 < len(visible) == wanted < len(entries) and all(skill in s.split() for s in visible)
+    image = chromium_screenshot(report, tmp_path / "report.png", width=1280, height=2400)
+    coloured = ((image.max(axis=2) - image.min(axis=2)) > 0.25).mean()
+    assert coloured > 0.005, f"only {coloured:.2%} coloured pixels: the charts did not render ({tmp_path / 'report.png'})"
+    phone = chromium_screenshot(report, tmp_path / "phone.png", width=390, height=1600)
+    assert (phone.min(axis=2) < 0.9).mean() > 0.02  # text and charts at phone width, not a blank page

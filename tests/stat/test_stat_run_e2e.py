@@ -127,6 +127,14 @@ def test_stat_run_every_stage_with_a_real_student_then_skip_and_only_eval(tmp_pa
         assert math500["not_evaluated"]["bad_rows"] == 1  # the eval file's row without an answer
         assert len(io.read_jsonl(rd / name / "math500.jsonl")) == 3
 
+    # The run's report: every stage's section, one entry per hard question, the ledger against the dry run's plan.
+    report = (tmp_path / "run" / "report.html").read_text()
+    for section in ("verdict", "profile", "shares", "hard", "grpo", "ledger", "config"):
+        assert f'id="{section}"' in report, section
+    assert report.count('class="hard"') == len(io.read_jsonl(rd / "hard/hard.jsonl"))
+    assert io.read_json(rd / "teacher/plan.json")["total"]["calls"] > 0 and "dry-run plan" in report
+    assert "stat-jax run --config=configs/base.py" in report
+
     # A second run: every stage up to date, not one teacher request, no model loaded.
     paid = fake.count()
     assert paid > 0
