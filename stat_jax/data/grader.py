@@ -135,6 +135,20 @@ def _prepare_for_math_verify(answer: str) -> str:
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
+
+def _alarm(timeout: float | None) -> int | None:
+    """math-verify's per-step SIGALRM budget in whole seconds; None off the main thread (alarms cannot work there)."""
+    return max(1, math.ceil(timeout)) if timeout and _in_main_thread() else None
+
+
+_EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
+
+
+def _parse_boxed(answer: str, alarm: int | None):
+    """An answer as math-verify parses it when written as \\boxed{answer} (repeating decimals rewritten first)."""
+    return parse(f"\\boxed{{{_prepare_for_math_verify(answer)}}}", extraction_config=_EXTRACTION,
+                 parsing_timeout=alarm, raise_on_error=True)
+
 # ----- the flexible rules ------------------------------------------------------------------------------
 # lm-eval's gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml): "strict-match" reads `#### N`, "flexible-extract" the
 # last number; both then drop the `regexes_to_ignore` below and compare exactly.
@@ -167,13 +181,11 @@ def _grade_gsm8k_flexible(response: str, reference: str, alarm: int | None) -> t
 
 def _grade_math_flexible(response: str, reference: str, alarm: int | None) -> tuple[bool, str | None]:
     """math-verify's own extraction over the whole response, against the reference as a boxed answer."""
-    config = [LatexExtractionConfig(), ExprExtractionConfig()]
     try:
-        pred = parse(response or "", extraction_config=config, parsing_timeout=alarm, raise_on_error=True)
+        pred = parse(response or "", extraction_config=_EXTRACTION, parsing_timeout=alarm, raise_on_error=True)
         if not pred:
             return False, None
-        gold = parse(f"\\boxed{{{_prepare_for_math_verify(reference)}}}", extraction_config=config,
-                     parsing_timeout=alarm, raise_on_error=True)
+        gold = _parse_boxed(reference, alarm)
         extracted = str(pred[-1])
         return bool(gold) and verify(gold, pred, timeout_seconds=alarm, raise_on_error=True), extracted
     except TimeoutException:
@@ -200,7 +212,7 @@ def check_flexible_rule(rule: str) -> None:
 def grade_flexible(response: str, reference: str, rule: str, timeout: float | None = 5.0) -> tuple[bool, str | None]:
     """(correct, extracted) under the flexible rule `rule` (a key of FLEXIBLE_RULES)."""
     check_flexible_rule(rule)
-    alarm = max(1, math.ceil(timeout)) if timeout and _in_main_thread() else None
+    alarm = _alarm(timeout)
     return FLEXIBLE_RULES[rule][0](response, reference, alarm)
 
 
@@ -225,13 +237,9 @@ def _grade_strict(response: str, reference: str, timeout: float | None) -> Grade
         return GradeResult(False, None, NO_BOXED)
     if normalize_answer(extracted) == normalize_answer(reference):
         return GradeResult(True, extracted, EXACT)
-    alarm = max(1, math.ceil(timeout)) if timeout and _in_main_thread() else None
-    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    alarm = _alarm(timeout)
     try:
-        gold = parse(f"\\boxed{{{_prepare_for_math_verify(reference)}}}", extraction_config=config,
-                     parsing_timeout=alarm, raise_on_error=True)
-        pred = parse(f"\\boxed{{{_prepare_for_math_verify(extracted)}}}", extraction_config=config,
-                     parsing_timeout=alarm, raise_on_error=True)
+        gold, pred = _parse_boxed(reference, alarm), _parse_boxed(extracted, alarm)
         correct = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=alarm, raise_on_error=True)
     except TimeoutException:
         return GradeResult(False, extracted, TIMEOUT)

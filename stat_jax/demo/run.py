@@ -31,6 +31,7 @@ from typing import Any
 from stat_jax.config import sub_config
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.demo import task
+from stat_jax.models.student import load_tokenizer
 from stat_jax.progress import progress_bar
 from stat_jax.rollout.base import RolloutBackend
 from stat_jax.stat import io
@@ -135,12 +136,6 @@ def _spread(values: Sequence[float]) -> dict[str, Any]:
 
 
 # ----- the student ---------------------------------------------------------------------------------------------
-def _tokenizer(path: Path):
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(str(path))
-
-
 def make_initial_student(config, out_dir: Path) -> dict[str, Any]:
     """A randomly initialised tiny Llama and the character tokenizer, saved as an HF checkpoint."""
     from stat_jax.data.char_tokenizer import save_char_tokenizer
@@ -198,7 +193,7 @@ class StudentServer:
             return self.backend
         model = load_model(self.config, model_dir)
         if self.backend is None:
-            self.tokenizer = _tokenizer(model_dir)
+            self.tokenizer = load_tokenizer(self.config, model_dir)
             self.backend = make_rollout_backend(self.config, model, self.tokenizer)
         else:
             self.backend.update_params(model)
@@ -393,7 +388,8 @@ class Demo:
         teacher = self.offline_teacher(config)
         # The rollout stage samples through the demo's one backend, serving the base student; a re-run whose
         # rollout stage is up to date never builds it.
-        return run_pipeline(config, resume=True, teacher_backend=teacher, tokenizer=_tokenizer(self.base_model),
+        return run_pipeline(config, resume=True, teacher_backend=teacher,
+                            tokenizer=load_tokenizer(self.config, self.base_model),
                             rollout_backend=LazyBackend(lambda: self.server.serve(self.base_model)))
 
     def offline_teacher(self, config):
@@ -429,7 +425,8 @@ class Demo:
                 stats["math_hard"] = {"questions": len(chosen), "level": chosen[0].level}
             if "embed_sel" in wanted:
                 hard = _problems(self.path("stat/hard/hard.jsonl"))  # rows: the problem's fields + its scores
-                model, tokenizer = load_model(self.config, self.base_model), _tokenizer(self.base_model)
+                model = load_model(self.config, self.base_model)
+                tokenizer = load_tokenizer(self.config, self.base_model)
                 vecs = baselines.mean_pooled_embeddings(model, tokenizer, [p.problem for p in hard + pool])
                 picked = baselines.embed_sel(hard, vecs[:len(hard)], pool, vecs[len(hard):],
                                              self.config.stat.sel_questions_per_skill)
@@ -476,7 +473,7 @@ class Demo:
         outputs = [f"finetune/seed{s}/{m}/train.jsonl" for s in d.seeds for m in d.methods]
 
         def run():
-            tokenizer = _tokenizer(self.base_model)
+            tokenizer = load_tokenizer(self.config, self.base_model)
             stats = {}
             for m in d.methods:
                 examples = _examples(self.path(METHOD_FILES[m]))
@@ -537,14 +534,14 @@ class Demo:
             "stat.previous_run": str(self.path("stat")), "stat.previous_student": str(start),
             "stat.heldout_source": str(self.path(f"data/{ROUND2_SPLIT}.jsonl"))})
         teacher = self.offline_teacher(config)
-        run_pipeline(config, resume=True, teacher_backend=teacher, tokenizer=_tokenizer(start),
+        run_pipeline(config, resume=True, teacher_backend=teacher, tokenizer=load_tokenizer(self.config, start),
                      rollout_backend=LazyBackend(lambda: self.server.serve(start)))
         source = run_dir / Path(METHOD_FILES[method]).relative_to("stat")
         settings = {"tokens": d.finetune_tokens, "seed": seed}
 
         def choose():
             examples = _examples(source)
-            tokenizer = _tokenizer(start)
+            tokenizer = load_tokenizer(self.config, start)
             tokens = [example_tokens(tokenizer, e) for e in examples]
             chosen = equal_budget(examples, tokens, d.finetune_tokens, seed=1000 * seed + 17)
             io.write_jsonl(self.path(f"{name}/train.jsonl"), (e.to_dict() for e in chosen))
@@ -904,7 +901,7 @@ def grpo_run_config(config, workdir: Path, start: Path, seed: int, prompts: Path
     workdir, student, seed, prompts and rows sized to them."""
     sub = sub_config(config, workdir, **{"model.path": str(start), "grpo.train_files": (str(prompts),)})
     sub.seed = seed
-    sub.grpo.max_length = grpo_row_length(sub, _tokenizer(start), prompts)
+    sub.grpo.max_length = grpo_row_length(sub, load_tokenizer(config, start), prompts)
     return sub
 
 

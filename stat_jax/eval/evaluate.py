@@ -99,9 +99,13 @@ class EvalSettings:
         if bad:
             raise ValueError(f"eval.headline: {bad} — each benchmark's headline grading is one of {GRADINGS}")
 
+    def headline_grading(self, benchmark: str) -> str:
+        """`benchmark`'s headline grading: "flexible" when eval.headline says so, else "strict"."""
+        return self.headline.get(benchmark, "strict")
+
     def headline_metric(self, benchmark: str) -> str:
         """The summary key that is `benchmark`'s headline figure: pass@1, or pass@1_flexible."""
-        return "pass@1" + (FLEXIBLE_SUFFIX if self.headline.get(benchmark, "strict") == "flexible" else "")
+        return "pass@1" + (FLEXIBLE_SUFFIX if self.headline_grading(benchmark) == "flexible" else "")
 
     def sampling(self, greedy: bool) -> SamplingParams:
         if greedy:

@@ -27,7 +27,7 @@ from stat_jax import sharding
 from stat_jax.errors import ModelNotFoundError
 from stat_jax.models.build import abstract_model, as_dtype
 from stat_jax.models.config import ModelConfig
-from stat_jax.models.dir_check import CheckpointError, safetensors_header  # noqa: F401  (re-exported)
+from stat_jax.models.dir_check import CheckpointError, safetensors_header, weight_files  # noqa: F401  (re-exported)
 from stat_jax.models.transformer import DecoderLM
 
 TOKENIZER_FILES = (
@@ -61,9 +61,10 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 class SafetensorsFile:
     """Zero-copy (memory-mapped) access to the tensors of one safetensors file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, header: tuple[dict[str, Any], int] | None = None):
+        """`header`: (header, data start) as `safetensors_header(path)` read it, checked against the file's size."""
         self.path = path
-        self.header, self._data_start = safetensors_header(path)  # checked against the file's size
+        self.header, self._data_start = header or safetensors_header(path)
         self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
 
     def keys(self):
@@ -149,40 +150,14 @@ def _key_map(cfg: ModelConfig) -> list[tuple[tuple, str, Callable, Callable]]:
 
 
 def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
-    """Maps every tensor name to the (memory-mapped) file holding it."""
+    """Maps every tensor name to the (memory-mapped) file holding it; a damaged layout raises its first problem."""
     if not path.is_dir():
         raise ModelNotFoundError(f"checkpoint directory {path} does not exist")
-    index = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        files: dict[str, SafetensorsFile] = {}
-        out = {}
-        for key, fname in weight_map.items():
-            if fname not in files:
-                fpath = path / fname
-                if not fpath.is_file():
-                    raise ModelNotFoundError(f"{fpath}: listed in {index.name} for {key!r} but missing")
-                files[fname] = SafetensorsFile(fpath)
-            out[key] = files[fname]
-        return out
-    if single.is_file():
-        f = SafetensorsFile(single)
-        return {k: f for k in f.keys()}
-    others = sorted(p.name for p in path.glob("*.safetensors"))
-    if others:  # unusual layout without an index: read them all
-        out = {}
-        for name in others:
-            f = SafetensorsFile(path / name)
-            out.update({k: f for k in f.keys()})
-        return out
-    raise ModelNotFoundError(
-        f"{path}: no model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not "
-        f"supported; convert with `transformers` save_pretrained(safe_serialization=True))"
-    )
+    where, headers, problems = weight_files(path)
+    if problems:
+        raise problems[0]
+    files = {name: SafetensorsFile(path / name, header) for name, header in headers.items()}
+    return {key: files[name] for key, name in where.items()}
 
 
 def _check_no_unexpected_tensors(path: Path, tensors: dict[str, Any], expected: set[str],

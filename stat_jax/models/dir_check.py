@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,12 @@ def _check_offsets(path: Path, header: dict[str, Any], data_bytes: int) -> None:
                                       f"{data_bytes} (cut short)")
 
 
-def weight_files(path: Path) -> tuple[dict[str, str], list[StatJaxError]]:
-    """(tensor name -> file name, problems) from the shard index, else from every *.safetensors file's header."""
+Headers = dict[str, tuple[dict[str, Any], int]]  # file name -> (its safetensors header, its data start)
+
+
+def weight_files(path: Path) -> tuple[dict[str, str], Headers, list[StatJaxError]]:
+    """(tensor name -> file name, each readable file's header, problems), from the shard index, else from every
+    *.safetensors file's header. The one reading of a checkpoint's layout: the preflight and the loader use it."""
     index = path / INDEX_FILE
     if index.is_file():
         return _indexed_weights(path, index)
@@ -112,49 +116,50 @@ def weight_files(path: Path) -> tuple[dict[str, str], list[StatJaxError]]:
         p.name for p in path.glob("*.safetensors"))
     if not names:
         found = sorted(p.name for p in path.glob("*.bin"))[:3]
-        return {}, [ModelNotFoundError(
-            f"{path}: no *.safetensors weights" + (f" (found {found}: PyTorch .bin is not read)" if found else ""),
+        return {}, {}, [ModelNotFoundError(
+            f"{path}: no *.safetensors weights (no model.safetensors, and no {INDEX_FILE})"
+            + (f"; found {found}: PyTorch .bin is not read" if found else ""),
             hint="save the model with transformers' save_pretrained(safe_serialization=True), or "
                  "`stat-jax import-gguf FILE DIR` for a GGUF file")]
-    where, problems = {}, []
+    headers, problems = _read_headers(path, names)
+    return {k: name for name, (header, _) in headers.items() for k in header}, headers, problems
+
+
+def _read_headers(path: Path, names: Sequence[str]) -> tuple[Headers, list[StatJaxError]]:
+    """The headers of the files that read, and one problem per file that does not."""
+    headers: Headers = {}
+    problems: list[StatJaxError] = []
     for name in names:
-        header, problem = _header_or_problem(path / name)
-        if problem:
-            problems.append(problem)
-        where.update({k: name for k in header})
-    return where, problems
+        try:
+            headers[name] = safetensors_header(path / name)
+        except CorruptWeightsError as e:
+            problems.append(e)
+    return headers, problems
 
 
-def _header_or_problem(file: Path) -> tuple[dict[str, Any], StatJaxError | None]:
-    try:
-        return safetensors_header(file)[0], None
-    except CorruptWeightsError as e:
-        return {}, e
+def _missing_shard(path: Path, index: Path, fname: str, weight_map: dict[str, str]) -> ModelNotFoundError:
+    listed = [k for k, f in weight_map.items() if f == fname]
+    return ModelNotFoundError(f"{path}/{fname}: missing, and {index.name} lists {len(listed)} tensors in it "
+                              f"(first: {listed[0]!r})", hint="finish the download (or re-export)")
 
 
-def _indexed_weights(path: Path, index: Path) -> tuple[dict[str, str], list[StatJaxError]]:
+def _indexed_weights(path: Path, index: Path) -> tuple[dict[str, str], Headers, list[StatJaxError]]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        return {}, [CorruptWeightsError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})")]
-    problems: list[StatJaxError] = []
-    headers: dict[str, dict[str, Any]] = {}
-    for fname in sorted(set(weight_map.values())):
-        if not (path / fname).is_file():
-            listed = sum(v == fname for v in weight_map.values())
-            problems.append(ModelNotFoundError(f"{path}/{fname}: missing, and {index.name} lists {listed} "
-                                               "tensors in it", hint="finish the download (or re-export)"))
-            continue
-        headers[fname], problem = _header_or_problem(path / fname)
-        if problem:
-            problems.append(problem)
-    absent = [k for k, f in weight_map.items() if f in headers and headers[f] and k not in headers[f]]
+        return {}, {}, [CorruptWeightsError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})")]
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (path / f).is_file()]
+    problems: list[StatJaxError] = [_missing_shard(path, index, f, weight_map) for f in missing]
+    headers, unreadable = _read_headers(path, [f for f in files if f not in missing])
+    problems += unreadable
+    absent = [k for k, f in weight_map.items() if f in headers and k not in headers[f][0]]
     if absent:
         problems.append(CorruptWeightsError(f"{index}: {len(absent)} tensors it lists are not in their file "
                                             f"(first: {absent[0]!r} in {weight_map[absent[0]]})"))
-    return {k: f for k, f in weight_map.items() if f in headers and k in headers[f]}, problems
+    return {k: f for k, f in weight_map.items() if f in headers and k in headers[f][0]}, headers, problems
 
 
 # ----- what config.json implies ----------------------------------------------------------------------------
@@ -257,12 +262,10 @@ def _transformers_config_problems(path: Path, source: str) -> list[StatJaxError]
     return []
 
 
-def _tensor_problems(path: Path, cfg, where: dict[str, str]) -> list[StatJaxError]:
+def _tensor_problems(path: Path, cfg, where: dict[str, str], file_headers: Headers) -> list[StatJaxError]:
     """Every tensor the model needs, present with the shape and a float dtype config.json implies."""
     expected = expected_hf_tensors(cfg)
-    headers: dict[str, dict[str, Any]] = {}
-    for fname in sorted(set(where.values())):
-        headers[fname] = safetensors_header(path / fname)[0]
+    headers = {name: header for name, (header, _) in file_headers.items()}
     problems: list[StatJaxError] = []
     embed = headers.get(where.get("model.embed_tokens.weight", ""), {}).get("model.embed_tokens.weight")
     if embed and list(embed["shape"]) != list(expected["model.embed_tokens.weight"]):
@@ -290,23 +293,24 @@ def _tensor_problems(path: Path, cfg, where: dict[str, str]) -> list[StatJaxErro
         problems.append(WeightMismatchError(f"{path}: {len(dtypes)} tensors are not stored as floating point "
                                             f"({dtypes[0]}; weights are {'/'.join(WEIGHT_DTYPES)})", hint=RE_EXPORT))
     if not problems and cfg.tie_word_embeddings and "lm_head.weight" in where:
-        problems += _untied_head_problems(path, where)
+        problems += _untied_head_problems(path, where, file_headers)
     return problems
 
 
-def _untied_head_problems(path: Path, where: dict[str, str]) -> list[StatJaxError]:
+def _untied_head_problems(path: Path, where: dict[str, str], headers: Headers) -> list[StatJaxError]:
     """A tied model ignores a stored lm_head.weight: it must equal the embeddings (checked on three rows)."""
-    samples = [_sample_rows(path / where[key], key) for key in ("model.embed_tokens.weight", "lm_head.weight")]
+    samples = [_sample_rows(path / where[key], key, headers[where[key]])
+               for key in ("model.embed_tokens.weight", "lm_head.weight")]
     same = samples[0].shape == samples[1].shape and bool((samples[0] == samples[1]).all())
     return [] if same else _tied_mismatch(path)
 
 
-def _sample_rows(file: Path, key: str):
+def _sample_rows(file: Path, key: str, file_header: tuple[dict[str, Any], int]):
     """The first, middle and last rows of a 2-D tensor, as float32, read through a memory map."""
     import ml_dtypes
     import numpy as np
 
-    header, start = safetensors_header(file)
+    header, start = file_header
     info = header[key]
     dtype = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}[info["dtype"]]
     n, width = info["shape"]
@@ -323,10 +327,10 @@ def _tied_mismatch(path: Path) -> list[StatJaxError]:
 
 def weight_problems(path: Path, cfg) -> list[StatJaxError]:
     """The safetensors files and index, then (when they are sound and config.json parsed) every tensor."""
-    where, problems = weight_files(path)
+    where, headers, problems = weight_files(path)
     if problems or cfg is None or not where:
         return problems
-    return _tensor_problems(path, cfg, where)
+    return _tensor_problems(path, cfg, where, headers)
 
 
 # ----- the tokenizer ------------------------------------------------------------------------------------------

@@ -42,9 +42,9 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in filter(str.strip, path.read_text(encoding="utf-8").splitlines()):
         try:
-            rows.append(json.loads(line)) if line.strip() else None
+            rows.append(json.loads(line))
         except ValueError:
             log.warning("report: %s has a line that is not JSON; it is skipped", path)
     return rows

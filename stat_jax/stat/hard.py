@@ -46,9 +46,6 @@ class Scorer:
         return {}
 
 
-ResponseScorer = Scorer  # the name earlier code used
-
-
 # stat.scorer name -> build(config) -> Scorer
 SCORERS: dict[str, Callable[[Any], Scorer]] = {}
 
@@ -259,9 +256,8 @@ def _accuracy(config) -> AccuracyScorer:
     from stat_jax.eval.evaluate import EvalSettings, flexible_rule
 
     s = config.stat
-    headline = EvalSettings.from_config(config).headline_metric(s.heldout_benchmark)
     return AccuracyScorer(workers=s.grade_workers, timeout=config.eval.grade_timeout,
-                          grading="strict" if headline == "pass@1" else "flexible",
+                          grading=EvalSettings.from_config(config).headline_grading(s.heldout_benchmark),
                           flexible_rule=flexible_rule(s.heldout_benchmark))
 
 

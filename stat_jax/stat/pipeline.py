@@ -800,19 +800,31 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
     return results
 
 
-def _write_teacher_plan(config: Any, run_dir: Path, stages: Sequence[Stage]) -> None:
-    """teacher/plan.json: the dry run's plan for this run's teacher stages and rows, beside the ledger's figures."""
+def _teacher_stage_names(stages: Sequence[Stage]) -> list[str]:
+    return [st.name for st in stages if "teacher.backend" in st.config_keys]
+
+
+def _teacher_plan(config: Any, names: Sequence[str], run_dir: Path,
+                  rows: tuple[list[MathProblem], list[MathProblem]]) -> dict[str, Any]:
+    """The plan (stat/plan.py) of the teacher stages `names` on these training and held-out rows, priced."""
     from stat_jax.stat import plan as plan_mod
 
-    names = [st.name for st in stages if "teacher.backend" in st.config_keys]
+    catalog_file = run_dir / "skills/catalog.json"
+    catalog = io.read_json(catalog_file) if catalog_file.exists() else None
+    summary = plan_mod.plan_summary(plan_mod.plan_teacher(config, *rows, names, catalog), config.teacher)
+    summary["rows"] = {"train": len(rows[0]), "heldout": len(rows[1])}
+    return summary
+
+
+def _write_teacher_plan(config: Any, run_dir: Path, stages: Sequence[Stage]) -> None:
+    """teacher/plan.json: the dry run's plan for this run's teacher stages and rows, beside the ledger's figures."""
+    names = _teacher_stage_names(stages)
     files = (run_dir / "data/train.jsonl", run_dir / "data/heldout.jsonl")
     if not names or not all(f.exists() for f in files):
         return
     try:
-        catalog_file = run_dir / "skills/catalog.json"
-        catalog = io.read_json(catalog_file) if catalog_file.exists() else None
-        rows = plan_mod.plan_teacher(config, _problems(files[0]), _problems(files[1]), names, catalog)
-        io.write_json(run_dir / "teacher" / "plan.json", plan_mod.plan_summary(rows, config.teacher))
+        summary = _teacher_plan(config, names, run_dir, (_problems(files[0]), _problems(files[1])))
+        io.write_json(run_dir / "teacher" / "plan.json", summary)
     except Exception as e:  # noqa: BLE001  (the plan is for the report; it never fails the run)
         log.warning("teacher plan for the report could not be computed: %s: %s", type(e).__name__, e)
 
@@ -895,17 +907,14 @@ def dry_run_teacher_plan(config: Any, stages: Sequence[Stage], run_dir: Path) ->
 
     from stat_jax.stat import plan as plan_mod
 
-    names = [st.name for st in stages if "teacher.backend" in st.config_keys]
+    names = _teacher_stage_names(stages)
     if not names:
         return {"stages": [], "note": "no teacher stage"}
     rows = _dry_run_rows(config, run_dir)
     if isinstance(rows, str):
         print(f"teacher plan: {rows}", file=sys.stderr)
         return {"stages": [], "note": rows}
-    catalog_file = run_dir / "skills/catalog.json"
-    catalog = io.read_json(catalog_file) if catalog_file.exists() else None
-    summary = plan_mod.plan_summary(plan_mod.plan_teacher(config, *rows, names, catalog), config.teacher)
-    summary["rows"] = {"train": len(rows[0]), "heldout": len(rows[1])}
+    summary = _teacher_plan(config, names, run_dir, rows)
     print(plan_mod.format_table(summary), file=sys.stderr)
     plan_mod.check_cap(summary)
     return summary
