@@ -207,6 +207,9 @@ def get_config() -> ConfigDict:
     # STAT pipeline (stat_jax.stat); defaults follow the paper.
     c.stat = ConfigDict()
     c.stat.run_dir = ""  # default: <workdir>/stat
+    # A directory of finished stages shared by runs (stat_jax/stat/stage_cache.py): a stage whose inputs and every
+    # config field it read are unchanged is copied from it, so runs that differ only in later stages profile once.
+    c.stat.stage_cache = ""  # "" = none
     c.stat.stages = ("data", "skills", "label", "rollout", "hard", "diagnose", "profile", "sel", "sft", "eval")
     # Which set the sft stage trains on: sel | syn | sel+syn, or one of the paper's baselines (stat_jax/stat/
     # baselines.py), each built by the stage of its name: math_train (the training questions, dataset solutions;

@@ -173,7 +173,11 @@ def build_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> Config
 
 
 def config_to_dict(config: ConfigDict) -> dict[str, Any]:
-    return json.loads(config.to_json_best_effort())
+    """The whole config as JSON values, for writing down or printing: not a dependency (stat_jax/validity.py)."""
+    from stat_jax import validity
+
+    with validity.unrecorded():
+        return json.loads(config.to_json_best_effort())
 
 
 def sub_config(config: ConfigDict, workdir: str | Path, **overrides: Any) -> ConfigDict:

@@ -258,7 +258,7 @@ def _check_run(config: Any, args: Any) -> list[StatJaxError]:
                 problems += check_benchmark_file(bench, source, key)
     if "sft" in names:
         problems += check_sft_files(config.data.train_files, "data.train_files")
-    teacher_stages = sorted(st.name for st in pending if "teacher.backend" in st.config_keys)
+    teacher_stages = sorted(st.name for st in pending if st.uses_teacher)
     if teacher_stages:
         problems += [_with_key(p, f"stages {', '.join(teacher_stages)}")
                      for p in check_teacher_credentials(config.teacher)]
@@ -273,7 +273,7 @@ def _stage_up_to_date(pipeline: Any, config: Any, stage: Any) -> bool:
     try:
         ctx = pipeline.StageContext(config, run_dir)
         inputs = pipeline._inputs_for(stage, ctx)
-        return pipeline.io.stage_is_done(run_dir, stage.name, pipeline._select(config, stage.config_keys), inputs)
+        return pipeline.io.stage_is_done(run_dir, stage.name, config, inputs, ctx.context_values())
     except Exception as e:  # noqa: BLE001  (a check must never stop a run; the stage itself will report)
         log.debug("preflight: could not tell whether stage %s is done: %s", stage.name, e)
         return False

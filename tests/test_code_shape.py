@@ -39,7 +39,8 @@ def test_the_scan_finds_a_call_to_main(tmp_path):
 
 # Layers, lowest first: a module may import its own layer and the ones below, never one above.
 LAYERS = [
-    {"errors", "progress", "hardware", "config", "sharding", "supervisor", "distributed", "lengths", "data", "models"},
+    {"errors", "progress", "hardware", "config", "validity", "sharding", "supervisor", "distributed", "lengths", "data",
+     "models"},
     {"teacher", "rollout", "eval"},
     {"train"},
     {"stat"},

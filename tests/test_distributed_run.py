@@ -38,7 +38,7 @@ def test_two_process_rollout_stage_writes_the_single_process_responses_once(tmp_
     assert len(responses) == len(heldout) and all(len(r["responses"]) == 3 for r in responses)
     assert any(text for r in responses for text in r["responses"])  # the random student wrote something
     assert (rd / "rollout/responses.jsonl").read_text() == (single_rd / "rollout/responses.jsonl").read_text()
-    (partial,) = (rd / "rollout").glob("partial-*.jsonl")
+    partial = rd / "rollout/partial.jsonl"
     assert [r["id"] for r in io.read_jsonl(partial)] == [r["id"] for r in responses]  # each row once
     assert io.read_json(rd / "rollout/manifest.json")["stage"] == "rollout"
     assert fake.count() == 0  # neither stage asks the teacher

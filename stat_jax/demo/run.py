@@ -35,7 +35,8 @@ from stat_jax.models.student import load_tokenizer
 from stat_jax.progress import progress_bar
 from stat_jax.rollout.base import RolloutBackend
 from stat_jax.stat import io
-from stat_jax.stat.pipeline import Stage, StageContext, run_pipeline, run_stage
+from stat_jax import validity
+from stat_jax.stat.pipeline import Stage, StageContext, prepare_subrun, run_pipeline, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,12 @@ GRPO_SPLIT = task.LAST_SPLIT  # fresh GRPO prompts, generated after every other 
 
 
 # ----- small helpers -------------------------------------------------------------------------------------------
-def _step(ctx: StageContext, name: str, settings: dict[str, Any], inputs: Sequence[str], outputs: Sequence[str],
+def _step(ctx: StageContext, name: str, inputs: Sequence[str], outputs: Sequence[str],
           run: Callable[[], dict[str, Any] | None]) -> str:
     """Runs one demo step as a pipeline Stage, through the pipeline's stage runner: skipped when its manifest
-    (settings, input and output hashes) says it is done, else run and recorded."""
-    stage = Stage(name, lambda _ctx: run(), tuple(inputs), tuple(outputs), config_keys=(),
-                  settings=lambda _ctx: settings)
-    return run_stage(stage, ctx)
+    (the config fields `run` read, input and output hashes) says it is done, else run and recorded. So `run`
+    reads every setting it uses from the demo's config itself (a value read before it would not be noted)."""
+    return run_stage(Stage(name, lambda _ctx: run(), tuple(inputs), tuple(outputs)), ctx)
 
 
 def _model_record(export: Path) -> dict[str, Any]:
@@ -155,7 +155,7 @@ def make_initial_student(config, out_dir: Path) -> dict[str, Any]:
 
 
 def train(config, workdir: Path, init_model: Path, files: Sequence[Path], *, steps: int, batch_size: int,
-          lr: float, seed: int) -> Path:
+          lr: float, seed: int, resume: bool = True) -> Path:
     """SFT through `stat_jax.train.sft.train_sft` (the real trainer); returns the HF export directory.
 
     steps=0 means one epoch over `files` (the equal-budget sets): with packed rows, equal tokens give equal steps.
@@ -168,7 +168,7 @@ def train(config, workdir: Path, init_model: Path, files: Sequence[Path], *, ste
     sub.train.epochs = 1.0
     sub.train.batch_size = batch_size
     sub.train.learning_rate = lr
-    result = train_sft(sub, None, workdir, resume=True)
+    result = train_sft(sub, None, workdir, resume=resume)
     if result.get("preempted"):
         raise RuntimeError(f"SFT in {workdir} was stopped at step {result['steps']}; re-run the demo to resume")
     return Path(result["export_dir"])
@@ -184,17 +184,21 @@ class StudentServer:
         self.tokenizer = None
         self.pool = None
         self.serving: Path | None = None
+        self._built_reads: dict[str, Any] = {}  # the config fields read to build the backend
 
     def serve(self, model_dir: Path):
         from stat_jax.models.student import load_model
         from stat_jax.rollout import make_rollout_backend
 
+        validity.replay(self._built_reads)  # every step that samples through it depends on how it was built
         if self.serving == model_dir:
             return self.backend
         model = load_model(self.config, model_dir)
         if self.backend is None:
-            self.tokenizer = load_tokenizer(self.config, model_dir)
-            self.backend = make_rollout_backend(self.config, model, self.tokenizer)
+            with validity.reads() as built:
+                self.tokenizer = load_tokenizer(self.config, model_dir)
+                self.backend = make_rollout_backend(self.config, model, self.tokenizer)
+            self._built_reads = built.values
         else:
             self.backend.update_params(model)
         self.serving = model_dir
@@ -236,8 +240,8 @@ class Demo:
     """The steps of the demo over one work directory."""
 
     def __init__(self, config):
-        self.config = config
-        self.d = config.demo
+        self.config = validity.watch(config)  # the steps' reads are noted: what decides whether a step re-runs
+        self.d = self.config.demo
         self.root = Path(config.workdir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.server = StudentServer(config)
@@ -248,24 +252,26 @@ class Demo:
         return self.root / name
 
     # data -------------------------------------------------------------------------------------------------
-    def data(self) -> str:
+    def split_sizes(self) -> dict[str, int]:
         d = self.d
         sizes = {"train": d.train_size, "heldout": d.heldout_size, "test": d.test_size}
         if d.round2_methods:
             sizes[ROUND2_SPLIT] = d.round2_heldout_size
         if self.config.grpo.steps > 0 and d.grpo_prompt_source == "fresh":
             sizes[GRPO_SPLIT] = self.grpo_prompt_count()
-        skill_map_size = d.skill_map_size or d.train_size  # 0: every train question
-        if skill_map_size > d.train_size:
-            raise ValueError(f"demo.skill_map_size={d.skill_map_size} is larger than demo.train_size={d.train_size}; "
-                             "use at most train_size (0 = the whole train split)")
-        settings = {"seed": self.config.seed, "sizes": list(sizes.values()),
-                    "rare": list(d.rare_skills), "rare_weight": d.rare_weight, "skill_map_size": skill_map_size,
-                    "instruction": self.config.eval.instruction}
-        outputs = [f"data/{name}.jsonl" for name in sizes] + ["data/original_mix.jsonl", "stat/data/train.jsonl",
-                                                               "stat/data/heldout.jsonl"]
+        return sizes
+
+    def data(self) -> str:
+        d = self.d
+        if d.skill_map_size > d.train_size:  # before any file is written
+            raise ValueError(f"demo.skill_map_size={d.skill_map_size} is larger than demo.train_size="
+                             f"{d.train_size}; use at most train_size (0 = the whole train split)")
+        outputs = [f"data/{name}.jsonl" for name in self.split_sizes()] + [
+            "data/original_mix.jsonl", "stat/data/train.jsonl", "stat/data/heldout.jsonl"]
 
         def run():
+            d, sizes = self.d, self.split_sizes()
+            skill_map_size = d.skill_map_size or d.train_size  # 0: every train question
             splits = task.make_splits(self.config.seed, sizes, {s: d.rare_weight for s in d.rare_skills})
             for name, rows in splits.items():
                 io.write_jsonl(self.path(f"data/{name}.jsonl"), (p.to_dict() for p in rows))
@@ -278,39 +284,34 @@ class Demo:
             io.write_jsonl(self.path("stat/data/heldout.jsonl"), (p.to_dict() for p in splits["heldout"]))
             return {k: len(v) for k, v in splits.items()}
 
-        return _step(self.ctx, "data", settings, [], outputs, run)
+        return _step(self.ctx, "data", [], outputs, run)
 
     # student ----------------------------------------------------------------------------------------------
     def student(self) -> str:
         """The base student: the shipped checkpoint when it was built from these settings, else pre-trained here."""
-        d = self.d
         shipped = self.shipped_student()
         if shipped is not None:
             def use_shipped():
+                self.shipped_student()  # notes the settings the shipped build must match
                 io.write_json(self.path("student/base.json"), _model_record(shipped))
                 return {"shipped": str(shipped)}
 
-            settings = {"shipped": self.student_settings(), "weights": _model_record(shipped)["weights_sha256"]}
-            return _step(self.ctx, "student/base", settings, [], ["student/base.json"], use_shipped)
-        init_settings = {"seed": self.config.seed, "arch": [d.hidden_size, d.num_layers, d.num_heads, d.max_seq_len]}
-        _step(self.ctx, "student/init", init_settings, [], ["student/init/config.json"],
+            weights = [str(w) for w in sorted(shipped.glob("*.safetensors"))]  # absolute: outside the workdir
+            return _step(self.ctx, "student/base", weights, ["student/base.json"], use_shipped)
+        _step(self.ctx, "student/init", [], ["student/init/config.json"],
               lambda: make_initial_student(self.config, self.path("student/init")))
-        settings = {**init_settings, "steps": d.pretrain_steps, "batch": d.pretrain_batch_size, "lr": d.pretrain_lr,
-                    **self.trainer_settings()}
 
         def run():
             start = time.monotonic()
-            # Named by the data too (the trainer would refuse a resume over other rows): train_size and the
-            # instruction change the mix without changing these settings.
-            key = io.json_hash([settings, io.file_hash(self.path("data/original_mix.jsonl"))])[:10]
-            export = train(self.config, self.path(f"student/pretrain-{key}"),
-                           self.path("student/init"),
+            d = self.d
+            resume = prepare_subrun(self.ctx, "student/base", ("sft",))  # another attempt's checkpoints: removed
+            export = train(self.config, self.path("student/base/sft"), self.path("student/init"),
                            [self.path("data/original_mix.jsonl")], steps=d.pretrain_steps,
-                           batch_size=d.pretrain_batch_size, lr=d.pretrain_lr, seed=self.config.seed)
+                           batch_size=d.pretrain_batch_size, lr=d.pretrain_lr, seed=self.config.seed, resume=resume)
             io.write_json(self.path("student/base.json"), _model_record(export))
             return {"seconds": round(time.monotonic() - start, 1)}
 
-        return _step(self.ctx, "student/base", settings, ["data/original_mix.jsonl", "student/init/config.json"],
+        return _step(self.ctx, "student/base", ["data/original_mix.jsonl", "student/init/config.json"],
                      ["student/base.json"], run)
 
     def student_settings(self) -> dict[str, Any]:
@@ -367,14 +368,6 @@ class Demo:
         io.write_json(out / "build.json", record)
         return record
 
-    def trainer_settings(self) -> dict[str, Any]:
-        """The trainer's config sections: changing any of them retrains. As in the trainer's own resume check
-        (stat_jax/train/sft.py), remat and attention blocks are left out: they change how a step is computed, not
-        what it computes."""
-        out = {k: self.config[k].to_dict() for k in ("model", "data", "train")}
-        out["model"] = {k: v for k, v in out["model"].items() if k not in ("remat", "attention_block")}
-        return out
-
     @property
     def base_model(self) -> Path:
         return Path(io.read_json(self.path("student/base.json"))["model"])
@@ -406,15 +399,13 @@ class Demo:
         from stat_jax.demo import baselines
         from stat_jax.models.student import load_model
 
-        d = self.d
-        wanted = [m for m in d.methods if m in BASELINES]
+        wanted = [m for m in self.d.methods if m in BASELINES]
         if not wanted:
             return "skipped"
-        settings = {"methods": wanted, "per_question": self.config.stat.sel_questions_per_skill,
-                    "instruction": self.config.eval.instruction}
         inputs = ["stat/data/train.jsonl", "stat/hard/hard.jsonl", "student/base.json"]
 
         def run():
+            wanted = [m for m in self.d.methods if m in BASELINES]
             pool = _problems(self.path("stat/data/train.jsonl"))
             instruction = self.config.eval.instruction
             stats = {}
@@ -436,7 +427,7 @@ class Demo:
                                       "unique_questions": len({s["problem"].id for s in picked})}
             return stats
 
-        return _step(self.ctx, "baselines", settings, inputs, [METHOD_FILES[m] for m in wanted], run)
+        return _step(self.ctx, "baselines", inputs, [METHOD_FILES[m] for m in wanted], run)
 
     def grpo_prompt_count(self) -> int:
         g = self.config.grpo
@@ -450,26 +441,22 @@ class Demo:
         base student saw every train question ~5 times in pre-training and answers them far better than new
         ones, so their groups are mostly all right and teach little); "train": balanced picks from the train split.
         """
-        d = self.d
-        n = self.grpo_prompt_count()
-        source = d.grpo_prompt_source
-        settings = {"n": n, "seed": self.config.seed, "source": source}
-        source_file = f"data/{GRPO_SPLIT}.jsonl" if source == "fresh" else "data/train.jsonl"
+        source_file = f"data/{GRPO_SPLIT}.jsonl" if self.d.grpo_prompt_source == "fresh" else "data/train.jsonl"
 
         def run():
+            n, source = self.grpo_prompt_count(), self.d.grpo_prompt_source
             rows = _problems(self.path(source_file))
             chosen = rows[:n] if source == "fresh" else balanced_picks(rows, n, f"grpo-prompts:{self.config.seed}")
             io.write_jsonl(self.path("grpo/prompts.jsonl"), (p.to_dict() for p in chosen))
             return {"prompts": len(chosen), "unique": len({p.id for p in chosen}), "source": source_file}
 
-        return _step(self.ctx, "grpo/prompts", settings, [source_file], ["grpo/prompts.jsonl"], run)
+        return _step(self.ctx, "grpo/prompts", [source_file], ["grpo/prompts.jsonl"], run)
 
     # fine-tuning -------------------------------------------------------------------------------------------
     def finetune_sets(self) -> str:
         """Per seed and method, the training examples that fill exactly the same token budget."""
         d = self.d
-        inputs = [METHOD_FILES[m] for m in d.methods]
-        settings = {"seeds": list(d.seeds), "methods": list(d.methods), "tokens": d.finetune_tokens}
+        inputs = [METHOD_FILES[m] for m in d.methods] + ["student/base.json"]
         outputs = [f"finetune/seed{s}/{m}/train.jsonl" for s in d.seeds for m in d.methods]
 
         def run():
@@ -486,7 +473,7 @@ class Demo:
                                              "skill_shares": skill_shares(chosen)}
             return stats
 
-        return _step(self.ctx, "finetune/sets", settings, inputs, outputs, run)
+        return _step(self.ctx, "finetune/sets", inputs, outputs, run)
 
     def finetune(self, seed: int, method: str) -> Path:
         return self._finetune(f"finetune/seed{seed}/{method}", "student/base.json", seed)
@@ -494,20 +481,17 @@ class Demo:
     def _finetune(self, name: str, start_record: str, seed: int) -> Path:
         """SFT on `name`/train.jsonl from the student `start_record` names; writes `name`/model.json."""
         train_file = self.path(f"{name}/train.jsonl")
-        settings = {"seed": seed, **self.trainer_settings()}  # train.learning_rate / batch_size among them
 
         def run():
-            # The trainer's directory is named by the settings: a killed run resumes its own checkpoints, and a
-            # changed setting starts fresh instead of resuming another run's.
+            # A killed attempt's checkpoints are resumed only when it read the same settings and inputs.
+            resume = prepare_subrun(self.ctx, f"{name}/train", ("sft",))
             start = Path(io.read_json(self.path(start_record))["model"])
-            workdir = self.path(f"{name}/sft-{io.json_hash([settings, io.file_hash(train_file), str(start)])[:10]}")
             t = self.config.train
-            export = train(self.config, workdir, start, [train_file], steps=0, batch_size=t.batch_size,
-                           lr=t.learning_rate, seed=seed)
+            export = train(self.config, self.path(f"{name}/train/sft"), start, [train_file], steps=0,
+                           batch_size=t.batch_size, lr=t.learning_rate, seed=seed, resume=resume)
             io.write_json(self.path(f"{name}/model.json"), _model_record(export))
 
-        _step(self.ctx, f"{name}/train", settings, [f"{name}/train.jsonl", start_record],
-              [f"{name}/model.json"], run)
+        _step(self.ctx, f"{name}/train", [f"{name}/train.jsonl", start_record], [f"{name}/model.json"], run)
         return Path(io.read_json(self.path(f"{name}/model.json"))["model"])
 
     # continual STAT ----------------------------------------------------------------------------------------
@@ -537,8 +521,6 @@ class Demo:
         run_pipeline(config, resume=True, teacher_backend=teacher, tokenizer=load_tokenizer(self.config, start),
                      rollout_backend=LazyBackend(lambda: self.server.serve(start)))
         source = run_dir / Path(METHOD_FILES[method]).relative_to("stat")
-        settings = {"tokens": d.finetune_tokens, "seed": seed}
-
         def choose():
             examples = _examples(source)
             tokenizer = load_tokenizer(self.config, start)
@@ -548,7 +530,7 @@ class Demo:
             return {"examples": len(chosen), "unique_source": len(examples),
                     "tokens": sum(example_tokens(tokenizer, e) for e in chosen), "skill_shares": skill_shares(chosen)}
 
-        _step(self.ctx, f"{name}/set", settings, [source.relative_to(self.root).as_posix()],
+        _step(self.ctx, f"{name}/set", [source.relative_to(self.root).as_posix(), start_record],
               [f"{name}/train.jsonl"], choose)
         self._finetune(name, start_record, seed)
         return f"{name}/model.json"
@@ -558,18 +540,17 @@ class Demo:
         from stat_jax.train import grpo as grpo_mod
 
         name = f"finetune/seed{seed}/{method}"
-        settings = {"grpo": self.config.grpo.to_dict(), "seed": seed}
 
         def run():
-            # Named by the prompts' contents too: the trainer's own resume check sees only their path.
+            resume = prepare_subrun(self.ctx, f"{name}/grpo", ("run",))  # another attempt's checkpoints: removed
             prompts = self.path("grpo/prompts.jsonl")
-            workdir = self.path(f"{name}/grpo-{io.json_hash([settings, str(start), io.file_hash(prompts)])[:10]}")
+            workdir = self.path(f"{name}/grpo/run")
             sub = grpo_run_config(self.config, workdir, start, seed, prompts)
             # GRPO samples through the demo's one compiled backend (it swaps the policy's weights in each step);
             # afterwards the backend holds GRPO's weights, so the next serve() must load its model again.
             backend = self.server.serve(start)
             try:
-                result = grpo_mod.train_grpo(sub, workdir=sub.workdir, resume=True, backend=backend)
+                result = grpo_mod.train_grpo(sub, workdir=sub.workdir, resume=resume, backend=backend)
             finally:
                 self.server.serving = None
             if result["preempted"]:
@@ -583,7 +564,7 @@ class Demo:
                      for r in io.read_jsonl(Path(result["metrics_path"])) if "reward_mean" in r]
             io.write_json(self.path(f"{name}/grpo_curve.json"), curve)
 
-        _step(self.ctx, f"{name}/grpo", settings, [f"{name}/model.json", "grpo/prompts.jsonl"],
+        _step(self.ctx, f"{name}/grpo", [f"{name}/model.json", "grpo/prompts.jsonl"],
               [f"{name}/grpo_model.json", f"{name}/grpo_curve.json"], run)
         return Path(io.read_json(self.path(f"{name}/grpo_model.json"))["model"])
 
@@ -593,15 +574,14 @@ class Demo:
         split = self.d.eval_split
         if split not in ("test", "heldout"):
             raise ValueError(f"demo.eval_split={split!r}: use 'test' (the table) or 'heldout' (choosing settings)")
-        test = _problems(self.path(f"data/{split}.jsonl"))
         out = self.path(f"{name}/eval" + ("" if split == "test" else f"-{split}"))
-        settings = {"eval": self.config.eval.to_dict(), "split": split}
 
         def run():
+            test = _problems(self.path(f"data/{self.d.eval_split}.jsonl"))
             model = Path(io.read_json(self.path(model_file))["model"])
             return self.server.evaluate(model, out, test)
 
-        _step(self.ctx, out.relative_to(self.root).as_posix(), settings, [f"data/{split}.jsonl", model_file],
+        _step(self.ctx, out.relative_to(self.root).as_posix(), [f"data/{split}.jsonl", model_file],
               [f"{out.relative_to(self.root).as_posix()}/per_skill.json"], run)
         return io.read_json(out / "per_skill.json")
 

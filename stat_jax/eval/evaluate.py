@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from stat_jax import validity
 from stat_jax.data.grader import (FLEXIBLE_RULES, NO_BOXED, STRICT_RULE, TIMEOUT, WORKER_DIED, GradeResult,
                                   GraderPool)
 from stat_jax.data.prompting import DEFAULT_DATE_STRING, DEFAULT_INSTRUCTION, render_prompts
@@ -192,8 +193,9 @@ def _grade_chunk(runs, problems, prompts, settings, pool, benchmark) -> list[dic
 
 def _settings_fingerprint(benchmark: str, problems: Sequence[MathProblem], settings: EvalSettings,
                           few_shot: Sequence[MathProblem], model: str) -> dict[str, Any]:
+    # Speed (validity.NOT_RESULT_FIELDS) and presentation (which grading the summary leads with) are left out.
     numeric = {k: v for k, v in dataclasses.asdict(settings).items()
-               if k not in ("grade_workers", "chunk_size", "headline")}  # speed and presentation, not numbers
+               if not validity.is_how(f"eval.{k}") and k != "headline"}
     ids = hashlib.sha256("\n".join(p.id + "\t" + p.answer for p in problems).encode()).hexdigest()[:16]
     return {"benchmark": benchmark, "questions": len(problems), "questions_hash": ids, "model": model,
             "few_shot_ids": [p.id for p in few_shot], "flexible_rule": flexible_rule(benchmark), **numeric}

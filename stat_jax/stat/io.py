@@ -1,8 +1,8 @@
 """Run-directory files for the STAT stages: atomic JSON/JSONL writes, hashes, and per-stage manifests.
 
-A stage is finished when `<stage>/manifest.json` exists and records the same stage config and input
-hashes as now, and every output it lists still has the recorded hash. Anything else re-runs the stage
-(teacher answers come back from the cache, so a re-run costs nothing).
+A stage is finished when `<stage>/manifest.json` exists, none of the config fields it read has changed
+since (stat_jax/validity.py), its inputs hash the same, and every output it lists still has the recorded
+hash. Anything else re-runs the stage (teacher answers come back from the cache, so a re-run costs nothing).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from stat_jax import validity
 from stat_jax.errors import RunStateMissingError
 from stat_jax.teacher.cache import atomic_write_text
 
@@ -71,14 +72,16 @@ def _hashes(run_dir: Path, names: Sequence[str]) -> dict[str, str]:
     return {name: file_hash(run_dir / name) for name in names}
 
 
-def stage_is_done(run_dir: Path, stage: str, stage_config: Any, inputs: Sequence[str]) -> bool:
-    """True when the stage's manifest matches the current config and inputs and its outputs are intact."""
+def stage_is_done(run_dir: Path, stage: str, config: Any, inputs: Sequence[str],
+                  context: Mapping[str, Any] | None = None) -> bool:
+    """True when the stage's manifest says it is still valid: none of the config fields it read has changed
+    (`validity.changed`; "@name" values against `context`), its inputs hash the same and its outputs are intact."""
     manifest_path = run_dir / stage / MANIFEST
     if not manifest_path.exists():
         return False
     try:
         manifest = read_json(manifest_path)
-        if manifest.get("config_hash") != json_hash(stage_config):
+        if "reads" not in manifest or validity.changed(manifest["reads"], config, context):
             return False
         if manifest.get("inputs") != _hashes(run_dir, inputs):
             return False
@@ -87,29 +90,36 @@ def stage_is_done(run_dir: Path, stage: str, stage_config: Any, inputs: Sequence
         return False
 
 
-def write_manifest(run_dir: Path, stage: str, stage_config: Any, inputs: Sequence[str], outputs: Sequence[str],
-                   extra: Mapping[str, Any] | None = None) -> None:
+def write_manifest(run_dir: Path, stage: str, reads: Mapping[str, Any], inputs: Sequence[str],
+                   outputs: Sequence[str], extra: Mapping[str, Any] | None = None) -> None:
     missing = [n for n in outputs if not (run_dir / n).exists()]
     if missing:
         raise RuntimeError(f"stage {stage!r} finished without writing {missing} under {run_dir}")
     write_json(run_dir / stage / MANIFEST, {
-        "stage": stage, "config": stage_config, "config_hash": json_hash(stage_config),
-        "inputs": _hashes(run_dir, inputs), "outputs": _hashes(run_dir, outputs),
+        "stage": stage, "reads": dict(reads), "inputs": _hashes(run_dir, inputs), "outputs": _hashes(run_dir, outputs),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(dict(extra) if extra else {}),
     })
 
 
-def run_recorded(run_dir: Path, stage: str, stage_config: Any, inputs: Sequence[str], outputs: Sequence[str],
-                 run: Callable[[], Mapping[str, Any] | None], *, write: bool = True) -> dict[str, Any]:
-    """Runs one stage and records its manifest (config, input and output hashes, stats, seconds).
+def input_hashes(run_dir: Path, inputs: Sequence[str]) -> dict[str, str]:
+    return _hashes(run_dir, inputs)
+
+
+def run_recorded(run_dir: Path, stage: str, inputs: Sequence[str], outputs: Sequence[str],
+                 run: Callable[[], Mapping[str, Any] | None], *, write: bool = True,
+                 on_read: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Runs one stage with a `validity.reads` log open and records its manifest: the config fields it read (and
+    the "@name" values it replayed), input and output hashes, stats, seconds.
 
     The one way a stage of `stat-jax run` and a step of `stat-jax demo` is run: the callers decide, with
     `stage_is_done`, whether it needs to run; `write=False` is a process of a multi-host job other than
-    process 0, which runs its share but leaves the manifest to process 0.
+    process 0, which runs its share but leaves the manifest to process 0. `on_read(reads)` sees each new read
+    (the caller keeps an attempt record with it, so a killed stage's partial work is judged by the same rule).
     """
     start = time.monotonic()
-    stats = dict(run() or {})
+    with validity.reads(on_new=on_read) as log:
+        stats = dict(run() or {})
     if write:
-        write_manifest(run_dir, stage, stage_config, inputs, outputs,
+        write_manifest(run_dir, stage, log.values, inputs, outputs,
                        extra={"stats": stats, "seconds": round(time.monotonic() - start, 3)})
     return stats

@@ -1,16 +1,17 @@
 """`stat-jax run`: the STAT pipeline as a list of stages over one run directory.
 
-Each stage reads files written by earlier stages and writes its own files plus `<stage>/manifest.json`
-(the stage's config, input hashes, output hashes). A stage whose manifest still matches is skipped, so
-re-running after a crash, a budget stop or a config change redoes only what changed; teacher answers come
-from the cache, so redoing a teacher stage costs nothing. Teacher stages run on process 0 only; the other
-processes of a multi-host job wait for the manifest and read the files.
+Each stage reads files written by earlier stages and writes its own files plus `<stage>/manifest.json`: the
+config fields it read with their values (stat_jax/validity.py notes them; nobody lists them), input hashes, output
+hashes. A stage whose manifest still holds is skipped, so re-running after a crash, a budget stop or a config
+change redoes only what changed; teacher answers come from the cache, so redoing a teacher stage costs nothing.
+With `stat.stage_cache`, finished stages are shared between runs (stat_jax/stat/stage_cache.py). Teacher
+stages run on process 0 only; the other processes of a multi-host job wait for the manifest and read the files.
 
     data -> skills -> label -> rollout -> hard -> diagnose -> profile -> sel / syn -> sft -> eval [-> grpo -> eval]
 
 The last four stages run `stat-jax sft / eval / grpo / eval` in <run_dir>/<stage>/ (models exported to sft/hf and
-grpo/hf, GRPO prompts default to data/train.jsonl); they resume only work started from the same config and
-inputs, and remove work left there by other ones.
+grpo/hf, GRPO prompts default to data/train.jsonl); they resume only work whose attempt read the same settings
+and inputs (<stage>/attempt.json), and remove work left there by other ones.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stat_jax import errors
+from stat_jax import errors, validity
 from stat_jax.config import sub_config
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.stat import baselines as baselines_mod
@@ -34,6 +35,7 @@ from stat_jax.stat import io
 from stat_jax.stat import profile as profile_mod
 from stat_jax.stat import sel as sel_mod
 from stat_jax.stat import skills as skills_mod
+from stat_jax.stat import stage_cache
 from stat_jax.stat import syn as syn_mod
 from stat_jax.teacher.base import TeacherBackend
 
@@ -53,16 +55,35 @@ class StageContext:
     tokenizer: Any = None
     scorer: Any = None  # a hard.Scorer; built from config.stat.scorer (hard.SCORERS) when None
     resume: bool = True
+    # The record of this stage's previous attempt (<stage>/attempt.json: its reads and input hashes), read by
+    # run_stage before the stage starts: whether work a killed attempt left may be continued (`attempt_is_same`).
+    previous_attempt: dict[str, Any] | None = None
     _teacher: Any = None
     _owns_rollout_backend: bool = False
+    _built_reads: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def _shared(self, name: str, build: Callable[[], Any]) -> Any:
+        """An object stages share (built by the first one that asks): every stage that uses it depends on the
+        config fields read to build it, so they are noted again for each (validity.replay)."""
+        if getattr(self, name) is None:
+            with validity.reads() as log:
+                setattr(self, name, build())
+            self._built_reads[name] = log.values
+        validity.replay(self._built_reads.get(name, {}))
+        return getattr(self, name)
+
+    def context_values(self) -> dict[str, Any]:
+        """The "@name" values a stage may depend on that are not config fields: injected objects' identities."""
+        return {"@teacher_backend": getattr(self.teacher_backend, "backend_id", None),
+                "@scorer": type(self.scorer).__name__ if self.scorer is not None else None}
 
     @property
     def teacher(self):
-        if self._teacher is None:
-            from stat_jax.teacher.build import build_teacher_client
+        from stat_jax.teacher.build import build_teacher_client
 
-            self._teacher = build_teacher_client(self.config, self.run_dir, self.teacher_backend)
-        return self._teacher
+        if self.teacher_backend is not None:  # an injected backend (the demo's offline teacher) is named by its id
+            validity.replay({"@teacher_backend": self.teacher_backend.backend_id})
+        return self._shared("_teacher", lambda: build_teacher_client(self.config, self.run_dir, self.teacher_backend))
 
     def path(self, name: str) -> Path:
         return self.run_dir / name
@@ -71,22 +92,30 @@ class StageContext:
     def instruction(self) -> str:
         return self.config.stat.instruction or self.config.eval.instruction
 
-    def student_tokenizer(self):
-        if self.tokenizer is None:
-            from stat_jax.models.student import load_tokenizer
+    def _note_student(self) -> None:
+        """An injected tokenizer or backend stands for the config's student: a stage using it depends on the
+        fields that name that student, as when it is loaded from them."""
+        m = self.config.model
+        _ = (m.path, m.get("tokenizer_path"), m.dtype, m.param_dtype)
 
-            self.tokenizer = load_tokenizer(self.config)
-        return self.tokenizer
+    def student_tokenizer(self):
+        from stat_jax.models.student import load_tokenizer
+
+        self._note_student()
+        return self._shared("tokenizer", lambda: load_tokenizer(self.config))
 
     def student_backend(self):
-        if self.rollout_backend is None:
-            from stat_jax.models.student import load_model
+        from stat_jax.models.student import load_model
+
+        def build():
             from stat_jax.rollout import make_rollout_backend  # heavy: only when the student generates
 
             tokenizer = self.student_tokenizer()  # first: it says what to pass when model.path is unset
-            self.rollout_backend = make_rollout_backend(self.config, load_model(self.config), tokenizer)
             self._owns_rollout_backend = True
-        return self.rollout_backend
+            return make_rollout_backend(self.config, load_model(self.config), tokenizer)
+
+        self._note_student()
+        return self._shared("rollout_backend", build)
 
     def release_student_backend(self) -> None:
         """Closes a backend this context built, so its weights and KV cache leave the devices before training."""
@@ -104,23 +133,11 @@ class Stage:
     run: Callable[[StageContext], dict[str, Any] | None]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    config_keys: tuple[str, ...]  # dotted config fields that change this stage's result
+    uses_teacher: bool = False  # its calls are planned and priced by the dry run, and need credentials
+    cacheable: bool = True  # False: its files point into its own run directory (trained models): no stage cache
     process0_only: bool = True  # False: every process takes part (device work), process 0 writes
     # Inputs known only at run time (SFT: the sets stat.method names), after `inputs`.
     more_inputs: Callable[[StageContext], tuple[str, ...]] | None = None
-    # What changes the result when config fields alone do not say it (the demo's steps: a student's weight
-    # hash, a seed of the grid); None: the `config_keys` fields.
-    settings: Callable[[StageContext], dict[str, Any]] | None = None
-
-
-def _select(config: Any, keys: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for key in keys:
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        out[key] = node.to_dict() if hasattr(node, "to_dict") else (list(node) if isinstance(node, tuple) else node)
-    return out
 
 
 def _problems(path: Path) -> list[MathProblem]:
@@ -308,9 +325,10 @@ def stage_rollout(ctx: StageContext) -> dict[str, Any]:
     heldout, prompts = [heldout[i] for i in kept], [prompts[i] for i in kept]
     sampling = SamplingParams(temperature=s.rollout_temperature, top_p=s.rollout_top_p,
                               max_new_tokens=s.rollout_max_new_tokens, seed=ctx.config.seed)
-    # Partial rows are reused by prompt only, so the file is named by everything else that shapes a response:
-    # an interrupted run with other sampling settings or another student never leaks into this one.
-    partial = ctx.path(f"rollout/partial-{_stage_key(ctx, 'rollout')[:12]}.jsonl")
+    # Partial rows are reused by prompt only: an interrupted attempt's rows are kept only when that attempt read
+    # the same settings and inputs (another student or other sampling settings never leak into this one).
+    prepare_subrun(ctx, "rollout", ("partial.jsonl",))
+    partial = ctx.path("rollout/partial.jsonl")
     try:
         rows = sample_responses(ctx.student_backend(), heldout, prompts, sampling, s.rollout_samples, partial,
                                 chunk_size=s.rollout_chunk_size)
@@ -336,6 +354,8 @@ def stage_hard(ctx: StageContext) -> dict[str, Any]:
         raise ValueError(f"{ctx.path('rollout/responses.jsonl')} lacks {len(missing)} held-out questions "
                          f"(first: {missing[0]}); re-run the rollout stage")
     responses = [rows[p.id]["responses"] for p in heldout]
+    if ctx.scorer is not None:
+        validity.replay({"@scorer": ctx.context_values()["@scorer"]})
     scorer = ctx.scorer if ctx.scorer is not None else hard_mod.build_scorer(ctx.config)
     rule, uses_labels = scorer.hard_rule(s), bool(scorer.uses_labels)
     log.info("stage hard: rule %s%s", rule, " (uses the reference answers: labels)" if uses_labels else
@@ -430,23 +450,24 @@ def _sub_config(ctx: StageContext, workdir: str):
     return sub_config(ctx.config, ctx.path(workdir))
 
 
-def _stage_key(ctx: StageContext, name: str) -> str:
-    """Hash of a stage's config and input files: what its result is a function of."""
-    stage = next(s for s in pipeline_stages() if s.name == name)
-    inputs = {n: io.file_hash(ctx.path(n)) for n in _inputs_for(stage, ctx)}
-    return io.json_hash({"config": _select(ctx.config, stage.config_keys), "inputs": inputs})
+def attempt_is_same(ctx: StageContext) -> bool:
+    """Whether the previous attempt of the running stage (finished or killed) read the same values of every
+    config field it read, and had the same inputs: only then may its partial work be continued."""
+    attempt = ctx.previous_attempt
+    if not attempt or "reads" not in attempt:
+        return False
+    return (attempt.get("inputs") == io.input_hashes(ctx.run_dir, attempt.get("input_names", []))
+            and not validity.changed(attempt["reads"], ctx.config, ctx.context_values()))
 
 
-def _prepare_subrun(ctx: StageContext, name: str, stale: Sequence[str]) -> tuple[str, bool]:
-    """(stage key, whether the trainer/evaluator may resume the work in <run_dir>/<name>).
+def prepare_subrun(ctx: StageContext, name: str, stale: Sequence[str]) -> bool:
+    """Whether the trainer/evaluator may resume the work in <run_dir>/<name>.
 
-    Only work started from the same config and inputs may continue. Work for other inputs is stale: its
-    checkpoints, results and export (`stale`, relative to the stage directory) are removed, because the
-    trainers' own resume check sees the same file paths and would otherwise continue or return it.
+    Only work started from the same config and inputs may continue (`attempt_is_same`). Work for other inputs
+    is stale: its checkpoints, results and export (`stale`, relative to the stage directory) are removed,
+    because the trainers' own resume check sees the same file paths and would otherwise continue or return it.
     """
-    key = _stage_key(ctx, name)
-    key_file = ctx.path(f"{name}/stage_key.json")
-    same = key_file.exists() and io.read_json(key_file).get("key") == key
+    same = attempt_is_same(ctx)
     if not same and _is_process0():
         for rel in stale:
             path = ctx.path(f"{name}/{rel}")
@@ -455,12 +476,11 @@ def _prepare_subrun(ctx: StageContext, name: str, stale: Sequence[str]) -> tuple
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-        io.write_json(key_file, {"key": key})
     if _multi_process():
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"stat-{name}-prepared")  # nobody reads what process 0 removes
-    return key, same and ctx.resume
+    return same and ctx.resume
 
 
 def _check_preempted(result: dict[str, Any], what: str, workdir: Path) -> None:
@@ -469,8 +489,9 @@ def _check_preempted(result: dict[str, Any], what: str, workdir: Path) -> None:
                            "re-run `stat-jax run --resume` to continue it")
 
 
-def _done_record(ctx: StageContext, name: str, key: str, result_file: str) -> dict[str, Any]:
-    """<stage>/done.json: the exported model, and the stage key so later stages re-run when it is retrained."""
+def _done_record(ctx: StageContext, name: str, result_file: str) -> dict[str, Any]:
+    """<stage>/done.json: the exported model, and a key of what made it (its reads, inputs and weights), so later
+    stages re-run when it is retrained."""
     if not _is_process0():
         # Process 0 may still be writing the export and the result file; run_stage waits for its manifest.
         return {}
@@ -479,6 +500,7 @@ def _done_record(ctx: StageContext, name: str, key: str, result_file: str) -> di
         raise RuntimeError(f"stage {name!r} finished but {export}/config.json is missing: the trainer's HF export "
                            f"did not land where the pipeline set it; see {ctx.path(f'{name}/{result_file}')}")
     result = io.read_json(ctx.path(f"{name}/{result_file}"))
+    key = io.json_hash(sorted(io.file_hash(w) for w in export.glob("*.safetensors")))  # what eval reads
     record = {"model": str(export), "stage_key": key, "steps": result.get("steps")}
     if "final_loss" in result:
         record["final_loss"] = result["final_loss"]
@@ -490,18 +512,18 @@ def stage_sft(ctx: StageContext) -> dict[str, Any]:
     """SFT of the student on the STAT set with `train_sft` (its own checkpoints and resume)."""
     from stat_jax.train import sft
 
-    key, resume = _prepare_subrun(ctx, "sft", ("checkpoints", "hf", "sft_result.json", "done.json"))
+    resume = prepare_subrun(ctx, "sft", ("checkpoints", "hf", "sft_result.json", "done.json"))
     config = _sub_config(ctx, "sft")
     config.data.train_files = tuple(str(ctx.path(f)) for f in _sft_files(ctx))
     config.train.export_dir = str(ctx.path("sft/hf"))  # explicit: done.json and the eval stage read it there
     _check_preempted(sft.train_sft(config, workdir=config.workdir, resume=resume), "SFT", ctx.path("sft"))
-    return _done_record(ctx, "sft", key, "sft_result.json")
+    return _done_record(ctx, "sft", "sft_result.json")
 
 
 def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
     from stat_jax.eval import evaluate
 
-    _, resume = _prepare_subrun(ctx, name, ("summary.json",))
+    resume = prepare_subrun(ctx, name, ("summary.json",))
     config = _sub_config(ctx, name)
     config.model.path = io.read_json(ctx.path(model_file))["model"]
     config.eval.out_dir = str(ctx.path(name))
@@ -542,7 +564,7 @@ def stage_grpo(ctx: StageContext) -> dict[str, Any]:
     from stat_jax.lengths import check_config_lengths
     from stat_jax.train import grpo
 
-    key, resume = _prepare_subrun(ctx, "grpo", ("checkpoints", "hf", "grpo_result.json", "done.json"))
+    resume = prepare_subrun(ctx, "grpo", ("checkpoints", "hf", "grpo_result.json", "done.json"))
     config = _sub_config(ctx, "grpo")
     config.model.path = io.read_json(ctx.path("sft/done.json"))["model"]
     config.grpo.train_files = tuple(str(ctx.path(f)) for f in _grpo_prompt_files(ctx))
@@ -550,7 +572,7 @@ def stage_grpo(ctx: StageContext) -> dict[str, Any]:
     config.grpo.instruction = ctx.config.grpo.instruction or ctx.instruction
     check_config_lengths(config, "grpo")
     _check_preempted(grpo.train_grpo(config, workdir=config.workdir, resume=resume), "GRPO", ctx.path("grpo"))
-    return _done_record(ctx, "grpo", key, "grpo_result.json")
+    return _done_record(ctx, "grpo", "grpo_result.json")
 
 
 def stage_eval_grpo(ctx: StageContext) -> dict[str, Any]:
@@ -558,78 +580,43 @@ def stage_eval_grpo(ctx: StageContext) -> dict[str, Any]:
     return {"benchmarks": _evaluate(ctx, "eval_grpo", "grpo/done.json")}
 
 
-_DATA_KEYS = ("stat.train_benchmark", "stat.train_source", "stat.train_limit", "stat.heldout_benchmark",
-              "stat.heldout_source", "stat.heldout_limit", "stat.heldout_size", "stat.heldout_seed",
-              "stat.heldout_exclude", "stat.on_bad_row", "eval.paths", "eval.fields", "eval.on_bad_row")
-# Which prompts the rollout engine can run (the others are skipped and counted, or stop the stage).
-_LENGTH_KEYS = ("rollout.max_prefill_length", "rollout.max_target_length", "rollout.truncate_long_prompts",
-                "rollout.on_long_prompt")
-_TEACHER_KEYS = ("teacher.backend", "teacher.model", "teacher.max_output_tokens", "teacher.max_output_tokens_by_task",
-                 "teacher.thinking_budget_by_task")
-_PROMPT_KEYS = ("stat.instruction", "eval.instruction", "eval.system_prompt", "eval.date_string")
-_STUDENT_KEYS = ("model.tokenizer_path", "model.dtype", "model.param_dtype")  # model.path is the stage's input
-_ROUND_KEYS = ("stat.round", "stat.previous_run")  # a continual round reuses the previous run's catalog
-_EVAL_KEYS = ("seed", "eval", "stat.heldout_size", "stat.heldout_benchmark") + _STUDENT_KEYS + _LENGTH_KEYS
-_BASELINE_KEYS = _PROMPT_KEYS + ("seed", "stat.baseline_size", "stat.sel_target_size")
-_BASELINE_ANSWER_KEYS = _TEACHER_KEYS + ("stat.sel_answer_source", "stat.sel_answers_per_question",
-                                         "stat.sel_answer_filter")
-
+# Which config fields make each stage's result is not listed here: the stage runner notes the fields each stage
+# reads (stat_jax/validity.py) and reuses a result only while they are unchanged.
 STAGES: tuple[Stage, ...] = (
-    Stage("data", stage_data, (), ("data/train.jsonl", "data/heldout.jsonl"), _DATA_KEYS),
+    Stage("data", stage_data, (), ("data/train.jsonl", "data/heldout.jsonl")),
     Stage("skills", stage_skills, ("data/train.jsonl",), ("skills/proposed.jsonl", "skills/catalog.json"),
-          _TEACHER_KEYS + _ROUND_KEYS + ("seed", "stat.skills_sample_per_subject", "stat.propose_max_skills",
-                                         "stat.catalog_max_skills")),
+          uses_teacher=True),
     Stage("label", stage_label, ("data/train.jsonl", "skills/catalog.json"), ("label/skill_map.jsonl",),
-          _TEACHER_KEYS + _ROUND_KEYS + ("stat.label_max_skills",)),
-    Stage("rollout", stage_rollout, ("data/heldout.jsonl",), ("rollout/responses.jsonl",),
-          _PROMPT_KEYS + _STUDENT_KEYS + ("seed", "model.path", "eval.use_chat_template", "stat.rollout_samples",
-                          "stat.rollout_temperature", "stat.rollout_top_p", "stat.rollout_max_new_tokens")
-          + _LENGTH_KEYS, process0_only=False),
-    Stage("hard", stage_hard, ("data/heldout.jsonl", "rollout/responses.jsonl"), ("hard/scores.jsonl", "hard/hard.jsonl"),
-          ("seed", "stat.scorer", "stat.num_hard", "stat.hard_threshold", "stat.consistency_min_agree",
-           "stat.heldout_benchmark", "eval.headline", "stat.prm_format", "stat.prm_path",
-           "stat.prm_rule", "stat.prm_last_step_threshold", "stat.prm_mean_threshold",
-           "stat.prm_earlier_step_threshold", "stat.prm_dtype", "stat.prm_max_length")),
+          uses_teacher=True),
+    Stage("rollout", stage_rollout, ("data/heldout.jsonl",), ("rollout/responses.jsonl",), process0_only=False),
+    Stage("hard", stage_hard, ("data/heldout.jsonl", "rollout/responses.jsonl"),
+          ("hard/scores.jsonl", "hard/hard.jsonl")),
     Stage("diagnose", stage_diagnose, ("hard/hard.jsonl", "skills/catalog.json"), ("diagnose/diagnoses.jsonl",),
-          _TEACHER_KEYS + ("stat.diagnose_min_skills", "stat.diagnose_max_skills")),
-    Stage("profile", stage_profile, ("diagnose/diagnoses.jsonl",), ("profile/profile.json", "profile/profile.png"), ()),
-    Stage("sel", stage_sel, ("diagnose/diagnoses.jsonl", "label/skill_map.jsonl"), ("sel/stat_sel.jsonl", "sel/stats.json"),
-          _TEACHER_KEYS + _PROMPT_KEYS + ("seed", "stat.sel_questions_per_skill", "stat.sel_answers_per_question",
-                                          "stat.sel_answer_source", "stat.sel_answer_filter",
-                                          "stat.sel_target_size")),
+          uses_teacher=True),
+    Stage("profile", stage_profile, ("diagnose/diagnoses.jsonl",), ("profile/profile.json", "profile/profile.png")),
+    Stage("sel", stage_sel, ("diagnose/diagnoses.jsonl", "label/skill_map.jsonl"),
+          ("sel/stat_sel.jsonl", "sel/stats.json"), uses_teacher=True),
     Stage("syn", stage_syn, ("diagnose/diagnoses.jsonl", "label/skill_map.jsonl", "hard/hard.jsonl",
                              "skills/catalog.json"),
-          ("syn/stat_syn.jsonl", "syn/questions.jsonl", "syn/stats.json"),
-          _TEACHER_KEYS + _PROMPT_KEYS + ("seed", "teacher.temperature", "stat.syn_reference_questions",
-                                          "stat.syn_new_questions", "stat.syn_solutions", "stat.syn_min_agree",
-                                          "stat.syn_target_size")),
+          ("syn/stat_syn.jsonl", "syn/questions.jsonl", "syn/stats.json"), uses_teacher=True),
     # The paper's baselines at STAT-Sel's budget (stat_jax/stat/baselines.py), chosen with stat.method.
     Stage("math_train", baselines_mod.stage_math_train, ("data/train.jsonl",),
-          (baselines_mod.METHOD_FILES["math_train"], "math_train/stats.json"), _BASELINE_KEYS),
+          (baselines_mod.METHOD_FILES["math_train"], "math_train/stats.json")),
     Stage("math_hard", baselines_mod.stage_math_hard, ("data/train.jsonl",),
           (baselines_mod.METHOD_FILES["math_hard"], "math_hard/ratings.jsonl", "math_hard/stats.json"),
-          _BASELINE_KEYS + _BASELINE_ANSWER_KEYS + ("stat.math_hard_rating", "stat.math_hard_top_levels",
-                                                    "stat.math_hard_share", "stat.prm_format", "stat.prm_path",
-                                                    "stat.prm_dtype", "stat.prm_max_length")),
+          uses_teacher=True),
     Stage("embed_sel", baselines_mod.stage_embed_sel, ("data/train.jsonl", "hard/hard.jsonl"),
-          (baselines_mod.METHOD_FILES["embed_sel"], "embed_sel/stats.json"),
-          _BASELINE_KEYS + _BASELINE_ANSWER_KEYS + _STUDENT_KEYS + ("model.path", "stat.embed_model",
-                                                                    "stat.embed_per_question", "stat.embed_max_tokens")),
+          (baselines_mod.METHOD_FILES["embed_sel"], "embed_sel/stats.json"), uses_teacher=True),
     Stage("embed_syn", baselines_mod.stage_embed_syn, ("data/train.jsonl", "hard/hard.jsonl"),
           (baselines_mod.METHOD_FILES["embed_syn"], "embed_syn/questions.jsonl", "embed_syn/stats.json"),
-          _BASELINE_KEYS + _TEACHER_KEYS + _STUDENT_KEYS + (
-              "model.path", "stat.embed_model", "stat.embed_max_tokens", "teacher.temperature",
-              "stat.embed_syn_requests_per_question", "stat.syn_reference_questions", "stat.syn_new_questions",
-              "stat.syn_solutions", "stat.syn_min_agree")),
-    Stage("sft", stage_sft, (), ("sft/done.json",), ("seed", "stat.method", "model", "data", "train",
-                                                     "eval.date_string"),
-          process0_only=False, more_inputs=lambda ctx: tuple(_sft_files(ctx))),
-    Stage("eval", stage_eval, ("sft/done.json",), ("eval/summary.json",), _EVAL_KEYS, process0_only=False),
-    Stage("grpo", stage_grpo, ("sft/done.json",), ("grpo/done.json",),
-          _PROMPT_KEYS + _STUDENT_KEYS + ("seed", "grpo", "eval.use_chat_template"), process0_only=False,
+          uses_teacher=True),
+    Stage("sft", stage_sft, (), ("sft/done.json",), process0_only=False, cacheable=False,
+          more_inputs=lambda ctx: tuple(_sft_files(ctx))),
+    Stage("eval", stage_eval, ("sft/done.json",), ("eval/summary.json",), process0_only=False, cacheable=False),
+    Stage("grpo", stage_grpo, ("sft/done.json",), ("grpo/done.json",), process0_only=False, cacheable=False,
           more_inputs=lambda ctx: _grpo_prompt_files(ctx)),
-    Stage("eval_grpo", stage_eval_grpo, ("grpo/done.json",), ("eval_grpo/summary.json",), _EVAL_KEYS,
-          process0_only=False),
+    Stage("eval_grpo", stage_eval_grpo, ("grpo/done.json",), ("eval_grpo/summary.json",), process0_only=False,
+          cacheable=False),
 )
 # The baseline stages build another training set (stat.method=<name>); a STAT run's stages are the others.
 BASELINE_STAGE_NAMES = tuple(baselines_mod.METHOD_FILES)
@@ -685,18 +672,9 @@ def _inputs_for(stage: Stage, ctx: StageContext) -> tuple[str, ...]:
     return stage.inputs + (stage.more_inputs(ctx) if stage.more_inputs else ())
 
 
-def _settings_for(stage: Stage, ctx: StageContext) -> dict[str, Any]:
-    if stage.settings is not None:
-        return stage.settings(ctx)
-    stage_config = _select(ctx.config, stage.config_keys)
-    if "teacher.backend" in stage.config_keys and ctx.teacher_backend is not None:
-        # An injected backend (e.g. the demo's offline teacher) is named by its id, which covers its settings.
-        stage_config["teacher.backend_id"] = ctx.teacher_backend.backend_id
-    return stage_config
-
-
 def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
     """Runs one stage unless its manifest says it is done; returns "done", "skipped" or "waited"."""
+    ctx.config = validity.watch(ctx.config)  # the fields the stage reads are noted (its manifest keeps them)
     inputs = _inputs_for(stage, ctx)
     missing = [n for n in inputs if not ctx.path(n).exists()]
     if missing:
@@ -704,32 +682,66 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
         order = f" (order: {', '.join(STAGE_NAMES)})" if stage in pipeline_stages() else ""
         raise errors.RunStateMissingError(f"stage {stage.name!r} needs {missing} under {ctx.run_dir}: run the "
                                           f"stages before it{order}")
-    stage_config = _settings_for(stage, ctx)
-    if not force and io.stage_is_done(ctx.run_dir, stage.name, stage_config, inputs):
+    context = ctx.context_values()
+    if not force and io.stage_is_done(ctx.run_dir, stage.name, ctx.config, inputs, context):
         log.info("stage %s: up to date, skipped", stage.name)
         return "skipped"
+    cache = _stage_cache(ctx, stage)
+    if cache and not force and (entry := stage_cache.lookup(cache, stage.name, ctx.run_dir, inputs, ctx.config,
+                                                             context)):
+        if _is_process0():
+            stage_cache.restore(entry, ctx.run_dir, stage.name)
+        log.info("stage %s: copied from the stage cache (%s)", stage.name, entry)
+        return "cached"
     if stage.process0_only and _multi_process() and not _is_process0():
-        _wait_for(stage, ctx, stage_config, inputs)
+        _wait_for(stage, ctx, inputs)
         return "waited"
     log.info("stage %s: running", stage.name)
     start = time.monotonic()
+    attempt_file = ctx.path(f"{stage.name}/attempt.json")
+    ctx.previous_attempt = _read_attempt(attempt_file)
+    hashes = io.input_hashes(ctx.run_dir, inputs)
+
+    def record_attempt(reads: dict[str, Any]) -> None:  # kept current, so a killed attempt is judged too
+        if _is_process0():
+            io.write_json(attempt_file, {"reads": reads, "inputs": hashes, "input_names": list(inputs)})
+
     try:
-        stats = io.run_recorded(ctx.run_dir, stage.name, stage_config, inputs, stage.outputs,
-                                lambda: stage.run(ctx), write=_is_process0())
+        record_attempt({})
+        stats = io.run_recorded(ctx.run_dir, stage.name, inputs, stage.outputs, lambda: stage.run(ctx),
+                                write=_is_process0(), on_read=record_attempt)
     except Exception as e:
         e.add_note(f"stage {stage.name!r} failed; its files are under {ctx.path(stage.name)}")
         raise
+    finally:
+        ctx.previous_attempt = None
     if _multi_process() and not stage.process0_only and not _is_process0():
-        _wait_for(stage, ctx, stage_config, inputs)
+        _wait_for(stage, ctx, inputs)
+    if cache and _is_process0():
+        stage_cache.store(cache, stage.name, ctx.run_dir)
     log.info("stage %s: done in %.1fs %s", stage.name, time.monotonic() - start, json.dumps(stats, default=str)[:300])
     return "done"
 
 
-def _wait_for(stage: Stage, ctx: StageContext, stage_config: Any, inputs: Sequence[str]) -> None:
+def _stage_cache(ctx: StageContext, stage: Stage) -> Path | None:
+    """stat.stage_cache (a directory shared by runs), when set and the stage can be cached."""
+    with validity.unrecorded():  # where results are kept, not what they are
+        where = ctx.config.stat.get("stage_cache", "") if hasattr(ctx.config, "stat") else ""
+    return Path(where) if where and stage.cacheable else None
+
+
+def _read_attempt(path: Path) -> dict[str, Any] | None:
+    try:
+        return io.read_json(path) if path.exists() else None
+    except ValueError:  # cut short by a kill while it was written: no attempt to continue
+        return None
+
+
+def _wait_for(stage: Stage, ctx: StageContext, inputs: Sequence[str]) -> None:
     timeout = ctx.config.stat.wait_timeout_s
     deadline = time.monotonic() + timeout
     log.info("stage %s: waiting for process 0 to write %s", stage.name, ctx.path(stage.name) / io.MANIFEST)
-    while not io.stage_is_done(ctx.run_dir, stage.name, stage_config, inputs):
+    while not io.stage_is_done(ctx.run_dir, stage.name, ctx.config, inputs, ctx.context_values()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"stage {stage.name!r}: process 0 did not finish within {timeout}s "
                                f"(stat.wait_timeout_s); is {ctx.run_dir} on storage every host shares?")
@@ -801,7 +813,7 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
 
 
 def _teacher_stage_names(stages: Sequence[Stage]) -> list[str]:
-    return [st.name for st in stages if "teacher.backend" in st.config_keys]
+    return [st.name for st in stages if st.uses_teacher]
 
 
 def _teacher_plan(config: Any, names: Sequence[str], run_dir: Path,

@@ -32,7 +32,6 @@ included, weight_sync_s alone) and train_tokens_per_s (old/reference log-probs a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import json
@@ -50,7 +49,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from stat_jax import sharding
-from stat_jax.config import config_hash, config_to_dict, write_resolved_config
+from stat_jax import validity
+from stat_jax.config import write_resolved_config
 from stat_jax.data.records import MathProblem
 from stat_jax.lengths import PromptLimit, check_config_lengths, drop_long_prompts
 from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
@@ -324,20 +324,6 @@ def _validate(g) -> None:
             raise ValueError(message)
 
 
-def _fingerprint(config, data_hash: str) -> str:
-    """Hash of what must not change across a resume (model, GRPO settings and prompts, seed; not mesh or logging)."""
-    # Memory settings (micro-batches, budget, loss chunks, remat, attention blocks) change how the update is
-    # computed, not what.
-    memory_keys = ("micro_batches", "memory_budget_gb", "memory_fraction", "loss_chunk_tokens")
-    grpo = {k: v for k, v in config_to_dict(config.grpo).items() if k not in memory_keys}
-    model = {k: v for k, v in config_to_dict(config.model).items() if k not in ("remat", "attention_block")}
-    keep = {"model": model, "grpo": grpo, "seed": config.seed, "rows": data_hash}
-    lcfg = lora.LoraConfig.from_config(config.train.get("lora"))
-    if lcfg.enabled:  # full fine-tuning keeps the hash it had before adapters existed
-        keep["lora"] = dataclasses.asdict(lcfg)
-    return config_hash(keep)
-
-
 def grpo_prompt_ids(config, tokenizer, problems: Sequence[MathProblem]) -> list[list[int]]:
     """Token ids of each problem's GRPO prompt: eval's chat rendering with `grpo.instruction` (or eval's)."""
     from stat_jax.data.prompting import render_prompt
@@ -360,6 +346,14 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     variants of the engine's kernels and of the adapter merge that this run added, one each when no weight swap
     recompiled.
     """
+    config = validity.watch(config)
+    with validity.reads() as reads:  # a finished run or a checkpoint is reused while these are unchanged
+        return _train_grpo(config, problems, workdir, resume, backend, reward_fn, mesh, reads)
+
+
+def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | Path | None, resume: bool,
+                backend: RolloutBackend | None, reward_fn: RewardFn | None, mesh: Mesh | None,
+                reads: validity.Reads) -> dict[str, Any]:
     from stat_jax.data.stop_tokens import end_token_id
     from stat_jax.models.config import ModelConfig
     from stat_jax.models.hub import resolve_model_path
@@ -382,8 +376,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
     if not problems:
         raise ValueError("grpo: the problem list is empty")
     data_hash = loop.rows_hash(problems, leave_out=("source",))  # the file a prompt came from: moving it changes none
-    fingerprint = _fingerprint(config, data_hash)
-    if resume and (done := loop.finished_result(result_path, export_dir, fingerprint)) is not None:
+    if resume and (done := loop.finished_result(result_path, export_dir, config, data_hash)) is not None:
         return done
     if resume:
         loop.check_resume_rows(workdir / "checkpoints", data_hash, "grpo")
@@ -441,7 +434,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
         ref_params = (jax.tree.map(jnp.zeros_like, initial_params) if policy.adapters
                       else reference_params(initial_params, config.model.dtype))
     state, _, latest = loop.restore_or_init(ckpt, abstract_train_state, state_sh, tx, lambda: initial_params,
-                                            fingerprint, "grpo")
+                                            config, "grpo")
     del initial_params
     if latest is not None:
         if int(jax.device_get(state["step"])) != latest * mu:
@@ -473,7 +466,7 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
                            is_writer=is_writer)
 
     def meta() -> dict[str, Any]:
-        return {"data_hash": data_hash, "fingerprint": fingerprint, "total_steps": total_steps,
+        return {"data_hash": data_hash, "reads": dict(reads.values), "total_steps": total_steps,
                 **policy.checkpoint_meta()}
 
     def step_fn(step: int, state: dict):
@@ -528,7 +521,8 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
 
     result = {"export_dir": str(export_dir), "metrics_path": str(workdir / "metrics.jsonl"),
               "checkpoint_dir": str(workdir / "checkpoints"), "steps": int(jax.device_get(state["step"])) // mu,
-              "total_steps": total_steps, "preempted": preempted, "fingerprint": fingerprint, "last_metrics": last,
+              "total_steps": total_steps, "preempted": preempted, "data_hash": data_hash, "reads": dict(reads.values),
+              "last_metrics": last,
               "prompts": len(problems), **long_prompts}
     if own_backend:  # one compiled program each for the whole run, weight swaps included
         engine = {k: v - engine_before.get(k, 0) for k, v in getattr(backend, "compilation_counts", dict)().items()}

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from stat_jax import sharding
+from stat_jax import sharding, validity
 from stat_jax.errors import CheckpointsExistError, WorkdirError
 from stat_jax.models import lora, transformer
 from stat_jax.train import memory as train_memory
@@ -334,14 +334,15 @@ def check_resume_rows(checkpoint_dir: Path, data_hash: str, name: str) -> None:
 
 
 def restore_or_init(ckpt: CheckpointManager, abstract_train_state: dict, state_sh: dict, tx,
-                    init_params: Callable[[], dict], fingerprint: str, name: str) -> tuple[dict, dict, int | None]:
+                    init_params: Callable[[], dict], config: Any, name: str) -> tuple[dict, dict, int | None]:
     """(state, meta, latest step or None): the latest checkpoint, or a fresh state from `init_params()`."""
     latest = ckpt.latest_step()
     if latest is not None:
         state, meta = ckpt.restore(abstract_train_state)
-        if meta.get("fingerprint") != fingerprint:
-            log.warning("%s: resuming %s with a changed config (hash %s -> %s)", name, ckpt.directory,
-                        meta.get("fingerprint"), fingerprint)
+        diff = validity.changed(meta.get("reads", {}), config)
+        if diff or "reads" not in meta:
+            log.warning("%s: resuming %s with a changed config (%s)", name, ckpt.directory,
+                        validity.describe(diff) if diff else "the checkpoint does not record what it read")
         return state, meta, latest
     params = init_params()
     opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
@@ -359,11 +360,12 @@ def latest_checkpoint_meta(directory: Path) -> dict:
     return {}
 
 
-def finished_result(result_path: Path, export_dir: Path, fingerprint: str) -> dict | None:
-    """The result of a run that already finished with this fingerprint (resume is then a no-op), else None."""
+def finished_result(result_path: Path, export_dir: Path, config: Any, data_hash: str) -> dict | None:
+    """The result of a run that already finished on these rows and read the same values of every config field
+    it read (stat_jax/validity.py): resume is then a no-op. Else None."""
     if result_path.exists() and (export_dir / "config.json").exists():
         done = json.loads(result_path.read_text())
-        if done.get("fingerprint") == fingerprint:
+        if done.get("data_hash") == data_hash and "reads" in done and not validity.changed(done["reads"], config):
             return done
     return None
 

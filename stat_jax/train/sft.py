@@ -29,7 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from stat_jax import sharding
-from stat_jax.config import ConfigError, config_hash, config_to_dict, write_resolved_config
+from stat_jax import validity
+from stat_jax.config import ConfigError, write_resolved_config
 from stat_jax.data import sft_data
 from stat_jax.data.records import SFTExample
 from stat_jax.train import chunked_loss, loop
@@ -192,22 +193,6 @@ def _check_batch_divides_mesh(micro_rows: int, mesh: Mesh) -> None:
                     micro_rows, ways)
 
 
-def _run_fingerprint(config, data_hash: str) -> str:
-    """Hash of what must not change across a resume (model, data and its rows, optimizer; not mesh or logging)."""
-    d = config_to_dict(config)
-    keep = {k: d.get(k) for k in ("seed", "model", "data")}
-    keep["rows"] = data_hash  # the files' contents: the same paths can hold other rows
-    keep["train"] = {k: v for k, v in d.get("train", {}).items()
-                     if k not in ("checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every",
-                                  "export_dir", "export_dtype", "tensorboard", "grad_accum_steps",
-                                  "memory_budget_gb", "memory_fraction", "loss_chunk_tokens")}
-    # remat and attention blocks change how the step is computed (memory), not what
-    keep["model"] = {k: v for k, v in (keep["model"] or {}).items() if k not in ("remat", "attention_block")}
-    if not int((keep["train"].get("lora") or {}).get("rank", 0)):
-        keep["train"].pop("lora", None)  # full fine-tuning keeps the hash it had before adapters existed
-    return config_hash(keep)
-
-
 latest_checkpoint_meta = loop.latest_checkpoint_meta
 
 
@@ -219,7 +204,17 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     `examples_or_path`: SFTExample/dict records, a JSON/JSONL path (or list of them), or None for
     config.data.train_files / config.data.dataset. Result keys: export_dir, metrics_path, checkpoint_dir,
     steps, final_loss, preempted (and adapter_dir with train.lora.rank > 0).
+
+    A finished run is returned again and a checkpoint resumed (resume=True) while the rows and every config field
+    the run read are unchanged (stat_jax/validity.py: the checkpoints and the result keep those reads).
     """
+    config = validity.watch(config)
+    with validity.reads() as reads:
+        return _train_sft(config, examples_or_path, workdir, resume, mesh, reads)
+
+
+def _train_sft(config, examples_or_path, workdir: str | Path | None, resume: bool, mesh: Mesh | None,
+               reads: validity.Reads) -> dict[str, Any]:
     from stat_jax.models.config import ModelConfig
     from stat_jax.models.hub import resolve_model_path
 
@@ -230,8 +225,7 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     result_path = workdir / "sft_result.json"
     examples = _examples(config, examples_or_path)
     data_hash = loop.rows_hash(examples)
-    fingerprint = _run_fingerprint(config, data_hash)
-    if resume and (done := loop.finished_result(result_path, export_dir, fingerprint)) is not None:
+    if resume and (done := loop.finished_result(result_path, export_dir, config, data_hash)) is not None:
         log.info("sft: %s already finished (step %s); nothing to do", workdir, done.get("steps"))
         return done
     if resume:
@@ -268,7 +262,7 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
         else (None, None)
     frozen = loaded[1]
     state, restored_meta, latest = loop.restore_or_init(ckpt, abstract_train_state, state_sh, tx, lambda: loaded[0],
-                                                        fingerprint, "sft")
+                                                        config, "sft")
     del loaded
     if latest is not None:
         batches.restore(restored_meta["data"])
@@ -289,7 +283,7 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
              dict(mesh.shape), step_memory.describe())
 
     def meta() -> dict[str, Any]:
-        return {"data": batches.state(), "data_hash": data_hash, "fingerprint": fingerprint,
+        return {"data": batches.state(), "data_hash": data_hash, "reads": dict(reads.values),
                 "total_steps": total_steps, **policy.checkpoint_meta()}
 
     def step_fn(step: int, state: dict):
@@ -318,7 +312,8 @@ def train_sft(config, examples_or_path=None, workdir: str | Path | None = None, 
     end_step = int(jax.device_get(state["step"]))
     result = {"export_dir": str(export_dir), "metrics_path": str(metrics_path), "checkpoint_dir": str(ckpt.directory),
               "steps": end_step, "total_steps": total_steps, "final_loss": last.get("loss"), "preempted": preempted,
-              "fingerprint": fingerprint, "examples": len(tokenized), "dropped_examples": dropped,
+              "data_hash": data_hash, "reads": dict(reads.values), "examples": len(tokenized),
+              "dropped_examples": dropped,
               "micro_batches": micro, "step_memory_gb": step_memory.peak / train_memory.GB}
     return loop.finish(result, policy, state["params"], frozen, export_dir=export_dir, workdir=workdir,
                        result_path=result_path, tokenizer_source=tokenizer_path, dtype=config.train.export_dtype)

@@ -79,10 +79,10 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(quick_demo):
         record = results["round2"][f"seed{seed}/stat_sel"]["round"]  # paths relative to the workdir
         assert workdir / record["student"] == Path(round1["model"]) and record["previous_run"] == "stat"
         rollout = json.loads((run / "stat/rollout/manifest.json").read_text())
-        assert rollout["config"]["model.path"] == round1["model"]
+        assert rollout["reads"]["model.path"] == round1["model"]
         responses = [json.loads(line)["id"] for line in (run / "stat/rollout/responses.jsonl").read_text().splitlines()]
         assert sorted(responses) == sorted(round2_ids)
-        trainer = json.loads(next(run.glob("sft-*/config.json")).read_text())
+        trainer = json.loads((run / "train/sft/config.json").read_text())
         assert trainer["model"]["path"] == round1["model"]
         assert round2["weights_sha256"] != round1["weights_sha256"]
         set_tokens = results["round2"][f"seed{seed}/stat_sel"]["set"]["tokens"]

@@ -121,20 +121,6 @@ def test_a_skill_map_larger_than_the_train_split_is_refused_before_any_work(tmp_
     assert not (tmp_path / "demo" / "data").exists()
 
 
-def test_recomputing_activations_does_not_retrain_but_a_model_change_does(tmp_path):
-    from stat_jax.config import load_config_file
-
-    def settings(**model):
-        c = load_config_file("configs/demo.py:quick")
-        c.workdir = str(tmp_path)
-        for k, v in model.items():
-            c.model[k] = v
-        return run.Demo(c).trainer_settings()
-
-    assert settings(remat="none") == settings(remat="full")
-    assert settings(dtype="bfloat16") != settings()
-
-
 def test_fresh_grpo_prompts_are_new_balanced_questions_and_change_no_other_split():
     sizes = {"train": 300, "heldout": 40, "test": 50, run.ROUND2_SPLIT: 30}
     without = task.make_splits(0, sizes)
@@ -209,7 +195,7 @@ def test_a_users_grpo_and_train_overrides_reach_the_demos_trainers(tmp_path, mon
 
     seen = {}
 
-    def fake_train(config, workdir, init_model, files, *, steps, batch_size, lr, seed):
+    def fake_train(config, workdir, init_model, files, *, steps, batch_size, lr, seed, resume=True):
         seen.update(lr=lr, batch_size=batch_size)
         (workdir / "hf").mkdir(parents=True)
         return workdir / "hf"

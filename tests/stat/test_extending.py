@@ -24,7 +24,7 @@ def stage_shortest(ctx: pipeline.StageContext) -> dict:
     return {"questions": len(rows)}
 
 
-SHORTEST = pipeline.Stage("shortest", stage_shortest, ("data/train.jsonl",), ("shortest/shortest.jsonl",), ())
+SHORTEST = pipeline.Stage("shortest", stage_shortest, ("data/train.jsonl",), ("shortest/shortest.jsonl",))
 
 
 @pytest.fixture

@@ -150,8 +150,19 @@ def test_one_sample_with_consistency_stops_before_any_stage(tmp_path):
     hard.check_hard_config(_config(rollout_samples=1, scorer="accuracy").stat)  # accuracy works with one sample
 
 
-def test_stage_config_covers_the_threshold():
-    from stat_jax.stat.pipeline import STAGES
+def test_a_new_threshold_reruns_the_hard_stage(tmp_path):
+    """The stage's manifest notes the fields it read: the consistency threshold among them."""
+    from stat_jax.stat.pipeline import STAGES, run_stage
 
+    run_dir = tmp_path / "run"
+    io.write_jsonl(run_dir / "data/heldout.jsonl", [{"id": "q0", "problem": "1+1?", "answer": "2"}])
+    io.write_jsonl(run_dir / "rollout/responses.jsonl",
+                   [{"id": "q0", "prompt": "q0", "responses": ["\\boxed{2}", "\\boxed{3}", "\\boxed{2}"],
+                     "finish_reasons": ["stop"] * 3}])
     (stage,) = [s for s in STAGES if s.name == "hard"]
-    assert "stat.consistency_min_agree" in stage.config_keys  # a new threshold re-runs the stage
+    config = _config(rollout_samples=3)
+    assert run_stage(stage, StageContext(config, run_dir)) == "done"
+    assert run_stage(stage, StageContext(config, run_dir)) == "skipped"
+    assert "stat.consistency_min_agree" in io.read_json(run_dir / "hard/manifest.json")["reads"]
+    config.stat.consistency_min_agree = 3
+    assert run_stage(stage, StageContext(config, run_dir)) == "done"  # a new threshold re-runs the stage

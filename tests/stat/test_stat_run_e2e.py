@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from stat_jax import cli
+from stat_jax.config import build_config
 from stat_jax.stat import io
 from stat_jax.stat.pipeline import STAGE_NAMES
 from tests.stat.test_stat_pipeline import fake, make_config, write_fixture  # noqa: F401  (fake: a fixture)
@@ -77,6 +78,60 @@ def _weights(hf_dir) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
+# Fields each stage must have read (a recorder that noted nothing would pass the matrix below vacuously).
+MUST_READ = {"data": {"stat.train_source", "stat.heldout_source", "stat.heldout_size"},
+             "skills": {"teacher.model", "stat.skills_sample_per_subject", "seed"},
+             "label": {"teacher.model", "stat.label_max_skills"},
+             "rollout": {"model.path", "stat.rollout_temperature", "stat.rollout_samples", "eval.instruction", "seed"},
+             "hard": {"stat.scorer", "stat.num_hard"}, "diagnose": {"teacher.model", "stat.diagnose_max_skills"},
+             "sel": {"stat.sel_questions_per_skill", "stat.sel_target_size"},
+             "sft": {"stat.method", "train.learning_rate", "train.steps", "data.max_length", "model.dtype", "seed"},
+             "eval": {"eval.benchmarks", "eval.max_new_tokens", "eval.paths.math500"},
+             "grpo": {"grpo.learning_rate", "grpo.num_generations", "grpo.reward", "grpo.steps"}}
+
+
+def _perturbed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "-changed"
+    if isinstance(value, (list, tuple)):
+        return [*value, "changed"]
+    return "changed"  # None
+
+
+def assert_each_stage_reruns_exactly_on_what_it_read(config, rd) -> None:
+    """Issue 40's rule, for every field of the config and every stage that ran: changing the field alone re-runs
+    the stage exactly when the stage read it (its manifest's reads), and leaves it reused otherwise."""
+    from stat_jax import validity
+    from stat_jax.stat.pipeline import StageContext, _inputs_for, stages_to_run
+
+    stages = stages_to_run(config, None)
+    reads = {st.name: io.read_json(rd / st.name / "manifest.json")["reads"] for st in stages}
+    for name, fields in MUST_READ.items():
+        assert fields <= set(reads[name]), (name, fields - set(reads[name]))
+    inputs = {st.name: _inputs_for(st, StageContext(config, rd)) for st in stages}
+
+    def done(cfg, st) -> bool:
+        return io.stage_is_done(rd, st.name, cfg, inputs[st.name], StageContext(cfg, rd).context_values())
+
+    assert all(done(config, st) for st in stages)
+    fields = validity.leaves(config)
+    assert len(fields) > 200
+    for key, value in fields:
+        changed = config.copy_and_resolve_references()
+        *parents, leaf = key.split(".")
+        node = changed
+        for part in parents:
+            node = node[part]
+        with node.ignore_type():
+            node[leaf] = _perturbed(value)
+        rerun = [st.name for st in stages if not done(changed, st)]
+        assert rerun == [st.name for st in stages if key in reads[st.name]], key
+
+
 def test_stat_run_every_stage_with_a_real_student_then_skip_and_only_eval(tmp_path, fake, capsys):
     paths, _, _ = write_fixture(tmp_path)
     with paths["train"].open("a") as f:  # one malformed row in the training data: counted and skipped
@@ -89,6 +144,7 @@ def test_stat_run_every_stage_with_a_real_student_then_skip_and_only_eval(tmp_pa
     assert _results(capsys.readouterr().out) == {name: "done" for name in STAGE_NAMES}
     for name in STAGE_NAMES:
         assert io.read_json(rd / name / "manifest.json")["stage"] == name
+    assert_each_stage_reruns_exactly_on_what_it_read(build_config("configs/base.py", list(overrides.items())), rd)
     bad = io.read_json(rd / "data/manifest.json")["stats"]["bad_rows"]
     assert bad["train"]["bad_rows"] == 1 and bad["heldout"]["bad_rows"] == 0, bad
     assert "no complete \\boxed" in bad["train"]["bad_row_examples"][0], bad

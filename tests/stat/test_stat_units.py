@@ -164,21 +164,32 @@ def test_sel_keeps_every_teacher_answer_unless_the_reference_filter_is_asked_for
 
 
 def test_run_recorded_writes_the_manifest_that_marks_a_stage_done(tmp_path):
+    """The manifest keeps the config fields the stage read; it is done while they (and its files) are unchanged."""
+    from ml_collections import ConfigDict
+
+    from stat_jax import validity
     from stat_jax.stat import io
 
+    config = validity.watch(ConfigDict({"k": 1, "unread": 5, "s": {"x": 2}}))
+
     def stage():
-        io.write_json(tmp_path / "s/out.json", {"x": 1})
+        io.write_json(tmp_path / "s/out.json", {"x": config.k + config.s.x})
         return {"rows": 3}
 
-    assert not io.stage_is_done(tmp_path, "s", {"k": 1}, [])
-    assert io.run_recorded(tmp_path, "s", {"k": 1}, [], ["s/out.json"], stage) == {"rows": 3}
+    assert not io.stage_is_done(tmp_path, "s", config, [])
+    assert io.run_recorded(tmp_path, "s", [], ["s/out.json"], stage) == {"rows": 3}
     manifest = io.read_json(tmp_path / "s" / io.MANIFEST)
     assert manifest["stats"] == {"rows": 3} and manifest["seconds"] >= 0 and "s/out.json" in manifest["outputs"]
-    assert io.stage_is_done(tmp_path, "s", {"k": 1}, []) and not io.stage_is_done(tmp_path, "s", {"k": 2}, [])
+    assert manifest["reads"] == {"k": 1, "s.x": 2}
+    assert io.stage_is_done(tmp_path, "s", ConfigDict({"k": 1, "unread": 6, "s": {"x": 2}}), [])
+    assert not io.stage_is_done(tmp_path, "s", ConfigDict({"k": 2, "unread": 5, "s": {"x": 2}}), [])
+    assert not io.stage_is_done(tmp_path, "s", ConfigDict({"k": 1, "unread": 5, "s": {"x": 3}}), [])
+    io.write_json(tmp_path / "s/out.json", {"x": 0})  # an output changed since: not done
+    assert not io.stage_is_done(tmp_path, "s", config, [])
     # A process other than process 0 runs its share and leaves the manifest alone.
     (tmp_path / "s" / io.MANIFEST).unlink()
-    assert io.run_recorded(tmp_path, "s", {"k": 1}, [], ["s/out.json"], stage, write=False) == {"rows": 3}
+    assert io.run_recorded(tmp_path, "s", [], ["s/out.json"], stage, write=False) == {"rows": 3}
     assert not (tmp_path / "s" / io.MANIFEST).exists()
     # A stage that did not write what it promised is an error, not a manifest.
     with pytest.raises(RuntimeError, match=r"without writing \['s/missing.json'\]"):
-        io.run_recorded(tmp_path, "s", {"k": 1}, [], ["s/missing.json"], stage)
+        io.run_recorded(tmp_path, "s", [], ["s/missing.json"], stage)
