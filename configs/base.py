@@ -216,6 +216,12 @@ def get_config() -> ConfigDict:
     # stages data,math_train,sft,eval) | math_hard (the hardest levels; data,math_hard,sft,eval) | embed_sel
     # (nearest training questions to the difficult ones; data,rollout,hard,embed_sel,sft,eval).
     c.stat.method = "sel"
+    # Train on the method's set drawn in seeded passes until this many tokens (every method compared at the same
+    # budget trains on as many tokens, however many pairs it has; the demo's comparison). 0: the set as it is.
+    c.stat.token_budget = 0
+    # The seed of the profiling and set-building stages; -1: `seed`. Fixed, a sweep over training seeds (`seed`)
+    # profiles once.
+    c.stat.seed = -1
     c.stat.train_benchmark = "math_train"  # a stat_jax.data.math_datasets benchmark name
     c.stat.train_source = ""  # local file/dir or hub name; "" = the benchmark's default copy
     c.stat.train_limit = 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,31 @@ def load_sft_examples(files: Sequence[str | Path] = (), dataset: str = "", split
 
 # ----- tokenization ----------------------------------------------------------------------------------------
 @dataclass
+def example_tokens(tokenizer, example: SFTExample) -> int:
+    """Tokens one example takes in training: its chat-rendered prompt plus the response and EOS."""
+    prompt = example.prompt if example.prompt is not None else tokenizer.apply_chat_template(
+        example.messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(prompt + example.response, add_special_tokens=False)["input_ids"]) + 1
+
+
+def equal_budget(examples: Sequence[SFTExample], tokens: Sequence[int], budget: int, seed: int) -> list[SFTExample]:
+    """Examples drawn in seeded shuffled passes until `budget` tokens are reached: every set compared at the same
+    budget trains on the same number of tokens, whatever its size."""
+    if not examples:
+        raise SFTDataError("cannot fill a token budget from an empty training set")
+    rng = random.Random(seed)
+    out, total = [], 0
+    while total < budget:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in order:
+            out.append(examples[i])
+            total += tokens[i]
+            if total >= budget:
+                break
+    return out
+
+
 class TokenizedExamples:
     """Token ids and loss masks of every example (ragged: `ids[i]`, `loss_mask[i]` of equal length)."""
 

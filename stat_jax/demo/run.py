@@ -30,10 +30,11 @@ from typing import Any
 
 from stat_jax.config import sub_config
 from stat_jax.data.records import MathProblem, SFTExample
+from stat_jax.data.sft_data import equal_budget, example_tokens
 from stat_jax.demo import task
 from stat_jax.models.student import load_tokenizer
 from stat_jax.progress import progress_bar
-from stat_jax.rollout.base import RolloutBackend
+from stat_jax.rollout.students import StudentServer
 from stat_jax.stat import io
 from stat_jax import validity
 from stat_jax.stat.pipeline import Stage, StageContext, prepare_subrun, run_pipeline, run_stage
@@ -83,30 +84,6 @@ def reference_example(p: MathProblem, instruction: str) -> SFTExample:
 
     return SFTExample(messages=question_messages(p.problem, instruction), response=p.solution,
                       meta={"method": "original", "question_id": p.id, "skills": p.skills})
-
-
-def example_tokens(tokenizer, example: SFTExample) -> int:
-    """Tokens the trainer sees for one example: the chat-rendered prompt plus the response and EOS."""
-    prompt = example.prompt if example.prompt is not None else tokenizer.apply_chat_template(
-        example.messages, tokenize=False, add_generation_prompt=True)
-    return len(tokenizer(prompt + example.response, add_special_tokens=False)["input_ids"]) + 1
-
-
-def equal_budget(examples: Sequence[SFTExample], tokens: Sequence[int], budget: int, seed: int) -> list[SFTExample]:
-    """Examples drawn in seeded shuffled passes until `budget` tokens are reached (so every method gets the same)."""
-    if not examples:
-        raise ValueError("cannot fill a token budget from an empty training set")
-    rng = random.Random(seed)
-    out, total = [], 0
-    while total < budget:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in order:
-            out.append(examples[i])
-            total += tokens[i]
-            if total >= budget:
-                break
-    return out
 
 
 def per_skill_accuracy(records: Sequence[dict[str, Any]], problems: Sequence[MathProblem]) -> dict[str, Any]:
@@ -174,65 +151,17 @@ def train(config, workdir: Path, init_model: Path, files: Sequence[Path], *, ste
     return Path(result["export_dir"])
 
 
-class StudentServer:
-    """One rollout backend (JetStream by default) for every student of the demo: built and compiled once,
-    then each checkpoint's weights are swapped in with `update_params` (same shapes, nothing recompiles)."""
+def evaluate_on(server: StudentServer, pool, model_dir: Path, out_dir: Path, test: Sequence[MathProblem],
+                config) -> dict[str, Any]:
+    """Greedy answers to the test split through the shared backend, graded; per-skill accuracy."""
+    from stat_jax.eval.evaluate import evaluate
 
-    def __init__(self, config):
-        self.config = config
-        self.backend = None
-        self.tokenizer = None
-        self.pool = None
-        self.serving: Path | None = None
-        self._built_reads: dict[str, Any] = {}  # the config fields read to build the backend
-
-    def serve(self, model_dir: Path):
-        from stat_jax.models.student import load_model
-        from stat_jax.rollout import make_rollout_backend
-
-        validity.replay(self._built_reads)  # every step that samples through it depends on how it was built
-        if self.serving == model_dir:
-            return self.backend
-        model = load_model(self.config, model_dir)
-        if self.backend is None:
-            with validity.reads() as built:
-                self.tokenizer = load_tokenizer(self.config, model_dir)
-                self.backend = make_rollout_backend(self.config, model, self.tokenizer)
-            self._built_reads = built.values
-        else:
-            self.backend.update_params(model)
-        self.serving = model_dir
-        return self.backend
-
-    def evaluate(self, model_dir: Path, out_dir: Path, test: Sequence[MathProblem]) -> dict[str, Any]:
-        """Greedy answers to the test split through the rollout backend, graded; per-skill accuracy."""
-        from stat_jax.data.grader import GraderPool
-        from stat_jax.eval.evaluate import evaluate
-
-        backend = self.serve(model_dir)
-        if self.pool is None:
-            self.pool = GraderPool(workers=self.config.eval.grade_workers, timeout=self.config.eval.grade_timeout)
-        evaluate(backend, {"test": test}, self.tokenizer, self.config.eval, out_dir=out_dir,
-                 model_name=str(model_dir), pool=self.pool, print_table=False)
-        result = per_skill_accuracy(io.read_jsonl(out_dir / "test.jsonl"), test)
-        io.write_json(out_dir / "per_skill.json", result)
-        return result
-
-    def close(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
-        if self.pool is not None:
-            self.pool.close()
-
-
-class LazyBackend(RolloutBackend):
-    """Builds the real backend on the first generate() (stages that are up to date never pay for it)."""
-
-    def __init__(self, build: Callable[[], RolloutBackend]):
-        self._build = build
-
-    def generate(self, prompts, sampling, n=1, *, progress=True):
-        return self._build().generate(prompts, sampling, n, progress=progress)
+    backend = server.serve(model_dir)
+    evaluate(backend, {"test": test}, server.tokenizer, config.eval, out_dir=out_dir, model_name=str(model_dir),
+             pool=pool, print_table=False)
+    result = per_skill_accuracy(io.read_jsonl(out_dir / "test.jsonl"), test)
+    io.write_json(out_dir / "per_skill.json", result)
+    return result
 
 
 # ----- the experiment ------------------------------------------------------------------------------------------
@@ -244,7 +173,8 @@ class Demo:
         self.d = self.config.demo
         self.root = Path(config.workdir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.server = StudentServer(config)
+        self.server = StudentServer(self.config)  # one compiled backend for every student of the demo
+        self.pool = None  # the graders' worker processes, shared by every evaluation
         self.ctx = StageContext(config, self.root)  # the demo's steps run as pipeline stages over its workdir
         self.grpo_skipped: str | None = None
 
@@ -382,8 +312,7 @@ class Demo:
         # The rollout stage samples through the demo's one backend, serving the base student; a re-run whose
         # rollout stage is up to date never builds it.
         return run_pipeline(config, resume=True, teacher_backend=teacher,
-                            tokenizer=load_tokenizer(self.config, self.base_model),
-                            rollout_backend=LazyBackend(lambda: self.server.serve(self.base_model)))
+                            tokenizer=load_tokenizer(self.config, self.base_model), server=self.server)
 
     def offline_teacher(self, config):
         """The demo's teacher (offline: it knows each question's skills and answer), as every STAT round sees it."""
@@ -519,7 +448,7 @@ class Demo:
             "stat.heldout_source": str(self.path(f"data/{ROUND2_SPLIT}.jsonl"))})
         teacher = self.offline_teacher(config)
         run_pipeline(config, resume=True, teacher_backend=teacher, tokenizer=load_tokenizer(self.config, start),
-                     rollout_backend=LazyBackend(lambda: self.server.serve(start)))
+                     server=self.server)
         source = run_dir / Path(METHOD_FILES[method]).relative_to("stat")
         def choose():
             examples = _examples(source)
@@ -552,7 +481,7 @@ class Demo:
             try:
                 result = grpo_mod.train_grpo(sub, workdir=sub.workdir, resume=resume, backend=backend)
             finally:
-                self.server.serving = None
+                self.server.forget()
             if result["preempted"]:
                 raise RuntimeError(f"GRPO was stopped by SIGTERM; re-run the demo to resume ({sub.workdir})")
             export = workdir / "hf"
@@ -579,7 +508,11 @@ class Demo:
         def run():
             test = _problems(self.path(f"data/{self.d.eval_split}.jsonl"))
             model = Path(io.read_json(self.path(model_file))["model"])
-            return self.server.evaluate(model, out, test)
+            if self.pool is None:
+                from stat_jax.data.grader import GraderPool
+
+                self.pool = GraderPool(workers=self.config.eval.grade_workers, timeout=self.config.eval.grade_timeout)
+            return evaluate_on(self.server, self.pool, model, out, test, self.config)
 
         _step(self.ctx, out.relative_to(self.root).as_posix(), [f"data/{split}.jsonl", model_file],
               [f"{out.relative_to(self.root).as_posix()}/per_skill.json"], run)
@@ -599,6 +532,8 @@ class Demo:
             report = self._run_steps(steps, grid)
         finally:
             self.server.close()
+            if self.pool is not None:
+                self.pool.close()
         report["runtime_s_this_invocation"] = round(time.monotonic() - start, 1)
         return report
 

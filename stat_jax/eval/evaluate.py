@@ -516,9 +516,10 @@ def check_eval_prompts(data: EvalData, tokenizer, config) -> dict[str, int]:
 
 
 def evaluate_model(config, *, out_dir: str | os.PathLike | None = None, resume: bool = False, tokenizer=None,
-                   data: EvalData | None = None) -> dict[str, Any] | None:
+                   data: EvalData | None = None, backend=None) -> dict[str, Any] | None:
     """Evaluates the checkpoint at config.model.path on config.eval's benchmarks: loads the data, the tokenizer
-    (unless given; prompts are checked before any weight loads), the model and a rollout backend, then `evaluate`.
+    (unless given; prompts are checked before any weight loads), the model and a rollout backend (unless a
+    `backend` already holding that checkpoint is given), then `evaluate`.
 
     Returns the summary on process 0 (None on the others), as `evaluate` does.
     """
@@ -530,12 +531,18 @@ def evaluate_model(config, *, out_dir: str | os.PathLike | None = None, resume: 
     data = data or load_eval_data(config)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
     check_eval_prompts(data, tokenizer, config)  # before the weights reach a device
-    model = load_model(config)
     out_dir = Path(out_dir or config.eval.out_dir or Path(config.workdir) / "eval")
-    with make_rollout_backend(config, model, tokenizer) as backend:
-        summary = evaluate(backend, data.benchmarks, tokenizer, config, out_dir=out_dir, few_shot=data.few_shot,
-                           resume=resume, model_name=str(config.model.path), prompt_limit=eval_prompt_limit(config),
-                           on_long_prompt=str(config.rollout.get("on_long_prompt", "skip")), dropped=data.dropped)
+
+    def run(backend):
+        return evaluate(backend, data.benchmarks, tokenizer, config, out_dir=out_dir, few_shot=data.few_shot,
+                        resume=resume, model_name=str(config.model.path), prompt_limit=eval_prompt_limit(config),
+                        on_long_prompt=str(config.rollout.get("on_long_prompt", "skip")), dropped=data.dropped)
+
+    if backend is not None:
+        summary = run(backend)
+    else:
+        with make_rollout_backend(config, load_model(config), tokenizer) as built:
+            summary = run(built)
     logger.info("eval results in %s", out_dir)
     return summary
 

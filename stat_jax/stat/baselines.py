@@ -218,7 +218,7 @@ def fill_budget(examples: Sequence[Any], size: int, seed: int) -> tuple[list[Any
 def build_baseline(ctx, method: str, selected: Sequence[dict[str, Any]], *, answer_source: str
                    ) -> tuple[list[SFTExample], dict[str, Any]]:
     """The budget-matched examples for `selected` ([{problem, hard_id?}]), answered as `answer_source` says."""
-    s, seed = ctx.config.stat, int(ctx.config.seed)
+    s, seed = ctx.config.stat, ctx.stat_seed
     size = budget(ctx.config)
     rows = [{"hard_id": r.get("hard_id", ""), "skill": "", "problem": r["problem"]} for r in selected]
     examples, stats = sel_mod.build_sel(
@@ -382,7 +382,7 @@ def stage_embed_syn(ctx) -> dict[str, Any]:
     kept when their solutions agree (STAT-Syn's filter), at the budget."""
     from stat_jax.stat import syn as syn_mod
 
-    s, seed = ctx.config.stat, int(ctx.config.seed)
+    s, seed = ctx.config.stat, ctx.stat_seed
     train, hard = _problems(ctx.path("data/train.jsonl")), _hard_rows(ctx, "embed_syn")
     vecs = _embeddings(ctx, [p.problem for p in hard + train])
     jobs = embed_syn_jobs(hard, vecs[:len(hard)], train, vecs[len(hard):],

@@ -54,6 +54,10 @@ class StageContext:
     rollout_backend: Any = None  # a RolloutBackend; built from config.model when None
     tokenizer: Any = None
     scorer: Any = None  # a hard.Scorer; built from config.stat.scorer (hard.SCORERS) when None
+    # One backend for every student the stages serve (rollout, eval, eval_grpo, GRPO's policy), weights swapped
+    # in (stat_jax/rollout/students.py); handed in by a caller that runs many pipelines (the demo). None: each
+    # stage builds its own and releases it before training.
+    server: Any = None
     resume: bool = True
     # The record of this stage's previous attempt (<stage>/attempt.json: its reads and input hashes), read by
     # run_stage before the stage starts: whether work a killed attempt left may be continued (`attempt_is_same`).
@@ -83,10 +87,18 @@ class StageContext:
 
         if self.teacher_backend is not None:  # an injected backend (the demo's offline teacher) is named by its id
             validity.replay({"@teacher_backend": self.teacher_backend.backend_id})
-        return self._shared("_teacher", lambda: build_teacher_client(self.config, self.run_dir, self.teacher_backend))
+        return self._shared("_teacher", lambda: build_teacher_client(self.config, self.run_dir, self.teacher_backend,
+                                                                     seed=self.stat_seed))
 
     def path(self, name: str) -> Path:
         return self.run_dir / name
+
+    @property
+    def stat_seed(self) -> int:
+        """The seed of the profiling and set-building stages: stat.seed, or `seed` when it is -1. A sweep over
+        training seeds with one stat.seed profiles once (the stages never read `seed`)."""
+        seed = int(self.config.stat.get("seed", -1))
+        return seed if seed >= 0 else int(self.config.seed)
 
     @property
     def instruction(self) -> str:
@@ -114,8 +126,14 @@ class StageContext:
             self._owns_rollout_backend = True
             return make_rollout_backend(self.config, load_model(self.config), tokenizer)
 
+        if self.server is not None and self.rollout_backend is None:
+            return self.server.serve(self.config.model.path)
         self._note_student()
         return self._shared("rollout_backend", build)
+
+    def served(self, model_dir: str):
+        """The handed-in server's backend holding `model_dir`'s weights, or None (the stage builds its own)."""
+        return self.server.serve(model_dir) if self.server is not None else None
 
     def release_student_backend(self) -> None:
         """Closes a backend this context built, so its weights and KV cache leave the devices before training."""
@@ -276,7 +294,7 @@ def stage_skills(ctx: StageContext) -> dict[str, Any]:
         return {**reused, "catalog_sizes": {k: len(v) for k, v in catalog.items()}}
     s = ctx.config.stat
     sample = skills_mod.sample_per_subject(_problems(ctx.path("data/train.jsonl")), s.skills_sample_per_subject,
-                                           ctx.config.seed)
+                                           ctx.stat_seed)
     proposed = skills_mod.propose_skills(ctx.teacher, sample, s.propose_max_skills)
     io.write_jsonl(ctx.path("skills/proposed.jsonl"), proposed)
     catalog = skills_mod.merge_catalog(ctx.teacher, skills_mod.count_proposed(proposed), s.catalog_max_skills)
@@ -324,7 +342,7 @@ def stage_rollout(ctx: StageContext) -> dict[str, Any]:
                     "(first: %s: %s)", len(long), len(heldout), skipped_rows[0]["id"], long[0].reason)
     heldout, prompts = [heldout[i] for i in kept], [prompts[i] for i in kept]
     sampling = SamplingParams(temperature=s.rollout_temperature, top_p=s.rollout_top_p,
-                              max_new_tokens=s.rollout_max_new_tokens, seed=ctx.config.seed)
+                              max_new_tokens=s.rollout_max_new_tokens, seed=ctx.stat_seed)
     # Partial rows are reused by prompt only: an interrupted attempt's rows are kept only when that attempt read
     # the same settings and inputs (another student or other sampling settings never leak into this one).
     prepare_subrun(ctx, "rollout", ("partial.jsonl",))
@@ -367,7 +385,7 @@ def stage_hard(ctx: StageContext) -> dict[str, Any]:
                    ({"id": p.id, "rule": scorer.name, "score": sum(sc) / len(sc) if sc else None, "scores": sc,
                      **({"hard": f} if flags is not None else {}), **d}
                     for p, sc, d, f in zip(heldout, scores, details, flags or [None] * len(heldout))))
-    hard = hard_mod.select_hard(heldout, responses, scores, s.num_hard, ctx.config.seed, threshold=s.hard_threshold,
+    hard = hard_mod.select_hard(heldout, responses, scores, s.num_hard, ctx.stat_seed, threshold=s.hard_threshold,
                                 hard=flags, rule=scorer.name)
     by_id = {p.id: d for p, d in zip(heldout, details)}
     hard = [{**row, **by_id[row["id"]]} for row in hard]
@@ -401,10 +419,10 @@ def stage_sel(ctx: StageContext) -> dict[str, Any]:
     s = ctx.config.stat
     pairs = sel_mod.missing_pairs(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
     by_skill = skills_mod.problems_by_skill(_problems(ctx.path("label/skill_map.jsonl")))
-    selected = sel_mod.select_by_profile(pairs, by_skill, s.sel_questions_per_skill, ctx.config.seed)
+    selected = sel_mod.select_by_profile(pairs, by_skill, s.sel_questions_per_skill, ctx.stat_seed)
     examples, stats = sel_mod.build_sel(
         ctx.teacher if s.sel_answer_source != "dataset" else None, selected, source=s.sel_answer_source,
-        answers_per_question=s.sel_answers_per_question, target_size=s.sel_target_size, seed=ctx.config.seed,
+        answers_per_question=s.sel_answers_per_question, target_size=s.sel_target_size, seed=ctx.stat_seed,
         instruction=ctx.instruction, system_prompt=ctx.config.eval.system_prompt, grade_workers=s.grade_workers,
         answer_filter=s.sel_answer_filter)
     _write_examples(ctx.path("sel/stat_sel.jsonl"), examples)
@@ -423,10 +441,10 @@ def stage_syn(ctx: StageContext) -> dict[str, Any]:
     descriptions = {sk["name"]: sk["description"] for subject in sorted(catalog) for sk in catalog[subject]}
     examples, questions, stats = syn_mod.build_syn(
         ctx.teacher, pairs, hard_subject, by_skill, descriptions, num_references=s.syn_reference_questions,
-        num_new=s.syn_new_questions, num_solutions=s.syn_solutions, min_agree=s.syn_min_agree, seed=ctx.config.seed,
+        num_new=s.syn_new_questions, num_solutions=s.syn_solutions, min_agree=s.syn_min_agree, seed=ctx.stat_seed,
         temperature=ctx.config.teacher.temperature, instruction=ctx.instruction,
         system_prompt=ctx.config.eval.system_prompt)
-    examples = sel_mod.subsample(examples, s.syn_target_size, ctx.config.seed)
+    examples = sel_mod.subsample(examples, s.syn_target_size, ctx.stat_seed)
     stats["examples_after_subsample"] = len(examples)
     _write_examples(ctx.path("syn/stat_syn.jsonl"), examples)
     io.write_jsonl(ctx.path("syn/questions.jsonl"), questions)
@@ -516,8 +534,33 @@ def stage_sft(ctx: StageContext) -> dict[str, Any]:
     config = _sub_config(ctx, "sft")
     config.data.train_files = tuple(str(ctx.path(f)) for f in _sft_files(ctx))
     config.train.export_dir = str(ctx.path("sft/hf"))  # explicit: done.json and the eval stage read it there
-    _check_preempted(sft.train_sft(config, workdir=config.workdir, resume=resume), "SFT", ctx.path("sft"))
-    return _done_record(ctx, "sft", "sft_result.json")
+    examples, budget = _token_budget_set(ctx, config.data.train_files), {}
+    if examples is not None:
+        budget = {"token_budget": int(ctx.config.stat.token_budget), "examples": len(examples)}
+    _check_preempted(sft.train_sft(config, examples, workdir=config.workdir, resume=resume), "SFT", ctx.path("sft"))
+    return {**_done_record(ctx, "sft", "sft_result.json"), **budget}
+
+
+def budget_seed(seed: int) -> int:
+    """The seed of the token-budget draw for training seed `seed` (the demo's recorded sets were drawn with it)."""
+    return 1000 * seed + 17
+
+
+def _token_budget_set(ctx: StageContext, files: Sequence[str]) -> list[SFTExample] | None:
+    """stat.token_budget > 0: the method's set drawn in seeded passes until that many training tokens (every
+    method compared at the same budget trains on as many tokens), written to sft/train.jsonl; else None."""
+    from stat_jax.data.sft_data import equal_budget, example_tokens, load_sft_examples
+
+    budget = int(ctx.config.stat.get("token_budget", 0))
+    if budget <= 0:
+        return None
+    examples = load_sft_examples(files)
+    tokenizer = ctx.student_tokenizer()
+    chosen = equal_budget(examples, [example_tokens(tokenizer, e) for e in examples], budget,
+                          budget_seed(int(ctx.config.seed)))
+    if _is_process0():
+        _write_examples(ctx.path("sft/train.jsonl"), chosen)
+    return chosen
 
 
 def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
@@ -535,7 +578,7 @@ def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
         check_heldout_unseen(config, _problems(heldout_file))
         if config.stat.get("heldout_size", 0):
             config.eval.exclude_from = str(heldout_file)
-    evaluate.evaluate_model(config, out_dir=ctx.path(name), resume=resume)
+    evaluate.evaluate_model(config, out_dir=ctx.path(name), resume=resume, backend=ctx.served(config.model.path))
     if not _is_process0():
         return {}  # process 0 grades, writes the summary and the manifest; run_stage waits for that
     summary_path = ctx.path(f"{name}/summary.json")
@@ -571,7 +614,12 @@ def stage_grpo(ctx: StageContext) -> dict[str, Any]:
     # GRPO samples the prompt SFT trained on (stat.instruction), unless it names its own.
     config.grpo.instruction = ctx.config.grpo.instruction or ctx.instruction
     check_config_lengths(config, "grpo")
-    _check_preempted(grpo.train_grpo(config, workdir=config.workdir, resume=resume), "GRPO", ctx.path("grpo"))
+    try:
+        result = grpo.train_grpo(config, workdir=config.workdir, resume=resume, backend=ctx.served(config.model.path))
+    finally:
+        if ctx.server is not None:
+            ctx.server.forget()  # it holds GRPO's last policy now, not the checkpoint it loaded
+    _check_preempted(result, "GRPO", ctx.path("grpo"))
     return _done_record(ctx, "grpo", "grpo_result.json")
 
 
@@ -784,7 +832,7 @@ def _check_method_stages(config: Any, names: set[str]) -> None:
 
 def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, force: bool = False,
                  teacher_backend: TeacherBackend | None = None, rollout_backend: Any = None, tokenizer: Any = None,
-                 scorer: Any = None) -> dict[str, str]:
+                 scorer: Any = None, server: Any = None) -> dict[str, str]:
     """Runs the stages in order; returns {stage: "done"|"skipped"|"waited"}. Raises BudgetExceeded resumably."""
     check_stage_config(config, stages_to_run(config, only))  # before any stage spends teacher or device time
     run_dir = Path(config.stat.run_dir or Path(config.workdir) / "stat")
@@ -793,7 +841,7 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
     if round_record and _is_process0():
         io.write_json(run_dir / "round.json", round_record)
     ctx = StageContext(config, run_dir, teacher_backend=teacher_backend, rollout_backend=rollout_backend,
-                       tokenizer=tokenizer, scorer=scorer, resume=resume)
+                       tokenizer=tokenizer, scorer=scorer, server=server, resume=resume)
     results = {}
     try:
         for stage in stages_to_run(config, only):

@@ -49,8 +49,10 @@ def build_backend(tc: Any) -> TeacherBackend:
     return cls()
 
 
-def build_teacher_client(config: Any, run_dir: str | Path, backend: TeacherBackend | None = None) -> TeacherClient:
-    """A `TeacherClient` whose cache and ledger live in `teacher.cache_dir` (default: `<run_dir>/teacher`)."""
+def build_teacher_client(config: Any, run_dir: str | Path, backend: TeacherBackend | None = None,
+                         seed: int | None = None) -> TeacherClient:
+    """A `TeacherClient` whose cache and ledger live in `teacher.cache_dir` (default: `<run_dir>/teacher`);
+    `seed` (default: config.seed) seeds its sampled requests."""
     tc = config.teacher
     root = Path(tc.cache_dir) if tc.cache_dir else Path(run_dir) / "teacher"
     return TeacherClient(
@@ -62,5 +64,5 @@ def build_teacher_client(config: Any, run_dir: str | Path, backend: TeacherBacke
                           max_delay=tc.backoff_max_s, max_reasks=tc.max_reasks),
         budget=Budget(max_calls=tc.max_calls, max_tokens=tc.max_tokens),
         pricing=Pricing(input_per_mtok=tc.price_input_per_mtok, output_per_mtok=tc.price_output_per_mtok),
-        seed=config.seed,
+        seed=config.seed if seed is None else seed,
     )

@@ -54,3 +54,21 @@ def test_a_damaged_cache_entry_is_never_used(tmp_path, fake):
     assert results["profile"] == "done" and results["diagnose"] == "cached"
     assert (tmp_path / "b/stat/profile/profile.json").read_bytes() == (
         tmp_path / "a/stat/profile/profile.json").read_bytes()
+
+
+def test_training_seeds_under_one_stat_seed_share_the_profile(tmp_path, fake):
+    """stat.seed fixes the profiling and set-building stages' seed: they never read `seed`, so a sweep over
+    training seeds copies every one of them from the first run."""
+    paths, _, _ = write_fixture(tmp_path)
+    cache = tmp_path / "cache"
+    first = _config(tmp_path, paths, "seed0", cache, seed=0)
+    assert set(run(first, fake).values()) == {"done"}
+    other = _config(tmp_path, paths, "seed7", cache, seed=0)
+    other.seed = 7
+    assert set(run(other, fake).values()) == {"cached"}
+    reads = io.read_json(tmp_path / "seed0/stat/rollout/manifest.json")["reads"]
+    assert reads["stat.seed"] == 0 and "seed" not in reads
+    # Without stat.seed the stages follow `seed`: another training seed profiles again.
+    plain = _config(tmp_path, paths, "plain", tmp_path / "cache2")
+    run(plain, fake)
+    assert "seed" in io.read_json(tmp_path / "plain/stat/rollout/manifest.json")["reads"]
