@@ -203,6 +203,11 @@ def get_config() -> ConfigDict:
     c.teacher.price_input_per_mtok = 0.30
     c.teacher.price_output_per_mtok = 2.50
     c.teacher.cache_dir = ""  # default: <run_dir>/teacher (cache/ + ledger.jsonl)
+    # teacher.backend=offline (stat_jax/teacher/offline.py): the demo's rule-based teacher of the arithmetic task.
+    c.teacher.offline_seed = 0
+    c.teacher.offline_slip_rate = 0.25  # probability that a solution it writes has an arithmetic slip
+    c.teacher.offline_label_noise = 0.0  # probability that a skill label it gives is replaced by a random one
+    c.teacher.offline_max_missing = 3  # most skills it names as missing in one diagnosis
 
     # STAT pipeline (stat_jax.stat); defaults follow the paper.
     c.stat = ConfigDict()

@@ -71,26 +71,28 @@ def get_config(variant: str = "default") -> ConfigDict:
          diagnose_min_skills=1, diagnose_max_skills=3,
          sel_questions_per_skill=5, sel_answers_per_question=3, sel_answer_source="dataset", sel_target_size=0,
          syn_reference_questions=3, syn_new_questions=2, syn_solutions=3, syn_min_agree=2, syn_target_size=0)
-    _set(c, "teacher", backend="stat_jax.demo.offline_teacher:OfflineTeacher", model="offline-demo", max_workers=1,
-         max_retries=0, price_input_per_mtok=0.0, price_output_per_mtok=0.0, max_calls=0)  # the offline teacher is free
+    # The cells' pipelines: the task's files as a benchmark of the user's own (their paths are set per run), one
+    # profile for every training seed (stat.seed), every method's set at the same token budget, MATH-Hard = the
+    # training questions with the most steps (the task's "level"), held-out = the whole profiling split.
+    _set(c, "stat", seed=0, token_budget=200_000, train_benchmark="demo_task", heldout_benchmark="demo_task",
+         heldout_size=0, math_hard_top_levels=1)
+    c.eval.benchmarks = ("demo_test",)
+    _set(c, "teacher", backend="offline", model="offline-demo", max_workers=1, max_retries=0,
+         price_input_per_mtok=0.0, price_output_per_mtok=0.0, max_calls=0)  # the offline teacher is free
     # Train questions the teacher labels (the Skill-Map STAT-Sel selects from): the whole train split, so every
     # one of the few rare-skill questions can be selected. Labelling 20,000 takes ~15 s of the offline teacher.
     d.skill_map_size = 0  # 0 = the whole train split
-    d.teacher_slip_rate = 0.25  # probability that a teacher-written solution has an arithmetic slip
-    d.teacher_label_noise = 0.0
     d.eval_split = "test"  # "heldout": score the rows on the profiling split (how the settings were chosen)
     d.flag_min_share = 0.1  # skills with >= 10% of the profile's mentions are "flagged" in the table
-    # Fine-tuning after the base model, at an equal token budget per method; every fine-tune (and GRPO) reads the
-    # trainers' own sections: train.learning_rate / batch_size and grpo.* below (docs/decisions.md: how chosen).
+    # The grid: a `stat-jax run` per method and seed (fine-tuning the base model at stat.token_budget tokens;
+    # train.* and grpo.* below, docs/decisions.md: how chosen).
     d.seeds = (0, 1, 2)
-    # sft: the original mix; math_hard / embed_sel: the paper's baselines (stat_jax/demo/baselines.py)
+    # sft: the original mix (the pipeline's math_train set); math_hard / embed_sel: the paper's baselines
     d.methods = ("sft", "math_hard", "embed_sel", "stat_sel", "stat_syn")
-    d.finetune_tokens = 200_000
     d.grpo_methods = ("sft", "stat_sel", "stat_syn")  # methods that get a +GRPO row (grpo.steps=0: none)
-    # "fresh": a balanced split of new questions no student trained on (train questions are answered 80-95%
-    # right, so most groups carry no signal) | "train": balanced train-split picks
-    d.grpo_prompt_source = "fresh"
-    d.grpo_prompt_pool = 0  # distinct prompts; 0 = steps x prompts x oversample (no prompt is seen twice)
+    # GRPO prompts: a balanced split of new questions no student trained on (train questions are answered
+    # 80-95% right, so most groups carry no signal); 0 = steps x prompts x oversample (none seen twice).
+    d.grpo_prompt_pool = 0
     # Continual STAT (PAPER.md §3.3): per seed, round 1's STAT-Sel student is profiled again (the pipeline with
     # stat.round=2) on a new validation split of this size and trained further on its new selection at the
     # same token budget: the table's "round 2" row. () leaves it out.
@@ -101,7 +103,8 @@ def get_config(variant: str = "default") -> ConfigDict:
     _set(c, "data", max_length=256, packing=True)
     _set(c, "train", warmup_steps=10, min_lr_ratio=0.1, checkpoint_every=200, keep_checkpoints=1,
          async_checkpointing=False, log_every=10, tensorboard=False,
-         learning_rate=3e-4, batch_size=16)  # the fine-tunes' (pre-training: demo.pretrain_*)
+         learning_rate=3e-4, batch_size=16,  # the fine-tunes' (pre-training: demo.pretrain_*)
+         steps=0, epochs=1.0)  # one pass over the budgeted set: equal tokens, equal steps
 
     # The rollout backend (JetStream in-process): prompts are < 128 tokens, answers < 48.
     _set(c, "rollout", max_concurrent_decodes=64, max_prefill_length=128, max_target_length=192)
@@ -136,7 +139,7 @@ def quick(c: ConfigDict) -> ConfigDict:
     c.stat.rollout_samples = 2
     c.stat.num_hard = 30
     d.seeds = (0, 1)
-    d.finetune_tokens = 15_000  # one example overshoots the budget by < 1%
+    c.stat.token_budget = 15_000  # one example overshoots the budget by < 1%
     c.train.batch_size = 8
     d.grpo_methods = ("stat_sel",)
     # The same 24 prompts sampled every step (8 of them trained on): the training reward curve measures learning;

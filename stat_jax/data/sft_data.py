@@ -142,7 +142,6 @@ def load_sft_examples(files: Sequence[str | Path] = (), dataset: str = "", split
 
 
 # ----- tokenization ----------------------------------------------------------------------------------------
-@dataclass
 def example_tokens(tokenizer, example: SFTExample) -> int:
     """Tokens one example takes in training: its chat-rendered prompt plus the response and EOS."""
     prompt = example.prompt if example.prompt is not None else tokenizer.apply_chat_template(
@@ -168,6 +167,7 @@ def equal_budget(examples: Sequence[SFTExample], tokens: Sequence[int], budget: 
     return out
 
 
+@dataclass
 class TokenizedExamples:
     """Token ids and loss masks of every example (ragged: `ids[i]`, `loss_mask[i]` of equal length)."""
 

@@ -516,7 +516,7 @@ def check_eval_prompts(data: EvalData, tokenizer, config) -> dict[str, int]:
 
 
 def evaluate_model(config, *, out_dir: str | os.PathLike | None = None, resume: bool = False, tokenizer=None,
-                   data: EvalData | None = None, backend=None) -> dict[str, Any] | None:
+                   data: EvalData | None = None, backend=None, print_table: bool = True) -> dict[str, Any] | None:
     """Evaluates the checkpoint at config.model.path on config.eval's benchmarks: loads the data, the tokenizer
     (unless given; prompts are checked before any weight loads), the model and a rollout backend (unless a
     `backend` already holding that checkpoint is given), then `evaluate`.
@@ -536,7 +536,8 @@ def evaluate_model(config, *, out_dir: str | os.PathLike | None = None, resume: 
     def run(backend):
         return evaluate(backend, data.benchmarks, tokenizer, config, out_dir=out_dir, few_shot=data.few_shot,
                         resume=resume, model_name=str(config.model.path), prompt_limit=eval_prompt_limit(config),
-                        on_long_prompt=str(config.rollout.get("on_long_prompt", "skip")), dropped=data.dropped)
+                        on_long_prompt=str(config.rollout.get("on_long_prompt", "skip")), dropped=data.dropped,
+                        print_table=print_table)
 
     if backend is not None:
         summary = run(backend)

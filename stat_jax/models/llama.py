@@ -38,3 +38,24 @@ def tiny_llama(**overrides) -> ModelConfig:
     )
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def save_char_llama(out_dir, *, hidden_size: int, num_layers: int, num_heads: int, max_seq_len: int,
+                    seed: int = 0) -> dict:
+    """A randomly initialised small Llama with the character tokenizer, saved as an HF checkpoint directory (the
+    demo's student before pre-training); returns its parameter count and vocabulary size."""
+    from pathlib import Path
+
+    from stat_jax.data.char_tokenizer import save_char_tokenizer
+    from stat_jax.models import export_hf_checkpoint, init_model, param_count
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = save_char_tokenizer(out_dir)
+    cfg = tiny_llama(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+                     num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_heads,
+                     head_dim=hidden_size // num_heads, max_position_embeddings=2 * max_seq_len,
+                     bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
+    model = init_model(cfg, seed=seed)
+    export_hf_checkpoint(model, out_dir, tokenizer_source=out_dir)
+    return {"params": param_count(model), "vocab": len(tok)}

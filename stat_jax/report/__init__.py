@@ -61,7 +61,7 @@ def _bare(skill: str) -> str:
 
 def _row_label(name: str) -> str:
     """A demo row's name as its table prints it ("stat_sel+grpo" -> "STAT-Sel +GRPO")."""
-    from stat_jax.demo.run import row_label
+    from stat_jax.report.verdict import row_label
 
     return row_label(name)
 

@@ -194,9 +194,12 @@ def student_embeddings(ctx, texts: Sequence[str]) -> np.ndarray:
 
 # ----- budget --------------------------------------------------------------------------------------------------
 def budget(config) -> int:
-    """Pairs every baseline set has: stat.baseline_size, or stat.sel_target_size (STAT-Sel's, the paper's 9.5k)."""
+    """Pairs every baseline set has: stat.baseline_size, or stat.sel_target_size (STAT-Sel's, the paper's 9.5k);
+    0 (every chosen pair) when neither is set and the sft stage sizes sets by tokens (stat.token_budget)."""
     s = config.stat
     size = int(s.get("baseline_size", 0)) or int(s.sel_target_size)
+    if size <= 0 and int(s.get("token_budget", 0)) > 0:
+        return 0
     if size <= 0:
         raise ConfigError(f"stat.baseline_size={s.get('baseline_size', 0)} and stat.sel_target_size="
                           f"{s.sel_target_size}: a baseline set needs a number of pairs to match; set "
@@ -229,7 +232,7 @@ def build_baseline(ctx, method: str, selected: Sequence[dict[str, Any]], *, answ
     if not examples:
         raise ValueError(f"stage {method}: none of the {len(rows)} chosen questions gave a training pair "
                          f"(answer source {answer_source!r}; stats {stats})")
-    filled, repeats = fill_budget(examples, size, seed)
+    filled, repeats = fill_budget(examples, size, seed) if size else (list(examples), 0)
     for e in filled:
         e.meta = {k: v for k, v in {**(e.meta or {}), "method": method.replace("_", "-")}.items() if v != ""}
     sel_file = ctx.path("sel/stat_sel.jsonl")
@@ -398,7 +401,7 @@ def stage_embed_syn(ctx) -> dict[str, Any]:
                          f"agreeing solutions; see {ctx.path('embed_syn/questions.jsonl')}")
     io.write_jsonl(ctx.path("embed_syn/questions.jsonl"), questions)
     size = budget(ctx.config)
-    filled, repeats = fill_budget(examples, size, seed)
+    filled, repeats = fill_budget(examples, size, seed) if size else (list(examples), 0)
     if repeats:
         log.warning("stage embed_syn: %d distinct pairs for a budget of %d; %d are repeats", len(examples), size,
                     repeats)

@@ -578,7 +578,10 @@ def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
         check_heldout_unseen(config, _problems(heldout_file))
         if config.stat.get("heldout_size", 0):
             config.eval.exclude_from = str(heldout_file)
-    evaluate.evaluate_model(config, out_dir=ctx.path(name), resume=resume, backend=ctx.served(config.model.path))
+    summary = evaluate.evaluate_model(config, out_dir=ctx.path(name), resume=resume, print_table=False,
+                                      backend=ctx.served(config.model.path))
+    if summary:  # the command prints its stages' JSON; the table goes to the log
+        log.info("stage %s:\n%s", name, evaluate.format_table(summary))
     if not _is_process0():
         return {}  # process 0 grades, writes the summary and the manifest; run_stage waits for that
     summary_path = ctx.path(f"{name}/summary.json")

@@ -25,8 +25,15 @@ def _gemini(tc: Any) -> TeacherBackend:
                          thinking_budget_by_task=dict(tc.get("thinking_budget_by_task", {}) or {}))
 
 
+def _offline(tc: Any) -> TeacherBackend:
+    from stat_jax.teacher.offline import OfflineTeacher  # the demo's: rule-based, for the arithmetic task
+
+    return OfflineTeacher(seed=int(tc.offline_seed), solution_slip_rate=float(tc.offline_slip_rate),
+                          label_noise=float(tc.offline_label_noise), max_missing_skills=int(tc.offline_max_missing))
+
+
 # teacher.backend name -> build(config.teacher) -> TeacherBackend
-BACKENDS: dict[str, Callable[[Any], TeacherBackend]] = {"gemini": _gemini}
+BACKENDS: dict[str, Callable[[Any], TeacherBackend]] = {"gemini": _gemini, "offline": _offline}
 
 
 def register_backend(name: str, build: Callable[[Any], TeacherBackend]) -> None:

@@ -1,10 +1,14 @@
-"""The paper's baselines for the demo: MATH-Hard (highest levels) and Embed-Sel (nearest by the student's embedding)."""
+"""The paper's baselines on the demo task: MATH-Hard (highest levels) and Embed-Sel (nearest by the student's embedding)."""
 
 import numpy as np
 import pytest
 
 from stat_jax.data.char_tokenizer import build_char_tokenizer
-from stat_jax.demo import baselines, run, task
+from stat_jax.data import arith_task as task
+from stat_jax.demo import compare
+from stat_jax.report import verdict as verdict_mod
+from stat_jax.stat import baselines
+from tests.demo.test_run_helpers import reference_example
 
 
 def test_hardest_levels_keeps_only_the_top_level():
@@ -59,21 +63,21 @@ def test_mean_pooled_embeddings_follow_the_text_not_the_batch():
 
 def test_skill_shares_read_the_questions_back():
     problems = task.make_splits(0, {"train": 100})["train"]
-    examples = [run.reference_example(p, "") for p in problems]
-    shares = run.skill_shares(examples)
+    examples = [reference_example(p) for p in problems]
+    shares = compare.skill_shares(examples)
     for skill in task.SKILL_NAMES:
         assert shares[skill] == pytest.approx(sum(skill in p.skills for p in problems) / len(problems))
-    assert run.flagged_share(shares, ["percent", "halving"]) == pytest.approx(
+    assert compare.flagged_share(shares, ["percent", "halving"]) == pytest.approx(
         (shares["percent"] + shares["halving"]) / 2)
 
 
 def test_verdict_pairs_seeds_and_names_the_numbers():
     def row(values):
-        return {"overall": run._spread(values), "flagged": run._spread(values), "per_skill": {}, "runs": len(values)}
+        return {"overall": compare._spread(values), "flagged": compare._spread(values), "per_skill": {}, "runs": len(values)}
 
     report = {"seeds": [0, 1], "rows": {"base": row([0.50]), "sft": row([0.50, 0.52]), "stat_sel": row([0.56, 0.60]),
                                         "stat_sel+grpo": row([0.58, 0.61])}}
-    lines = run.verdict(report)
+    lines = verdict_mod.verdict(report)
     assert lines[0].startswith("SFT on more of the original mix moves the base student by +1.0 points")
     assert "STAT-Sel - SFT = +7.0 ± 1.4 overall, +7.0 on flagged skills over 2 seeds" in lines
     assert "GRPO on top of STAT-Sel: +1.5 ± 0.7 overall over 2 seeds" in lines

@@ -73,27 +73,35 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(quick_demo):
     heldout_ids = {json.loads(line)["id"] for line in (workdir / "data/heldout.jsonl").read_text().splitlines()}
     assert round2_ids and not set(round2_ids) & heldout_ids
     for seed in (0, 1):
-        run = workdir / f"round2/seed{seed}/stat_sel"
-        round1 = json.loads((workdir / f"finetune/seed{seed}/stat_sel/model.json").read_text())
-        round2 = json.loads((run / "model.json").read_text())
+        run = workdir / f"cells/stat_sel+round2-seed{seed}/stat"
+        round1 = json.loads((workdir / f"cells/stat_sel-seed{seed}/stat/sft/done.json").read_text())
         record = results["round2"][f"seed{seed}/stat_sel"]["round"]  # paths relative to the workdir
-        assert workdir / record["student"] == Path(round1["model"]) and record["previous_run"] == "stat"
-        rollout = json.loads((run / "stat/rollout/manifest.json").read_text())
+        assert workdir / record["student"] == Path(round1["model"])
+        assert record["previous_run"] == f"cells/stat_sel-seed{seed}/stat"
+        rollout = json.loads((run / "rollout/manifest.json").read_text())
         assert rollout["reads"]["model.path"] == round1["model"]
-        responses = [json.loads(line)["id"] for line in (run / "stat/rollout/responses.jsonl").read_text().splitlines()]
+        responses = [json.loads(line)["id"].split("/", 1)[1]
+                     for line in (run / "rollout/responses.jsonl").read_text().splitlines()]
         assert sorted(responses) == sorted(round2_ids)
-        trainer = json.loads((run / "train/sft/config.json").read_text())
+        trainer = json.loads((run / "sft/config.json").read_text())
         assert trainer["model"]["path"] == round1["model"]
-        assert round2["weights_sha256"] != round1["weights_sha256"]
+        assert json.loads((run / "sft/done.json").read_text())["stage_key"] != round1["stage_key"]
         set_tokens = results["round2"][f"seed{seed}/stat_sel"]["set"]["tokens"]
         assert results["token_budget"] <= set_tokens <= 1.01 * results["token_budget"]
-    for png in ("per_skill_accuracy.png", "stat/profile/profile.png", "grpo_reward.png"):
+    # Every row is a cell's own pipeline, each of which records the `stat-jax run` command that reproduces it.
+    assert len(results["cells"]) == 2 * 5 + 2
+    assert all(c["command"].startswith("stat-jax run --config=configs/demo.py:quick ") for c in results["cells"].values())
+    for png in ("stat/profile/profile.png",):
         assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label in ("STAT-Sel", "STAT-Syn", "SFT (original mix)", "MATH-Hard", "Embed-Sel", "STAT-Sel - SFT = ",
                   "STAT-Sel round 2", "STAT-Sel round 2 (profiled again"):
         assert label in first.stdout
     # The offline teacher went through the shared client: its ledger recorded the calls.
     assert (workdir / "stat/teacher/ledger.jsonl").stat().st_size > 0
+    # The profile run's stages were shared: each cell copied them from the stage cache.
+    cell = workdir / "cells/sft-seed1/stat"
+    assert "restored_from" in json.loads((cell / "rollout/manifest.json").read_text())
+    assert (cell / "profile/profile.json").read_bytes() == (workdir / "stat/profile/profile.json").read_bytes()
 
     assert (workdir / "report.html").stat().st_size > 10_000  # the demo writes its report at its end
     before = (workdir / "results.json").read_bytes()
@@ -101,6 +109,30 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(quick_demo):
     assert (workdir / "results.json").read_bytes() == before
     assert second.stdout.split("results:")[0] == first.stdout.split("results:")[0]
     assert rerun_seconds < seconds / 2, (rerun_seconds, seconds)  # every step was skipped
+
+
+def test_a_cells_command_reproduces_its_accuracy_in_a_new_workdir(quick_demo, tmp_path):
+    """Issue 40: results.json records each cell's `stat-jax run`; run alone (no stage cache, no shared backend,
+    every stage from scratch) in a new workdir it gives the cell's accuracy exactly."""
+    import shlex
+
+    workdir = quick_demo[0]
+    results = json.loads((workdir / "results.json").read_text())
+    cell = results["cells"]["stat_sel-seed1"]
+    argv = shlex.split(cell["command"])[1:] + [f"--config.workdir={tmp_path / 'again'}", "--config.stat.stage_cache="]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "xla_force_host_platform_device_count" not in f)
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-m", "stat_jax.cli", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, f"{cell['command']} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    records = [json.loads(line) for line in (tmp_path / "again/stat/eval/demo_test.jsonl").read_text().splitlines()]
+    accuracy = sum(bool(r["greedy"]["correct"]) for r in records) / len(records)
+    assert accuracy == cell["accuracy"], (accuracy, cell)
+    again = tmp_path / "again/stat"
+    for f in ("profile/profile.json", "sel/stat_sel.jsonl", "sft/train.jsonl"):
+        assert (again / f).read_bytes() == (workdir / "cells/stat_sel-seed1/stat" / f).read_bytes(), f
 
 
 def test_the_quick_demos_report_in_a_real_browser(quick_demo, tmp_path):

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from stat_jax.demo import task
-from stat_jax.demo.offline_teacher import OfflineTeacher, diagnose_steps
+from stat_jax.data import arith_task as task
+from stat_jax.teacher.offline import OfflineTeacher, diagnose_steps
 from stat_jax.teacher import prompts
 from stat_jax.teacher.base import TeacherError
 from stat_jax.teacher.client import TeacherClient

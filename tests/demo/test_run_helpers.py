@@ -1,64 +1,74 @@
-"""The demo runner's pure pieces: equal token budgets, per-skill accuracy, flagged skills, the table."""
+"""The demo's pure pieces: equal token budgets, per-skill accuracy, flagged skills, the table; its cells."""
+
+import shlex
 
 import pytest
 
+from stat_jax.data import arith_task as task
 from stat_jax.data.char_tokenizer import build_char_tokenizer
-from stat_jax.data.records import MathProblem
-from stat_jax.demo import run, task
+from stat_jax.data.records import MathProblem, SFTExample
+from stat_jax.data.sft_data import equal_budget, example_tokens
+from stat_jax.demo import compare
+from stat_jax.report import verdict as verdict_mod, run
+from stat_jax.stat.sel import question_messages
+
+
+def reference_example(p: MathProblem) -> SFTExample:
+    return SFTExample(messages=question_messages(p.problem, ""), response=p.solution)
 
 
 def test_equal_budget_fills_the_same_tokens_for_any_set():
     tok = build_char_tokenizer()
     problems = task.make_splits(0, {"train": 50})["train"]
-    short = [run.reference_example(p, "") for p in problems if len(p.skills) == 1]
-    long = [run.reference_example(p, "") for p in problems if len(p.skills) == 3]
+    short = [reference_example(p) for p in problems if len(p.skills) == 1]
+    long = [reference_example(p) for p in problems if len(p.skills) == 3]
     budget = 3000
     totals = []
     for examples in (short, long):
-        tokens = [run.example_tokens(tok, e) for e in examples]
-        chosen = run.equal_budget(examples, tokens, budget, seed=1)
+        tokens = [example_tokens(tok, e) for e in examples]
+        chosen = equal_budget(examples, tokens, budget, seed=1)
         lengths = {id(e): t for e, t in zip(examples, tokens)}
         total = sum(lengths[id(e)] for e in chosen)
         assert budget <= total < budget + max(tokens)  # stops right after the budget is reached
         totals.append(total)
-        assert chosen == run.equal_budget(examples, tokens, budget, seed=1)
-        assert chosen != run.equal_budget(examples, tokens, budget, seed=2)
-    assert len(run.equal_budget(short, [10] * len(short), 10 * len(short) * 2 + 5, 0)) == 2 * len(short) + 1
+        assert chosen == equal_budget(examples, tokens, budget, seed=1)
+        assert chosen != equal_budget(examples, tokens, budget, seed=2)
+    assert len(equal_budget(short, [10] * len(short), 10 * len(short) * 2 + 5, 0)) == 2 * len(short) + 1
     with pytest.raises(ValueError, match="empty"):
-        run.equal_budget([], [], 10, 0)
+        equal_budget([], [], 10, 0)
 
 
 def test_example_tokens_counts_the_rendered_chat():
     tok = build_char_tokenizer()
     p = task.make_splits(0, {"train": 1})["train"][0]
-    e = run.reference_example(p, "")
+    e = reference_example(p)
     rendered = tok.apply_chat_template(e.messages, tokenize=False, add_generation_prompt=True) + e.response
-    assert run.example_tokens(tok, e) == len(rendered) - len("<bos><|user|><|end|><|assistant|>") + 4 + 1
+    assert example_tokens(tok, e) == len(rendered) - len("<bos><|user|><|end|><|assistant|>") + 4 + 1
 
 
 def test_per_skill_accuracy_and_flags():
     problems = [MathProblem(id=str(i), problem="", answer="", skills=skills)
                 for i, skills in enumerate([["percent"], ["percent", "halving"], ["halving"], ["rounding"]])]
     records = [{"id": str(i), "greedy": {"correct": ok}} for i, ok in enumerate([True, False, False, True])]
-    acc = run.per_skill_accuracy(records, problems)
+    acc = compare.per_skill_accuracy(records, problems)
     assert acc["overall"] == 0.5
     assert acc["per_skill"]["percent"] == 0.5 and acc["per_skill"]["halving"] == 0.0
     assert acc["per_skill"]["rounding"] == 1.0 and acc["per_skill"]["comparison"] is None
     with pytest.raises(ValueError, match="lack 1 test questions"):
-        run.per_skill_accuracy(records[:3], problems)
+        compare.per_skill_accuracy(records[:3], problems)
     profile = {"skills": [{"skill": "percent", "frequency": 0.5}, {"skill": "halving", "frequency": 0.3},
                           {"skill": "rounding", "frequency": 0.05}]}
-    assert run.flagged_skills(profile, 0.1) == ["percent", "halving"]
+    assert compare.flagged_skills(profile, 0.1) == ["percent", "halving"]
 
 
 def test_table_shows_mean_and_spread():
     def row(values):
-        return {"overall": run._spread(values), "flagged": run._spread(values),
-                "per_skill": {s: run._spread(values) for s in task.SKILL_NAMES}, "runs": len(values)}
+        return {"overall": compare._spread(values), "flagged": compare._spread(values),
+                "per_skill": {s: compare._spread(values) for s in task.SKILL_NAMES}, "runs": len(values)}
 
-    report = {"seeds": [0, 1], "token_budget": 100, "flagged_skills": ["percent"],
+    report = {"seeds": [0, 1], "token_budget": 100, "flagged_skills": ["percent"], "skills": task.SKILL_NAMES,
               "rows": {"base": row([0.25]), "stat_sel": row([0.5, 0.7]), "stat_sel+grpo": row([0.6, 0.6])}}
-    table = run.format_table(report)
+    table = verdict_mod.format_table(report)
     assert "STAT-Sel" in table and "STAT-Sel +GRPO" in table and "percent*" in table
     assert "60.0±14.1" in table and "25.0" in table
 
@@ -66,31 +76,33 @@ def test_table_shows_mean_and_spread():
 
 def test_round_two_rows_are_named_compared_with_round_one_and_checked():
     def row(values):
-        return {"overall": run._spread(values), "flagged": run._spread(values),
-                "per_skill": {s: run._spread(values) for s in task.SKILL_NAMES}, "runs": len(values)}
+        return {"overall": compare._spread(values), "flagged": compare._spread(values),
+                "per_skill": {s: compare._spread(values) for s in task.SKILL_NAMES}, "runs": len(values)}
 
-    report = {"seeds": [0, 1], "token_budget": 100, "flagged_skills": ["percent"],
+    report = {"seeds": [0, 1], "token_budget": 100, "flagged_skills": ["percent"], "skills": task.SKILL_NAMES,
               "rows": {"stat_sel": row([0.5, 0.7]), "stat_sel+round2": row([0.56, 0.74])}}
-    report["verdict"] = run.verdict(report)
-    table = run.format_table(report)
+    report["verdict"] = verdict_mod.verdict(report)
+    table = verdict_mod.format_table(report)
     assert "STAT-Sel round 2" in table and "65.0±12.7" in table
     # seeds paired: +6 and +4 points
     assert any(line.startswith("STAT-Sel round 2") and "round 1 = +5.0 ± 1.4 overall, +5.0 on round 1's flagged"
                in line for line in report["verdict"]), report["verdict"]
-    assert run.row_label("sft+grpo") == "SFT (original mix) +GRPO" and run.row_label("stat_syn+round2") == \
+    assert verdict_mod.row_label("sft+grpo") == "SFT (original mix) +GRPO" and verdict_mod.row_label("stat_syn+round2") == \
         "STAT-Syn round 2"
 
-    class D:
-        methods = ("sft", "stat_sel")
-        round2_methods = ("stat_sel",)
 
-    run.check_round2_methods(D)
-    D.round2_methods = ("sft",)
-    with pytest.raises(ValueError, match=r"demo.round2_methods=\('sft',\): \['sft'\] cannot get a round 2"):
-        run.check_round2_methods(D)
-    D.round2_methods = ("stat_syn",)  # not among the methods the demo runs
-    with pytest.raises(ValueError, match="stat_syn"):
-        run.check_round2_methods(D)
+
+def test_round2_methods_must_be_stat_methods_the_demo_runs(tmp_path):
+    from stat_jax.config import load_config_file
+
+    for bad, match in ((("sft",), r"demo.round2_methods=\('sft',\): \['sft'\] cannot get a round 2"),
+                       (("stat_syn",), "stat_syn")):
+        c = load_config_file("configs/demo.py:quick")
+        c.workdir = str(tmp_path / "demo")
+        c.demo.methods, c.demo.round2_methods = ("sft", "stat_sel"), bad
+        with pytest.raises(ValueError, match=match):
+            run.Demo(c).run()
+        assert not (tmp_path / "demo/data").exists()
 
 
 def test_the_demo_compiles_into_a_cache_under_its_workdir_unless_jax_is_given_one(tmp_path):
@@ -134,30 +146,29 @@ def test_fresh_grpo_prompts_are_new_balanced_questions_and_change_no_other_split
         assert task.SKILL_NAMES[i % len(task.SKILL_NAMES)] in p.skills
 
 
+def _demo_with_student(tmp_path, overrides=()):
+    """A quick demo whose base student is recorded (the shipped one): what its cells' configs start from."""
+    from stat_jax import cli
+    from stat_jax.stat.io import write_json
+
+    c = cli.build_config("configs/demo.py:quick", [*overrides, ("workdir", str(tmp_path / "demo"))])
+    demo = run.Demo(c, "configs/demo.py:quick")
+    write_json(tmp_path / "demo/student/base.json", {"model": str(run.SHIPPED_STUDENT)})
+    return demo
+
+
 def test_grpo_rows_are_sized_to_the_longest_prompt_not_the_prefill_bucket(tmp_path):
-    from stat_jax.config import load_config_file
     from stat_jax.stat.io import write_jsonl
     from stat_jax.train.grpo import grpo_prompt_ids
 
-    c = load_config_file("configs/demo.py")
-    tok = build_char_tokenizer()
+    demo = _demo_with_student(tmp_path)
     problems = task.make_splits(0, {"test": 40})["test"]
     write_jsonl(tmp_path / "prompts.jsonl", (p.to_dict() for p in problems))
-    row = run.grpo_row_length(c, tok, tmp_path / "prompts.jsonl")
-    need = max(len(ids) for ids in grpo_prompt_ids(c, tok, problems)) + c.grpo.max_new_tokens
+    row = demo.grpo_row_length(tmp_path / "prompts.jsonl")
+    c = demo.config
+    need = max(len(ids) for ids in grpo_prompt_ids(c, build_char_tokenizer(), problems)) + c.grpo.max_new_tokens
     assert row % 16 == 0 and need <= row < need + 16
     assert row < c.rollout.max_prefill_length + c.grpo.max_new_tokens  # shorter than the old bucket-sized rows
-
-
-def test_an_unknown_grpo_prompt_source_is_refused_before_any_work(tmp_path):
-    from stat_jax.config import load_config_file
-
-    c = load_config_file("configs/demo.py:quick")
-    c.workdir = str(tmp_path / "demo")
-    c.demo.grpo_prompt_source = "test"
-    with pytest.raises(ValueError, match="grpo_prompt_source='test': use 'fresh'"):
-        run.Demo(c).run()
-    assert not (tmp_path / "demo" / "data").exists()
 
 
 def test_demo_steps_run_as_pipeline_stages_a_lost_input_is_named_before_any_work(tmp_path):
@@ -168,42 +179,33 @@ def test_demo_steps_run_as_pipeline_stages_a_lost_input_is_named_before_any_work
     c.workdir = str(tmp_path / "demo")
     demo = run.Demo(c)
     assert demo.data() == "done" and demo.data() == "skipped"
-    (tmp_path / "demo/data/original_mix.jsonl").unlink()
-    # The pipeline's stage runner checks a step's inputs before running it (the sets step would otherwise fail
-    # later, on the missing base student, without naming what is gone).
-    with pytest.raises(errors.RunStateMissingError, match=r"stage 'finetune/sets' needs \['data/original_mix.jsonl', "):
-        demo.finetune_sets()
-    assert not (tmp_path / "demo/finetune").exists()
-    assert demo.data() == "done" and (tmp_path / "demo/data/original_mix.jsonl").exists()
+    (tmp_path / "demo/data/test.jsonl").unlink()
+    (tmp_path / "demo/student").mkdir(parents=True)
+    (tmp_path / "demo/student/base.json").write_text('{"model": "%s"}' % run.SHIPPED_STUDENT)
+    # The pipeline's stage runner checks a step's inputs before running it.
+    with pytest.raises(errors.RunStateMissingError, match=r"stage 'student/eval' needs \['data/test.jsonl'\]"):
+        demo.base_eval()
+    assert not (tmp_path / "demo/student/eval").exists()
+    assert demo.data() == "done" and (tmp_path / "demo/data/test.jsonl").exists()
 
 
-def test_a_users_grpo_and_train_overrides_reach_the_demos_trainers(tmp_path, monkeypatch):
-    """No demo.* copies of grpo.* or train.*: `stat-jax demo --config.grpo.X / --config.train.X` take effect."""
-    from stat_jax import cli
-    from stat_jax.data.char_tokenizer import save_char_tokenizer
-    from stat_jax.stat.io import write_jsonl
+def test_a_cell_is_the_users_config_plus_its_own_settings_and_its_command_rebuilds_it(tmp_path):
+    """No demo.* copies of grpo.* or train.*: `stat-jax demo --config.grpo.X / --config.train.X` reach every cell,
+    and the command a cell records builds exactly the config it ran with."""
+    from stat_jax import cli, validity
+    from stat_jax.config import split_override_args
 
-    c = cli.build_config("configs/demo.py:quick", [("grpo.learning_rate", "2e-5"), ("grpo.num_generations", "4"),
-                                                   ("train.learning_rate", "7e-4"), ("train.batch_size", "4"),
-                                                   ("workdir", str(tmp_path / "demo"))])
-    student = tmp_path / "student"
-    save_char_tokenizer(student)
-    write_jsonl(tmp_path / "prompts.jsonl", (p.to_dict() for p in task.make_splits(0, {"test": 8})["test"]))
-    sub = run.grpo_run_config(c, tmp_path / "grpo", student, 1, tmp_path / "prompts.jsonl")
-    assert (sub.grpo.learning_rate, sub.grpo.num_generations, sub.seed) == (2e-5, 4, 1)
-    assert sub.grpo.train_files == (str(tmp_path / "prompts.jsonl"),) and sub.model.path == str(student)
-
-    seen = {}
-
-    def fake_train(config, workdir, init_model, files, *, steps, batch_size, lr, seed, resume=True):
-        seen.update(lr=lr, batch_size=batch_size)
-        (workdir / "hf").mkdir(parents=True)
-        return workdir / "hf"
-
-    monkeypatch.setattr(run, "train", fake_train)
-    demo = run.Demo(c)
-    (tmp_path / "demo/ft").mkdir(parents=True)
-    (tmp_path / "demo/ft/train.jsonl").write_text("")
-    (tmp_path / "demo/start.json").write_text('{"model": "%s"}' % student)
-    demo._finetune("ft", "start.json", seed=0)
-    assert seen == {"lr": 7e-4, "batch_size": 4}
+    demo = _demo_with_student(tmp_path, [("grpo.learning_rate", "2e-5"), ("train.learning_rate", "7e-4")])
+    demo.data()
+    overrides = demo.overrides("stat_sel-seed1", "stat_sel", 1)
+    c = demo.cell_config(overrides)
+    assert (c.grpo.learning_rate, c.train.learning_rate, c.seed, c.stat.method) == (2e-5, 7e-4, 1, "sel")
+    assert c.stat.seed == 0 and c.model.path == str(run.SHIPPED_STUDENT)
+    assert c.grpo.train_files == (str(tmp_path / f"demo/data/{run.GRPO_SPLIT}.jsonl"),)
+    command = demo.command(c, run.PROFILE + ("sel", "sft", "eval"))
+    assert command.startswith("stat-jax run --config=configs/demo.py:quick --only=data,skills,")
+    assert "--config.grpo.learning_rate=2e-05" in command and "--config.seed=1" in command
+    argv = shlex.split(command)[2:]
+    config_overrides, rest = split_override_args([a for a in argv if not a.startswith("--only")])
+    rebuilt = cli.build_config(rest[0].split("=", 1)[1], config_overrides)
+    assert validity.leaves(rebuilt) == validity.leaves(c)

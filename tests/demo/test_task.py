@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from stat_jax.demo import task
+from stat_jax.data import arith_task as task
 
 WEIGHTS = {"borrow_subtraction": 0.1, "percent": 0.1}
 SIZES = {"train": 600, "heldout": 100, "test": 200}

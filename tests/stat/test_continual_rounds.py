@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from stat_jax.config import load_config_file
-from stat_jax.demo import task
-from stat_jax.demo.offline_teacher import OfflineTeacher
+from stat_jax.data import arith_task as task
+from stat_jax.teacher.offline import OfflineTeacher
 from stat_jax.errors import ConfigError, RunStateMissingError
 from stat_jax.stat import io
 from stat_jax.stat.pipeline import continual_round, run_pipeline

@@ -124,7 +124,7 @@ def test_a_schema_is_checked_once_and_errors_are_jsonschema_validates(monkeypatc
 def test_answers_are_fsynced_unless_the_backend_says_they_are_free(tmp_path, monkeypatch):
     import os
 
-    from stat_jax.demo.offline_teacher import OfflineTeacher
+    from stat_jax.teacher.offline import OfflineTeacher
 
     synced = []
     real_fsync = os.fsync

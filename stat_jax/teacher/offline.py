@@ -2,7 +2,7 @@
 
 It reads `TeacherRequest.task` and the structured `payload` (never the prompt text) and answers with JSON
 fitting the request's schema. It "understands" a question by parsing it with the task grammar
-(`demo.task.parse_problem`), so its skill labels are exact, its diagnosis checks every step of a student's
+(`data.arith_task.parse_problem`), so its skill labels are exact, its diagnosis checks every step of a student's
 answer against the reference computation, and its synthesized problems really exercise the asked skill.
 Its written solutions slip with a configurable probability (one step's result off by a few, carried
 forward), which gives STAT-Syn's consistency filter real work to do.
@@ -16,9 +16,13 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from stat_jax.demo import task as demo_task
-from stat_jax.stat.skills import bare_skill_name
+from stat_jax.data import arith_task as demo_task
 from stat_jax.teacher.base import TeacherBackend, TeacherError, TeacherRequest, TeacherResponse
+
+
+def bare_skill_name(name: str) -> str:
+    """A catalog skill's name without its subject ("arithmetic:rounding" -> "rounding")."""
+    return name.rsplit(":", 1)[-1]
 
 _NUMBER = re.compile(r"-?\d+")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")

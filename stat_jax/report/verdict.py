@@ -1,0 +1,82 @@
+"""The comparison of methods as it is printed and shown: row names, the results table, the verdict in words.
+
+Reads the rows `stat_jax.demo.compare` writes to results.json (per row: overall, flagged and per-skill accuracy,
+mean and std over seeds, the per-seed values); shared by `stat-jax demo` and `stat-jax report`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+METHOD_LABELS = {"base": "base", "sft": "SFT (original mix)", "math_hard": "MATH-Hard", "embed_sel": "Embed-Sel",
+                 "stat_sel": "STAT-Sel", "stat_syn": "STAT-Syn"}
+
+
+def _gap(rows: dict[str, Any], a: str, b: str, key: str) -> tuple[float, float]:
+    """Mean difference a - b in points and its spread (std of the per-seed differences, seeds paired)."""
+    va, vb = rows[a][key]["values"], rows[b][key]["values"]
+    diffs = [100 * (x - y) for x, y in zip(va, vb)] if len(va) == len(vb) else [100 * (statistics.fmean(va) -
+                                                                                    statistics.fmean(vb))]
+    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+
+
+def verdict(report: dict[str, Any]) -> list[str]:
+    """One line per comparison the demo exists for, in words and numbers (seeds paired)."""
+    rows, n = report["rows"], len(report["seeds"])
+    lines = []
+    if "sft" in rows and "base" in rows:
+        gap = 100 * (rows["sft"]["overall"]["mean"] - rows["base"]["overall"]["mean"])
+        lines.append(f"SFT on more of the original mix moves the base student by {gap:+.1f} points overall "
+                     f"({'saturated' if abs(gap) <= 2 else 'not saturated'})")
+    for m in ("math_hard", "embed_sel", "stat_sel", "stat_syn"):
+        if m in rows and "sft" in rows and rows[m]["flagged"] and rows["sft"]["flagged"]:
+            mean, std = _gap(rows, m, "sft", "overall")
+            flagged, _ = _gap(rows, m, "sft", "flagged")
+            lines.append(f"{METHOD_LABELS[m]} - SFT = {mean:+.1f} ± {std:.1f} overall, {flagged:+.1f} on flagged "
+                         f"skills over {n} seeds")
+    for name in rows:
+        if name.endswith("+grpo") and name.split("+")[0] in rows:
+            base = name.split("+")[0]
+            mean, std = _gap(rows, name, base, "overall")
+            lines.append(f"GRPO on top of {METHOD_LABELS[base]}: {mean:+.1f} ± {std:.1f} overall over {n} seeds")
+    for name in rows:
+        if name.endswith("+round2") and name.split("+")[0] in rows:
+            base = name.split("+")[0]
+            mean, std = _gap(rows, name, base, "overall")
+            flagged = (f", {_gap(rows, name, base, 'flagged')[0]:+.1f} on round 1's flagged skills"
+                       if rows[name]["flagged"] and rows[base]["flagged"] else "")
+            lines.append(f"{METHOD_LABELS[base]} round 2 (profiled again on a new validation split, trained further "
+                         f"at the same budget) - round 1 = {mean:+.1f} ± {std:.1f} overall{flagged} over {n} seeds")
+    return lines
+
+
+def row_label(name: str) -> str:
+    """The table's name for a row: a method, or a method +GRPO / round 2."""
+    if name in METHOD_LABELS:
+        return METHOD_LABELS[name]
+    method, suffix = name.split("+", 1)
+    return METHOD_LABELS.get(method, method) + {"grpo": " +GRPO", "round2": " round 2"}.get(suffix, f" +{suffix}")
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Accuracy (%) per method: overall, on the flagged skills, and per skill, as mean±std over seeds."""
+    rows = report["rows"]
+    skills = list(report["skills"])
+    flagged = set(report["flagged_skills"])
+    header = ["method", "overall", "flagged"] + [s[:11] + ("*" if s in flagged else "") for s in skills]
+
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{100 * v['mean']:.1f}" + (f"±{100 * v['std']:.1f}" if v["values"] and len(v["values"]) > 1 else "")
+
+    lines = []
+    for name, r in rows.items():
+        label = row_label(name)
+        lines.append([label, cell(r["overall"]), cell(r["flagged"])] + [cell(r["per_skill"].get(s)) for s in skills])
+    widths = [max(len(str(x)) for x in col) + 2 for col in zip(header, *lines)]
+    fmt = lambda row: "".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))
+    notes = (f"accuracy (%) on the {report.get('split', 'test')} split; mean±std over seeds {report['seeds']}; equal budget of "
+             f"{report['token_budget']} training tokens per method; * = flagged by the Missing-Skill-Profile")
+    return "\n".join([notes, fmt(header)] + [fmt(r) for r in lines] + [""] + list(report.get("verdict", [])))
