@@ -62,7 +62,7 @@ def row_label(name: str) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """Accuracy (%) per method: overall, on the flagged skills, and per skill, as mean±std over seeds."""
     rows = report["rows"]
-    skills = list(report["skills"])
+    skills = list(report.get("skills") or next(iter(rows.values()))["per_skill"])
     flagged = set(report["flagged_skills"])
     header = ["method", "overall", "flagged"] + [s[:11] + ("*" if s in flagged else "") for s in skills]
 
@@ -77,6 +77,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append([label, cell(r["overall"]), cell(r["flagged"])] + [cell(r["per_skill"].get(s)) for s in skills])
     widths = [max(len(str(x)) for x in col) + 2 for col in zip(header, *lines)]
     fmt = lambda row: "".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))
-    notes = (f"accuracy (%) on the {report.get('split', 'test')} split; mean±std over seeds {report['seeds']}; equal budget of "
-             f"{report['token_budget']} training tokens per method; * = flagged by the Missing-Skill-Profile")
+    notes = (f"accuracy (%) on the {report.get('split', 'test')} split; mean±std over seeds {report['seeds']}; "
+             f"equal budget of {report['token_budget']} training tokens per method; * = flagged by the "
+             f"Missing-Skill-Profile")
+    rule = report.get("hard_rule")
+    if rule:  # which rule chose the profiled questions, and whether it read the reference answers
+        notes += (f"\nhard questions: {rule.get('scorer')} ({rule.get('rule')}; "
+                  f"{'uses the reference answers (labels)' if rule.get('uses_reference_labels') else 'label-free'})")
     return "\n".join([notes, fmt(header)] + [fmt(r) for r in lines] + [""] + list(report.get("verdict", [])))

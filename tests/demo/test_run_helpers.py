@@ -8,8 +8,8 @@ from stat_jax.data import arith_task as task
 from stat_jax.data.char_tokenizer import build_char_tokenizer
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.data.sft_data import equal_budget, example_tokens
-from stat_jax.demo import compare
-from stat_jax.report import verdict as verdict_mod, run
+from stat_jax.demo import compare, run
+from stat_jax.report import verdict as verdict_mod
 from stat_jax.stat.sel import question_messages
 
 
