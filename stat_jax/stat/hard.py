@@ -253,11 +253,12 @@ class PRMScorer(Scorer):
 
 def _accuracy(config) -> AccuracyScorer:
     """Graded by the held-out benchmark's headline rule (eval.headline)."""
-    from stat_jax.eval.evaluate import EvalSettings, flexible_rule
+    from stat_jax.eval.evaluate import flexible_rule
 
     s = config.stat
+    headline = config.eval.get("headline") or {}  # only the held-out benchmark's entry is read
     return AccuracyScorer(workers=s.grade_workers, timeout=config.eval.grade_timeout,
-                          grading=EvalSettings.from_config(config).headline_grading(s.heldout_benchmark),
+                          grading=headline.get(s.heldout_benchmark, "strict"),
                           flexible_rule=flexible_rule(s.heldout_benchmark))
 
 

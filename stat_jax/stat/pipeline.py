@@ -474,8 +474,11 @@ def attempt_is_same(ctx: StageContext) -> bool:
     attempt = ctx.previous_attempt
     if not attempt or "reads" not in attempt:
         return False
-    return (attempt.get("inputs") == io.input_hashes(ctx.run_dir, attempt.get("input_names", []))
-            and not validity.changed(attempt["reads"], ctx.config, ctx.context_values()))
+    try:
+        same_inputs = attempt.get("inputs") == io.input_hashes(ctx.run_dir, attempt.get("input_names", []))
+    except OSError:  # an input of that attempt is gone
+        return False
+    return same_inputs and not validity.changed(attempt["reads"], ctx.config, ctx.context_values())
 
 
 def prepare_subrun(ctx: StageContext, name: str, stale: Sequence[str]) -> bool:

@@ -11,6 +11,7 @@ upper bounds too: no re-asks or retries, and every diagnosis names stat.diagnose
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -69,111 +70,173 @@ def _catalog(catalog: dict[str, Any] | None, subject: str, size: int) -> list[di
     return _placeholder_catalog(size)
 
 
-def plan_teacher(config: Any, train: Sequence[MathProblem], heldout: Sequence[MathProblem],
-                 stages: Sequence[str], catalog: dict[str, Any] | None = None) -> list[PlannedStage]:
-    """The teacher calls of `stages` for these training and held-out rows (see the module docstring)."""
-    s, tc = config.stat, config.teacher
-    subject = skills.subject_of
-    rows: list[PlannedStage] = []
+@dataclasses.dataclass
+class _Plan:
+    """What every stage's planner reads: the run's settings and rows, and the rows of the plan so far."""
 
-    def add(stage: str, task: str, calls: int, mean_input: float, note: str = "") -> None:
-        rows.append(PlannedStage(stage, task, int(calls), round(calls * mean_input), int(calls) * output_cap(tc, task),
-                                 note=note))
+    config: Any
+    train: Sequence[MathProblem]
+    heldout: Sequence[MathProblem]
+    catalog: dict[str, Any] | None
+    rows: list[PlannedStage] = dataclasses.field(default_factory=list)
 
-    subjects = sorted({subject(p) for p in train})
-    if "skills" in stages:
-        def proposals(per_subject: int) -> tuple[list[MathProblem], float]:
-            sample = skills.sample_per_subject(train, per_subject, config.seed)
-            return sample, _mean_tokens([prompts.propose_skills(p.problem, p.solution, subject(p),
-                                                                max_skills=s.propose_max_skills).prompt
-                                         for p in sample])
+    @property
+    def s(self) -> Any:
+        return self.config.stat
 
-        chosen = int(s.skills_sample_per_subject)
-        sample, mean_input = proposals(chosen)
-        # The catalog's cost depends most on how many questions name skills: the plan prices the other choice too.
-        other = 0 if chosen > 0 else SAMPLE_ALTERNATIVE
-        other_sample, other_input = proposals(other)
-        other_cost = _cost(tc, len(other_sample) * other_input, len(other_sample) * output_cap(tc, "propose_skills"))
-        add("skills", "propose_skills", len(sample), mean_input,
-            (f"{chosen} questions per subject (a sample)" if chosen else "every training question (the paper)")
-            + f"; stat.skills_sample_per_subject={other}: {len(other_sample)} calls, ${other_cost:.2f}")
-        per_subject = {k: sum(subject(p) == k for p in sample) for k in subjects}
-        merges = [prompts.merge_skills(k, [{**PLACEHOLDER_SKILL, "name": f"{PLACEHOLDER_SKILL['name']}{i}", "count": 1}
-                                           for i in range(per_subject[k] * s.propose_max_skills)],
-                                       max_skills=s.catalog_max_skills).prompt for k in subjects]
-        add("skills", "merge_skills", len(merges), _mean_tokens(merges),
-            "every proposed skill distinct (upper bound)")
-    if "label" in stages:
-        add("label", "label_skills", len(train),
-            _mean_tokens([prompts.label_skills(p.problem, p.solution, subject(p),
-                                               _catalog(catalog, subject(p), s.catalog_max_skills),
-                                               max_skills=s.label_max_skills).prompt for p in train]),
-            "" if catalog else f"catalog: {s.catalog_max_skills} placeholder skills per subject")
-    num_hard = min(int(s.num_hard), len(heldout))
-    response = "r" * (int(s.rollout_max_new_tokens) * CHARS_PER_TOKEN)  # the student's answer, at its cap
-    if "diagnose" in stages:
-        add("diagnose", "diagnose", num_hard,
-            _mean_tokens([prompts.diagnose(p.problem, p.solution, p.answer, response, subject(p),
-                                           _catalog(catalog, subject(p), s.catalog_max_skills),
-                                           max_skills=s.diagnose_max_skills).prompt for p in heldout]),
-            f"{num_hard} hard questions (stat.num_hard), mean over the held-out rows; student answer "
-            f"{s.rollout_max_new_tokens} tokens")
-    pairs = num_hard * int(s.diagnose_max_skills)
-    solve_tokens = _mean_tokens([prompts.solve(p.problem, subject(p)).prompt for p in train])
+    @property
+    def num_hard(self) -> int:
+        return min(int(self.s.num_hard), len(self.heldout))
 
-    def answer_calls(stage: str, questions: int, target: int, note: str) -> None:
+    @property
+    def pairs(self) -> int:  # (hard question, missing skill) pairs, every diagnosis naming the most skills
+        return self.num_hard * int(self.s.diagnose_max_skills)
+
+    def add(self, stage: str, task: str, calls: int, mean_input: float, note: str = "") -> None:
+        self.rows.append(PlannedStage(stage, task, int(calls), round(calls * mean_input),
+                                      int(calls) * output_cap(self.config.teacher, task), note=note))
+
+    def skill_list(self, problem: MathProblem) -> list[dict[str, str]]:
+        return _catalog(self.catalog, skills.subject_of(problem), self.s.catalog_max_skills)
+
+    @functools.cached_property
+    def solve_tokens(self) -> float:  # a solve prompt of a training question, on average
+        return _mean_tokens([prompts.solve(p.problem, skills.subject_of(p)).prompt for p in self.train])
+
+    def answer_calls(self, stage: str, questions: int, target: int, note: str) -> None:
+        """The teacher's answers to a set's chosen questions (none with dataset solutions)."""
+        s = self.s
         if s.sel_answer_source == "dataset":
             return
         teacher_answers = s.sel_answers_per_question - (1 if s.sel_answer_source == "dataset+teacher" else 0)
         slots = questions * s.sel_answers_per_question
         calls = min(slots, target) if target > 0 else slots
-        calls = round(calls * teacher_answers / s.sel_answers_per_question)
-        add(stage, "solve", calls, solve_tokens, note)
+        self.add(stage, "solve", round(calls * teacher_answers / s.sel_answers_per_question), self.solve_tokens,
+                 note)
 
-    if "sel" in stages:
-        answer_calls("sel", pairs * int(s.sel_questions_per_skill), int(s.sel_target_size),
-                     f"{pairs} (hard, skill) pairs x {s.sel_questions_per_skill} questions x "
-                     f"{s.sel_answers_per_question} answers, capped at stat.sel_target_size")
-    size = baselines.budget(config) if any(m in stages for m in ("math_hard", "embed_sel", "embed_syn")) else 0
-    if "math_hard" in stages:
-        if s.math_hard_rating == "teacher":
-            add("math_hard", "rate_difficulty", len(train),
-                _mean_tokens([prompts.rate_difficulty(p.problem, p.solution, subject(p)).prompt for p in train]),
-                "every training question rated 1-5")
-            # Which questions the teacher rates hardest is not known before it rates them: MATH's levels stand in.
-            chosen, note = (len(baselines.hardest_levels(train, s.math_hard_top_levels)) if train else 0,
-                            "as many questions as the hardest levels hold (the ratings are not known yet)")
-        elif s.math_hard_rating == "prm":
-            chosen, note = math.ceil(float(s.math_hard_share) * len(train)), "stat.math_hard_share of the questions"
-        else:
-            chosen, note = (len(baselines.hardest_levels(train, s.math_hard_top_levels)) if train else 0,
-                            "the hardest levels' questions")
-        answer_calls("math_hard", chosen, size, f"{note}, capped at the baseline budget")
-    if "embed_sel" in stages:
-        answer_calls("embed_sel", num_hard * int(s.embed_per_question), size,
-                     f"{num_hard} hard x {s.embed_per_question} neighbours, capped at the baseline budget")
-    if "embed_syn" in stages:
-        requests = num_hard * int(s.embed_syn_requests_per_question)
-        refs = list(train[:max(1, s.syn_reference_questions)])
-        reference = [{"problem": p.problem, "solution": p.solution} for p in refs]
-        add("embed_syn", "synthesize", requests,
-            _mean_tokens([prompts.synthesize("", "", reference, subject(p), n=s.syn_new_questions).prompt
-                          for p in refs]), f"{num_hard} hard x {s.embed_syn_requests_per_question} requests")
-        add("embed_syn", "solve", requests * int(s.syn_new_questions) * int(s.syn_solutions), solve_tokens,
-            f"{requests * int(s.syn_new_questions)} new questions x {s.syn_solutions} solutions")
-    if "syn" in stages:
-        refs = list(train[:max(1, s.syn_reference_questions)])
-        reference = [{"problem": p.problem, "solution": p.solution} for p in refs]
-        synth = [prompts.synthesize(PLACEHOLDER_SKILL["name"], PLACEHOLDER_SKILL["description"], reference, subject(p),
-                                    n=s.syn_new_questions).prompt for p in refs]
-        add("syn", "synthesize", pairs, _mean_tokens(synth), f"{pairs} (hard, skill) pairs")
-        questions = pairs * int(s.syn_new_questions)
-        # A new question is about as long as a training question.
-        add("syn", "solve", questions * int(s.syn_solutions), solve_tokens,
-            f"{questions} new questions x {s.syn_solutions} solutions")
-    for row in rows:
-        row.cost_usd = _cost(tc, row.input_tokens, row.output_tokens)
-    return rows
+    def references(self) -> list[MathProblem]:
+        return list(self.train[:max(1, self.s.syn_reference_questions)])
+
+
+def _plan_skills(plan: _Plan) -> None:
+    s, tc, subject = plan.s, plan.config.teacher, skills.subject_of
+
+    def proposals(per_subject: int) -> tuple[list[MathProblem], float]:
+        sample = skills.sample_per_subject(plan.train, per_subject, _stat_seed(plan.config))
+        return sample, _mean_tokens([prompts.propose_skills(p.problem, p.solution, subject(p),
+                                                            max_skills=s.propose_max_skills).prompt for p in sample])
+
+    chosen = int(s.skills_sample_per_subject)
+    sample, mean_input = proposals(chosen)
+    # The catalog's cost depends most on how many questions name skills: the plan prices the other choice too.
+    other = 0 if chosen > 0 else SAMPLE_ALTERNATIVE
+    other_sample, other_input = proposals(other)
+    other_cost = _cost(tc, len(other_sample) * other_input, len(other_sample) * output_cap(tc, "propose_skills"))
+    plan.add("skills", "propose_skills", len(sample), mean_input,
+             (f"{chosen} questions per subject (a sample)" if chosen else "every training question (the paper)")
+             + f"; stat.skills_sample_per_subject={other}: {len(other_sample)} calls, ${other_cost:.2f}")
+    subjects = sorted({subject(p) for p in plan.train})
+    per_subject = {k: sum(subject(p) == k for p in sample) for k in subjects}
+    merges = [prompts.merge_skills(k, [{**PLACEHOLDER_SKILL, "name": f"{PLACEHOLDER_SKILL['name']}{i}", "count": 1}
+                                       for i in range(per_subject[k] * s.propose_max_skills)],
+                                   max_skills=s.catalog_max_skills).prompt for k in subjects]
+    plan.add("skills", "merge_skills", len(merges), _mean_tokens(merges), "every proposed skill distinct (upper bound)")
+
+
+def _plan_label(plan: _Plan) -> None:
+    s = plan.s
+    plan.add("label", "label_skills", len(plan.train),
+             _mean_tokens([prompts.label_skills(p.problem, p.solution, skills.subject_of(p), plan.skill_list(p),
+                                                max_skills=s.label_max_skills).prompt for p in plan.train]),
+             "" if plan.catalog else f"catalog: {s.catalog_max_skills} placeholder skills per subject")
+
+
+def _plan_diagnose(plan: _Plan) -> None:
+    s = plan.s
+    response = "r" * (int(s.rollout_max_new_tokens) * CHARS_PER_TOKEN)  # the student's answer, at its cap
+    plan.add("diagnose", "diagnose", plan.num_hard,
+             _mean_tokens([prompts.diagnose(p.problem, p.solution, p.answer, response, skills.subject_of(p),
+                                            plan.skill_list(p), max_skills=s.diagnose_max_skills).prompt
+                           for p in plan.heldout]),
+             f"{plan.num_hard} hard questions (stat.num_hard), mean over the held-out rows; student answer "
+             f"{s.rollout_max_new_tokens} tokens")
+
+
+def _plan_sel(plan: _Plan) -> None:
+    s = plan.s
+    plan.answer_calls("sel", plan.pairs * int(s.sel_questions_per_skill), int(s.sel_target_size),
+                      f"{plan.pairs} (hard, skill) pairs x {s.sel_questions_per_skill} questions x "
+                      f"{s.sel_answers_per_question} answers, capped at stat.sel_target_size")
+
+
+def _plan_math_hard(plan: _Plan) -> None:
+    s, train = plan.s, plan.train
+    if s.math_hard_rating == "teacher":
+        plan.add("math_hard", "rate_difficulty", len(train),
+                 _mean_tokens([prompts.rate_difficulty(p.problem, p.solution, skills.subject_of(p)).prompt
+                               for p in train]), "every training question rated 1-5")
+        # Which questions the teacher rates hardest is not known before it rates them: MATH's levels stand in.
+        chosen, note = (len(baselines.hardest_levels(train, s.math_hard_top_levels)) if train else 0,
+                        "as many questions as the hardest levels hold (the ratings are not known yet)")
+    elif s.math_hard_rating == "prm":
+        chosen, note = math.ceil(float(s.math_hard_share) * len(train)), "stat.math_hard_share of the questions"
+    else:
+        chosen, note = (len(baselines.hardest_levels(train, s.math_hard_top_levels)) if train else 0,
+                        "the hardest levels' questions")
+    plan.answer_calls("math_hard", chosen, baselines.budget(plan.config), f"{note}, capped at the baseline budget")
+
+
+def _plan_embed_sel(plan: _Plan) -> None:
+    s = plan.s
+    plan.answer_calls("embed_sel", plan.num_hard * int(s.embed_per_question), baselines.budget(plan.config),
+                      f"{plan.num_hard} hard x {s.embed_per_question} neighbours, capped at the baseline budget")
+
+
+def _plan_embed_syn(plan: _Plan) -> None:
+    s = plan.s
+    requests = plan.num_hard * int(s.embed_syn_requests_per_question)
+    reference = [{"problem": p.problem, "solution": p.solution} for p in plan.references()]
+    plan.add("embed_syn", "synthesize", requests,
+             _mean_tokens([prompts.synthesize("", "", reference, skills.subject_of(p), n=s.syn_new_questions).prompt
+                           for p in plan.references()]),
+             f"{plan.num_hard} hard x {s.embed_syn_requests_per_question} requests")
+    plan.add("embed_syn", "solve", requests * int(s.syn_new_questions) * int(s.syn_solutions), plan.solve_tokens,
+             f"{requests * int(s.syn_new_questions)} new questions x {s.syn_solutions} solutions")
+
+
+def _plan_syn(plan: _Plan) -> None:
+    s = plan.s
+    reference = [{"problem": p.problem, "solution": p.solution} for p in plan.references()]
+    synth = [prompts.synthesize(PLACEHOLDER_SKILL["name"], PLACEHOLDER_SKILL["description"], reference,
+                                skills.subject_of(p), n=s.syn_new_questions).prompt for p in plan.references()]
+    plan.add("syn", "synthesize", plan.pairs, _mean_tokens(synth), f"{plan.pairs} (hard, skill) pairs")
+    questions = plan.pairs * int(s.syn_new_questions)
+    # A new question is about as long as a training question.
+    plan.add("syn", "solve", questions * int(s.syn_solutions), plan.solve_tokens,
+             f"{questions} new questions x {s.syn_solutions} solutions")
+
+
+# teacher stage -> its planner, in the order the plan lists them
+PLANNERS = {"skills": _plan_skills, "label": _plan_label, "diagnose": _plan_diagnose, "sel": _plan_sel,
+            "math_hard": _plan_math_hard, "embed_sel": _plan_embed_sel, "embed_syn": _plan_embed_syn,
+            "syn": _plan_syn}
+
+
+def _stat_seed(config: Any) -> int:
+    seed = int(config.stat.get("seed", -1))  # as the stages take it (StageContext.stat_seed)
+    return seed if seed >= 0 else int(config.seed)
+
+
+def plan_teacher(config: Any, train: Sequence[MathProblem], heldout: Sequence[MathProblem],
+                 stages: Sequence[str], catalog: dict[str, Any] | None = None) -> list[PlannedStage]:
+    """The teacher calls of `stages` for these training and held-out rows (see the module docstring)."""
+    plan = _Plan(config, train, heldout, catalog)
+    for stage, planner in PLANNERS.items():
+        if stage in stages:
+            planner(plan)
+    for row in plan.rows:
+        row.cost_usd = _cost(config.teacher, row.input_tokens, row.output_tokens)
+    return plan.rows
 
 
 def _cost(tc: Any, input_tokens: float, output_tokens: float) -> float:

@@ -376,10 +376,8 @@ def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | P
     if not problems:
         raise ValueError("grpo: the problem list is empty")
     data_hash = loop.rows_hash(problems, leave_out=("source",))  # the file a prompt came from: moving it changes none
-    if resume and (done := loop.finished_result(result_path, export_dir, config, data_hash)) is not None:
+    if (done := loop.previous_result(workdir, result_path, export_dir, config, data_hash, resume, "grpo")) is not None:
         return done
-    if resume:
-        loop.check_resume_rows(workdir / "checkpoints", data_hash, "grpo")
 
     reward_fn = reward_fn or resolve_reward(str(g.reward), float(g.format_reward))
     mesh = mesh or sharding.mesh_from_config(config.mesh)

@@ -360,6 +360,20 @@ def latest_checkpoint_meta(directory: Path) -> dict:
     return {}
 
 
+def previous_result(workdir: Path, result_path: Path, export_dir: Path, config: Any, data_hash: str, resume: bool,
+                    name: str) -> dict | None:
+    """With `resume`: the result of a run that already finished here as this one would (returned again), else
+    None after checking that the checkpoints were trained on these rows."""
+    if not resume:
+        return None
+    done = finished_result(result_path, export_dir, config, data_hash)
+    if done is not None:
+        log.info("%s: %s already finished (step %s); nothing to do", name, workdir, done.get("steps"))
+        return done
+    check_resume_rows(workdir / "checkpoints", data_hash, name)
+    return None
+
+
 def finished_result(result_path: Path, export_dir: Path, config: Any, data_hash: str) -> dict | None:
     """The result of a run that already finished on these rows and read the same values of every config field
     it read (stat_jax/validity.py): resume is then a no-op. Else None."""

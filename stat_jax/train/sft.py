@@ -225,26 +225,14 @@ def _train_sft(config, examples_or_path, workdir: str | Path | None, resume: boo
     result_path = workdir / "sft_result.json"
     examples = _examples(config, examples_or_path)
     data_hash = loop.rows_hash(examples)
-    if resume and (done := loop.finished_result(result_path, export_dir, config, data_hash)) is not None:
-        log.info("sft: %s already finished (step %s); nothing to do", workdir, done.get("steps"))
+    if (done := loop.previous_result(workdir, result_path, export_dir, config, data_hash, resume, "sft")) is not None:
         return done
-    if resume:
-        loop.check_resume_rows(workdir / "checkpoints", data_hash, "sft")
 
     mesh = mesh or sharding.mesh_from_config(config.mesh)
-    model_path = resolve_model_path(config.model.path)
-    model_cfg = ModelConfig.from_hf_dir(model_path)
+    model_cfg = ModelConfig.from_hf_dir(model_path := resolve_model_path(config.model.path))
     tokenizer, tokenizer_path = _load_tokenizer(config)
 
-    tokenized = sft_data.tokenize_examples(tokenizer, examples, model_cfg.eos_token_ids,
-                                           date_string=str(config.eval.date_string))
-    tokenized, dropped = sft_data.drop_too_long(tokenized, config.data.max_length)
-    if dropped:
-        log.warning("sft: dropped %d of %d examples longer than data.max_length=%d tokens",
-                    dropped, len(examples), config.data.max_length)
-    batches = sft_data.SFTBatches(
-        tokenized, batch_size=config.train.batch_size, seq_len=config.data.max_length, seed=config.seed,
-        packing=config.data.packing, process_index=jax.process_index(), process_count=jax.process_count())
+    tokenized, dropped, batches = _batches(config, tokenizer, examples, model_cfg.eos_token_ids)
     total_steps = total_steps_for(config.train, batches)
     tx, schedule = build_optimizer(config.train, total_steps)
 
@@ -270,7 +258,6 @@ def _train_sft(config, examples_or_path, workdir: str | Path | None, resume: boo
     start_step = int(jax.device_get(state["step"]))
 
     if is_writer:
-        workdir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(config, workdir)
     train_step = loop.run_on_mesh(compiled_step, mesh, frozen)
     metrics_path = workdir / "metrics.jsonl"
@@ -292,6 +279,37 @@ def _train_sft(config, examples_or_path, workdir: str | Path | None, resume: boo
         state, metrics = train_step(state, batch)
         return state, {**metrics, "epoch": epoch}
 
+    report = _reporter(logger, int(config.train.log_every), total_steps)
+    try:
+        state, preempted, last = loop.run_loop("sft", state, start_step, total_steps, step_fn, report, ckpt, meta)
+    finally:
+        logger.close()
+        ckpt.close()
+
+    result = {"export_dir": str(export_dir), "metrics_path": str(metrics_path), "checkpoint_dir": str(ckpt.directory),
+              "steps": int(jax.device_get(state["step"])), "total_steps": total_steps, "final_loss": last.get("loss"), "preempted": preempted,
+              "data_hash": data_hash, "reads": dict(reads.values), "examples": len(tokenized),
+              "dropped_examples": dropped,
+              "micro_batches": micro, "step_memory_gb": step_memory.peak / train_memory.GB}
+    return loop.finish(result, policy, state["params"], frozen, export_dir=export_dir, workdir=workdir,
+                       result_path=result_path, tokenizer_source=tokenizer_path, dtype=config.train.export_dtype)
+
+
+def _batches(config, tokenizer, examples: Sequence[SFTExample], eos_ids) -> tuple[Any, int, Any]:
+    """(tokenized examples, how many were dropped as too long, the packed SFTBatches of this process)."""
+    tokenized = sft_data.tokenize_examples(tokenizer, examples, eos_ids, date_string=str(config.eval.date_string))
+    tokenized, dropped = sft_data.drop_too_long(tokenized, config.data.max_length)
+    if dropped:
+        log.warning("sft: dropped %d of %d examples longer than data.max_length=%d tokens",
+                    dropped, len(examples), config.data.max_length)
+    batches = sft_data.SFTBatches(
+        tokenized, batch_size=config.train.batch_size, seq_len=config.data.max_length, seed=config.seed,
+        packing=config.data.packing, process_index=jax.process_index(), process_count=jax.process_count())
+    return tokenized, dropped, batches
+
+
+def _reporter(logger: MetricsLogger, log_every: int, total_steps: int) -> Callable[[int, dict[str, float]], None]:
+    """The loop's report(step, metrics): tokens/s since the last step, a row every `log_every` steps and the last."""
     last_time = time.perf_counter()
 
     def report(step: int, values: dict[str, float]) -> None:
@@ -300,23 +318,10 @@ def _train_sft(config, examples_or_path, workdir: str | Path | None, resume: boo
         values["tokens_per_s"] = values["tokens"] / max(now - last_time, 1e-9)
         values["epoch"] = int(values["epoch"])
         last_time = now
-        if step % config.train.log_every == 0 or step == total_steps:
+        if step % log_every == 0 or step == total_steps:
             logger.log(step, values)
 
-    try:
-        state, preempted, last = loop.run_loop("sft", state, start_step, total_steps, step_fn, report, ckpt, meta)
-    finally:
-        logger.close()
-        ckpt.close()
-
-    end_step = int(jax.device_get(state["step"]))
-    result = {"export_dir": str(export_dir), "metrics_path": str(metrics_path), "checkpoint_dir": str(ckpt.directory),
-              "steps": end_step, "total_steps": total_steps, "final_loss": last.get("loss"), "preempted": preempted,
-              "data_hash": data_hash, "reads": dict(reads.values), "examples": len(tokenized),
-              "dropped_examples": dropped,
-              "micro_batches": micro, "step_memory_gb": step_memory.peak / train_memory.GB}
-    return loop.finish(result, policy, state["params"], frozen, export_dir=export_dir, workdir=workdir,
-                       result_path=result_path, tokenizer_source=tokenizer_path, dtype=config.train.export_dtype)
+    return report
 
 
 def main(config, args) -> int:

@@ -116,7 +116,7 @@ def test_a_registered_teacher_backend_is_built_by_name():
         c.teacher.backend = "echo"
         assert isinstance(teacher_build.build_backend(c.teacher), EchoTeacher)
         c.teacher.backend = "nope"
-        with pytest.raises(Exception, match="use one of \\['echo', 'gemini'\\]"):
+        with pytest.raises(Exception, match="use one of \\['echo', 'gemini', 'offline'\\]"):
             teacher_build.build_backend(c.teacher)
     finally:
         teacher_build.BACKENDS.pop("echo")

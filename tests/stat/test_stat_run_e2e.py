@@ -94,7 +94,7 @@ def _perturbed(value):
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):
-        return value * 2 + 1
+        return value + 1
     if isinstance(value, str):
         return value + "-changed"
     if isinstance(value, (list, tuple)):
