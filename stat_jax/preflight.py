@@ -273,7 +273,7 @@ def _stage_up_to_date(pipeline: Any, config: Any, stage: Any) -> bool:
     try:
         ctx = pipeline.StageContext(config, run_dir)
         inputs = pipeline._inputs_for(stage, ctx)
-        return pipeline.io.stage_is_done(run_dir, stage.name, config, inputs, ctx.context_values())
+        return pipeline.io.stage_is_done(run_dir, stage.name, config, inputs, ctx.context_values(), stage.outputs)
     except Exception as e:  # noqa: BLE001  (a check must never stop a run; the stage itself will report)
         log.debug("preflight: could not tell whether stage %s is done: %s", stage.name, e)
         return False

@@ -83,7 +83,12 @@ class Demo:
     # data ---------------------------------------------------------------------------------------------------
     def split_sizes(self) -> dict[str, int]:
         d, g = self.d, self.config.grpo
+        if d.eval_split not in ("test", "validation"):
+            raise ValueError(f"demo.eval_split={d.eval_split!r}: use 'test' (the table) or 'validation' (a split of "
+                             "its own, to choose settings)")
         sizes = {"train": d.train_size, "heldout": d.heldout_size, "test": d.test_size}
+        if d.eval_split == "validation":
+            sizes["validation"] = d.test_size
         if d.round2_methods:
             sizes[ROUND2_SPLIT] = d.round2_heldout_size
         if g.steps > 0 and d.grpo_methods:

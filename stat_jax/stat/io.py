@@ -73,9 +73,10 @@ def _hashes(run_dir: Path, names: Sequence[str]) -> dict[str, str]:
 
 
 def stage_is_done(run_dir: Path, stage: str, config: Any, inputs: Sequence[str],
-                  context: Mapping[str, Any] | None = None) -> bool:
+                  context: Mapping[str, Any] | None = None, outputs: Sequence[str] = ()) -> bool:
     """True when the stage's manifest says it is still valid: none of the config fields it read has changed
-    (`validity.changed`; "@name" values against `context`), its inputs hash the same and its outputs are intact."""
+    (`validity.changed`; "@name" values against `context`), its inputs hash the same, and its outputs (every one
+    in `outputs`, what the stage writes now, among them) are intact."""
     manifest_path = run_dir / stage / MANIFEST
     if not manifest_path.exists():
         return False
@@ -83,7 +84,7 @@ def stage_is_done(run_dir: Path, stage: str, config: Any, inputs: Sequence[str],
         manifest = read_json(manifest_path)
         if "reads" not in manifest or validity.changed(manifest["reads"], config, context):
             return False
-        if manifest.get("inputs") != _hashes(run_dir, inputs):
+        if manifest.get("inputs") != _hashes(run_dir, inputs) or not set(outputs) <= set(manifest["outputs"]):
             return False
         return all((run_dir / n).exists() and file_hash(run_dir / n) == h for n, h in manifest["outputs"].items())
     except (ValueError, FileNotFoundError, KeyError):

@@ -737,12 +737,12 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
         raise errors.RunStateMissingError(f"stage {stage.name!r} needs {missing} under {ctx.run_dir}: run the "
                                           f"stages before it{order}")
     context = ctx.context_values()
-    if not force and io.stage_is_done(ctx.run_dir, stage.name, ctx.config, inputs, context):
+    if not force and io.stage_is_done(ctx.run_dir, stage.name, ctx.config, inputs, context, stage.outputs):
         log.info("stage %s: up to date, skipped", stage.name)
         return "skipped"
     cache = _stage_cache(ctx, stage)
     if cache and not force and (entry := stage_cache.lookup(cache, stage.name, ctx.run_dir, inputs, ctx.config,
-                                                             context)):
+                                                             context, stage.outputs)):
         if _is_process0():
             stage_cache.restore(entry, ctx.run_dir, stage.name)
         log.info("stage %s: copied from the stage cache (%s)", stage.name, entry)
@@ -795,7 +795,7 @@ def _wait_for(stage: Stage, ctx: StageContext, inputs: Sequence[str]) -> None:
     timeout = ctx.config.stat.wait_timeout_s
     deadline = time.monotonic() + timeout
     log.info("stage %s: waiting for process 0 to write %s", stage.name, ctx.path(stage.name) / io.MANIFEST)
-    while not io.stage_is_done(ctx.run_dir, stage.name, ctx.config, inputs, ctx.context_values()):
+    while not io.stage_is_done(ctx.run_dir, stage.name, ctx.config, inputs, ctx.context_values(), stage.outputs):
         if time.monotonic() > deadline:
             raise TimeoutError(f"stage {stage.name!r}: process 0 did not finish within {timeout}s "
                                f"(stat.wait_timeout_s); is {ctx.run_dir} on storage every host shares?")

@@ -35,8 +35,8 @@ def _intact(entry: Path, manifest: Mapping[str, Any]) -> bool:
 
 
 def lookup(cache: Path, stage: str, run_dir: Path, inputs: Sequence[str], config: Any,
-           context: Mapping[str, Any]) -> Path | None:
-    """The cached entry of `stage` valid for these inputs and this config, else None."""
+           context: Mapping[str, Any], outputs: Sequence[str] = ()) -> Path | None:
+    """The cached entry of `stage` valid for these inputs and this config, holding `outputs`, else None."""
     hashes = io.input_hashes(run_dir, inputs)
     slot = _slot(cache, stage, hashes)
     for entry in sorted(slot.glob("[0-9]*")) if slot.is_dir() else ():
@@ -44,7 +44,7 @@ def lookup(cache: Path, stage: str, run_dir: Path, inputs: Sequence[str], config
             manifest = io.read_json(entry / io.MANIFEST)
         except (ValueError, OSError):
             continue  # an entry cut short by a kill: never used
-        if (manifest.get("inputs") == hashes and "reads" in manifest
+        if (manifest.get("inputs") == hashes and "reads" in manifest and set(outputs) <= set(manifest["outputs"])
                 and not validity.changed(manifest["reads"], config, context) and _intact(entry, manifest)):
             return entry
     return None

@@ -184,6 +184,8 @@ def test_run_recorded_writes_the_manifest_that_marks_a_stage_done(tmp_path):
     assert io.stage_is_done(tmp_path, "s", ConfigDict({"k": 1, "unread": 6, "s": {"x": 2}}), [])
     assert not io.stage_is_done(tmp_path, "s", ConfigDict({"k": 2, "unread": 5, "s": {"x": 2}}), [])
     assert not io.stage_is_done(tmp_path, "s", ConfigDict({"k": 1, "unread": 5, "s": {"x": 3}}), [])
+    # The stage writes more files now than when the manifest was made (its code or its outputs' list changed).
+    assert not io.stage_is_done(tmp_path, "s", config, [], outputs=["s/out.json", "s/new.json"])
     io.write_json(tmp_path / "s/out.json", {"x": 0})  # an output changed since: not done
     assert not io.stage_is_done(tmp_path, "s", config, [])
     # A process other than process 0 runs its share and leaves the manifest alone.
