@@ -80,7 +80,7 @@ def test_round_two_starts_from_round_one_and_profiles_the_new_file(tmp_path):
     record = io.read_json(rd2 / "round.json")
     assert record["round"] == 2 and record["student"] == first and record["previous_run"] == str(rd1)
     # The rollout stage sampled round 1's trained student (its manifest names it) ...
-    assert io.read_json(rd2 / "rollout/manifest.json")["config"]["model.path"] == first
+    assert io.read_json(rd2 / "rollout/manifest.json")["reads"]["model.path"] == first
     # ... on the new validation file, whose questions the hard and diagnose stages then profiled.
     new_ids = {p.id for p in perturbed}
     assert {r["id"] for r in io.read_jsonl(rd2 / "rollout/responses.jsonl")} == new_ids
