@@ -181,18 +181,20 @@ def config_to_dict(config: ConfigDict) -> dict[str, Any]:
 
 
 def sub_config(config: ConfigDict, workdir: str | Path, **overrides: Any) -> ConfigDict:
-    """An unlocked copy of `config` writing under `workdir`, with dotted-key overrides set on existing fields.
+    """An unlocked copy of `config` writing under `workdir`, with dotted-key overrides set on existing fields (or
+    on new names in an open section, as on the command line: `eval.paths.<benchmark>`).
 
-    How a stage hands a real command (SFT, eval, GRPO) its config: the pipeline's stages and the demo's steps.
+    How a stage hands a real command (SFT, eval, GRPO) its config: the pipeline's stages, the demo's cells.
     """
     c = config.copy_and_resolve_references()
     c.unlock()
     c.workdir = str(workdir)
     for key, value in overrides.items():
         node, leaf = _parent_section(c, key, "sub_config: ")
-        if leaf not in node:
-            where = key.rpartition(".")[0] or "the top"
-            raise ConfigError(f"sub_config: {key!r} is not a config field (under {where}: {sorted(node)})")
+        section = key.rpartition(".")[0]
+        if leaf not in node and section not in OPEN_SECTIONS:
+            raise ConfigError(f"sub_config: {key!r} is not a config field (under {section or 'the top'}: "
+                              f"{sorted(node)})")
         node[leaf] = value
     return c
 

@@ -6,6 +6,11 @@ import dataclasses
 from typing import Any
 
 
+def bare_skill_name(name: str) -> str:
+    """A catalog skill's name without its subject ("algebra:completing_the_square" -> "completing_the_square")."""
+    return name.rsplit(":", 1)[-1]
+
+
 @dataclasses.dataclass
 class MathProblem:
     """One math question, whatever dataset it came from."""

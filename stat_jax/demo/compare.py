@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from stat_jax.data import arith_task as task
-from stat_jax.data.records import MathProblem, SFTExample
+from stat_jax.data.records import MathProblem, SFTExample, bare_skill_name
 from stat_jax.report.verdict import format_table, verdict
+from stat_jax.stat import io
 
 def per_skill_accuracy(records: Sequence[dict[str, Any]], problems: Sequence[MathProblem]) -> dict[str, Any]:
     """Overall greedy accuracy and accuracy on the test questions that exercise each skill."""
@@ -32,8 +33,6 @@ def per_skill_accuracy(records: Sequence[dict[str, Any]], problems: Sequence[Mat
 
 def flagged_skills(profile: dict[str, Any], min_share: float) -> list[str]:
     """The skills (task names) the Missing-Skill-Profile blames for at least `min_share` of all mentions."""
-    from stat_jax.stat.skills import bare_skill_name  # the profile's names are qualified by the subject
-
     return [bare_skill_name(r["skill"]) for r in profile["skills"] if r["frequency"] >= min_share]
 
 
@@ -74,13 +73,7 @@ def _relative(record: dict[str, Any], root: Path) -> dict[str, Any]:
 
 
 def _cell_result(root: Path, cell: str, stage: str, test: Sequence[MathProblem]) -> dict[str, Any]:
-    return per_skill_accuracy(_jsonl(root / "cells" / cell / "stat" / stage / "demo_test.jsonl"), test)
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    from stat_jax.stat import io
-
-    return io.read_jsonl(path)
+    return per_skill_accuracy(io.read_jsonl(root / "cells" / cell / "stat" / stage / "demo_test.jsonl"), test)
 
 
 def set_stats(run_dir: Path, tokenizer) -> dict[str, Any]:
@@ -105,12 +98,11 @@ def rows_of(runs: dict[str, list[dict[str, Any]]], flagged: Sequence[str]) -> di
 
 
 def write_results(config, root: Path, base: dict[str, Any], cells: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """results.json, results.txt and the plots, from the cells' own files; `cells`: {cell: {command}}."""
+    """results.json and results.txt, from the cells' own files; `cells`: {cell: {command}} (their accuracy added)."""
     from stat_jax.models.student import load_tokenizer
-    from stat_jax.stat import io
 
     d = config.demo
-    test = [MathProblem.from_dict(r) for r in _jsonl(root / f"data/{d.eval_split}.jsonl")]
+    test = io.read_problems(root / f"data/{d.eval_split}.jsonl")
     profile = io.read_json(root / "stat/profile/profile.json")
     flagged = flagged_skills(profile, d.flag_min_share)
     tokenizer = load_tokenizer(config, Path(io.read_json(root / "student/base.json")["model"]))
@@ -119,13 +111,14 @@ def write_results(config, root: Path, base: dict[str, Any], cells: dict[str, dic
     for m in d.methods:
         for s in d.seeds:
             cell = root / "cells" / f"{m}-seed{s}" / "stat"
-            cells[f"{m}-seed{s}"]["accuracy"] = _cell_result(root, f"{m}-seed{s}", "eval", test)["overall"]
             runs.setdefault(m, []).append(_cell_result(root, f"{m}-seed{s}", "eval", test))
+            cells[f"{m}-seed{s}"]["accuracy"] = runs[m][-1]["overall"]
             sets[f"seed{s}/{m}"] = set_stats(cell, tokenizer)
             if (cell / "eval_grpo/demo_test.jsonl").exists():
                 runs.setdefault(f"{m}+grpo", []).append(_cell_result(root, f"{m}-seed{s}", "eval_grpo", test))
-                curves[f"seed{s}/{m}"] = [{k: r[k] for k in ("step", "reward_mean", "reward_std", "zero_std_groups")
-                                           if k in r} for r in _jsonl(cell / "grpo/metrics.jsonl") if "reward_mean" in r]
+                keys = ("step", "reward_mean", "reward_std", "zero_std_groups")
+                curves[f"seed{s}/{m}"] = [{k: r[k] for k in keys if k in r}
+                                          for r in io.read_jsonl(cell / "grpo/metrics.jsonl") if "reward_mean" in r]
     for m in d.round2_methods:
         for s in d.seeds:
             name = f"{m}+round2-seed{s}"

@@ -27,7 +27,6 @@ from typing import Any
 from stat_jax import validity
 from stat_jax.config import build_config, sub_config
 from stat_jax.data import arith_task as task
-from stat_jax.data.records import MathProblem
 from stat_jax.demo import compare
 from stat_jax.report.verdict import format_table
 from stat_jax.models.llama import save_char_llama
@@ -45,10 +44,6 @@ CELL_METHODS = {"sft": "math_train", "math_hard": "math_hard", "embed_sel": "emb
                 "stat_syn": "syn"}  # the demo's rows -> the pipeline's stat.method (and the stage writing its set)
 PROFILE = ("data", "skills", "label", "rollout", "hard", "diagnose", "profile")
 STAGES = PROFILE + ("sel", "syn", "math_train", "math_hard", "embed_sel", "sft", "eval", "grpo", "eval_grpo")
-
-
-def _problems(path: Path) -> list[MathProblem]:
-    return [MathProblem.from_dict(r) for r in io.read_jsonl(path)]
 
 
 def _model_record(export: Path) -> dict[str, Any]:
@@ -163,7 +158,7 @@ class Demo:
                 "data.train_files": (str(self.path("data/original_mix.jsonl")),)})
             io.write_jsonl(self.path("data/original_mix.jsonl"), (
                 {"messages": question_messages(p.problem, self.config.eval.instruction), "response": p.solution}
-                for p in _problems(self.path("data/train.jsonl"))))
+                for p in io.read_problems(self.path("data/train.jsonl"))))
             result = train_sft(sub, None, sub.workdir, resume=resume)
             io.write_json(self.path("student/base.json"), _model_record(Path(result["export_dir"])))
 
@@ -196,13 +191,13 @@ class Demo:
         split = f"data/{self.d.eval_split}.jsonl"
 
         def run():
-            test = _problems(self.path(split))
+            test = io.read_problems(self.path(split))
             evaluate(self.server.serve(self.base_model), {"demo_test": test}, self.server.tokenizer, self.config.eval,
                      out_dir=self.path("student/eval"), model_name=str(self.base_model), print_table=False)
 
         self.step("student/eval", [split, "student/base.json"], ["student/eval/demo_test.jsonl"], run)
         return compare.per_skill_accuracy(io.read_jsonl(self.path("student/eval/demo_test.jsonl")),
-                                          _problems(self.path(split)))
+                                          io.read_problems(self.path(split)))
 
     # the pipelines -----------------------------------------------------------------------------------------
     def overrides(self, name: str, method: str, seed: int, **more: Any) -> dict[str, Any]:
@@ -210,8 +205,9 @@ class Demo:
         the demo's files are."""
         d, root = self.d, self.root
         out = {"workdir": str(root / "cells" / name), "seed": seed, "stat.method": CELL_METHODS[method],
-               "model.path": str(self.base_model), "stat.stages": STAGES, "stat.stage_cache": str(root / "stage_cache"),
-               "stat.train_source": str(root / "data/pool.jsonl"), "stat.heldout_source": str(root / "data/heldout.jsonl"),
+               "model.path": str(self.base_model), "stat.stages": STAGES,
+               "stat.stage_cache": str(root / "stage_cache"), "stat.train_source": str(root / "data/pool.jsonl"),
+               "stat.heldout_source": str(root / "data/heldout.jsonl"),
                "eval.paths.demo_test": str(root / f"data/{d.eval_split}.jsonl"), **more}
         if GRPO_SPLIT in self.split_sizes():
             prompts = root / f"data/{GRPO_SPLIT}.jsonl"
@@ -224,20 +220,12 @@ class Demo:
         from stat_jax.models.student import load_tokenizer
         from stat_jax.train.grpo import grpo_prompt_ids
 
-        ids = grpo_prompt_ids(self.config, load_tokenizer(self.config, self.base_model), _problems(prompts))
+        ids = grpo_prompt_ids(self.config, load_tokenizer(self.config, self.base_model), io.read_problems(prompts))
         return -(-(max(map(len, ids)) + int(self.config.grpo.max_new_tokens)) // 16) * 16
 
     def cell_config(self, overrides: dict[str, Any]):
         """The demo's config (the user's overrides included) with a cell's settings on top."""
-        c = sub_config(self.config, overrides["workdir"])
-        for key, value in overrides.items():
-            *parents, leaf = key.split(".")
-            node = c
-            for part in parents:
-                node = node[part]
-            with node.ignore_type():
-                node[leaf] = value
-        return c
+        return sub_config(self.config, overrides["workdir"], **{k: v for k, v in overrides.items() if k != "workdir"})
 
     def command(self, c, only: Sequence[str]) -> str:
         """The `stat-jax run` command line that reproduces a cell: every field that differs from the config file."""
@@ -278,10 +266,12 @@ class Demo:
         rounds = [(m, s) for s in d.seeds for m in d.round2_methods]
         try:
             with progress_bar(total=5 + len(cells) + len(rounds), desc="demo", unit="step") as bar:
-                for label, work in (("data", self.data), ("student", self.student), ("base eval", self.base_eval)):
-                    work()
-                    bar.set_postfix_str(label)
-                    bar.update(1)
+                self.data()
+                bar.update(1)
+                self.student()
+                bar.update(1)
+                base = self.base_eval()  # the table's first row
+                bar.update(1)
                 # The profile run: the stages every cell shares, once (the cells copy them from the stage cache).
                 sets = tuple(CELL_METHODS[m] for m in d.methods)
                 self.pipeline({**self.overrides("profile", "stat_sel", self.config.seed),
@@ -296,7 +286,7 @@ class Demo:
                     bar.set_postfix_str(f"{m} round 2 seed {s}")
                     records[f"{m}+round2-seed{s}"] = self.round2(m, s)
                     bar.update(1)
-                results = compare.write_results(self.config, self.root, self.base_eval(), records)
+                results = compare.write_results(self.config, self.root, base, records)
                 bar.update(1)
         finally:
             self.server.close()

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stat_jax.data.records import bare_skill_name
 from stat_jax.errors import RunStateMissingError
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,6 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def stat_dir(run: Path) -> Path:
     """The STAT stages' directory of a run: `<workdir>/stat` when it exists, else the directory itself."""
     return run / "stat" if (run / "stat").is_dir() else run
-
-
-def _bare(skill: str) -> str:
-    return skill.split(":", 1)[-1]
 
 
 def _row_label(name: str) -> str:
@@ -114,7 +111,7 @@ def _set_shares(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     for r in rows:
         meta = r.get("meta") or {}
         skills = meta.get("skills") or ([meta["skill"]] if meta.get("skill") else [])
-        counts.update({_bare(s) for s in skills})
+        counts.update({bare_skill_name(s) for s in skills})
     return {k: v / max(1, len(rows)) for k, v in counts.items()}
 
 
@@ -156,7 +153,7 @@ def hard_section(run: Path) -> dict[str, Any] | None:
     entries = []
     for r in hard:
         dx = diagnoses.get(r["id"], {})
-        missing = [_bare(s) for s in dx.get("missing_skills", [])]
+        missing = [bare_skill_name(s) for s in dx.get("missing_skills", [])]
         entries.append({"id": r["id"], "problem": r.get("problem", ""), "response": r.get("response", ""),
                         "reference": r.get("answer", ""), "rule": r.get("rule", ""), "score": r.get("score"),
                         "missing": missing, "reason": dx.get("explanation") or dx.get("none_missing_reason") or "",

@@ -250,14 +250,10 @@ def _write(ctx, method: str, examples: Sequence[SFTExample], stats: dict[str, An
     return stats
 
 
-def _problems(path: Path) -> list[MathProblem]:
-    return [MathProblem.from_dict(r) for r in io.read_jsonl(path)]
-
-
 # ----- stages (registered in stat_jax.stat.pipeline.STAGES) ------------------------------------------------------
 def stage_math_train(ctx) -> dict[str, Any]:
     """MATH-Train: the run's training questions with their dataset solutions, at the budget."""
-    train = _problems(ctx.path("data/train.jsonl"))
+    train = io.read_problems(ctx.path("data/train.jsonl"))
     examples, stats = build_baseline(ctx, "math_train", [{"problem": p} for p in train], answer_source="dataset")
     return _write(ctx, "math_train", examples, {"pool": len(train), **stats})
 
@@ -316,7 +312,7 @@ def _prm_step_scorer(ctx):
 def stage_math_hard(ctx) -> dict[str, Any]:
     """MATH-Hard: the training questions rated hardest (stat.math_hard_rating), answered as STAT-Sel is."""
     s = ctx.config.stat
-    train = _problems(ctx.path("data/train.jsonl"))
+    train = io.read_problems(ctx.path("data/train.jsonl"))
     rating = s.math_hard_rating
     if rating not in MATH_HARD_RATINGS:
         raise ConfigError(f"stat.math_hard_rating={rating!r}: choose one of {MATH_HARD_RATINGS}")
@@ -351,7 +347,7 @@ def _embeddings(ctx, texts: Sequence[str]) -> np.ndarray:
 
 
 def _hard_rows(ctx, stage: str) -> list[MathProblem]:
-    hard = _problems(ctx.path("hard/hard.jsonl"))  # rows: the problem's fields + its scores
+    hard = io.read_problems(ctx.path("hard/hard.jsonl"))  # rows: the problem's fields + its scores
     if not hard:
         raise ValueError(f"stage {stage}: {ctx.path('hard/hard.jsonl')} holds no difficult question; re-run "
                          "the hard stage (or check stat.num_hard / the rollouts)")
@@ -386,7 +382,7 @@ def stage_embed_syn(ctx) -> dict[str, Any]:
     from stat_jax.stat import syn as syn_mod
 
     s, seed = ctx.config.stat, ctx.stat_seed
-    train, hard = _problems(ctx.path("data/train.jsonl")), _hard_rows(ctx, "embed_syn")
+    train, hard = io.read_problems(ctx.path("data/train.jsonl")), _hard_rows(ctx, "embed_syn")
     vecs = _embeddings(ctx, [p.problem for p in hard + train])
     jobs = embed_syn_jobs(hard, vecs[:len(hard)], train, vecs[len(hard):],
                           requests_per_question=int(s.embed_syn_requests_per_question),
@@ -414,7 +410,7 @@ def stage_embed_syn(ctx) -> dict[str, Any]:
 def stage_embed_sel(ctx) -> dict[str, Any]:
     """Embed-Sel: per difficult question its nearest training questions by embedding, answered as STAT-Sel is."""
     s = ctx.config.stat
-    train = _problems(ctx.path("data/train.jsonl"))
+    train = io.read_problems(ctx.path("data/train.jsonl"))
     hard = _hard_rows(ctx, "embed_sel")
     vecs = _embeddings(ctx, [p.problem for p in hard + train])
     picked = embed_sel(hard, vecs[:len(hard)], train, vecs[len(hard):], int(s.embed_per_question))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stat_jax import validity
+from stat_jax.data.records import MathProblem
 from stat_jax.errors import RunStateMissingError
 from stat_jax.teacher.cache import atomic_write_text
 
@@ -54,6 +55,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); delete the file and re-run "
                                      "its stage") from None
     return rows
+
+
+def read_problems(path: Path) -> list[MathProblem]:
+    """A JSONL file of MathProblem rows (a stage's data/train.jsonl, hard/hard.jsonl, a demo split)."""
+    return [MathProblem.from_dict(r) for r in read_jsonl(path)]
 
 
 def file_hash(path: Path) -> str:

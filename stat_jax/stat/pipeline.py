@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 EXIT_BUDGET = errors.EXIT_BUDGET  # `stat-jax run` exit status when the teacher budget stopped a stage (resumable)
 
 
+def stat_seed(config: Any) -> int:
+    """The seed of the profiling and set-building stages: stat.seed, or `seed` when it is -1. A sweep over
+    training seeds with one stat.seed profiles once (the stages never read `seed`)."""
+    seed = int(config.stat.get("seed", -1))
+    return seed if seed >= 0 else int(config.seed)
+
+
 @dataclasses.dataclass
 class StageContext:
     """What stages share: the config, the run directory, and lazily built teacher/student/scorer."""
@@ -95,10 +102,7 @@ class StageContext:
 
     @property
     def stat_seed(self) -> int:
-        """The seed of the profiling and set-building stages: stat.seed, or `seed` when it is -1. A sweep over
-        training seeds with one stat.seed profiles once (the stages never read `seed`)."""
-        seed = int(self.config.stat.get("seed", -1))
-        return seed if seed >= 0 else int(self.config.seed)
+        return stat_seed(self.config)
 
     @property
     def instruction(self) -> str:
@@ -156,10 +160,6 @@ class Stage:
     process0_only: bool = True  # False: every process takes part (device work), process 0 writes
     # Inputs known only at run time (SFT: the sets stat.method names), after `inputs`.
     more_inputs: Callable[[StageContext], tuple[str, ...]] | None = None
-
-
-def _problems(path: Path) -> list[MathProblem]:
-    return [MathProblem.from_dict(r) for r in io.read_jsonl(path)]
 
 
 def _write_examples(path: Path, examples: Sequence[SFTExample]) -> int:
@@ -293,7 +293,7 @@ def stage_skills(ctx: StageContext) -> dict[str, Any]:
         catalog = io.read_json(ctx.path("skills/catalog.json"))
         return {**reused, "catalog_sizes": {k: len(v) for k, v in catalog.items()}}
     s = ctx.config.stat
-    sample = skills_mod.sample_per_subject(_problems(ctx.path("data/train.jsonl")), s.skills_sample_per_subject,
+    sample = skills_mod.sample_per_subject(io.read_problems(ctx.path("data/train.jsonl")), s.skills_sample_per_subject,
                                            ctx.stat_seed)
     proposed = skills_mod.propose_skills(ctx.teacher, sample, s.propose_max_skills)
     io.write_jsonl(ctx.path("skills/proposed.jsonl"), proposed)
@@ -308,7 +308,7 @@ def stage_label(ctx: StageContext) -> dict[str, Any]:
     if reused:
         return reused
     catalog = io.read_json(ctx.path("skills/catalog.json"))
-    labelled = skills_mod.label_problems(ctx.teacher, _problems(ctx.path("data/train.jsonl")), catalog,
+    labelled = skills_mod.label_problems(ctx.teacher, io.read_problems(ctx.path("data/train.jsonl")), catalog,
                                          ctx.config.stat.label_max_skills)
     io.write_jsonl(ctx.path("label/skill_map.jsonl"), (p.to_dict() for p in labelled))
     return {"labelled": len(labelled)}
@@ -323,7 +323,7 @@ def stage_rollout(ctx: StageContext) -> dict[str, Any]:
     from stat_jax.lengths import PromptLimit, enforce_policy, long_prompt_report, prompt_token_counts, split_by_length
 
     s, ev = ctx.config.stat, ctx.config.eval
-    heldout = _problems(ctx.path("data/heldout.jsonl"))
+    heldout = io.read_problems(ctx.path("data/heldout.jsonl"))
     tokenizer = ctx.student_tokenizer()
     prompts = render_prompts(tokenizer, heldout, instruction=ctx.instruction,
                              system_prompt=ev.system_prompt, use_chat_template=ev.use_chat_template,
@@ -364,7 +364,7 @@ def stage_hard(ctx: StageContext) -> dict[str, Any]:
     mean response score; for consistency the share of samples in the largest agreeing group).
     """
     s = ctx.config.stat
-    heldout = _problems(ctx.path("data/heldout.jsonl"))
+    heldout = io.read_problems(ctx.path("data/heldout.jsonl"))
     rows = {r["id"]: r for r in io.read_jsonl(ctx.path("rollout/responses.jsonl"))}
     heldout = [p for p in heldout if not rows.get(p.id, {}).get("skipped")]  # prompts too long for the rollout
     missing = [p.id for p in heldout if p.id not in rows]
@@ -418,7 +418,7 @@ def stage_sel(ctx: StageContext) -> dict[str, Any]:
     """STAT-Sel: training questions and answers chosen through the Skill-Map for each missing skill."""
     s = ctx.config.stat
     pairs = sel_mod.missing_pairs(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
-    by_skill = skills_mod.problems_by_skill(_problems(ctx.path("label/skill_map.jsonl")))
+    by_skill = skills_mod.problems_by_skill(io.read_problems(ctx.path("label/skill_map.jsonl")))
     selected = sel_mod.select_by_profile(pairs, by_skill, s.sel_questions_per_skill, ctx.stat_seed)
     examples, stats = sel_mod.build_sel(
         ctx.teacher if s.sel_answer_source != "dataset" else None, selected, source=s.sel_answer_source,
@@ -436,7 +436,7 @@ def stage_syn(ctx: StageContext) -> dict[str, Any]:
     pairs = sel_mod.missing_pairs(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
     hard_subject = {r["id"]: r.get("subject") or skills_mod.DEFAULT_SUBJECT
                     for r in io.read_jsonl(ctx.path("hard/hard.jsonl"))}
-    by_skill = skills_mod.problems_by_skill(_problems(ctx.path("label/skill_map.jsonl")))
+    by_skill = skills_mod.problems_by_skill(io.read_problems(ctx.path("label/skill_map.jsonl")))
     catalog = io.read_json(ctx.path("skills/catalog.json"))
     descriptions = {sk["name"]: sk["description"] for subject in sorted(catalog) for sk in catalog[subject]}
     examples, questions, stats = syn_mod.build_syn(
@@ -511,8 +511,8 @@ def _check_preempted(result: dict[str, Any], what: str, workdir: Path) -> None:
 
 
 def _done_record(ctx: StageContext, name: str, result_file: str) -> dict[str, Any]:
-    """<stage>/done.json: the exported model, and a key of what made it (its reads, inputs and weights), so later
-    stages re-run when it is retrained."""
+    """<stage>/done.json: the exported model and a key of its weights, so later stages re-run when it is
+    retrained to other weights."""
     if not _is_process0():
         # Process 0 may still be writing the export and the result file; run_stage waits for its manifest.
         return {}
@@ -578,7 +578,7 @@ def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
     # Without data/heldout.jsonl this run built no profile (a model evaluated on its own), so nothing can leak.
     heldout_file = ctx.path("data/heldout.jsonl")
     if heldout_file.exists():
-        check_heldout_unseen(config, _problems(heldout_file))
+        check_heldout_unseen(config, io.read_problems(heldout_file))
         if config.stat.get("heldout_size", 0):
             config.eval.exclude_from = str(heldout_file)
     summary = evaluate.evaluate_model(config, out_dir=ctx.path(name), resume=resume, print_table=False,
@@ -727,7 +727,8 @@ def _inputs_for(stage: Stage, ctx: StageContext) -> tuple[str, ...]:
 
 
 def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
-    """Runs one stage unless its manifest says it is done; returns "done", "skipped" or "waited"."""
+    """Runs one stage unless its manifest says it is done (or the stage cache holds it); returns "done",
+    "skipped", "cached" or "waited"."""
     ctx.config = validity.watch(ctx.config)  # the fields the stage reads are noted (its manifest keeps them)
     inputs = _inputs_for(stage, ctx)
     missing = [n for n in inputs if not ctx.path(n).exists()]
@@ -889,7 +890,7 @@ def _write_teacher_plan(config: Any, run_dir: Path, stages: Sequence[Stage]) -> 
     if not names or not all(f.exists() for f in files):
         return
     try:
-        summary = _teacher_plan(config, names, run_dir, (_problems(files[0]), _problems(files[1])))
+        summary = _teacher_plan(config, names, run_dir, (io.read_problems(files[0]), io.read_problems(files[1])))
         io.write_json(run_dir / "teacher" / "plan.json", summary)
     except Exception as e:  # noqa: BLE001  (the plan is for the report; it never fails the run)
         log.warning("teacher plan for the report could not be computed: %s: %s", type(e).__name__, e)
@@ -945,7 +946,7 @@ def _dry_run_rows(config: Any, run_dir: Path) -> tuple[list[MathProblem], list[M
 
     files = (run_dir / "data/train.jsonl", run_dir / "data/heldout.jsonl")
     if all(f.exists() for f in files):
-        return _problems(files[0]), _problems(files[1])
+        return io.read_problems(files[0]), io.read_problems(files[1])
     s = config.stat
     remote = [f"stat.{k}" for k in ("train_source", "heldout_source") if not (s[k] and Path(s[k]).exists())]
     if s.heldout_size:
@@ -960,7 +961,7 @@ def _dry_run_rows(config: Any, run_dir: Path) -> tuple[list[MathProblem], list[M
     data_config.stat.stages = tuple(n for n in s.stages if n not in ("eval", "eval_grpo"))
     with tempfile.TemporaryDirectory() as tmp:
         stage_data(StageContext(data_config, Path(tmp)))
-        return _problems(Path(tmp) / "data/train.jsonl"), _problems(Path(tmp) / "data/heldout.jsonl")
+        return io.read_problems(Path(tmp) / "data/train.jsonl"), io.read_problems(Path(tmp) / "data/heldout.jsonl")
 
 
 def dry_run_teacher_plan(config: Any, stages: Sequence[Stage], run_dir: Path) -> dict[str, Any]:

@@ -119,10 +119,12 @@ class _Plan:
 
 
 def _plan_skills(plan: _Plan) -> None:
+    from stat_jax.stat.pipeline import stat_seed  # the seed the skills stage samples with
+
     s, tc, subject = plan.s, plan.config.teacher, skills.subject_of
 
     def proposals(per_subject: int) -> tuple[list[MathProblem], float]:
-        sample = skills.sample_per_subject(plan.train, per_subject, _stat_seed(plan.config))
+        sample = skills.sample_per_subject(plan.train, per_subject, stat_seed(plan.config))
         return sample, _mean_tokens([prompts.propose_skills(p.problem, p.solution, subject(p),
                                                             max_skills=s.propose_max_skills).prompt for p in sample])
 
@@ -220,11 +222,6 @@ def _plan_syn(plan: _Plan) -> None:
 PLANNERS = {"skills": _plan_skills, "label": _plan_label, "diagnose": _plan_diagnose, "sel": _plan_sel,
             "math_hard": _plan_math_hard, "embed_sel": _plan_embed_sel, "embed_syn": _plan_embed_syn,
             "syn": _plan_syn}
-
-
-def _stat_seed(config: Any) -> int:
-    seed = int(config.stat.get("seed", -1))  # as the stages take it (StageContext.stat_seed)
-    return seed if seed >= 0 else int(config.seed)
 
 
 def plan_teacher(config: Any, train: Sequence[MathProblem], heldout: Sequence[MathProblem],

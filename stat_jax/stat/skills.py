@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from stat_jax.data.records import MathProblem
+from stat_jax.data.records import MathProblem, bare_skill_name
 from stat_jax.teacher import prompts
 from stat_jax.teacher.client import TeacherClient
 
@@ -31,11 +31,6 @@ def normalize_skill_name(name: str) -> str:
 def qualified_skill_name(subject: str, name: str) -> str:
     """`subject:name`, the catalog's name for a skill of `subject` (names are unique within a subject only)."""
     return f"{normalize_skill_name(subject)}:{normalize_skill_name(bare_skill_name(name))}"
-
-
-def bare_skill_name(name: str) -> str:
-    """The skill's name without its subject ("algebra:completing_the_square" -> "completing_the_square")."""
-    return name.rsplit(":", 1)[-1]
 
 
 def sample_per_subject(problems: Sequence[MathProblem], per_subject: int, seed: int) -> list[MathProblem]:

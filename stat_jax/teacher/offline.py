@@ -17,12 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from stat_jax.data import arith_task as demo_task
+from stat_jax.data.records import bare_skill_name
 from stat_jax.teacher.base import TeacherBackend, TeacherError, TeacherRequest, TeacherResponse
 
-
-def bare_skill_name(name: str) -> str:
-    """A catalog skill's name without its subject ("arithmetic:rounding" -> "rounding")."""
-    return name.rsplit(":", 1)[-1]
 
 _NUMBER = re.compile(r"-?\d+")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
