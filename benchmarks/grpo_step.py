@@ -14,6 +14,14 @@ host->device batch, old-policy log-probs (only when --iterations > 1), reference
 iteration, from the metrics rows' times; needs >= 3 steps, else the step's own step_s) minus rollout + update:
 rewards, batch building, logging, checkpointing; "in_step_overhead_s" is the part inside the step.
 "rollout_only" times the same generate calls on a fresh engine outside the trainer, as the in-run reference.
+
+--mismatch: instead, the engine/trainer mismatch GRPO logs (issue 42) for three cases at the shape, each a short
+run (--steps, default 2 here) with grpo.rollout_correction as given (--correction, default token_tis):
+float32 engine + float32 trainer (model.dtype=float32), bfloat16 engine + float32 masters (model.dtype=bfloat16,
+the shipped default: both compute in bfloat16, the engine through its KV cache), and adapters on an NF4 base
+(train.lora.rank=16, base_quant=nf4: the engine serves the merged, dequantized weights, the trainer dequantizes per
+projection). Per case: mean/max |log p_trainer - log p_engine|, KL(engine || trainer) and the share of tokens
+the correction caps (token_tis) or drops with their answer (sequence_mask) at grpo.tis_cap.
 """
 
 from __future__ import annotations
@@ -44,7 +52,12 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--iterations", type=int, default=1, help="grpo.num_iterations (mu)")
     p.add_argument("--beta", type=float, default=0.0, help="grpo.beta; > 0 adds the reference forward pass")
+    p.add_argument("--mismatch", action="store_true", help="the engine/trainer mismatch of three cases instead")
+    p.add_argument("--correction", default="token_tis", help="grpo.rollout_correction for --mismatch")
     args = p.parse_args()
+    if args.mismatch:
+        print(json.dumps(mismatch_cases(args), indent=2))
+        return
 
     import jax
     import numpy as np
@@ -72,12 +85,12 @@ def main() -> None:
         problems = [MathProblem(id=str(i), problem=f"What is {i} + {i}?", answer=str(2 * i)) for i in range(64)]
         prefill = 64
     else:
-        from stat_jax.data.math_datasets import load_gsm8k
+        from stat_jax.data.math_datasets import load_benchmark
         from stat_jax.models import ModelConfig
 
         c.model.path = args.model_path
         cfg = ModelConfig.from_hf_dir(args.model_path)
-        problems = load_gsm8k("train", source=args.data)[: 4 * args.prompts * args.steps]
+        problems = load_benchmark("gsm8k", args.data, split="train")[: 4 * args.prompts * args.steps]
         prefill = 256  # GSM8K questions in the shipped chat prompt: <= 256 tokens
     c.workdir = str(root / "run")
     c.grpo.steps = args.steps
@@ -131,6 +144,53 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
+MISMATCH_CASES = {  # name -> config overrides
+    "float32_engine_float32_trainer": {"model.dtype": "float32"},
+    "bfloat16_engine_float32_masters": {"model.dtype": "bfloat16"},
+    "lora_on_nf4_base": {"model.dtype": "float32", "train.lora.rank": 16, "train.lora.base_quant": "nf4",
+                         "train.lora.dropout": 0.0},
+}
+MISMATCH_KEYS = ("mismatch_abs_mean", "mismatch_abs_max", "mismatch_kl", "correction_capped")
+
+
+def mismatch_cases(args) -> dict:
+    """Each case's mismatch metrics, per step and averaged, from short GRPO runs at the shape."""
+    import numpy as np
+
+    from stat_jax import sharding
+    from stat_jax.config import apply_overrides, load_config_file
+    from stat_jax.data.math_datasets import load_benchmark
+    from stat_jax.train.grpo import train_grpo
+    from stat_jax.train.metrics import read_metrics
+
+    import jax
+
+    steps = args.steps if "--steps" in sys.argv else 2
+    problems = load_benchmark("gsm8k", args.data, split="train")[: args.prompts * steps]
+    report = {"model": args.model_path, "prompts_per_step": args.prompts, "samples_per_prompt": args.samples,
+              "max_new_tokens": args.max_new_tokens, "steps": steps, "rollout_correction": args.correction,
+              "backend": jax.default_backend(), "cases": {}}
+    for name, overrides in MISMATCH_CASES.items():
+        root = Path(tempfile.mkdtemp(prefix=f"grpo_mismatch_{name}_"))
+        c = load_config_file(str(REPO / "configs" / "grpo_tiny.py"))
+        c = apply_overrides(c, [(k, str(v)) for k, v in overrides.items()])
+        c.model.path, c.workdir = args.model_path, str(root / "run")
+        c.grpo.steps, c.grpo.prompts_per_step, c.grpo.num_generations = steps, args.prompts, args.samples
+        c.grpo.max_new_tokens, c.grpo.rollout_correction, c.grpo.learning_rate = args.max_new_tokens, args.correction, 1e-6
+        c.rollout.max_concurrent_decodes = args.prompts * args.samples
+        c.rollout.max_prefill_length, c.rollout.max_target_length = 256, 256 + args.max_new_tokens + 8
+        c.grpo.max_length, c.grpo.checkpoint_every = 256 + args.max_new_tokens, 10**6
+        start = time.perf_counter()
+        result = train_grpo(c, problems, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+        rows = read_metrics(result["metrics_path"])
+        report["cases"][name] = {
+            "overrides": overrides, "wall_s": time.perf_counter() - start,
+            "per_step": [{k: r[k] for k in MISMATCH_KEYS + ("reward_mean", "response_length")} for r in rows],
+            **{k: float(np.mean([r[k] for r in rows])) for k in MISMATCH_KEYS},
+            "mismatch_abs_max": float(max(r["mismatch_abs_max"] for r in rows))}
+    return report
+
+
 def rollout_only(c, problems, args, in_step_tokens_per_s: float) -> dict:
     """The steps' generate calls again on a fresh engine of the same settings, prompts and sampling, outside
     the trainer (the start model's weights, so the tokens differ from the trained steps': compare tokens/s)."""
@@ -138,7 +198,7 @@ def rollout_only(c, problems, args, in_step_tokens_per_s: float) -> dict:
     import transformers
 
     from stat_jax.models import load_hf_checkpoint
-    from stat_jax.rollout import make_rollout_backend
+    from stat_jax.rollout.factory import make_rollout_backend
     from stat_jax.rollout.base import SamplingParams
     from stat_jax.train.grpo import grpo_prompt_ids, prompts_for_step
 

@@ -79,7 +79,7 @@ def stat_jax_step(cfg, tokens: np.ndarray, *, dtype: str, remat: bool, total_ste
 
     from stat_jax import sharding
     from stat_jax.models import init_model
-    from stat_jax.train import sft
+    from stat_jax.train import loop, sft
     from stat_jax.train.optim import build_optimizer
 
     mesh = sharding.make_mesh(1, -1, 1)
@@ -88,17 +88,18 @@ def stat_jax_step(cfg, tokens: np.ndarray, *, dtype: str, remat: bool, total_ste
     shapes = jax.eval_shape(lambda: nnx.to_pure_dict(params))
     param_sh = nnx.to_pure_dict(sharding.state_shardings(params, mesh))
     tx, schedule = build_optimizer(train_settings(), total_steps=total_steps)
-    state_sh = sft.state_shardings_for(shapes, param_sh, tx, mesh)
+    state_sh = loop.state_shardings_for(shapes, param_sh, tx, mesh)
     b, t = tokens.shape[0], tokens.shape[1] - 1
-    batch_sh = sft.batch_shardings(mesh, (1, b, t))
+    batch_sh = sft.batch_layout(b, t).shardings(mesh, 1)
     pure = nnx.to_pure_dict(params)
     # Placed exactly as the trainer places it: an unplaced state would make the first timed step recompile.
     state = jax.device_put({"step": jnp.int32(0), "params": pure,
                             "opt_state": jax.jit(tx.init, out_shardings=state_sh["opt_state"])(pure)}, state_sh)
     host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32),
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)), "segment_ids": np.ones((b, t), np.int32)}
-    batch = sft.to_device_batch(host, 1, batch_sh)
-    step_fn = sft.compile_train_step(graphdef, tx, schedule, state_sh, batch_sh, mesh)
+    batch = loop.to_device_batch(host, 1, batch_sh)
+    step_fn = loop.run_on_mesh(loop.jit_train_step(sft.make_train_step(graphdef, tx, schedule), state_sh, batch_sh, mesh),
+                            mesh)
     holder = {"state": state}
     losses = []
 

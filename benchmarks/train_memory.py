@@ -114,7 +114,7 @@ def measure_child(spec: dict) -> dict:
     from stat_jax import sharding
     from stat_jax.models import abstract_model, load_hf_checkpoint
     from stat_jax.models.config import ModelConfig
-    from stat_jax.train import grpo, sft
+    from stat_jax.train import grpo, loop, sft
     from stat_jax.train.checkpointing import abstract_state
     from stat_jax.train.optim import build_optimizer
 
@@ -130,22 +130,22 @@ def measure_child(spec: dict) -> dict:
     param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
     section = c.train if kind == "sft" else c.grpo
     tx, schedule = build_optimizer(section, 10)
-    state_sh = sft.state_shardings_for(shapes, param_sh, tx, mesh)
+    state_sh = loop.state_shardings_for(shapes, param_sh, tx, mesh)
     full_shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": shapes,
                    "opt_state": jax.eval_shape(tx.init, shapes)}
     t0 = time.perf_counter()
     if kind == "sft":
         k, batch_sh, compiled, memory = sft.fit_train_step(c, graphdef, tx, schedule, state_sh,
                                                            abstract_state(full_shapes, state_sh), mesh)
-        run = sft.run_on_mesh(compiled, mesh)
-        batch = sft.to_device_batch(_synthetic_rows(kind, rows, length, model_cfg.vocab_size), k, batch_sh)
+        run = loop.run_on_mesh(compiled, mesh)
+        batch = loop.to_device_batch(_synthetic_rows(kind, rows, length, model_cfg.vocab_size), k, batch_sh)
     else:
         step_impl = grpo.make_train_step(graphdef, tx, schedule, epsilon_low=0.2, epsilon_high=0.2, beta=0.0,
                                          temperature=0.7, chunk_tokens=spec["chunk_tokens"])
         k, batch_sh, compiled, memory = grpo.fit_train_step(c.grpo, step_impl, state_sh,
                                                             abstract_state(full_shapes, state_sh), mesh,
                                                             old_logp=False, ref_logp=False)
-        run = grpo.run_on_mesh(compiled, mesh)
+        run = loop.run_on_mesh(compiled, mesh)
         host = _synthetic_rows(kind, rows, length, model_cfg.vocab_size)
         batch = {key: jax.device_put(x.reshape(k, rows // k, *x.shape[1:]), batch_sh[key]) for key, x in host.items()}
     compile_s = time.perf_counter() - t0
@@ -204,7 +204,7 @@ def measure_paper_child(spec: dict) -> dict:
     from stat_jax import sharding
     from stat_jax.config import load_config_file
     from stat_jax.models import abstract_model, llama, qwen
-    from stat_jax.train import grpo, sft
+    from stat_jax.train import grpo, loop, sft
     from stat_jax.train.checkpointing import abstract_state
     from stat_jax.train.optim import build_optimizer
 
@@ -230,7 +230,7 @@ def measure_paper_child(spec: dict) -> dict:
                 continue
             section = c.train if kind == "sft" else c.grpo
             tx, schedule = build_optimizer(section, 100)
-            state_sh = sft.state_shardings_for(shapes, param_sh, tx, mesh)
+            state_sh = loop.state_shardings_for(shapes, param_sh, tx, mesh)
             abstract = abstract_state({"step": jax.ShapeDtypeStruct((), jnp.int32), "params": shapes,
                                        "opt_state": jax.eval_shape(tx.init, shapes)}, state_sh)
             t0 = time.perf_counter()

@@ -345,6 +345,15 @@ def get_config() -> ConfigDict:
     c.grpo.beta = 0.0  # k3 KL coefficient to the frozen start model; 0 does not even keep a reference copy
     c.grpo.scale_rewards = True  # divide advantages by the group std (GRPO); False = Dr. GRPO
     c.grpo.loss_aggregation = "token"  # token: mean over all completion tokens | sequence: mean of per-row means
+    # Reweighting by p_trainer / p_engine, the engine's own sampling log-probs: none | token_tis (min(r, tis_cap)
+    # per token) | sequence_mask (answers whose product of ratios exceeds tis_cap are left out).
+    c.grpo.rollout_correction = "token_tis"
+    c.grpo.tis_cap = 2.0
+    # An answer cut at max_new_tokens: keep | mask (left out of the loss) | penalize (DAPO's soft overlong
+    # punishment: reward - overlong_penalty * (0 .. 1) over the last overlong_buffer tokens).
+    c.grpo.truncated = "keep"
+    c.grpo.overlong_buffer = 0
+    c.grpo.overlong_penalty = 1.0
     c.grpo.format_reward = 0.0  # added when the response has a \\boxed{} answer
     c.grpo.reward = "math"  # math: 1 if the grader accepts the final answer | "package.module:function"
     c.grpo.learning_rate = 1e-6

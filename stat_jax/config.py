@@ -208,18 +208,3 @@ def write_resolved_config(config: ConfigDict, workdir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True, default=str) + "\n")
     return path
-
-
-def config_hash(config: ConfigDict | dict) -> str:
-    d = config_to_dict(config) if isinstance(config, ConfigDict) else config
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def require(config: ConfigDict, *keys: str) -> None:
-    """Fails with a clear message if a dotted key is missing from a config."""
-    for key in keys:
-        node: Any = config
-        for part in key.split("."):
-            if not isinstance(node, ConfigDict) or part not in node:
-                raise ConfigError(f"config is missing required key {key!r}")
-            node = node[part]

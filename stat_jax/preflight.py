@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from stat_jax.data.math_datasets import is_local
 from stat_jax.errors import (
     CheckpointsExistError,
     ConfigError,
@@ -70,12 +71,6 @@ def check_model_dir(model_cfg: Any, who: str, *, chat_template: bool = False) ->
 
 
 # ----- data files ----------------------------------------------------------------------------------------
-def _looks_local(source: str) -> bool:
-    from stat_jax.data.math_datasets import LOCAL_SUFFIXES
-
-    return (os.path.exists(os.path.expanduser(source)) or source.endswith(LOCAL_SUFFIXES)
-            or source.startswith(("/", "./", "../", "~")))
-
 
 def check_benchmark_file(name: str, source: str, key: str, **load_kw) -> list[StatJaxError]:
     """A local benchmark file exists and its first row reads as a question with an answer."""
@@ -198,7 +193,7 @@ def _check_eval(config: Any, args: Any) -> list[StatJaxError]:
         return problems + [ConfigError(str(e))]
     for name in names:
         source = ev.paths.get(name) if name in ev.paths else None
-        if source and _looks_local(source):
+        if source and is_local(source):
             problems += check_benchmark_file(name, source, f"eval.paths.{name}", **_benchmark_load_kw(ev, name))
         elif not source and name not in BENCHMARKS:
             problems.append(ConfigError(f"eval.benchmarks: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}",
@@ -254,7 +249,7 @@ def _check_run(config: Any, args: Any) -> list[StatJaxError]:
     if "data" in names:
         for bench, source, key in ((s.train_benchmark, s.train_source, "stat.train_source"),
                                    (s.heldout_benchmark, s.heldout_source, "stat.heldout_source")):
-            if source and _looks_local(source):
+            if source and is_local(source):
                 problems += check_benchmark_file(bench, source, key)
     if "sft" in names:
         problems += check_sft_files(config.data.train_files, "data.train_files")

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -125,13 +124,9 @@ def logical_to_spec(
         for axis in _mesh_axes_for(name, rules):
             if axis in used:
                 continue
-            if mesh_axis_sizes is not None:
-                if axis not in mesh_axis_sizes:
-                    continue
-                n = mesh_axis_sizes[axis]
-                if size is not None:
-                    if size % (math.prod(mesh_axis_sizes[a] for a in chosen) * n):
-                        continue
+            if mesh_axis_sizes is not None and (axis not in mesh_axis_sizes or size is not None and size % (
+                    math.prod(mesh_axis_sizes[a] for a in chosen) * mesh_axis_sizes[axis])):
+                continue  # not in this mesh, or the dimension does not split evenly over it
             chosen.append(axis)
         used.update(chosen)
         if not chosen:
@@ -151,20 +146,15 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequen
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, _axis_sizes(mesh)))
 
 
-def _variable_logical_axes(var: nnx.Variable) -> tuple[str | None, ...]:
-    axes = var.get_metadata().get("logical_axes")
-    if axes is None:
-        raise ValueError(f"parameter of shape {var.shape} has no logical_axes metadata")
-    return tuple(axes)
-
-
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """For an (abstract) NNX state whose Variables carry `logical_axes`, the matching NamedShardings."""
     sizes = _axis_sizes(mesh)
 
     def one(var):
         if isinstance(var, nnx.Variable):
-            axes = _variable_logical_axes(var)
+            axes = var.get_metadata().get("logical_axes")
+            if axes is None:
+                raise ValueError(f"parameter of shape {var.shape} has no logical_axes metadata")
             return var.replace(NamedSharding(mesh, logical_to_spec(axes, var.shape, sizes)))
         return NamedSharding(mesh, PartitionSpec())
 
@@ -209,18 +199,3 @@ def describe(state: nnx.State) -> dict[str, str]:
         sharding = getattr(value, "sharding", None)
         out["/".join(map(str, path))] = str(getattr(sharding, "spec", sharding))
     return out
-
-
-def host_local_array_to_global(batch: Any, mesh: Mesh, logical_axes: Sequence[str | None] = ("batch",)):
-    """Places a host-local numpy batch (this process's rows) onto the mesh as one global array per leaf."""
-
-    def one(x):
-        x = np.asarray(x)
-        axes = tuple(logical_axes) + (None,) * (x.ndim - len(logical_axes))
-        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-        sharding = NamedSharding(mesh, logical_to_spec(axes, global_shape, _axis_sizes(mesh)))
-        if jax.process_count() == 1:
-            return jax.device_put(x, sharding)
-        return jax.make_array_from_process_local_data(sharding, x, global_shape)
-
-    return jax.tree.map(one, batch)

@@ -4,7 +4,6 @@ rows each process reads, and the CLI's handling of bad multi-process flags."""
 import argparse
 
 import jax
-import numpy as np
 import pytest
 
 from stat_jax import cli, distributed, sharding
@@ -81,28 +80,11 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.is_coordinator()
     distributed.barrier("nothing-to-wait-for")
     assert distributed.broadcast_from_coordinator({"seed": 3}) == {"seed": 3}
-    assert distributed.local_batch_size(64, process_count=4) == 16
-    with pytest.raises(ValueError, match="multiple of the 3 processes"):
-        distributed.local_batch_size(64, process_count=3)
 
 
-def test_process_rows_follow_the_mesh_and_local_rows_become_the_global_batch():
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    batch_sh = sharding.batch_sharding(mesh, ndim=2, shape=(8, 5))
-    # One process owns every device here, so it holds (and must read) all 8 rows.
-    assert distributed.process_row_range(batch_sh, (8, 5)) == range(0, 8)
-    rows = np.arange(40, dtype=np.int32).reshape(8, 5)
-    out = distributed.global_batch_from_local({"tokens": rows}, batch_sh, global_batch_size=8)
-    assert out["tokens"].sharding == batch_sh and out["tokens"].shape == (8, 5)
-    np.testing.assert_array_equal(np.asarray(out["tokens"]), rows)
-    # Each device holds 2 rows (batch split 4 ways over data x fsdp, replicated over tensor).
-    assert {s.data.shape for s in out["tokens"].addressable_shards} == {(2, 5)}
-    with pytest.raises(ValueError, match="holds rows 0..7"):
-        distributed.global_batch_from_local({"tokens": rows[:4]}, batch_sh, global_batch_size=8)
-
-
-def test_process_row_range_per_process_on_a_fake_two_process_layout():
-    """With devices 0-3 on 'process 0' and 4-7 on 'process 1', each half of the batch belongs to one process."""
+def test_a_process_share_must_be_the_rows_its_devices_hold_on_a_fake_two_process_layout():
+    """With devices 0-3 on 'process 0' and 4-7 on 'process 1', each process feeds half of the batch's rows."""
+    from stat_jax.train import loop
 
     class HalfOfTheDevices:  # the addressable view of a sharding, as process 1 would see it
         def __init__(self, named, lo, hi):
@@ -112,9 +94,8 @@ def test_process_row_range_per_process_on_a_fake_two_process_layout():
             return {d: i for d, i in self.named.devices_indices_map(shape).items() if d in self.devices}
 
     named = sharding.batch_sharding(sharding.make_mesh(fsdp=8), ndim=2, shape=(16, 3))
-    assert distributed.process_row_range(HalfOfTheDevices(named, 0, 4), (16, 3)) == range(0, 8)
-    assert distributed.process_row_range(HalfOfTheDevices(named, 4, 8), (16, 3)) == range(8, 16)
-    interleaved = HalfOfTheDevices(named, 0, 8)
-    interleaved.devices = set(jax.devices()[0::2])
-    with pytest.raises(ValueError, match="not contiguous"):
-        distributed.process_row_range(interleaved, (16, 3))
+    micro = jax.sharding.NamedSharding(named.mesh, jax.sharding.PartitionSpec(None, *named.spec))
+    loop._check_process_share(HalfOfTheDevices(micro, 0, 4), (1, 16, 3), 8, "tokens")
+    loop._check_process_share(HalfOfTheDevices(micro, 4, 8), (1, 16, 3), 8, "tokens")
+    with pytest.raises(ValueError, match="batch axis is not split over the processes"):
+        loop._check_process_share(HalfOfTheDevices(micro, 0, 8), (1, 16, 3), 8, "tokens")

@@ -22,7 +22,7 @@ from stat_jax import sharding
 from stat_jax.config import build_config
 from stat_jax.models import abstract_model
 from stat_jax.models.config import ModelConfig
-from stat_jax.train import sft
+from stat_jax.train import loop, sft
 from stat_jax.train.checkpointing import CheckpointManager, abstract_state
 from stat_jax.train.metrics import read_metrics
 from stat_jax.train.optim import build_optimizer
@@ -58,7 +58,7 @@ def _restore(checkpoint_dir: Path, config, student: Path, mesh) -> tuple[dict, d
               "opt_state": jax.eval_shape(tx.init, params_shapes)}
     with CheckpointManager(checkpoint_dir, save_every=1, async_save=False) as ckpt:
         assert ckpt.all_steps() == [2, 4]
-        return ckpt.restore(abstract_state(shapes, sft.state_shardings_for(params_shapes, param_sh, tx, mesh)))
+        return ckpt.restore(abstract_state(shapes, loop.state_shardings_for(params_shapes, param_sh, tx, mesh)))
 
 
 def test_two_process_sft_equals_single_process_and_its_checkpoint_restores_here(tmp_path):
@@ -134,7 +134,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert codes == [sft.PREEMPTED_STATUS] * PROCESSES, "\n\n".join(log.read_text()[-3000:] for log in logs)
+    assert codes == [loop.PREEMPTED_STATUS] * PROCESSES, "\n\n".join(log.read_text()[-3000:] for log in logs)
     stops = [re.findall(r"stopped by SIGTERM at step (\d+)", log.read_text()) for log in logs]
     assert stops[0] == stops[1] and len(stops[0]) == 1, stops
     with CheckpointManager(workdir / "checkpoints", save_every=1) as ckpt:

@@ -84,7 +84,8 @@ def test_constrain_is_a_no_op_without_mesh():
 
 def test_host_batch_is_split_over_data_axes():
     mesh = sharding.make_mesh(**MESHES["data8"])
-    batch = sharding.host_local_array_to_global({"tokens": np.arange(32).reshape(8, 4)}, mesh)
+    tokens = np.arange(32).reshape(8, 4)
+    batch = {"tokens": jax.device_put(tokens, sharding.batch_sharding(mesh, 2, tokens.shape))}
     assert batch["tokens"].sharding.spec == P(("data", "fsdp"), None)
     assert {s.data.shape for s in batch["tokens"].addressable_shards} == {(1, 4)}
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), np.arange(32).reshape(8, 4))
@@ -112,7 +113,7 @@ def _sharded_forward(model, mesh, batch):
     """The training-style call: split outside, merge inside one jit, inputs placed batch-sharded."""
     graphdef, params = nnx.split(model)
     with jax.set_mesh(mesh):
-        inputs = sharding.host_local_array_to_global(tuple(np.asarray(x) for x in batch), mesh)
+        inputs = tuple(jax.device_put(np.asarray(x), sharding.batch_sharding(mesh, x.ndim, x.shape)) for x in batch)
         logits = jax.jit(lambda p, t, pos, m: nnx.merge(graphdef, p)(t, pos, m))(params, *inputs)
     return logits
 

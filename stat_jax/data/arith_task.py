@@ -28,6 +28,9 @@ class Skill:
     position: str  # "start" | "middle" | "final": where in a problem the operation may appear
     phrase: str  # text template with {p} (and {u} for units)
     pattern: str  # regex that reads the phrase back, one group per parameter
+    step: Callable[[int, int], tuple[str, int]] = lambda x, p: ("", x)  # (solution line, value) on running value x
+    valid: Callable[[int, int], bool] = lambda x, p: True  # whether p exercises the skill on x (a carry carries)
+    draw: Callable[[random.Random], int] = lambda r: 0  # a candidate parameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,27 +53,39 @@ class Step:
 
 UNITS = {"dozen": 12, "score": 20}
 
+_DIGIT = lambda r: r.randint(2, 9)  # noqa: E731
+_LEFTOVER = lambda x, p: x % p != 0 and x > p  # noqa: E731  (a remainder that is not zero)
+
 SKILLS: dict[str, Skill] = {s.name: s for s in [
     Skill("unit_conversion", "convert a count in dozens (12) or scores (20) into units", "start",
-          "Ann has {p} {u}.", r"Ann has (\d+) (dozen|score)\."),
+          "Ann has {p} {u}.", r"Ann has (\d+) (dozen|score)\."),  # its step: `apply_op` (it needs the unit)
     Skill("carry_addition", "add a one-digit number where the ones column carries", "middle",
-          " She gets {p}.", r" She gets (\d+)\."),
+          " She gets {p}.", r" She gets (\d+)\.", lambda x, p: (f"{x}+{p}={x + p}", x + p),
+          lambda x, p: x % 10 + p % 10 >= 10 and x + p <= MAX_VALUE, _DIGIT),
     Skill("borrow_subtraction", "subtract a one-digit number where the ones column borrows", "middle",
-          " She loses {p}.", r" She loses (\d+)\."),
+          " She loses {p}.", r" She loses (\d+)\.", lambda x, p: (f"{x}-{p}={x - p}", x - p),
+          lambda x, p: p < x and p % 10 > x % 10, _DIGIT),
     Skill("multiply_by_digit", "multiply a two-digit number by a one-digit number", "middle",
-          " Then {p} times that.", r" Then (\d+) times that\."),
+          " Then {p} times that.", r" Then (\d+) times that\.", lambda x, p: (f"{x}*{p}={x * p}", x * p),
+          lambda x, p: 10 <= x <= 39 and 2 <= p <= 9 and x * p <= MAX_VALUE, _DIGIT),
     Skill("percent", "take 10, 20 or 50 percent of a number (the result is whole)", "middle",
-          " She keeps {p}%.", r" She keeps (\d+)%\."),
+          " She keeps {p}%.", r" She keeps (\d+)%\.", lambda x, p: (f"{p}% of {x}={x * p // 100}", x * p // 100),
+          lambda x, p: x * p % 100 == 0 and x >= 10, lambda r: r.choice([10, 20, 50])),
     Skill("halving", "halve an even number", "middle",
-          " She keeps half.", r" She keeps half\.()"),
+          " She keeps half.", r" She keeps half\.()", lambda x, p: (f"{x}/2={x // 2}", x // 2),
+          lambda x, p: x % 2 == 0 and x >= 10),
     Skill("division_remainder", "divide with a remainder and report the quotient", "final",
-          " Split in {p}: each?", r" Split in (\d+): each\?"),
+          " Split in {p}: each?", r" Split in (\d+): each\?", lambda x, p: (f"{x}/{p}={x // p} r{x % p}", x // p),
+          _LEFTOVER, _DIGIT),
     Skill("modular_reduction", "find the remainder after division (the leftover)", "final",
-          " Packs of {p}: left?", r" Packs of (\d+): left\?"),
+          " Packs of {p}: left?", r" Packs of (\d+): left\?", lambda x, p: (f"{x}%{p}={x % p}", x % p),
+          _LEFTOVER, _DIGIT),
     Skill("comparison", "compare two numbers and report the larger", "final",
-          " Bo has {p}: max?", r" Bo has (\d+): max\?"),
+          " Bo has {p}: max?", r" Bo has (\d+): max\?", lambda x, p: (f"max({x},{p})={max(x, p)}", max(x, p)),
+          lambda x, p: p != x and len(str(p)) == len(str(x)), lambda r: r.randint(10, MAX_VALUE)),
     Skill("rounding", "round a number to the nearest ten (halves round up)", "final",
-          " Round to tens.", r" Round to tens\.()"),
+          " Round to tens.", r" Round to tens\.()", lambda x, p: (f"{x}~{(x + 5) // 10 * 10}", (x + 5) // 10 * 10),
+          lambda x, p: x % 10 != 0 and x >= 10),
 ]}
 SKILL_NAMES: tuple[str, ...] = tuple(SKILLS)
 SUBJECT = "arithmetic"  # one subject: the whole task shares one skill catalog
@@ -83,63 +98,21 @@ class ProblemParseError(ValueError):
 
 
 # ----- computing steps --------------------------------------------------------------------------------------
-def _step(op: Op, x: int) -> Step:
+def apply_op(op: Op, x: int) -> Step:
     """The solution line of `op` applied to the running value `x` (x is unused by a start op)."""
-    s, p = op.skill, op.p
-    if s == "unit_conversion":
-        v = p * UNITS[op.unit]
-        return Step(s, f"{p}*{UNITS[op.unit]}={v}", v)
-    if s == "carry_addition":
-        return Step(s, f"{x}+{p}={x + p}", x + p)
-    if s == "borrow_subtraction":
-        return Step(s, f"{x}-{p}={x - p}", x - p)
-    if s == "multiply_by_digit":
-        return Step(s, f"{x}*{p}={x * p}", x * p)
-    if s == "percent":
-        return Step(s, f"{p}% of {x}={x * p // 100}", x * p // 100)
-    if s == "halving":
-        return Step(s, f"{x}/2={x // 2}", x // 2)
-    if s == "division_remainder":
-        return Step(s, f"{x}/{p}={x // p} r{x % p}", x // p)
-    if s == "modular_reduction":
-        return Step(s, f"{x}%{p}={x % p}", x % p)
-    if s == "comparison":
-        return Step(s, f"max({x},{p})={max(x, p)}", max(x, p))
-    if s == "rounding":
-        r = (x + 5) // 10 * 10
-        return Step(s, f"{x}~{r}", r)
-    raise KeyError(f"unknown skill {s!r}; known: {SKILL_NAMES}")
-
-
-def _valid(op: Op, x: int) -> bool:
-    """Whether `op` exercises its skill on `x` (a carry really carries, a remainder is non-zero, ...)."""
-    s, p = op.skill, op.p
-    if s == "carry_addition":
-        return x % 10 + p % 10 >= 10 and x + p <= MAX_VALUE
-    if s == "borrow_subtraction":
-        return p < x and p % 10 > x % 10
-    if s == "multiply_by_digit":
-        return 10 <= x <= 39 and 2 <= p <= 9 and x * p <= MAX_VALUE
-    if s == "percent":
-        return x * p % 100 == 0 and x >= 10
-    if s == "halving":
-        return x % 2 == 0 and x >= 10
-    if s == "division_remainder":
-        return x % p != 0 and x > p
-    if s == "modular_reduction":
-        return x % p != 0 and x > p
-    if s == "comparison":
-        return p != x and len(str(p)) == len(str(x))
-    if s == "rounding":
-        return x % 10 != 0 and x >= 10
-    return True
+    if op.skill == "unit_conversion":
+        v = op.p * UNITS[op.unit]
+        return Step(op.skill, f"{op.p}*{UNITS[op.unit]}={v}", v)
+    if op.skill not in SKILLS:
+        raise KeyError(f"unknown skill {op.skill!r}; known: {SKILL_NAMES}")
+    return Step(op.skill, *SKILLS[op.skill].step(x, op.p))
 
 
 def solve_ops(start: int, ops: Sequence[Op]) -> list[Step]:
     """The reference solution steps for a start value (ignored after a unit conversion) and operations."""
     x, steps = start, []
     for op in ops:
-        step = _step(op, x)
+        step = apply_op(op, x)
         steps.append(step)
         x = step.value
     return steps
@@ -205,17 +178,6 @@ def problem_skills(text: str) -> list[str]:
 
 
 # ----- generation --------------------------------------------------------------------------------------------
-_PARAMS: dict[str, Callable[[random.Random], int]] = {
-    "carry_addition": lambda r: r.randint(2, 9),
-    "borrow_subtraction": lambda r: r.randint(2, 9),
-    "multiply_by_digit": lambda r: r.randint(2, 9),
-    "percent": lambda r: r.choice([10, 20, 50]),
-    "halving": lambda r: 0,
-    "division_remainder": lambda r: r.randint(2, 9),
-    "modular_reduction": lambda r: r.randint(2, 9),
-    "comparison": lambda r: r.randint(10, MAX_VALUE),
-    "rounding": lambda r: 0,
-}
 _MIDDLE = [s for s in SKILL_NAMES if SKILLS[s].position == "middle"]
 _FINAL = [s for s in SKILL_NAMES if SKILLS[s].position == "final"]
 
@@ -223,8 +185,8 @@ _FINAL = [s for s in SKILL_NAMES if SKILLS[s].position == "final"]
 def _try_op(rng: random.Random, skill: str, x: int, tries: int = 40) -> Op | None:
     """A parameter that makes `skill` valid on `x`, or None."""
     for _ in range(tries):
-        op = Op(skill, _PARAMS[skill](rng))
-        if _valid(op, x):
+        op = Op(skill, SKILLS[skill].draw(rng))
+        if SKILLS[skill].valid(x, op.p):
             return op
     return None
 
@@ -262,7 +224,7 @@ def generate_problem(rng: random.Random, must_include: str | None = None) -> tup
             if op is None:
                 break
             ops.append(op)
-            x = _step(op, x).value
+            x = apply_op(op, x).value
         else:
             if x <= MAX_VALUE:
                 return start, ops

@@ -127,18 +127,9 @@ def _repeating_to_fraction(m: re.Match) -> str:
     return f"({whole}+\\frac{{{numerator}}}{{{denominator}}})"
 
 
-def _prepare_for_math_verify(answer: str) -> str:
-    """Rewrites notations math-verify does not parse into ones it does (repeating decimals)."""
-    return _REPEATING.sub(_repeating_to_fraction, answer)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
 def _alarm(timeout: float | None) -> int | None:
     """math-verify's per-step SIGALRM budget in whole seconds; None off the main thread (alarms cannot work there)."""
-    return max(1, math.ceil(timeout)) if timeout and _in_main_thread() else None
+    return max(1, math.ceil(timeout)) if timeout and threading.current_thread() is threading.main_thread() else None
 
 
 _EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
@@ -146,7 +137,7 @@ _EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
 
 def _parse_boxed(answer: str, alarm: int | None):
     """An answer as math-verify parses it when written as \\boxed{answer} (repeating decimals rewritten first)."""
-    return parse(f"\\boxed{{{_prepare_for_math_verify(answer)}}}", extraction_config=_EXTRACTION,
+    return parse(f"\\boxed{{{_REPEATING.sub(_repeating_to_fraction, answer)}}}", extraction_config=_EXTRACTION,
                  parsing_timeout=alarm, raise_on_error=True)
 
 # ----- the flexible rules ------------------------------------------------------------------------------
@@ -209,13 +200,6 @@ def check_flexible_rule(rule: str) -> None:
         raise ValueError(f"unknown flexible grading rule {rule!r}; known: {', '.join(FLEXIBLE_RULES)}")
 
 
-def grade_flexible(response: str, reference: str, rule: str, timeout: float | None = 5.0) -> tuple[bool, str | None]:
-    """(correct, extracted) under the flexible rule `rule` (a key of FLEXIBLE_RULES)."""
-    check_flexible_rule(rule)
-    alarm = _alarm(timeout)
-    return FLEXIBLE_RULES[rule][0](response, reference, alarm)
-
-
 
 def grade(response: str, reference: str, timeout: float | None = 5.0, flexible: str | None = None) -> GradeResult:
     """Grades one response against a reference answer, in this process: strictly, and by the flexible rule
@@ -227,7 +211,8 @@ def grade(response: str, reference: str, timeout: float | None = 5.0, flexible: 
     strict = _grade_strict(response, reference, timeout)
     if flexible is None:
         return strict
-    correct, extracted = grade_flexible(response, reference, flexible, timeout)
+    check_flexible_rule(flexible)
+    correct, extracted = FLEXIBLE_RULES[flexible][0](response, reference, _alarm(timeout))
     return dataclasses.replace(strict, flexible_correct=correct, flexible_extracted=extracted)
 
 
@@ -390,12 +375,10 @@ class GraderPool:
 
 def grade_many(
     pairs: Sequence[tuple[str, str]], workers: int = 2, timeout: float = 10.0, *, progress: bool = True,
-    pool: GraderPool | None = None, flexible: str | None = None,
+    flexible: str | None = None,
 ) -> list[GradeResult]:
-    """Grades (response, reference) pairs in a process pool (`pool` if given, else a temporary one); also by
-    the flexible rule `flexible` when given."""
-    if pool is not None:
-        return pool.grade_many(pairs, progress=progress, flexible=flexible)
+    """Grades (response, reference) pairs in a temporary process pool; also by the flexible rule `flexible`
+    when given."""
     if not pairs:
         return []
     with GraderPool(workers=min(workers, len(pairs)), timeout=timeout) as tmp:

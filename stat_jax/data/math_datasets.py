@@ -57,11 +57,6 @@ class BenchmarkSpec:
     flexible_rule: str = "math"  # how pass@1_flexible reads an answer (stat_jax.data.grader.FLEXIBLE_RULES)
 
 
-def subject_slug(subject: str) -> str:
-    """'Counting & Probability' -> 'counting_and_probability'."""
-    return subject.strip().lower().replace("&", "and").replace(" ", "_")
-
-
 def _field(row: Mapping[str, Any], names: Sequence[str], where: str) -> Any:
     for name in names:
         if name in row and row[name] is not None and str(row[name]).strip() != "":
@@ -165,7 +160,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 }
 
 
-def _is_local(source: str) -> bool:
+def is_local(source: str) -> bool:
+    """A path on this machine (it exists, or reads like a path or data file), not a hub dataset name."""
     return os.path.exists(source) or source.endswith(LOCAL_SUFFIXES) or source.startswith(("/", "./", "../", "~"))
 
 
@@ -341,7 +337,7 @@ def read_benchmark(
                            f"--config.eval.paths.{name}=FILE.jsonl [--config.eval.fields.{name}=problem:q,answer:a]")
     source = source or spec.hub_name
     split = split or spec.split
-    local = _is_local(source)
+    local = is_local(source)
     if not local and name not in BENCHMARKS:
         raise DatasetError(f"benchmark {name!r}: {source!r} is no local file or directory; the hub is only used "
                            f"for the known benchmarks ({', '.join(BENCHMARKS)})")
@@ -407,45 +403,3 @@ def _check_unique_ids(problems: Sequence[MathProblem], source: str) -> None:
         if p.id in seen:
             raise DatasetError(f"{source}: duplicate problem id {p.id!r}; ids must be unique (field 'unique_id'/'id')")
         seen.add(p.id)
-
-
-def load_math(
-    split: str = "test", source: str | None = None, *, subjects: Sequence[str] = MATH_SUBJECTS,
-    on_bad_row: OnBadRow = "error", limit: int | None = None,
-) -> list[MathProblem]:
-    """Hendrycks MATH train (7500) or test (5000), 7 subjects; default hub copy `EleutherAI/hendrycks_math`."""
-    if split not in ("train", "test"):
-        raise ValueError(f"MATH split must be 'train' or 'test', got {split!r}")
-    unknown = set(map(subject_slug, subjects)) - set(MATH_SUBJECTS)
-    if unknown:
-        raise ValueError(f"unknown MATH subjects {sorted(unknown)}; known: {MATH_SUBJECTS}")
-    wanted = set(map(subject_slug, subjects))
-    problems = load_benchmark("math" if split == "test" else "math_train", source, split=split,
-                              on_bad_row=on_bad_row)
-    problems = [p for p in problems if p.subject is None or subject_slug(p.subject) in wanted]
-    return problems[:limit] if limit else problems
-
-
-def load_math500(source: str | None = None, **kw) -> list[MathProblem]:
-    """MATH-500 (the PRM800K test subset); default hub copy `HuggingFaceH4/MATH-500`, split test."""
-    return load_benchmark("math500", source, **kw)
-
-
-def load_gsm8k(split: str = "test", source: str | None = None, **kw) -> list[MathProblem]:
-    """GSM8K train (7473) or test (1319); default hub copy `openai/gsm8k`, config main."""
-    return load_benchmark("gsm8k", source, split=split, **kw)
-
-
-def load_aime24(source: str | None = None, **kw) -> list[MathProblem]:
-    """AIME 2024 I+II (30 problems); default hub copy `HuggingFaceH4/aime_2024`, split train."""
-    return load_benchmark("aime24", source, **kw)
-
-
-def load_aime25(source: str | None = None, **kw) -> list[MathProblem]:
-    """AIME 2025 I+II (30 problems); default hub copy `yentinglin/aime_2025`, split train."""
-    return load_benchmark("aime25", source, **kw)
-
-
-def load_amc23(source: str | None = None, **kw) -> list[MathProblem]:
-    """AMC 2023 (40 problems); default hub copy `math-ai/amc23`, split test."""
-    return load_benchmark("amc23", source, **kw)

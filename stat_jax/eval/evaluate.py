@@ -384,13 +384,8 @@ def _default_out_dir(config) -> Path:
     raise ValueError("evaluate: pass out_dir=..., or a config with eval.out_dir or workdir set")
 
 
-def _metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    keys = [k for r in rows for k in r if "@" in k]
-    return list(dict.fromkeys(keys))
-
-
 def _table(title: str, rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    columns = _metric_columns([r for _, r in rows])
+    columns = list(dict.fromkeys(k for _, r in rows for k in r if "@" in k))
     width = max([len(title)] + [len(name) for name, _ in rows]) + 2
     widths = [max(10, len(c) + 2) for c in columns]
     lines = [title.ljust(width) + "n".rjust(6) + "".join(c.rjust(w) for c, w in zip(columns, widths))]
@@ -492,27 +487,18 @@ def load_eval_data(config) -> EvalData:
     return EvalData(benchmarks, few_shot, dropped)
 
 
-def load_eval_benchmarks(config) -> tuple[dict[str, list[MathProblem]], list[MathProblem]]:
-    """The benchmarks named in config.eval and the few-shot examples (see load_eval_data)."""
-    data = load_eval_data(config)
-    return data.benchmarks, data.few_shot
-
-
 def eval_prompt_limit(config) -> PromptLimit:
     """The limits every eval prompt must fit: the rollout engine's, with eval.max_new_tokens new tokens."""
     return PromptLimit.from_config(config, int(config.eval.max_new_tokens))
 
 
-def check_eval_prompts(data: EvalData, tokenizer, config) -> dict[str, int]:
-    """Prompts over the rollout limits per benchmark; with rollout.on_long_prompt=error, raises before any work."""
+def check_eval_prompts(data: EvalData, tokenizer, config) -> None:
+    """With rollout.on_long_prompt=error, raises before any work when a prompt is over the rollout limits."""
     settings = EvalSettings.from_config(config)
     limit, policy = eval_prompt_limit(config), str(config.rollout.get("on_long_prompt", "skip"))
-    counts = {}
     for name, problems in data.benchmarks.items():
         prep = _prepare(problems, tokenizer, settings, data.few_shot, limit)
         enforce_policy(prep.long, policy, f"eval benchmark {name!r}", prep.all_ids)
-        counts[name] = len(prep.long)
-    return counts
 
 
 def evaluate_model(config, *, out_dir: str | os.PathLike | None = None, resume: bool = False, tokenizer=None,
@@ -525,7 +511,7 @@ def evaluate_model(config, *, out_dir: str | os.PathLike | None = None, resume: 
     """
     from stat_jax.lengths import check_config_lengths
     from stat_jax.models.student import load_model, load_tokenizer
-    from stat_jax.rollout import make_rollout_backend  # the engine is heavy: import only when generating
+    from stat_jax.rollout.factory import make_rollout_backend  # the engine is heavy: import only when generating
 
     check_config_lengths(config, "eval")
     data = data or load_eval_data(config)

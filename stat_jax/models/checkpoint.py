@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -27,7 +26,8 @@ from stat_jax import sharding
 from stat_jax.errors import ModelNotFoundError
 from stat_jax.models.build import abstract_model, as_dtype
 from stat_jax.models.config import ModelConfig
-from stat_jax.models.dir_check import CheckpointError, safetensors_header, weight_files  # noqa: F401  (re-exported)
+from stat_jax.models.dir_check import (  # noqa: F401  (CheckpointError, safetensors_header: re-exported)
+    ST_DTYPES, CheckpointError, hf_layout, safetensors_header, weight_files)
 from stat_jax.models.transformer import DecoderLM
 
 TOKENIZER_FILES = (
@@ -42,19 +42,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
-_ST_DTYPES: dict[str, Any] = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+_ST_NAMES = {np.dtype(v): k for k, v in ST_DTYPES.items()}
 
 
 # ----- safetensors (format: u64 header size, JSON header, raw little-endian bytes) ------------------------
@@ -72,11 +60,11 @@ class SafetensorsFile:
 
     def get(self, key: str) -> np.ndarray:
         info = self.header[key]
-        if info["dtype"] not in _ST_DTYPES:
+        if info["dtype"] not in ST_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
         buf = self._mmap[self._data_start + begin : self._data_start + end]
-        return buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return buf.view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
@@ -103,50 +91,25 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
 
 
 # ----- the HF <-> NNX key map ------------------------------------------------------------------------------
-# Each entry: our param path pattern -> (HF key, to_ours(np, cfg), from_ours(np, cfg)).
-def _key_map(cfg: ModelConfig) -> list[tuple[tuple, str, Callable, Callable]]:
-    h, kv, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    ident = (lambda w: w, lambda w: w)
-    transpose = (lambda w: w.T, lambda w: w.T)
+# A layout relation (dir_check.hf_layout) -> (to_ours(w, hf_shape, cfg), from_ours(w, hf_shape, cfg)).
+CONVERSIONS: dict[str, tuple[Callable, Callable]] = {
+    "same": (lambda w, s, c: w, lambda w, s, c: w),
+    "transpose": (lambda w, s, c: w.T, lambda w, s, c: w.T),
+    # HF [n*d, e] -> ours [e, n, d]
+    "heads_in": (lambda w, s, c: w.T.reshape(c.hidden_size, s[0] // c.head_dim, c.head_dim),
+                 lambda w, s, c: w.reshape(c.hidden_size, s[0]).T),
+    # HF [e, h*d] -> ours [h, d, e]
+    "heads_out": (lambda w, s, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+                  lambda w, s, c: w.reshape(s[1], c.hidden_size).T),
+    # HF [n*d] -> ours [n, d]
+    "heads_bias": (lambda w, s, c: w.reshape(s[0] // c.head_dim, c.head_dim), lambda w, s, c: w.reshape(s)),
+}
 
-    def heads_in(n):  # HF [n*d, e] -> ours [e, n, d]
-        return (lambda w: w.T.reshape(e, n, d), lambda w: w.reshape(e, n * d).T)
 
-    def heads_bias(n):  # HF [n*d] -> ours [n, d]
-        return (lambda w: w.reshape(n, d), lambda w: w.reshape(n * d))
-
-    heads_out = (lambda w: w.T.reshape(h, d, e), lambda w: w.reshape(h * d, e).T)  # HF [e, h*d] -> [h, d, e]
-
-    entries: list[tuple[tuple, str, tuple]] = [(("embed",), "model.embed_tokens.weight", ident),
-                                               (("final_norm", "weight"), "model.norm.weight", ident)]
-    if not cfg.tie_word_embeddings:
-        entries.append((("lm_head",), "lm_head.weight", transpose))
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        L = ("layers", i)
-        entries += [
-            (L + ("input_norm", "weight"), p + "input_layernorm.weight", ident),
-            (L + ("post_attention_norm", "weight"), p + "post_attention_layernorm.weight", ident),
-            (L + ("attention", "q_proj"), p + "self_attn.q_proj.weight", heads_in(h)),
-            (L + ("attention", "k_proj"), p + "self_attn.k_proj.weight", heads_in(kv)),
-            (L + ("attention", "v_proj"), p + "self_attn.v_proj.weight", heads_in(kv)),
-            (L + ("attention", "o_proj"), p + "self_attn.o_proj.weight", heads_out),
-            (L + ("mlp", "gate_proj"), p + "mlp.gate_proj.weight", transpose),
-            (L + ("mlp", "up_proj"), p + "mlp.up_proj.weight", transpose),
-            (L + ("mlp", "down_proj"), p + "mlp.down_proj.weight", transpose),
-        ]
-        if cfg.attention_bias:
-            entries += [
-                (L + ("attention", "q_bias"), p + "self_attn.q_proj.bias", heads_bias(h)),
-                (L + ("attention", "k_bias"), p + "self_attn.k_proj.bias", heads_bias(kv)),
-                (L + ("attention", "v_bias"), p + "self_attn.v_proj.bias", heads_bias(kv)),
-            ]
-        if cfg.qk_norm:
-            entries += [
-                (L + ("attention", "q_norm", "weight"), p + "self_attn.q_norm.weight", ident),
-                (L + ("attention", "k_norm", "weight"), p + "self_attn.k_norm.weight", ident),
-            ]
-    return [(path, key, fns[0], fns[1]) for path, key, fns in entries]
+def _key_map(cfg: ModelConfig) -> list[tuple[tuple, str, tuple[int, ...], Callable, Callable]]:
+    """(our path, HF key, HF shape, to_ours(w), from_ours(w)) for every tensor."""
+    return [(path, key, shape, lambda w, s=shape, k=kind: CONVERSIONS[k][0](w, s, cfg),
+             lambda w, s=shape, k=kind: CONVERSIONS[k][1](w, s, cfg)) for path, key, shape, kind in hf_layout(cfg)]
 
 
 def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
@@ -203,9 +166,9 @@ def load_hf_checkpoint(
     flat_abstract = dict(nnx.to_flat_state(abstract_state))
 
     key_map = _key_map(cfg)
-    _check_no_unexpected_tensors(path, tensors, {key for _, key, _, _ in key_map}, other_prefixes)
+    _check_no_unexpected_tensors(path, tensors, {key for _, key, _, _, _ in key_map}, other_prefixes)
     loaded = {}
-    for our_path, hf_key, to_ours, from_ours in key_map:
+    for our_path, hf_key, hf_expected, to_ours, _ in key_map:
         if hf_key not in tensors:
             raise CheckpointError(f"{path}: tensor {hf_key!r} is missing (needed for {'/'.join(map(str, our_path))})")
         source = tensors[hf_key]
@@ -216,8 +179,6 @@ def load_hf_checkpoint(
         except ValueError:  # the size does not even fit the head reshape
             array = None
         if array is None or tuple(array.shape) != expected:
-            # np.empty of uint8 is never touched (views only), so this costs no memory even for embeddings.
-            hf_expected = tuple(from_ours(np.empty(expected, np.uint8)).shape)
             raise CheckpointError(
                 f"{source.path}: tensor {hf_key!r} has shape {tuple(hf_array.shape)} but config.json implies "
                 f"{hf_expected} (for {'/'.join(map(str, our_path))}); is config.json from another model?"
@@ -247,7 +208,7 @@ def iter_hf_tensors(model: DecoderLM, dtype="float32") -> Iterator[tuple[str, np
     cfg = model.config
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     np_dtype = np.dtype(as_dtype(dtype))
-    for our_path, hf_key, _, from_ours in _key_map(cfg):
+    for our_path, hf_key, _, _, from_ours in _key_map(cfg):
         host = _to_host(flat[our_path].get_value() if our_path in flat else _merged_kernel(model, our_path))
         yield hf_key, np.ascontiguousarray(from_ours(host)).astype(np_dtype)
 
@@ -332,8 +293,3 @@ def copy_tokenizer_files(source: str | Path, dest: str | Path) -> list[str]:
             shutil.copy2(source / name, dest / name)
             copied.append(name)
     return copied
-
-
-def hf_key_names(cfg: ModelConfig) -> list[str]:
-    return [key for _, key, _, _ in _key_map(cfg)]
-

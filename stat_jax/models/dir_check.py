@@ -20,6 +20,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
 from stat_jax.errors import ModelError, ModelFileError, ModelNotFoundError, StatJaxError, TokenizerError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -28,8 +31,11 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                         "chat_template.json")
-# safetensors dtype -> bytes per element
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# safetensors dtype -> numpy dtype
+ST_DTYPES: dict[str, Any] = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                             "BOOL": np.bool_}
+DTYPE_BYTES = {k: np.dtype(v).itemsize for k, v in ST_DTYPES.items()}
 WEIGHT_DTYPES = ("F32", "F16", "BF16")  # what a model's weights may be stored as (cast on load)
 RE_EXPORT = "re-copy or re-export the checkpoint (the file is damaged or was cut short)"
 
@@ -163,26 +169,38 @@ def _indexed_weights(path: Path, index: Path) -> tuple[dict[str, str], Headers, 
 
 
 # ----- what config.json implies ----------------------------------------------------------------------------
-def expected_hf_tensors(cfg) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape, for the decoder a ModelConfig describes (the checkpoint key map's layout)."""
+def hf_layout(cfg) -> list[tuple[tuple, str, tuple[int, ...], str]]:
+    """(our parameter path, HF tensor name, HF shape, how the two layouts relate) for every tensor of the decoder
+    a ModelConfig describes; the relations are `stat_jax.models.checkpoint.CONVERSIONS`."""
     h, kv, d, e, m, v = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size,
                          cfg.vocab_size)
-    out = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,)}
+    out = [(("embed",), "model.embed_tokens.weight", (v, e), "same"),
+           (("final_norm", "weight"), "model.norm.weight", (e,), "same")]
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (v, e)
+        out.append((("lm_head",), "lm_head.weight", (v, e), "transpose"))
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (e,), p + "post_attention_layernorm.weight": (e,),
-                    p + "self_attn.q_proj.weight": (h * d, e), p + "self_attn.k_proj.weight": (kv * d, e),
-                    p + "self_attn.v_proj.weight": (kv * d, e), p + "self_attn.o_proj.weight": (e, h * d),
-                    p + "mlp.gate_proj.weight": (m, e), p + "mlp.up_proj.weight": (m, e),
-                    p + "mlp.down_proj.weight": (e, m)})
+        p, L = f"model.layers.{i}.", ("layers", i)
+        out += [(L + ("input_norm", "weight"), p + "input_layernorm.weight", (e,), "same"),
+                (L + ("post_attention_norm", "weight"), p + "post_attention_layernorm.weight", (e,), "same"),
+                (L + ("attention", "q_proj"), p + "self_attn.q_proj.weight", (h * d, e), "heads_in"),
+                (L + ("attention", "k_proj"), p + "self_attn.k_proj.weight", (kv * d, e), "heads_in"),
+                (L + ("attention", "v_proj"), p + "self_attn.v_proj.weight", (kv * d, e), "heads_in"),
+                (L + ("attention", "o_proj"), p + "self_attn.o_proj.weight", (e, h * d), "heads_out"),
+                (L + ("mlp", "gate_proj"), p + "mlp.gate_proj.weight", (m, e), "transpose"),
+                (L + ("mlp", "up_proj"), p + "mlp.up_proj.weight", (m, e), "transpose"),
+                (L + ("mlp", "down_proj"), p + "mlp.down_proj.weight", (e, m), "transpose")]
         if cfg.attention_bias:
-            out.update({p + "self_attn.q_proj.bias": (h * d,), p + "self_attn.k_proj.bias": (kv * d,),
-                        p + "self_attn.v_proj.bias": (kv * d,)})
+            out += [(L + ("attention", f"{x}_bias"), p + f"self_attn.{x}_proj.bias", (n * d,), "heads_bias")
+                    for x, n in (("q", h), ("k", kv), ("v", kv))]
         if cfg.qk_norm:
-            out.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+            out += [(L + ("attention", f"{x}_norm", "weight"), p + f"self_attn.{x}_norm.weight", (d,), "same")
+                    for x in ("q", "k")]
     return out
+
+
+def expected_hf_tensors(cfg) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for the decoder a ModelConfig describes."""
+    return {key: shape for _, key, shape, _ in hf_layout(cfg)}
 
 
 def _config_dict(path: Path) -> tuple[dict[str, Any] | None, list[StatJaxError]]:
@@ -307,12 +325,9 @@ def _untied_head_problems(path: Path, where: dict[str, str], headers: Headers) -
 
 def _sample_rows(file: Path, key: str, file_header: tuple[dict[str, Any], int]):
     """The first, middle and last rows of a 2-D tensor, as float32, read through a memory map."""
-    import ml_dtypes
-    import numpy as np
-
     header, start = file_header
     info = header[key]
-    dtype = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}[info["dtype"]]
+    dtype = ST_DTYPES[info["dtype"]]
     n, width = info["shape"]
     data = np.memmap(file, dtype=dtype, mode="r", offset=start + info["data_offsets"][0], shape=(n, width))
     return np.asarray(data[sorted({0, n // 2, n - 1})], dtype=np.float32)

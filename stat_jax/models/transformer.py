@@ -8,7 +8,6 @@ Two entry points:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax

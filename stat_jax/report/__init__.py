@@ -23,6 +23,7 @@ from typing import Any
 
 from stat_jax.data.records import bare_skill_name
 from stat_jax.errors import RunStateMissingError
+from stat_jax.report.verdict import row_label
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +57,12 @@ def stat_dir(run: Path) -> Path:
     return run / "stat" if (run / "stat").is_dir() else run
 
 
-def _row_label(name: str) -> str:
-    """A demo row's name as its table prints it ("stat_sel+grpo" -> "STAT-Sel +GRPO")."""
-    from stat_jax.report.verdict import row_label
-
-    return row_label(name)
-
-
 # ----- the sections ------------------------------------------------------------------------------------------
 def verdict_section(run: Path) -> dict[str, Any] | None:
     """The demo's rows and verdict lines, or a run's eval figures (headline per benchmark, before/after GRPO)."""
     results = _json(run / "results.json")
     if results:
-        rows = [{"name": _row_label(name), "overall": r["overall"], "flagged": r.get("flagged"), "runs": r["runs"]}
+        rows = [{"name": row_label(name), "overall": r["overall"], "flagged": r.get("flagged"), "runs": r["runs"]}
                 for name, r in results["rows"].items()]
         return {"lines": results.get("verdict", []), "rows": rows, "split": results.get("split"),
                 "seeds": results.get("seeds", [])}
@@ -87,7 +81,7 @@ def per_skill_section(run: Path) -> dict[str, Any] | None:
     if not results:
         return None
     skills = sorted({s for r in results["rows"].values() for s in r.get("per_skill", {})})
-    rows = [{"name": _row_label(name), "cells": [r["per_skill"].get(s, {}).get("mean") for s in skills]}
+    rows = [{"name": row_label(name), "cells": [r["per_skill"].get(s, {}).get("mean") for s in skills]}
             for name, r in results["rows"].items()]
     return {"skills": skills, "flagged": results.get("flagged_skills", []), "rows": rows,
             "chart": _bars_svg([r["name"] for r in rows], skills, [[c for c in r["cells"]] for r in rows],
@@ -122,9 +116,9 @@ def shares_section(run: Path) -> dict[str, Any] | None:
         by_method: dict[str, list[dict[str, float]]] = {}
         for key, stats in results["sets"].items():
             by_method.setdefault(key.split("/", 1)[1], []).append(stats["skill_shares"])
-        sets = {_row_label(m): {s: statistics.fmean(x[s] for x in runs) for s in runs[0]}
+        sets = {row_label(m): {s: statistics.fmean(x[s] for x in runs) for s in runs[0]}
                 for m, runs in by_method.items()}
-        reference = _row_label("sft")
+        reference = row_label("sft")
     else:
         d = stat_dir(run)
         pool = _jsonl(d / "label" / "skill_map.jsonl")

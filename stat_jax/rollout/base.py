@@ -24,6 +24,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int = 0  # sample j of prompt i uses a key derived from (seed, i, j): independent of batching
     stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's EOS ids
+    logprobs: bool = False  # return each token's sampling log-probability (Completion.logprobs); GRPO asks
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -45,6 +46,12 @@ class Completion:
     token_ids: list[int]  # generated tokens only, excluding the stop token
     text: str
     finish_reason: Literal["stop", "length"]
+    # With SamplingParams.logprobs: log p(token) under the distribution the engine drew it from (temperature,
+    # top-k, top-p applied, in the engine's dtype), one per token id (0 for greedy tokens); None otherwise
+    logprobs: list[float] | None = None
+    # the stop token it sampled and that token's log-probability (in-process backend; None when not reported)
+    stop_token_id: int | None = None
+    stop_logprob: float | None = None
 
 
 class RolloutBackend(abc.ABC):

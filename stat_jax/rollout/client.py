@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
+import numpy as np
 from stat_jax.progress import progress_bar
 
 from stat_jax.rollout.base import Completion, RolloutBackend, RolloutError, SamplingParams
@@ -64,7 +65,10 @@ class JetStreamClient(RolloutBackend):
             "HealthCheck", lambda: self._stub.HealthCheck(pb.HealthCheckRequest(), timeout=10.0))
         return bool(response.is_live)
 
-    def _decode(self, ids: list[int], sampling: SamplingParams, prompt_index: int, sample_index: int) -> list[int]:
+    def _decode(self, ids: list[int], sampling: SamplingParams, prompt_index: int,
+                sample_index: int) -> tuple[list[int], list[float] | None]:
+        """(token ids, their log-probabilities when `sampling.logprobs`: the server then streams each token
+        followed by its log-probability's float32 bits, see `LogprobResultTokens`)."""
         pb = self.js.jetstream_pb2
         request = pb.DecodeRequest(
             token_content=pb.DecodeRequest.TokenContent(token_ids=ids), max_tokens=sampling.max_new_tokens,
@@ -76,7 +80,10 @@ class JetStreamClient(RolloutBackend):
                 tokens.extend(response.stream_content.samples[0].token_ids)
             return tokens
 
-        return self._call_with_retry(f"Decode(prompt {prompt_index}, sample {sample_index})", call)
+        tokens = self._call_with_retry(f"Decode(prompt {prompt_index}, sample {sample_index})", call)
+        if not sampling.logprobs:
+            return tokens, None
+        return tokens[0::2], np.asarray(tokens[1::2], np.int32).view(np.float32).tolist()
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], sampling: SamplingParams, n: int = 1, *,
                  progress: bool = True) -> list[list[Completion]]:
@@ -95,7 +102,8 @@ class JetStreamClient(RolloutBackend):
                       leave=False) as bar:
                 for job in futures.as_completed(jobs):
                     i, j = jobs[job]
-                    out[i][j] = completion_from_ids(self.tokenizer, i, j, job.result(), sampling.max_new_tokens)
+                    ids, logprobs = job.result()
+                    out[i][j] = completion_from_ids(self.tokenizer, i, j, ids, sampling.max_new_tokens, logprobs)
                     bar.update(1)
         except BaseException:
             for job in jobs:

@@ -2,15 +2,16 @@
 
 The life of a request, in JetStream's terms:
 - `prefill`: the prompt, right-padded to a power-of-two length bucket (16 .. max_prefill_length), runs as a
-  batch of one into a fresh cache; the first token is sampled from the logits at `true_length - 1`.
-- `insert`: writes that prefix cache into one slot (row) of the decode cache, with the slot's sampling
-  settings, key and stop ids.
+  one-row batch of the in-process path's prefill into a fresh cache; the first token is sampled from the
+  logits at `true_length - 1`.
+- `insert`: writes that row into one slot of the decode cache with the in-process path's insert (with the
+  slot's sampling settings, key and stop ids).
 - `generate`: one step for every slot: emits each slot's pending token (marked invalid when it is a stop id,
   which ends the request without returning it), feeds it at the slot's next cache position and samples the
   next one.
-Compilations are bounded: one prefill and one insert per bucket, one generate. Parameters are read from a
-`ParamHolder` on every call, so swapping `holder.state` updates every JetStream thread without recompiling
-(0.2.2 binds params once per thread).
+Compilations are bounded: one prefill and one insert per bucket and row count, one generate per cache length.
+Parameters are read from a `ParamHolder` on every call, so swapping `holder.state` updates every JetStream
+thread without recompiling (0.2.2 binds params once per thread).
 
 The in-process scheduler (stat_jax/rollout/scheduler.py) uses the batched extensions instead: `prefill_into`
 (a bucket's prompts in one call, written straight into their slots), `step` (generate without waiting for
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import logging
 import threading
@@ -39,7 +39,7 @@ from flax import nnx
 
 from stat_jax import sharding
 from stat_jax.hardware import device_memory_bytes, host_memory_bytes
-from stat_jax.lengths import AUTO_NEW_TOKENS
+from stat_jax.lengths import PREFILL_BUCKETS, target_length
 from stat_jax.models.build import as_dtype
 from stat_jax.models.transformer import CACHE_AXES, LENGTH_AXIS, DecoderLM, KVCache
 from stat_jax.rollout.base import SamplingParams
@@ -65,7 +65,7 @@ NO_STOP = -1
 
 def prefill_buckets(max_prefill_length: int) -> list[int]:
     """JetStream 0.2.2's padding buckets (`token_utils.pad_tokens`): powers of two from 16 to the maximum."""
-    buckets = [16 * 2**i for i in range(12)]
+    buckets = list(PREFILL_BUCKETS)
     if max_prefill_length not in buckets:
         raise ValueError(
             f"rollout.max_prefill_length={max_prefill_length} must be one of JetStream's prefill buckets {buckets}"
@@ -134,12 +134,10 @@ def resolve_settings(settings: EngineSettings, cfg, cache_dtype, memory_bytes: i
     of 8 when there are at least 8, at most MAX_AUTO_SLOTS). The in-process scheduler allocates the cache only
     up to the longest sequence in flight, so this is the bound, not what a short rollout uses.
     """
-    length = settings.max_target_length
-    if length == AUTO:
-        length = min(settings.max_prefill_length + AUTO_NEW_TOKENS, cfg.max_position_embeddings)
-        if length <= settings.max_prefill_length:
-            raise ValueError(f"rollout.max_target_length=0 (auto): the model's context of {cfg.max_position_embeddings}"
-                             f" tokens leaves no room after rollout.max_prefill_length={settings.max_prefill_length}")
+    length = target_length(settings, cfg.max_position_embeddings)
+    if settings.max_target_length == AUTO and length <= settings.max_prefill_length:
+        raise ValueError(f"rollout.max_target_length=0 (auto): the model's context of {cfg.max_position_embeddings}"
+                         f" tokens leaves no room after rollout.max_prefill_length={settings.max_prefill_length}")
     per_token = kv_bytes_per_token(cfg, cache_dtype)
     slots = settings.max_concurrent_decodes
     if slots == AUTO:
@@ -185,25 +183,9 @@ class ParamHolder:
 
     def __init__(self, state: nnx.State):
         self.state = state
-        self.version = 0
 
     def swap(self, state: nnx.State) -> None:
         self.state = state
-        self.version += 1
-
-
-@flax.struct.dataclass
-class Prefix:
-    """A prefilled request: its batch-1 cache and everything `insert` needs for its slot."""
-
-    cache: KVCache
-    first_token: jax.Array  # int32 []
-    length: jax.Array  # int32 [], the prompt length = the next cache position
-    key: jax.Array  # uint32 [2]
-    temperature: jax.Array
-    top_p: jax.Array
-    top_k: jax.Array
-    stop_ids: jax.Array  # int32 [MAX_STOP_IDS]
 
 
 @flax.struct.dataclass
@@ -212,6 +194,7 @@ class DecodeState:
 
     cache: KVCache
     tokens: jax.Array  # int32 [slots]: emitted by the next generate step, then fed to the model
+    logprobs: jax.Array  # float32 [slots]: the pending token's log-probability under its sampling distribution
     positions: jax.Array  # int32 [slots]: cache position the pending token is written at
     generated: jax.Array  # int32 [slots]: 1-based index of the pending token among the generated ones
     keys: jax.Array  # uint32 [slots, 2]
@@ -279,22 +262,6 @@ def stop_id_row(eos_ids: Sequence[int], extra: Sequence[int]) -> np.ndarray:
 # ----- jitted kernels (module level: one compilation cache for every engine; `graphdef` is static) --------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype"))
-def _prefill(graphdef, state, tokens, true_length, seed, prompt_index, sample_index, temperature, top_p, top_k,
-             stop_ids, *, cache_dtype):
-    model: DecoderLM = nnx.merge(graphdef, state)
-    bucket = tokens.shape[0]
-    cache = model.init_cache(1, bucket, cache_dtype)
-    positions = jnp.arange(bucket, dtype=jnp.int32)[None, :]
-    logits, cache = model.decode(tokens[None, :], positions, cache, jnp.zeros((1,), jnp.int32),
-                                 logits_at=(true_length - 1)[None])
-    key = request_key(seed, prompt_index, sample_index)
-    first = sample_tokens(logits[:, 0], step_keys(key[None], jnp.zeros((1,), jnp.int32)), temperature[None],
-                          top_p[None], top_k[None])[0]
-    return Prefix(cache=cache, first_token=first, length=true_length, key=key, temperature=temperature,
-                  top_p=top_p, top_k=top_k, stop_ids=stop_ids)
-
-
 @flax.struct.dataclass
 class PrefillBatch:
     """Prompts of one bucket prefilled together straight into decode slots (the in-process scheduler).
@@ -314,24 +281,38 @@ class PrefillBatch:
     stop_ids: jax.Array  # int32 [p, MAX_STOP_IDS]
 
 
-def _prefill_rows(graphdef, params, batch: PrefillBatch, cache_dtype) -> tuple[KVCache, jax.Array]:
-    """The prompts' caches [p, kv, bucket, d] and first tokens [p] (compiled per bucket and row count only)."""
+@flax.struct.dataclass
+class Prefix:
+    """A request JetStream's prefill thread prefilled: its one-row batch (slot not yet chosen), cache and first
+    token, written into a slot by `insert` with the batched path's kernel."""
+
+    batch: PrefillBatch
+    cache: KVCache
+    first: jax.Array  # int32 [1]
+    first_logprob: jax.Array  # float32 [1]
+    wants_logprobs: bool = flax.struct.field(pytree_node=False, default=False)  # the request's sampling.logprobs
+
+
+def _prefill_rows(graphdef, params, batch: PrefillBatch, cache_dtype) -> tuple[KVCache, jax.Array, jax.Array]:
+    """The prompts' caches [p, kv, bucket, d], first tokens [p] and their log-probabilities [p] (compiled per
+    bucket and row count only)."""
     model: DecoderLM = nnx.merge(graphdef, params)
     rows, bucket = batch.tokens.shape
     cache = model.init_cache(rows, bucket, cache_dtype)
     positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (rows, bucket))
     logits, cache = model.decode(batch.tokens, positions, cache, jnp.zeros((rows,), jnp.int32),
                                  logits_at=batch.lengths - 1)
-    first = sample_tokens(logits[:, 0], step_keys(_batch_keys(batch), jnp.zeros((rows,), jnp.int32)),
-                          batch.temperature, batch.top_p, batch.top_k)
-    return cache, first
+    first, logprob = sample_tokens(logits[:, 0], step_keys(_batch_keys(batch), jnp.zeros((rows,), jnp.int32)),
+                                   batch.temperature, batch.top_p, batch.top_k)
+    return cache, first, logprob
 
 
 def _batch_keys(batch: PrefillBatch) -> jax.Array:
     return jax.vmap(request_key)(batch.seeds, batch.prompt_index, batch.sample_index)
 
 
-def _insert_rows(state: DecodeState, batch: PrefillBatch, cache: KVCache, first: jax.Array) -> DecodeState:
+def _insert_rows(state: DecodeState, batch: PrefillBatch, cache: KVCache, first: jax.Array,
+                 first_logprob: jax.Array) -> DecodeState:
     """Writes prefilled rows into their slots of `state` in place (the state is donated)."""
     bucket = batch.tokens.shape[1]
     rows = first.shape[0]
@@ -346,7 +327,8 @@ def _insert_rows(state: DecodeState, batch: PrefillBatch, cache: KVCache, first:
     return DecodeState(
         cache=KVCache(keys=tuple(map(put("keys"), state.cache.keys, cache.keys)),
                       values=tuple(map(put("values"), state.cache.values, cache.values))),
-        tokens=set_rows(state.tokens, first), positions=set_rows(state.positions, batch.lengths),
+        tokens=set_rows(state.tokens, first), logprobs=set_rows(state.logprobs, first_logprob),
+        positions=set_rows(state.positions, batch.lengths),
         generated=set_rows(state.generated, jnp.ones((rows,), jnp.int32)),
         keys=set_rows(state.keys, _batch_keys(batch)), temperature=set_rows(state.temperature, batch.temperature),
         top_p=set_rows(state.top_p, batch.top_p), top_k=set_rows(state.top_k, batch.top_k),
@@ -372,37 +354,46 @@ def _resize_cache(state: DecodeState, length: int) -> DecodeState:
                                        values=tuple(map(fit("values"), state.cache.values))))
 
 
-def _insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
-    def put(buffer, row):
-        return jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), (slot, 0, 0, 0))
-
-    cache = KVCache(keys=tuple(map(put, state.cache.keys, prefix.cache.keys)),
-                    values=tuple(map(put, state.cache.values, prefix.cache.values)))
-    return DecodeState(
-        cache=cache,
-        tokens=state.tokens.at[slot].set(prefix.first_token),
-        positions=state.positions.at[slot].set(prefix.length),
-        generated=state.generated.at[slot].set(1),
-        keys=state.keys.at[slot].set(prefix.key),
-        temperature=state.temperature.at[slot].set(prefix.temperature),
-        top_p=state.top_p.at[slot].set(prefix.top_p),
-        top_k=state.top_k.at[slot].set(prefix.top_k),
-        stop_ids=state.stop_ids.at[slot].set(prefix.stop_ids),
-    )
-
-
 def _generate(graphdef, params, state: DecodeState):
     model: DecoderLM = nnx.merge(graphdef, params)
     # Finished slots keep stepping until JetStream reuses them; clamping keeps their writes in their own row.
     positions = jnp.minimum(state.positions, state.cache.max_length - 1)
     logits, cache = model.decode(state.tokens[:, None], positions[:, None], state.cache, positions)
-    next_tokens = sample_tokens(logits[:, 0], step_keys(state.keys, state.generated), state.temperature,
-                                state.top_p, state.top_k)
+    next_tokens, logprobs = sample_tokens(logits[:, 0], step_keys(state.keys, state.generated), state.temperature,
+                                          state.top_p, state.top_k)
     emitted_is_stop = jnp.any(state.tokens[:, None] == state.stop_ids, axis=-1)
-    result = jnp.stack([state.tokens, (~emitted_is_stop).astype(jnp.int32), state.generated], axis=-1)
-    new_state = state.replace(cache=cache, tokens=next_tokens, positions=state.positions + 1,
+    # The emitted token's log-probability rides in column 3 as its float32 bits (JetStream reads columns 0-2).
+    result = jnp.stack([state.tokens, (~emitted_is_stop).astype(jnp.int32), state.generated,
+                        jax.lax.bitcast_convert_type(state.logprobs, jnp.int32)], axis=-1)
+    new_state = state.replace(cache=cache, tokens=next_tokens, logprobs=logprobs, positions=state.positions + 1,
                               generated=state.generated + 1)
     return new_state, result
+
+
+@flax.struct.dataclass
+class LogprobResultTokens(js.engine_api.ResultTokens):
+    """A generate step's results for JetStream's orchestrator (`stat-jax serve`). A slot whose request asked for
+    log-probabilities (`SamplingParams.logprobs`) returns two "speculative" tokens per step: the token, then its
+    log-probability's float32 bits with the sign bit set (a negative id: never a stop token, and the value is
+    unchanged since log-probabilities are <= 0). JetStream streams both; `JetStreamClient` splits them."""
+
+    logprob_slots: tuple[bool, ...] = flax.struct.field(pytree_node=False, default=())
+
+    def convert_to_numpy(self) -> "LogprobResultTokens":
+        return self.replace(data=np.array(self.data))
+
+    def get_result_at_slot(self, slot: int):
+        got = super().get_result_at_slot(slot)
+        if not self.logprob_slots[slot]:
+            return got
+        bits = np.asarray(self.data[slot: slot + 1, 3:4]) | np.int32(-(2**31))
+        return type(got)(tokens=np.concatenate([np.asarray(got.tokens), bits], axis=1),
+                         valid=np.concatenate([np.asarray(got.valid)] * 2, axis=1), lengths=got.lengths)
+
+
+def result_logprobs(rows: np.ndarray) -> np.ndarray:
+    """The float32 log-probabilities of a generate result's emitted tokens (host rows [slots, 4])."""
+    return np.ascontiguousarray(rows[:, 3]).view(np.float32)
 
 
 def _zeros_decode_state(cfg, slots: int, length: int, dtype) -> DecodeState:
@@ -410,7 +401,8 @@ def _zeros_decode_state(cfg, slots: int, length: int, dtype) -> DecodeState:
     cache = KVCache(keys=tuple(sharding.constrain(k, CACHE_AXES["keys"]) for k in cache.keys),
                     values=tuple(sharding.constrain(v, CACHE_AXES["values"]) for v in cache.values))
     zeros = jnp.zeros((slots,), jnp.int32)
-    return DecodeState(cache=cache, tokens=zeros, positions=zeros, generated=zeros,
+    return DecodeState(cache=cache, tokens=zeros, logprobs=jnp.zeros((slots,), jnp.float32), positions=zeros,
+                       generated=zeros,
                        keys=jnp.zeros((slots, 2), jnp.uint32), temperature=jnp.zeros((slots,), jnp.float32),
                        top_p=jnp.ones((slots,), jnp.float32), top_k=zeros,
                        stop_ids=jnp.full((slots, MAX_STOP_IDS), NO_STOP, jnp.int32))
@@ -466,7 +458,6 @@ class StudentEngine(js.engine_api.Engine):
         shardings = self._decode_state_shardings()
         self.slot_multiple = _batch_split(shardings)
         self._init_fn = jax.jit(_zeros_decode_state, static_argnums=(0, 1, 2, 3), out_shardings=shardings)
-        self._insert_fn = jax.jit(_insert, donate_argnums=(1,), out_shardings=shardings)
         self._generate_fn = jax.jit(_generate, static_argnames=("graphdef",), donate_argnums=(2,),
                                     out_shardings=None if shardings is None else (shardings, self._replicated()))
         self._prefill_rows_fn = jax.jit(_prefill_rows, static_argnames=("graphdef", "cache_dtype"))
@@ -474,6 +465,7 @@ class StudentEngine(js.engine_api.Engine):
         # Not donated: the grown cache cannot reuse the old buffers, and donating them only warns.
         self._resize_fn = jax.jit(_resize_cache, static_argnums=(1,), out_shardings=shardings)
         self._pending = threading.local()
+        self._slot_logprobs = [False] * self.settings.max_concurrent_decodes  # JetStream's slots that asked
         self._request_counter = itertools.count()
 
     # ----- stat-jax extensions ------------------------------------------------------------------------
@@ -501,11 +493,12 @@ class StudentEngine(js.engine_api.Engine):
     def prefill_into(self, decode_state: DecodeState, batch: PrefillBatch) -> DecodeState:
         """Prefills a bucket's prompts straight into their slots; asynchronous (returns before it runs)."""
         with self.mesh_context():
-            cache, first = self._prefill_rows_fn(self.graphdef, self.params.state, batch, cache_dtype=self.cache_dtype)
-            return self._insert_rows_fn(decode_state, batch, cache, first)
+            rows = self._prefill_rows_fn(self.graphdef, self.params.state, batch, cache_dtype=self.cache_dtype)
+            return self._insert_rows_fn(decode_state, batch, *rows)
 
     def step(self, decode_state: DecodeState) -> tuple[DecodeState, jax.Array]:
-        """One generate step; asynchronous. result [slots, 3]: emitted token, valid (not a stop id), its index.
+        """One generate step; asynchronous. result [slots, 4]: emitted token, valid (not a stop id), its index,
+        its log-probability's float32 bits (`result_logprobs`).
 
         Only one thread drives this path, so nothing needs completing before the lock is released.
         """
@@ -552,9 +545,8 @@ class StudentEngine(js.engine_api.Engine):
         return rest.replace(cache=cache)
 
     def compilation_counts(self) -> dict[str, int]:
-        """Compiled variants held by each kernel (prefill is shared by all engines in the process)."""
-        return {"prefill": _prefill._cache_size(), "insert": self._insert_fn._cache_size(),
-                "generate": self._generate_fn._cache_size(), "prefill_rows": self._prefill_rows_fn._cache_size(),
+        """Compiled variants held by each kernel."""
+        return {"generate": self._generate_fn._cache_size(), "prefill_rows": self._prefill_rows_fn._cache_size(),
                 "insert_rows": self._insert_rows_fn._cache_size(),
                 "resize": self._resize_fn._cache_size()}
 
@@ -573,25 +565,32 @@ class StudentEngine(js.engine_api.Engine):
         state = params.state if isinstance(params, ParamHolder) else params
         req = self._request_sampling()
         s = req.sampling
-        stop_ids = stop_id_row(self.tokenizer.eos_ids, s.stop_token_ids)
+        one = lambda x, dtype: jnp.asarray([x], dtype)  # noqa: E731
+        batch = PrefillBatch(tokens=jnp.asarray(padded_tokens, jnp.int32)[None],
+                             lengths=one(true_length, jnp.int32), slots=one(0, jnp.int32),
+                             seeds=one(s.seed, jnp.uint32),
+                             prompt_index=one(req.prompt_index, jnp.int32),
+                             sample_index=one(req.sample_index, jnp.int32),
+                             temperature=one(s.temperature, jnp.float32), top_p=one(s.top_p, jnp.float32),
+                             top_k=one(s.top_k, jnp.int32),
+                             stop_ids=jnp.asarray(stop_id_row(self.tokenizer.eos_ids, s.stop_token_ids))[None])
         with self.mesh_context():
-            return _finish(_prefill(
-                self.graphdef, state, jnp.asarray(padded_tokens, jnp.int32), jnp.int32(true_length),
-                jnp.uint32(s.seed), jnp.int32(req.prompt_index), jnp.int32(req.sample_index),
-                jnp.float32(s.temperature), jnp.float32(s.top_p), jnp.int32(s.top_k), jnp.asarray(stop_ids),
-                cache_dtype=self.cache_dtype,
-            ))
+            cache, first, logprob = _finish(self._prefill_rows_fn(self.graphdef, state, batch,
+                                                                  cache_dtype=self.cache_dtype))
+        return Prefix(batch=batch, cache=cache, first=first, first_logprob=logprob, wants_logprobs=s.logprobs)
 
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
+        batch = prefix.batch.replace(slots=jnp.full((1,), slot, jnp.int32))
+        self._slot_logprobs[slot] = prefix.wants_logprobs  # insert and generate run on JetStream's generate thread
         with self.mesh_context():
-            return _finish(self._insert_fn(prefix, decode_state, jnp.int32(slot)))
+            return _finish(self._insert_rows_fn(decode_state, batch, prefix.cache, prefix.first, prefix.first_logprob))
 
     def generate(self, params, decode_state: DecodeState):
         state = params.state if isinstance(params, ParamHolder) else params
         with self.mesh_context():
             decode_state, result = _finish(self._generate_fn(self.graphdef, state, decode_state))
-        tokens = js.engine_api.ResultTokens(data=result, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
-                                            samples_per_slot=1)
+        tokens = LogprobResultTokens(data=result, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
+                                     samples_per_slot=1, logprob_slots=tuple(self._slot_logprobs))
         return decode_state, tokens
 
     def load_params(self, *args, **kwargs) -> ParamHolder:

@@ -46,13 +46,6 @@ def build_engine(config, model: DecoderLM, tokenizer) -> StudentEngine:
                          default_sampling(r))
 
 
-def load_student(config):
-    """The student DecoderLM (on config.mesh) and its HF tokenizer, from config.model."""
-    from stat_jax.models.student import load_model, load_tokenizer
-
-    return load_model(config), load_tokenizer(config)
-
-
 def make_rollout_backend(config, model_or_params: Any, tokenizer) -> RolloutBackend:
     """The backend `config.rollout.backend` names: in-process JetStream, or a client of `stat-jax serve`."""
     r = config.rollout

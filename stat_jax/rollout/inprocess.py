@@ -33,11 +33,15 @@ logger = logging.getLogger(__name__)
 
 
 def completion_from_ids(tokenizer, prompt_index: int, sample_index: int, ids: list[int],
-                        max_new_tokens: int) -> Completion:
-    """A Completion; a sequence that used its whole token budget finished by length."""
+                        max_new_tokens: int, logprobs: list[float] | None = None,
+                        stop: tuple[int, float] | None = None) -> Completion:
+    """A Completion; a sequence that used its whole token budget finished by length. `stop`: (the stop token
+    sampled, its log-probability), kept with the log-probabilities."""
+    stop = stop if logprobs is not None and len(ids) < max_new_tokens else None
     return Completion(prompt_index=prompt_index, sample_index=sample_index, token_ids=ids,
                       text=tokenizer.decode(ids, skip_special_tokens=True),
-                      finish_reason="length" if len(ids) >= max_new_tokens else "stop")
+                      finish_reason="length" if len(ids) >= max_new_tokens else "stop", logprobs=logprobs,
+                      stop_token_id=stop[0] if stop else None, stop_logprob=stop[1] if stop else None)
 
 
 def params_state_like(params: Any, reference: nnx.State) -> nnx.State:
@@ -103,7 +107,8 @@ class JetStreamBackend(RolloutBackend):
         out: list[list[Completion]] = [[None] * n for _ in prompt_ids]  # type: ignore[list-item]
         for r in requests:
             out[r.prompt_index][r.sample_index] = completion_from_ids(
-                self.tokenizer, r.prompt_index, r.sample_index, r.token_ids, sampling.max_new_tokens)
+                self.tokenizer, r.prompt_index, r.sample_index, r.token_ids, sampling.max_new_tokens,
+                r.logprobs if sampling.logprobs else None, r.stop)
         return out
 
     def _prompt_ids(self, prompt, max_new_tokens: int, index: int) -> np.ndarray:

@@ -40,15 +40,20 @@ def _filtered_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array
 
 def sample_tokens(
     logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array
-) -> jax.Array:
-    """Next tokens [b] from logits [b, V]; rows with temperature 0 take the argmax."""
+) -> tuple[jax.Array, jax.Array]:
+    """Next tokens [b] from logits [b, V], and each token's log-probability [b] (float32) under the distribution
+    it was drawn from: temperature, top-k and top-p applied, renormalised over the kept tokens. Rows with
+    temperature 0 take the argmax, whose log-probability under greedy decoding is 0."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled():
         filtered = _filtered_logits(logits, temperature, top_p, top_k)
-        return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        tokens = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)[:, 0]
+        return tokens, logp
 
-    # An all-greedy batch (eval) skips the vocabulary sort entirely.
-    drawn = jax.lax.cond(jnp.all(temperature <= 0), lambda: greedy, sampled)
-    return jnp.where(temperature > 0, drawn, greedy)
+    # An all-greedy batch (eval) skips the vocabulary sort and the log-probabilities entirely.
+    drawn, logp = jax.lax.cond(jnp.all(temperature <= 0), lambda: (greedy, jnp.zeros(greedy.shape, jnp.float32)),
+                               sampled)
+    return jnp.where(temperature > 0, drawn, greedy), jnp.where(temperature > 0, logp, 0.0)

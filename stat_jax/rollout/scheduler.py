@@ -32,18 +32,20 @@ import numpy as np
 
 from stat_jax.distributed import collective_deadline
 from stat_jax.rollout.base import SamplingParams
-from stat_jax.rollout.engine import DecodeState, PrefillBatch, StudentEngine, stop_id_row
+from stat_jax.rollout.engine import DecodeState, PrefillBatch, StudentEngine, result_logprobs, stop_id_row
 
 
 @dataclasses.dataclass(eq=False)
 class Request:
-    """One sequence to generate; `token_ids` fills in (stop token excluded)."""
+    """One sequence to generate; `token_ids` and their sampling log-probabilities fill in (stop token excluded)."""
 
     ids: np.ndarray  # prompt token ids, already checked by `fit_prompt`
     sampling: SamplingParams
     prompt_index: int
     sample_index: int
     token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    stop: tuple[int, float] | None = None  # the stop token sampled and its log-probability
     position: int = 0  # cache position of the pending token (host copy of the device's)
 
 
@@ -165,14 +167,18 @@ class Scheduler:
 
     def _collect(self, result, stepped, live, free, on_done) -> None:
         rows = np.asarray(result)  # waits for that step only; the next one is already queued
+        logprobs = result_logprobs(rows)
         if "first_token_s" not in self.stats:
             self.stats["first_token_s"] = time.perf_counter() - self._start
         for slot, req in stepped:
             if live.get(slot) is not req:
                 continue  # finished at an earlier step; this step's token for it is dropped
-            token, valid, _ = rows[slot]
+            token, valid = rows[slot, :2]
             if valid:
                 req.token_ids.append(int(token))
+                req.logprobs.append(float(logprobs[slot]))
+            else:
+                req.stop = (int(token), float(logprobs[slot]))
             if not valid or len(req.token_ids) >= req.sampling.max_new_tokens:
                 del live[slot]
                 free.append(slot)

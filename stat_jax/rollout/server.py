@@ -48,11 +48,6 @@ class RunningServer:
         self.server.stop()
 
 
-def start_server(engine: StudentEngine, rollout_cfg) -> RunningServer:
-    return RunningServer(engine, rollout_cfg.host, int(rollout_cfg.port), threads=int(rollout_cfg.server_threads),
-                         truncate_long_prompts=bool(rollout_cfg.truncate_long_prompts))
-
-
 def serve_until_stopped(running: RunningServer, stop: threading.Event, poll_s: float = 0.5) -> int:
     """Blocks until `stop` is set (0) or a driver thread fails (1); the server is stopped either way."""
     try:
@@ -68,11 +63,13 @@ def serve_until_stopped(running: RunningServer, stop: threading.Event, poll_s: f
 
 def main(config, args) -> int:
     """Loads the student from config.model, serves it until SIGINT/SIGTERM."""
-    from stat_jax.rollout.factory import build_engine, load_student
+    from stat_jax.models.student import load_model, load_tokenizer
+    from stat_jax.rollout.factory import build_engine
 
-    model, tokenizer = load_student(config)
-    engine = build_engine(config, model, tokenizer)
-    running = start_server(engine, config.rollout)
+    r = config.rollout
+    engine = build_engine(config, load_model(config), load_tokenizer(config))
+    running = RunningServer(engine, r.host, int(r.port), threads=int(r.server_threads),
+                            truncate_long_prompts=bool(r.truncate_long_prompts))
     manifest = {"address": running.address, "pid": os.getpid(), "model": str(config.model.path),
                 "max_concurrent_decodes": engine.max_concurrent_decodes,
                 "max_prefill_length": engine.settings.max_prefill_length,

@@ -25,7 +25,7 @@ class StudentServer:
 
     def serve(self, model_dir: str | Path):
         from stat_jax.models.student import load_model, load_tokenizer
-        from stat_jax.rollout import make_rollout_backend
+        from stat_jax.rollout.factory import make_rollout_backend
 
         model_dir = Path(model_dir)
         validity.replay(self._built_reads)  # what uses the backend depends on how it was built

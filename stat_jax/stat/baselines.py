@@ -18,8 +18,6 @@ MATH-Hard and Embed-Sel answer as STAT-Sel does (stat.sel_answer_source, stat.se
 dataset's solutions, as in the paper. Every set has exactly `budget(config)` pairs: a larger set is subsampled
 (seeded) before any teacher answer is paid for, a smaller one is repeated in whole passes plus a seeded part
 (the repeats are counted in the stage's stats).
-
-The demo (stat_jax/demo/run.py) uses `hardest_levels`, `embed_sel` and `mean_pooled_embeddings` from here too.
 """
 
 from __future__ import annotations

@@ -63,18 +63,15 @@ def read_problems(path: Path) -> list[MathProblem]:
 
 
 def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
     with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def json_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _hashes(run_dir: Path, names: Sequence[str]) -> dict[str, str]:
+def input_hashes(run_dir: Path, names: Sequence[str]) -> dict[str, str]:
     return {name: file_hash(run_dir / name) for name in names}
 
 
@@ -90,7 +87,7 @@ def stage_is_done(run_dir: Path, stage: str, config: Any, inputs: Sequence[str],
         manifest = read_json(manifest_path)
         if "reads" not in manifest or validity.changed(manifest["reads"], config, context):
             return False
-        if manifest.get("inputs") != _hashes(run_dir, inputs) or not set(outputs) <= set(manifest["outputs"]):
+        if manifest.get("inputs") != input_hashes(run_dir, inputs) or not set(outputs) <= set(manifest["outputs"]):
             return False
         return all((run_dir / n).exists() and file_hash(run_dir / n) == h for n, h in manifest["outputs"].items())
     except (ValueError, FileNotFoundError, KeyError):
@@ -103,13 +100,10 @@ def write_manifest(run_dir: Path, stage: str, reads: Mapping[str, Any], inputs: 
     if missing:
         raise RuntimeError(f"stage {stage!r} finished without writing {missing} under {run_dir}")
     write_json(run_dir / stage / MANIFEST, {
-        "stage": stage, "reads": dict(reads), "inputs": _hashes(run_dir, inputs), "outputs": _hashes(run_dir, outputs),
+        "stage": stage, "reads": dict(reads), "inputs": input_hashes(run_dir, inputs),
+        "outputs": input_hashes(run_dir, outputs),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(dict(extra) if extra else {}),
     })
-
-
-def input_hashes(run_dir: Path, inputs: Sequence[str]) -> dict[str, str]:
-    return _hashes(run_dir, inputs)
 
 
 def run_recorded(run_dir: Path, stage: str, inputs: Sequence[str], outputs: Sequence[str],

@@ -28,6 +28,7 @@ from typing import Any
 
 from stat_jax import errors, validity
 from stat_jax.config import sub_config
+from stat_jax.distributed import barrier, is_coordinator
 from stat_jax.data.records import MathProblem, SFTExample
 from stat_jax.stat import baselines as baselines_mod
 from stat_jax.stat import hard as hard_mod
@@ -41,7 +42,6 @@ from stat_jax.teacher.base import TeacherBackend
 
 log = logging.getLogger(__name__)
 
-EXIT_BUDGET = errors.EXIT_BUDGET  # `stat-jax run` exit status when the teacher budget stopped a stage (resumable)
 
 
 def stat_seed(config: Any) -> int:
@@ -124,7 +124,7 @@ class StageContext:
         from stat_jax.models.student import load_model
 
         def build():
-            from stat_jax.rollout import make_rollout_backend  # heavy: only when the student generates
+            from stat_jax.rollout.factory import make_rollout_backend  # heavy: only when the student generates
 
             tokenizer = self.student_tokenizer()  # first: it says what to pass when model.path is unset
             self._owns_rollout_backend = True
@@ -167,25 +167,20 @@ def _write_examples(path: Path, examples: Sequence[SFTExample]) -> int:
 
 
 # ----- stages --------------------------------------------------------------------------------------------------
-def _evaluated_whole(config) -> list[str]:
-    """The eval stages' benchmarks that must share no question with the held-out set.
+def check_heldout_unseen(config, heldout: Sequence[MathProblem]) -> None:
+    """Raises HeldoutOverlapError (listing the shared questions) when an evaluated benchmark holds a held-out one.
 
     With a validation split (stat.heldout_size > 0) the held-out benchmark itself is evaluated on the rest of
     it (eval.exclude_from = data/heldout.jsonl), as in the paper: `math` = the 4,000 MATH test questions
     outside the 1,000 that built the profile. Every other benchmark must be disjoint from the held-out set.
     """
-    from stat_jax.eval.evaluate import benchmark_names
+    from stat_jax.data.splits import check_disjoint
+    from stat_jax.eval.evaluate import benchmark_names, read_eval_benchmark
 
     s = config.stat
-    return [n for n in benchmark_names(config.eval.benchmarks) if not (s.heldout_size and n == s.heldout_benchmark)]
-
-
-def check_heldout_unseen(config, heldout: Sequence[MathProblem]) -> None:
-    """Raises HeldoutOverlapError (listing the shared questions) when an evaluated benchmark holds a held-out one."""
-    from stat_jax.data.splits import check_disjoint
-    from stat_jax.eval.evaluate import read_eval_benchmark
-
-    for name in _evaluated_whole(config):
+    for name in benchmark_names(config.eval.benchmarks):
+        if s.heldout_size and name == s.heldout_benchmark:
+            continue
         check_disjoint(heldout, read_eval_benchmark(config, name).problems,
                        f"benchmark {name!r}, which the eval stages evaluate (eval.benchmarks); add it to "
                        f"stat.heldout_exclude (with stat.heldout_size > 0) to keep its questions out of the profile")
@@ -352,7 +347,7 @@ def stage_rollout(ctx: StageContext) -> dict[str, Any]:
                                 chunk_size=s.rollout_chunk_size)
     finally:
         ctx.release_student_backend()
-    if _is_process0():
+    if is_coordinator():
         io.write_jsonl(ctx.path("rollout/responses.jsonl"), rows + skipped_rows)
     return {"questions": len(rows), "samples": s.rollout_samples, **long_prompt_report(long, ids)}
 
@@ -464,10 +459,6 @@ def _sft_files(ctx: StageContext) -> list[str]:
     return list(_method(ctx.config).files)
 
 
-def _sub_config(ctx: StageContext, workdir: str):
-    return sub_config(ctx.config, ctx.path(workdir))
-
-
 def attempt_is_same(ctx: StageContext) -> bool:
     """Whether the previous attempt of the running stage (finished or killed) read the same values of every
     config field it read, and had the same inputs: only then may its partial work be continued."""
@@ -489,7 +480,7 @@ def prepare_subrun(ctx: StageContext, name: str, stale: Sequence[str]) -> bool:
     because the trainers' own resume check sees the same file paths and would otherwise continue or return it.
     """
     same = attempt_is_same(ctx)
-    if not same and _is_process0():
+    if not same and is_coordinator():
         for rel in stale:
             path = ctx.path(f"{name}/{rel}")
             if path.is_dir():
@@ -497,10 +488,7 @@ def prepare_subrun(ctx: StageContext, name: str, stale: Sequence[str]) -> bool:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    if _multi_process():
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"stat-{name}-prepared")  # nobody reads what process 0 removes
+    barrier(f"stat-{name}-prepared")  # nobody reads what process 0 removes
     return same and ctx.resume
 
 
@@ -513,7 +501,7 @@ def _check_preempted(result: dict[str, Any], what: str, workdir: Path) -> None:
 def _done_record(ctx: StageContext, name: str, result_file: str) -> dict[str, Any]:
     """<stage>/done.json: the exported model and a key of its weights, so later stages re-run when it is
     retrained to other weights."""
-    if not _is_process0():
+    if not is_coordinator():
         # Process 0 may still be writing the export and the result file; run_stage waits for its manifest.
         return {}
     export = ctx.path(f"{name}/hf")
@@ -534,7 +522,7 @@ def stage_sft(ctx: StageContext) -> dict[str, Any]:
     from stat_jax.train import sft
 
     resume = prepare_subrun(ctx, "sft", ("checkpoints", "hf", "sft_result.json", "done.json"))
-    config = _sub_config(ctx, "sft")
+    config = sub_config(ctx.config, ctx.path("sft"))
     config.data.train_files = tuple(str(ctx.path(f)) for f in _sft_files(ctx))
     config.train.export_dir = str(ctx.path("sft/hf"))  # explicit: done.json and the eval stage read it there
     examples, budget = _token_budget_set(ctx, config.data.train_files), {}
@@ -561,7 +549,7 @@ def _token_budget_set(ctx: StageContext, files: Sequence[str]) -> list[SFTExampl
     tokenizer = ctx.student_tokenizer()
     chosen = equal_budget(examples, [example_tokens(tokenizer, e) for e in examples], budget,
                           budget_seed(int(ctx.config.seed)))
-    if _is_process0():
+    if is_coordinator():
         _write_examples(ctx.path("sft/train.jsonl"), chosen)
     return chosen
 
@@ -570,7 +558,7 @@ def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
     from stat_jax.eval import evaluate
 
     resume = prepare_subrun(ctx, name, ("summary.json",))
-    config = _sub_config(ctx, name)
+    config = sub_config(ctx.config, ctx.path(name))
     config.model.path = io.read_json(ctx.path(model_file))["model"]
     config.eval.out_dir = str(ctx.path(name))
     # No profiled question is evaluated: the held-out benchmark is evaluated on the rest of it, every other
@@ -585,7 +573,7 @@ def _evaluate(ctx: StageContext, name: str, model_file: str) -> dict[str, Any]:
                                       backend=ctx.served(config.model.path))
     if summary:  # the command prints its stages' JSON; the table goes to the log
         log.info("stage %s:\n%s", name, evaluate.format_table(summary))
-    if not _is_process0():
+    if not is_coordinator():
         return {}  # process 0 grades, writes the summary and the manifest; run_stage waits for that
     summary_path = ctx.path(f"{name}/summary.json")
     results = io.read_json(summary_path).get("benchmarks", {})
@@ -614,7 +602,7 @@ def stage_grpo(ctx: StageContext) -> dict[str, Any]:
     from stat_jax.train import grpo
 
     resume = prepare_subrun(ctx, "grpo", ("checkpoints", "hf", "grpo_result.json", "done.json"))
-    config = _sub_config(ctx, "grpo")
+    config = sub_config(ctx.config, ctx.path("grpo"))
     config.model.path = io.read_json(ctx.path("sft/done.json"))["model"]
     config.grpo.train_files = tuple(str(ctx.path(f)) for f in _grpo_prompt_files(ctx))
     # GRPO samples the prompt SFT trained on (stat.instruction), unless it names its own.
@@ -673,8 +661,7 @@ STAGES: tuple[Stage, ...] = (
           cacheable=False),
 )
 # The baseline stages build another training set (stat.method=<name>); a STAT run's stages are the others.
-BASELINE_STAGE_NAMES = tuple(baselines_mod.METHOD_FILES)
-STAGE_NAMES = tuple(s.name for s in STAGES if s.name not in BASELINE_STAGE_NAMES)
+STAGE_NAMES = tuple(s.name for s in STAGES if s.name not in baselines_mod.METHOD_FILES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -710,12 +697,6 @@ def pipeline_stages() -> tuple[Stage, ...]:
     return STAGES[:i] + tuple(_REGISTERED_STAGES) + STAGES[i:]
 
 
-def _is_process0() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
-
 def _multi_process() -> bool:
     import jax
 
@@ -744,11 +725,11 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
     cache = _stage_cache(ctx, stage)
     if cache and not force and (entry := stage_cache.lookup(cache, stage.name, ctx.run_dir, inputs, ctx.config,
                                                              context, stage.outputs)):
-        if _is_process0():
+        if is_coordinator():
             stage_cache.restore(entry, ctx.run_dir, stage.name)
         log.info("stage %s: copied from the stage cache (%s)", stage.name, entry)
         return "cached"
-    if stage.process0_only and _multi_process() and not _is_process0():
+    if stage.process0_only and _multi_process() and not is_coordinator():
         _wait_for(stage, ctx, inputs)
         return "waited"
     log.info("stage %s: running", stage.name)
@@ -758,21 +739,21 @@ def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> str:
     hashes = io.input_hashes(ctx.run_dir, inputs)
 
     def record_attempt(reads: dict[str, Any]) -> None:  # kept current, so a killed attempt is judged too
-        if _is_process0():
+        if is_coordinator():
             io.write_json(attempt_file, {"reads": reads, "inputs": hashes, "input_names": list(inputs)})
 
     try:
         record_attempt({})
         stats = io.run_recorded(ctx.run_dir, stage.name, inputs, stage.outputs, lambda: stage.run(ctx),
-                                write=_is_process0(), on_read=record_attempt)
+                                write=is_coordinator(), on_read=record_attempt)
     except Exception as e:
         e.add_note(f"stage {stage.name!r} failed; its files are under {ctx.path(stage.name)}")
         raise
     finally:
         ctx.previous_attempt = None
-    if _multi_process() and not stage.process0_only and not _is_process0():
+    if _multi_process() and not stage.process0_only and not is_coordinator():
         _wait_for(stage, ctx, inputs)
-    if cache and _is_process0():
+    if cache and is_coordinator():
         stage_cache.store(cache, stage.name, ctx.run_dir)
     log.info("stage %s: done in %.1fs %s", stage.name, time.monotonic() - start, json.dumps(stats, default=str)[:300])
     return "done"
@@ -845,7 +826,7 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
     run_dir = Path(config.stat.run_dir or Path(config.workdir) / "stat")
     config, round_record = continual_round(config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if round_record and _is_process0():
+    if round_record and is_coordinator():
         io.write_json(run_dir / "round.json", round_record)
     ctx = StageContext(config, run_dir, teacher_backend=teacher_backend, rollout_backend=rollout_backend,
                        tokenizer=tokenizer, scorer=scorer, server=server, resume=resume)
@@ -860,15 +841,11 @@ def run_pipeline(config: Any, *, only: str | None = None, resume: bool = True, f
                      summary["session"]["calls"], summary["session"]["failed_calls"], summary["cache_hits"],
                      summary["session"]["input_tokens"] + summary["session"]["output_tokens"],
                      summary["session"]["cost_usd"], summary["run_total"]["calls"])
-            if _is_process0():
+            if is_coordinator():
                 io.write_json(run_dir / "teacher" / "summary.json", summary)
                 _write_teacher_plan(config, run_dir, stages_to_run(config, only))
         ctx.release_student_backend()
     return results
-
-
-def _teacher_stage_names(stages: Sequence[Stage]) -> list[str]:
-    return [st.name for st in stages if st.uses_teacher]
 
 
 def _teacher_plan(config: Any, names: Sequence[str], run_dir: Path,
@@ -885,7 +862,7 @@ def _teacher_plan(config: Any, names: Sequence[str], run_dir: Path,
 
 def _write_teacher_plan(config: Any, run_dir: Path, stages: Sequence[Stage]) -> None:
     """teacher/plan.json: the dry run's plan for this run's teacher stages and rows, beside the ledger's figures."""
-    names = _teacher_stage_names(stages)
+    names = [st.name for st in stages if st.uses_teacher]
     files = (run_dir / "data/train.jsonl", run_dir / "data/heldout.jsonl")
     if not names or not all(f.exists() for f in files):
         return
@@ -974,7 +951,7 @@ def dry_run_teacher_plan(config: Any, stages: Sequence[Stage], run_dir: Path) ->
 
     from stat_jax.stat import plan as plan_mod
 
-    names = _teacher_stage_names(stages)
+    names = [st.name for st in stages if st.uses_teacher]
     if not names:
         return {"stages": [], "note": "no teacher stage"}
     rows = _dry_run_rows(config, run_dir)
@@ -1001,10 +978,10 @@ def main(config, args) -> int:
         print(json.dumps({"run_dir": str(run_dir), "stages": [s.name for s in stages],
                           "teacher_plan": dry_run_teacher_plan(config, stages, run_dir)}, indent=2))
         return 0
-    # A spent budget (BudgetExceeded, exit status EXIT_BUDGET, resumable) and other teacher errors end the command
+    # A spent budget (BudgetExceeded, exit status errors.EXIT_BUDGET, resumable) and other teacher errors end the command
     # through stat_jax.cli: one line on stderr and the error's exit status.
     results = run_pipeline(config, only=only, resume=bool(getattr(args, "resume", False)), force=bool(only))
-    if _is_process0():
+    if is_coordinator():
         from stat_jax.report import write_report_quietly
 
         write_report_quietly(config.workdir)

@@ -25,7 +25,6 @@ CHARS_PER_TOKEN = 4  # English + LaTeX averages about 4 characters a token on GP
 PLACEHOLDER_SKILL = {"name": "x" * 24, "description": "y" * 100}
 # The per-subject sample the plan prices beside a whole-training-set catalog (stat.skills_sample_per_subject=0).
 SAMPLE_ALTERNATIVE = 200
-TASKS = ("propose_skills", "merge_skills", "label_skills", "diagnose", "synthesize", "solve", "rate_difficulty")
 
 
 @dataclasses.dataclass
@@ -64,12 +63,6 @@ def _placeholder_catalog(size: int) -> list[dict[str, str]]:
             for i in range(size)]
 
 
-def _catalog(catalog: dict[str, Any] | None, subject: str, size: int) -> list[dict[str, str]]:
-    if catalog and subject in catalog:
-        return [{"name": s["name"], "description": s["description"]} for s in catalog[subject]]
-    return _placeholder_catalog(size)
-
-
 @dataclasses.dataclass
 class _Plan:
     """What every stage's planner reads: the run's settings and rows, and the rows of the plan so far."""
@@ -97,7 +90,10 @@ class _Plan:
                                       int(calls) * output_cap(self.config.teacher, task), note=note))
 
     def skill_list(self, problem: MathProblem) -> list[dict[str, str]]:
-        return _catalog(self.catalog, skills.subject_of(problem), self.s.catalog_max_skills)
+        subject = skills.subject_of(problem)
+        if self.catalog and subject in self.catalog:
+            return [{"name": s["name"], "description": s["description"]} for s in self.catalog[subject]]
+        return _placeholder_catalog(self.s.catalog_max_skills)
 
     @functools.cached_property
     def solve_tokens(self) -> float:  # a solve prompt of a training question, on average

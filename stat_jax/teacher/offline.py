@@ -63,7 +63,7 @@ def diagnose_steps(problem: str, response: str, max_skills: int = 3) -> list[str
     missing: list[str] = []
     x = start
     for i, (op, ref) in enumerate(zip(ops, reference)):
-        expected = demo_task._step(op, x)  # what this skill yields on the response's own running value
+        expected = demo_task.apply_op(op, x)  # what this skill yields on the response's own running value
         line = lines[i] if i < len(lines) else None
         if line is None or line != expected.text:
             missing.append(op.skill)
@@ -82,7 +82,7 @@ def _slipped_solution(problem: str, rng: random.Random, slip_rate: float) -> tup
     slip_at = rng.randrange(len(ops)) if ops and rng.random() < slip_rate else -1
     x, lines = start, []
     for i, op in enumerate(ops):
-        step = demo_task._step(op, x)
+        step = demo_task.apply_op(op, x)
         value = step.value
         if i == slip_at:
             delta = rng.choice([d for d in range(-9, 10) if d and value + d >= 1])

@@ -12,19 +12,7 @@ optimizer state, step) and a small JSON `meta` dict (data-iterator position, RNG
 - `PreemptionGuard` turns SIGTERM (TPU preemption, `kill`) into a flag the loop checks after each step: it
   saves, waits for the write to finish, and exits.
 
-Typical loop:
-
-    ckpt = CheckpointManager(workdir / "checkpoints", save_every=500, keep=3)
-    if resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract_state(state_shapes, state_shardings))
-    with PreemptionGuard() as guard:
-        for step in ...:
-            state, metrics = train_step(state, batch)
-            ckpt.maybe_save(step, state, meta_fn)              # every save_every steps
-            if guard.should_stop(ckpt, step):
-                ckpt.save(step, state, meta_fn(), force=True)
-                break
-    ckpt.close()                                               # waits for pending writes
+`stat_jax.train.loop.run_loop` is the loop that uses them (SFT and GRPO).
 """
 
 from __future__ import annotations

@@ -2,17 +2,20 @@
 
 Each step: take `prompts_per_step` problems, sample G completions each through the rollout backend
 (JetStream in-process, with the current params swapped in without recompiling), reward them with the math
-grader, normalise rewards within each group, recompute the old-policy (and, if beta > 0, reference) log-probs
-on device -- JetStream returns none -- then run `num_iterations` (mu) jitted updates of the clipped objective.
+grader, normalise rewards within each group, compute the trainer's log-probs at the rollout params (and, if
+beta > 0, the reference's) on device, then run `num_iterations` (mu) jitted updates of the clipped objective.
 With mu = 1 the old policy IS the current one, so the step uses stop_gradient(log p) and skips that forward pass.
+The engine also returns the log-probability it sampled each token with: the trainer's and the engine's differ
+(a bfloat16 engine over float32 masters, adapters merged into a quantized base, other kernels), and
+`grpo.rollout_correction` reweights the update by their ratio (grpo_loss.ROLLOUT_CORRECTIONS).
 GRPO is its loss, its data (rollouts) and its metrics on the shared trainer core (train/loop.py). With
 train.lora.rank > 0 only adapters train, and the engine samples from base + adapters merged by one jitted
 program per run (no recompiling per step). Programmatic use: `train_grpo(config, ...)`.
 
 Defaults (configs/base.py `grpo`), and why:
 - rewards scaled by the group std (`scale_rewards=true`): GRPO as published (DeepSeekMath), Tunix's default,
-  so a run after STAT compares with published GRPO numbers; `false` gives Dr. GRPO, which drops the std because it up-weights groups that are nearly all right or
-  all wrong (a question-difficulty bias).
+  so a run after STAT compares with published GRPO numbers; `false` gives Dr. GRPO, which drops the std
+  because it up-weights groups that are nearly all right or all wrong (a question-difficulty bias).
 - loss aggregated per token over the whole batch (`loss_aggregation=token`): every generated token weighs the
   same, so long answers are not down-weighted relative to short ones as with a per-sequence mean
   (`sequence`, the original form), which also biases towards long wrong answers (DAPO, Dr. GRPO).
@@ -25,9 +28,12 @@ whose rewards differ (DAPO's dynamic sampling, `informative_groups`); the rollou
 sampled prompt, and trained_zero_std_groups is the share of the trained groups that still carry no signal.
 
 Metrics per step (tqdm bar + <workdir>/metrics.jsonl): reward_mean/std, accuracy, zero_std_groups,
-response_length, truncated; from the last of the mu updates: loss, clip_fraction, entropy, grad_norm, lr, and
-kl (only when beta > 0: without a reference there is no KL to report); rollout_tokens_per_s (weight swap
-included, weight_sync_s alone) and train_tokens_per_s (old/reference log-probs and the mu updates) separately.
+response_length, truncated (share) and truncated_count; from the last of the mu updates: loss, clip_fraction,
+entropy, grad_norm, lr, kl (only when beta > 0: without a reference there is no KL to report), and the engine's
+mismatch over the tokens it reported: mismatch_abs_mean / mismatch_abs_max (|log p_trainer - log p_engine|),
+mismatch_kl (KL(engine || trainer), k3) and correction_capped (share of tokens the correction capped or masked);
+rollout_tokens_per_s (weight swap included, weight_sync_s alone) and train_tokens_per_s (old/reference log-probs
+and the mu updates) separately.
 """
 
 from __future__ import annotations
@@ -61,8 +67,11 @@ from stat_jax.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_STATUS = loop.PREEMPTED_STATUS
-ROW_KEYS = ("tokens", "targets", "positions", "attention_mask", "weights")  # [rows, t]
+# What an answer cut at grpo.max_new_tokens gets: trained as is | left out of the loss (DAPO's overlong
+# filtering) | its reward lowered by `overlong_penalty` (DAPO's soft overlong punishment).
+TRUNCATED = ("keep", "mask", "penalize")
+ROW_KEYS = ("tokens", "targets", "positions", "attention_mask", "weights", "engine_logp",
+            "engine_weight")  # [rows, t]
 RewardFn = Callable[[str, MathProblem], float]
 
 
@@ -116,14 +125,18 @@ def prompts_for_step(num_problems: int, per_step: int, step: int, seed: int) -> 
 
 
 def build_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[Completion]],
-                advantages: np.ndarray, *, seq_len: int, eos_id: int, aggregation: str) -> dict[str, np.ndarray]:
-    """Rows [prompt + completion (+ EOS if it stopped)], right-padded to seq_len; loss weights on completions."""
+                advantages: np.ndarray, *, seq_len: int, eos_id: int, aggregation: str,
+                drop_truncated: bool = False) -> dict[str, np.ndarray]:
+    """Rows [prompt + completion (+ EOS if it stopped)], right-padded to seq_len; loss weights on completions
+    (none on a truncated one with `drop_truncated`: DAPO's overlong filtering). `engine_logp`: the engine's
+    log-probability of each completion token where it reported one; `engine_weight`: 1 / their count there."""
     rows = [(p, c) for p, group in zip(prompt_ids, completions) for c in group]
     n = len(rows)
     tokens = np.zeros((n, seq_len), np.int32)
     targets = np.zeros((n, seq_len), np.int32)
     mask = np.zeros((n, seq_len), np.float32)
     attention = np.zeros((n, seq_len), np.int32)
+    engine_logp, known = np.zeros((n, seq_len), np.float32), np.zeros((n, seq_len), np.float32)
     for i, (prompt, completion) in enumerate(rows):
         # The stop token was sampled too, so it is trained on: that is how the policy learns to stop.
         generated = list(completion.token_ids) + ([eos_id] if completion.finish_reason == "stop" else [])
@@ -135,10 +148,17 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Seque
         tokens[i, :length] = full[:-1]
         targets[i, :length] = full[1:]
         attention[i, :length] = 1
-        mask[i, len(prompt) - 1:length] = 1.0  # targets that are completion tokens
+        if not (drop_truncated and completion.finish_reason == "length"):
+            mask[i, len(prompt) - 1:length] = 1.0  # targets that are completion tokens
+        reported = list(completion.logprobs or [])
+        if reported and completion.finish_reason == "stop" and completion.stop_token_id == eos_id:
+            reported.append(completion.stop_logprob)  # the end token trained on is the one the engine sampled
+        engine_logp[i, len(prompt) - 1:len(prompt) - 1 + len(reported)] = reported
+        known[i, len(prompt) - 1:len(prompt) - 1 + len(reported)] = 1.0
     positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy()
     return {"tokens": tokens, "targets": targets, "positions": positions, "attention_mask": attention,
-            "weights": np.asarray(token_weights(mask, aggregation)), "advantages": advantages.astype(np.float32)}
+            "weights": np.asarray(token_weights(mask, aggregation)), "advantages": advantages.astype(np.float32),
+            "engine_logp": engine_logp, "engine_weight": known / max(float(known.sum()), 1.0)}
 
 
 def informative_groups(rewards: np.ndarray, keep: int) -> np.ndarray:
@@ -206,13 +226,17 @@ def make_logprob_fn(graphdef, temperature: float = 1.0, *,
 
 
 def grpo_loss_fn(graphdef, *, epsilon_low: float, epsilon_high: float, beta: float, temperature: float = 1.0,
-                 chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
-    """The core's per-micro-batch loss: weighted sums of the clipped objective, clip fraction, entropy (, kl).
+                 chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, rollout_correction: str = "none",
+                 tis_cap: float = 2.0) -> Callable:
+    """The core's per-micro-batch loss: weighted sums of the clipped objective, clip fraction, entropy (, kl),
+    and the engine/trainer mismatch.
 
-    micro["old_logp"] is the rollout policy's log-probs; without it (mu = 1) the current params ARE the old
-    policy, so stop_gradient(log p) stands in: the same value and gradient without a second forward pass.
-    micro["ref_logp"] is needed when beta > 0. The weights are normalised over the whole batch on the host
-    (`token_weights`), so k micro-batches add up exactly to the full-batch value.
+    micro["old_logp"] is the trainer's log-probs at the rollout params; without it (mu = 1) the current params
+    ARE those, so stop_gradient(log p) stands in: the same value and gradient without a second forward pass.
+    The per-token loss is weighted by `rollout_correction` (grpo_loss.ROLLOUT_CORRECTIONS) of the ratio of those
+    log-probs to the engine's (micro["engine_logp"], where micro["engine_weight"] > 0). micro["ref_logp"] is
+    needed when beta > 0. The weights are normalised over the whole batch on the host (`token_weights`), so k
+    micro-batches add up exactly to the full-batch value.
     """
 
     def loss_fn(params, micro, frozen):
@@ -225,6 +249,15 @@ def grpo_loss_fn(graphdef, *, epsilon_low: float, epsilon_high: float, beta: flo
             ref_logp=micro.get("ref_logp"), beta=beta)
         w = micro["weights"]
         aux = {"clip_fraction": jnp.sum(terms["clipped"] * w), "entropy": jnp.sum(stats["entropy"] * w)}
+        if "engine_weight" in micro:  # the batch carries the engine's log-probs (build_batch)
+            ew = micro["engine_weight"]
+            correction, mismatch = grpo_loss.rollout_correction(old_logp, micro["engine_logp"], ew > 0,
+                                                                rollout_correction, tis_cap)
+            per_token = per_token * correction
+            # over the tokens the engine reported: |log p_trainer - log p_engine|, KL(engine || trainer)
+            aux |= {"mismatch_abs_mean": jnp.sum(mismatch["abs_log_ratio"] * ew),
+                    "mismatch_abs_max": jnp.max(jnp.where(ew > 0, mismatch["abs_log_ratio"], 0.0)),
+                    "mismatch_kl": jnp.sum(mismatch["kl"] * ew), "correction_capped": jnp.sum(mismatch["capped"] * ew)}
         if "kl" in terms:
             aux["kl"] = jnp.sum(jax.lax.stop_gradient(terms["kl"]) * w)
         return jnp.sum(per_token * w), aux
@@ -234,20 +267,20 @@ def grpo_loss_fn(graphdef, *, epsilon_low: float, epsilon_high: float, beta: flo
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, epsilon_low: float,
                     epsilon_high: float, beta: float, temperature: float = 1.0,
-                    chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, dropout_seed: int | None = None
-                    ) -> Callable:
+                    chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS, dropout_seed: int | None = None,
+                    rollout_correction: str = "none", tis_cap: float = 2.0) -> Callable:
     """`(state, batch[, frozen]) -> (state, metrics)`; batch leaves [k micro-batches, rows, t]."""
     loss_fn = grpo_loss_fn(graphdef, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
-                           temperature=temperature, chunk_tokens=chunk_tokens)
+                           temperature=temperature, chunk_tokens=chunk_tokens, rollout_correction=rollout_correction,
+                           tis_cap=tis_cap)
     return loop.make_train_step(loss_fn, tx, schedule, dropout_seed=dropout_seed)
 
 
-run_on_mesh = loop.run_on_mesh
 
 
 def batch_layout(rows: int, length: int, *, old_logp: bool, ref_logp: bool) -> loop.BatchLayout:
     """The update's batch: the row keys per token, advantages per row, the old/reference log-probs if used."""
-    token_keys = {key: jnp.float32 if key == "weights" else jnp.int32 for key in ROW_KEYS}
+    token_keys = {key: jnp.float32 if key.startswith(("weights", "engine_")) else jnp.int32 for key in ROW_KEYS}
     token_keys |= {key: jnp.float32 for key, used in (("old_logp", old_logp), ("ref_logp", ref_logp)) if used}
     return loop.BatchLayout(rows, length, token_keys, {"advantages": jnp.float32})
 
@@ -268,6 +301,43 @@ def fit_train_step(g, train_step: Callable, state_sh: dict, abstract_train_state
 
 
 # ----- the loop ------------------------------------------------------------------------------------------
+def overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_new_tokens - buffer tokens, then falling linearly to -1 at
+    max_new_tokens (a truncated answer); buffer 0: -1 for a truncated answer only."""
+    if length >= max_new_tokens:
+        return -1.0
+    return min(0.0, (max_new_tokens - buffer - length) / buffer) if buffer else 0.0
+
+
+def rollout_batch(g, completions: Sequence[Sequence[Completion]], problems: Sequence[MathProblem],
+                  prompt_ids: Sequence[Sequence[int]], reward_fn: RewardFn, eos_id: int
+                  ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """One step's rollouts -> (the update's host batch, rollout metrics): rewards (with `grpo.truncated`'s
+    handling of answers cut at grpo.max_new_tokens), the groups kept (grpo.oversample), advantages, rows."""
+    check_groups(completions, len(problems), int(g.num_generations))
+    if g.rollout_correction != "none" and any(c.logprobs is None for group in completions for c in group):
+        raise RolloutError(f"grpo.rollout_correction={g.rollout_correction} needs the engine's log-probabilities, "
+                           f"and the rollout backend returned none; use a backend that reports them "
+                           f"(rollout.backend=jetstream) or set grpo.rollout_correction=none")
+    rewards = np.array([[reward_fn(c.text, p) for c in group] for p, group in zip(problems, completions)], np.float32)
+    truncated = sum(c.finish_reason == "length" for group in completions for c in group)
+    if g.truncated == "penalize":
+        rewards += float(g.overlong_penalty) * np.array(
+            [[overlong_penalty(len(c.token_ids), int(g.max_new_tokens), int(g.overlong_buffer)) for c in group]
+             for group in completions], np.float32)
+    # The reward curve is the policy's, over every sampled prompt; the update trains on the kept ones.
+    sampled = {**rollout_metrics(rewards, completions), "truncated_count": truncated}
+    if len(problems) > int(g.prompts_per_step):
+        keep = informative_groups(rewards, int(g.prompts_per_step))
+        prompt_ids, completions, rewards = [prompt_ids[i] for i in keep], [completions[i] for i in keep], rewards[keep]
+        sampled["trained_zero_std_groups"] = float((rewards.std(axis=1) == 0).mean())
+    advantages = grpo_loss.group_advantages(rewards.reshape(-1), int(g.num_generations),
+                                            scale_by_std=bool(g.scale_rewards))
+    host = build_batch(prompt_ids, completions, advantages, seq_len=int(g.max_length), eos_id=eos_id,
+                       aggregation=str(g.loss_aggregation), drop_truncated=g.truncated == "mask")
+    return host, sampled
+
+
 def rollout_metrics(rewards: np.ndarray, completions: Sequence[Sequence[Completion]]) -> dict[str, float]:
     """Reward statistics of one step's rollouts; rewards [prompts, G]. Accuracy = share of full rewards (>= 1)."""
     return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
@@ -318,6 +388,12 @@ def _validate(g) -> None:
                                    f"means a correct answer, got {g.format_reward}"),
         (g.loss_aggregation in ("token", "sequence"),
          f"grpo.loss_aggregation={g.loss_aggregation!r}: choose 'token' or 'sequence'"),
+        (g.rollout_correction in grpo_loss.ROLLOUT_CORRECTIONS,
+         f"grpo.rollout_correction={g.rollout_correction!r}: choose one of {sorted(grpo_loss.ROLLOUT_CORRECTIONS)}"),
+        (g.tis_cap >= 1, f"grpo.tis_cap must be >= 1 (the largest importance weight kept), got {g.tis_cap}"),
+        (g.truncated in TRUNCATED, f"grpo.truncated={g.truncated!r}: choose one of {TRUNCATED}"),
+        (0 <= g.overlong_buffer < g.max_new_tokens,
+         f"grpo.overlong_buffer must be in [0, grpo.max_new_tokens), got {g.overlong_buffer}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -411,7 +487,8 @@ def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | P
     chunk_tokens = int(g.loss_chunk_tokens)
     step_impl = make_train_step(policy.graphdef, tx, schedule, epsilon_low=float(g.epsilon_low),
                                 epsilon_high=float(g.epsilon_high), beta=beta, temperature=temperature,
-                                chunk_tokens=chunk_tokens, dropout_seed=dropout_seed)
+                                chunk_tokens=chunk_tokens, dropout_seed=dropout_seed,
+                                rollout_correction=str(g.rollout_correction), tis_cap=float(g.tis_cap))
     # Compiled from abstract arrays before any weight is loaded, so an update that cannot fit stops here.
     # Adapters may be donated: the engine serves a merged copy of them, not their buffers.
     k, batch_sh, compiled_step, step_memory = fit_train_step(
@@ -450,7 +527,7 @@ def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | P
 
     own_backend = backend is None
     if own_backend:
-        from stat_jax.rollout import make_rollout_backend
+        from stat_jax.rollout.factory import make_rollout_backend
 
         backend = make_rollout_backend(config, nnx.merge(rollout_graphdef, nnx.State(served(state["params"]))),
                                        tokenizer)
@@ -469,30 +546,19 @@ def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | P
 
     def step_fn(step: int, state: dict):
         started = time.perf_counter()
-        per_step = int(g.prompts_per_step)
-        chosen = prompts_for_step(len(problems), per_step * int(g.oversample), step, int(config.seed))
+        chosen = prompts_for_step(len(problems), int(g.prompts_per_step) * int(g.oversample), step, int(config.seed))
         # Seeded by step, so a resumed run samples exactly what the uninterrupted one did.
         sampling = SamplingParams(temperature=temperature, top_p=float(g.top_p), top_k=int(g.top_k),
-                                  max_new_tokens=int(g.max_new_tokens), seed=int(config.seed) * 1_000_003 + step)
+                                  max_new_tokens=int(g.max_new_tokens), seed=int(config.seed) * 1_000_003 + step,
+                                  logprobs=True)
         t0 = time.perf_counter()
         backend.update_params(served(state["params"]))
         sync_s = time.perf_counter() - t0
         completions = backend.generate([prompt_ids[i] for i in chosen], sampling, int(g.num_generations),
                                        progress=False)
         rollout_s = time.perf_counter() - t0
-        check_groups(completions, len(chosen), int(g.num_generations))
-        rewards = np.array([[reward_fn(c.text, problems[i]) for c in group]
-                            for i, group in zip(chosen, completions)], np.float32)
-        # The reward curve is the policy's, over every sampled prompt; the update trains on the kept ones.
-        sampled, generated = rollout_metrics(rewards, completions), completions
-        if len(chosen) > per_step:
-            keep = informative_groups(rewards, per_step)
-            chosen, completions, rewards = [chosen[i] for i in keep], [completions[i] for i in keep], rewards[keep]
-            sampled["trained_zero_std_groups"] = float((rewards.std(axis=1) == 0).mean())
-        advantages = grpo_loss.group_advantages(rewards.reshape(-1), int(g.num_generations),
-                                                scale_by_std=bool(g.scale_rewards))
-        host = build_batch([prompt_ids[i] for i in chosen], completions, advantages,
-                           seq_len=int(g.max_length), eos_id=eos_id, aggregation=str(g.loss_aggregation))
+        host, sampled = rollout_batch(g, completions, [problems[i] for i in chosen],
+                                      [prompt_ids[i] for i in chosen], reward_fn, eos_id)
         t1 = time.perf_counter()
         with jax.set_mesh(mesh):
             # Every process holds the whole (identically seeded) rollout batch.
@@ -506,7 +572,7 @@ def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | P
         metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}  # the last update's
         train_s = time.perf_counter() - t1
         return state, {**metrics, **sampled, "step_s": time.perf_counter() - started,
-                       **throughput(generated, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)}
+                       **throughput(completions, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)}
 
     try:
         state, preempted, last = loop.run_loop("grpo", state, start_step, total_steps, step_fn, logger.log, ckpt,
@@ -560,6 +626,6 @@ def main(config, args) -> int:
     check_config_lengths(config, "grpo")
     result = train_grpo(config, workdir=config.workdir, resume=bool(getattr(args, "resume", False)))
     if result["preempted"]:
-        return PREEMPTED_STATUS
+        return loop.PREEMPTED_STATUS
     print(json.dumps({k: result[k] for k in ("export_dir", "metrics_path", "steps", "last_metrics")}))
     return 0

@@ -1,4 +1,5 @@
-"""GRPO's pieces as pure functions: group advantages, per-token log-probs, the clipped objective, k3 KL.
+"""GRPO's pieces as pure functions: group advantages, per-token log-probs, the clipped objective, k3 KL, the
+rollout engine's importance-sampling correction.
 
 Shapes: completions are rows of a [rows, t] batch; `mask` [rows, t] marks completion tokens (the prompt and
 padding are 0). Rows come in groups of G samples of the same prompt, consecutive. The trainer
@@ -39,12 +40,6 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
 
-def token_entropy(logits: jax.Array) -> jax.Array:
-    """Entropy of the next-token distribution [rows, t]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-
-
 def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     """Schulman's k3 estimator of KL(policy || reference) per token: exp(d) - d - 1 with d = ref - policy.
 
@@ -52,6 +47,53 @@ def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     """
     d = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return jnp.exp(d) - d - 1.0
+
+
+# ----- the rollout engine's distribution vs the trainer's ---------------------------------------------------
+# The trainer's gradient assumes the completions were drawn from the distribution it computes. The engine
+# samples from its own (bfloat16 weights over float32 masters, adapters merged into a quantized base, another
+# kernel), so each token's ratio r = p_trainer / p_engine at the rollout's params reweights the update. Each
+# correction maps (log r [rows, t], known [rows, t], cap) to stop-gradient weights on the per-token loss, and the
+# tokens it capped or masked.
+def _no_correction(log_r, known, cap):
+    return jnp.ones_like(log_r), jnp.zeros_like(log_r)
+
+
+def _token_tis(log_r, known, cap):
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+    RL training"; TRL's token_truncate, Tunix's sampler_is="token"): weight min(r, cap) per token."""
+    ratio = jnp.exp(jnp.clip(log_r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    return jnp.where(known, jnp.minimum(ratio, cap), 1.0), (known & (ratio > cap)).astype(jnp.float32)
+
+
+def _sequence_mask(log_r, known, cap):
+    """Masked importance sampling over whole answers (TRL's sequence_mask): an answer whose sequence ratio
+    prod_t r_t exceeds the cap is left out of the update; the others keep weight 1."""
+    dropped = jnp.sum(jnp.where(known, log_r, 0.0), axis=-1, keepdims=True) > jnp.log(cap)
+    weights = jnp.where(dropped, 0.0, 1.0) * jnp.ones_like(log_r)
+    return weights, (known & dropped).astype(jnp.float32)
+
+
+ROLLOUT_CORRECTIONS = {"none": _no_correction, "token_tis": _token_tis, "sequence_mask": _sequence_mask}
+
+
+def rollout_correction(trainer_logp: jax.Array, engine_logp: jax.Array, known: jax.Array, mode: str,
+                       cap: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token loss weights [rows, t] (no gradient) correcting for the engine's sampling distribution, and
+    per-token diagnostics: `abs_log_ratio` |log p_trainer - log p_engine|, `kl` (k3 estimate of
+    KL(engine || trainer): the samples are the engine's), `capped` (1 where the correction capped or masked).
+
+    `trainer_logp`: the trainer's log-probs at the params the engine sampled with; `known`: where the engine
+    reported a log-prob (tokens it sampled; 0 for padding, the prompt, a stop token it did not report).
+    """
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"grpo.rollout_correction={mode!r}: choose one of {sorted(ROLLOUT_CORRECTIONS)}")
+    trainer_logp, known = jax.lax.stop_gradient(trainer_logp), known.astype(bool)
+    log_r = jnp.where(known, trainer_logp - engine_logp, 0.0)
+    weights, capped = ROLLOUT_CORRECTIONS[mode](log_r, known, float(cap))
+    terms = {"abs_log_ratio": jnp.abs(log_r), "kl": jnp.where(known, k3_kl(engine_logp, trainer_logp), 0.0),
+             "capped": capped}
+    return jax.lax.stop_gradient(weights), terms
 
 
 def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:

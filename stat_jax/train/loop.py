@@ -45,7 +45,8 @@ LossFn = Callable[[dict, dict, "dict | None"], tuple[jax.Array, dict[str, jax.Ar
 # ----- the step --------------------------------------------------------------------------------------------
 def accumulate(loss_fn: LossFn, params: dict, batch: dict, *, frozen: dict | None = None,
                dropout_key: jax.Array | None = None) -> tuple[dict, jax.Array, dict]:
-    """(gradient sum, loss sum, aux sums) of `loss_fn` over the micro-batches batch[i] (leaves [k, ...]).
+    """(gradient sum, loss sum, aux sums) of `loss_fn` over the micro-batches batch[i] (leaves [k, ...]); an aux
+    key ending in `_max` is the maximum over micro-batches instead (its values must be >= 0).
 
     `dropout_key`: adapters' dropout masks are drawn from it, one fold per micro-batch; None = no dropout.
     """
@@ -63,7 +64,9 @@ def accumulate(loss_fn: LossFn, params: dict, batch: dict, *, frozen: dict | Non
         return micro_grads(first, 0)
 
     def one(carry, xs):
-        return jax.tree.map(jnp.add, carry, micro_grads(*xs)), None
+        grads, loss, aux = micro_grads(*xs)
+        aux = {key: (jnp.maximum if key.endswith("_max") else jnp.add)(carry[2][key], v) for key, v in aux.items()}
+        return (jax.tree.map(jnp.add, carry[0], grads), carry[1] + loss, aux), None
 
     shapes = jax.eval_shape(micro_grads, first, 0)
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

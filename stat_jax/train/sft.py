@@ -23,10 +23,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from stat_jax import sharding
 from stat_jax import validity
@@ -40,7 +39,6 @@ from stat_jax.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_STATUS = loop.PREEMPTED_STATUS
 
 
 # ----- the step: SFT's loss on the shared core (train/loop.py) ------------------------------------------------
@@ -99,26 +97,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
                                 dropout_seed=dropout_seed)
 
 
-state_shardings_for = loop.state_shardings_for
-run_on_mesh = loop.run_on_mesh
-
-
 def batch_layout(rows: int, length: int) -> loop.BatchLayout:
     return loop.BatchLayout(rows, length, {k: jnp.float32 if k == "weights" else jnp.int32
                                            for k in sft_data.BATCH_KEYS})
-
-
-def batch_shardings(mesh: Mesh, shape: Sequence[int]) -> dict[str, NamedSharding]:
-    """Shardings of a batch [micro_batches, rows per micro-batch, t]."""
-    k, micro_rows, length = shape
-    return batch_layout(k * micro_rows, length).shardings(mesh, k)
-
-
-def compile_train_step(graphdef, tx, schedule, state_sh: dict, batch_sh: dict, mesh: Mesh, *,
-                       chunk_tokens: int = chunked_loss.DEFAULT_CHUNK_TOKENS) -> Callable:
-    """The jitted step (compiled on its first call) as `(state, batch) -> (state, metrics)`."""
-    step = make_train_step(graphdef, tx, schedule, chunk_tokens=chunk_tokens)
-    return loop.run_on_mesh(loop.jit_train_step(step, state_sh, batch_sh, mesh), mesh)
 
 
 def fit_train_step(config, graphdef, tx, schedule, state_sh: dict, abstract_train_state: dict, mesh: Mesh, *,
@@ -136,11 +117,6 @@ def fit_train_step(config, graphdef, tx, schedule, state_sh: dict, abstract_trai
                                batch_layout(int(t.batch_size), int(config.data.max_length)), section=t,
                                prefix="train", fixed=int(t.grad_accum_steps) or None, key="train.grad_accum_steps",
                                advice=advice, abstract_frozen=abstract_frozen, process_count=jax.process_count())
-
-
-def to_device_batch(host: dict[str, np.ndarray], micro_batches: int, batch_sh: dict[str, NamedSharding]) -> dict:
-    """This process's rows [local_rows, t] -> global arrays [micro_batches, rows, t] on the mesh."""
-    return loop.to_device_batch(host, micro_batches, batch_sh)
 
 
 # ----- setup -----------------------------------------------------------------------------------------------
@@ -193,7 +169,6 @@ def _check_batch_divides_mesh(micro_rows: int, mesh: Mesh) -> None:
                     micro_rows, ways)
 
 
-latest_checkpoint_meta = loop.latest_checkpoint_meta
 
 
 # ----- the loop --------------------------------------------------------------------------------------------
@@ -274,7 +249,7 @@ def _train_sft(config, examples_or_path, workdir: str | Path | None, resume: boo
                 "total_steps": total_steps, **policy.checkpoint_meta()}
 
     def step_fn(step: int, state: dict):
-        batch = to_device_batch(next(batches), micro, batch_sh)
+        batch = loop.to_device_batch(next(batches), micro, batch_sh)
         epoch = batches.epoch  # the epoch this batch came from
         state, metrics = train_step(state, batch)
         return state, {**metrics, "epoch": epoch}
@@ -328,6 +303,6 @@ def main(config, args) -> int:
     """`stat-jax sft --config=configs/sft_*.py [--resume]`."""
     result = train_sft(config, workdir=config.workdir, resume=bool(getattr(args, "resume", False)))
     if result["preempted"]:
-        return PREEMPTED_STATUS
+        return loop.PREEMPTED_STATUS
     print(json.dumps({k: result[k] for k in ("export_dir", "metrics_path", "steps", "final_loss")}))
     return 0

@@ -17,7 +17,8 @@ from stat_jax.models import (
     export_hf_checkpoint,
     load_hf_checkpoint,
 )
-from stat_jax.models.checkpoint import SafetensorsFile, hf_key_names, write_safetensors
+from stat_jax.models.checkpoint import SafetensorsFile, write_safetensors
+from stat_jax.models.dir_check import expected_hf_tensors
 from stat_jax.models.llama import llama3_2_1b
 from stat_jax.models.qwen import qwen2_5_3b, tiny_qwen3
 from tests.models.hf_fixtures import hf_logits, max_abs_diff_valid, padded_batch, save_variants
@@ -60,7 +61,7 @@ def test_export_loads_in_transformers_with_unchanged_logits(checkpoints, batch, 
     np.testing.assert_array_equal(hf_logits(reloaded, *batch), hf_logits(hf_model, *batch))
     # Every tensor is bit-identical to the source checkpoint (float32 in, float32 out).
     ours, theirs = SafetensorsFile(out / "model.safetensors"), SafetensorsFile(src / "model.safetensors")
-    assert set(ours.keys()) == set(hf_key_names(model.config))
+    assert set(ours.keys()) == set(expected_hf_tensors(model.config))
     for key in ours.keys():
         np.testing.assert_array_equal(ours.get(key), theirs.get(key), err_msg=key)
 
@@ -88,7 +89,7 @@ def test_sharded_export_round_trip(checkpoints, batch, tmp_path):
     shard_files = sorted(set(index["weight_map"].values()))
     assert len(shard_files) > 2
     assert not (out / "model.safetensors").exists()
-    assert set(index["weight_map"]) == set(hf_key_names(model.config))
+    assert set(index["weight_map"]) == set(expected_hf_tensors(model.config))
     assert index["metadata"]["total_size"] == sum((out / f).stat().st_size for f in shard_files)
     for f in shard_files:  # every listed file holds exactly the keys the index says
         assert set(SafetensorsFile(out / f).keys()) == {k for k, v in index["weight_map"].items() if v == f}

@@ -90,7 +90,7 @@ def test_greedy_jetstream_equals_transformers_generate_on_32_gsm8k_prompts(hf_to
 
 def _greedy_parity(hf_tokenizer, hf_model, jax_student, num_prompts: int) -> None:
     from stat_jax.config import load_config_file
-    from stat_jax.rollout import make_rollout_backend
+    from stat_jax.rollout.factory import make_rollout_backend
     from stat_jax.rollout.base import SamplingParams
 
     new_tokens = NEW_TOKENS
@@ -140,7 +140,7 @@ def test_a_base_style_tokenizer_still_stops_at_the_templates_end_of_turn(hf_mode
     from stat_jax.config import load_config_file
     from stat_jax.models import load_hf_checkpoint
     from stat_jax.models.config import ModelConfig
-    from stat_jax.rollout import make_rollout_backend
+    from stat_jax.rollout.factory import make_rollout_backend
     from stat_jax.rollout.base import SamplingParams
 
     tok = transformers.AutoTokenizer.from_pretrained(str(student_dir))

@@ -7,7 +7,7 @@ import numpy as np
 from stat_jax.rollout import sampling
 from stat_jax.rollout.sampling import request_key, step_keys
 
-sample_tokens = jax.jit(sampling.sample_tokens)
+sample_tokens = jax.jit(lambda *a: sampling.sample_tokens(*a)[0])
 
 LOGITS = jnp.log(jnp.array([0.5, 0.25, 0.15, 0.1]))
 

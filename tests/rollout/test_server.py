@@ -17,6 +17,7 @@ from tests.rollout.fixtures import QUESTIONS, SETTINGS, chat_prompts
 
 GREEDY = SamplingParams(max_new_tokens=10)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=10, seed=3)
+WITH_LOGPROBS = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=10, seed=3, logprobs=True)
 
 
 def test_server_answers_client_on_loopback_and_shuts_down(student):
@@ -24,6 +25,7 @@ def test_server_answers_client_on_loopback_and_shuts_down(student):
     with JetStreamBackend(student.model, student.tokenizer, SETTINGS) as local:
         expected_greedy = local.generate(prompts, GREEDY, progress=False)
         expected_sampled = local.generate(prompts, SAMPLED, n=2, progress=False)
+        expected_logprobs = local.generate(prompts, WITH_LOGPROBS, n=2, progress=False)
 
     engine = StudentEngine(student.model, HFTokenizer(student.tokenizer), SETTINGS)
     port = portpicker.pick_unused_port()
@@ -38,6 +40,7 @@ def test_server_answers_client_on_loopback_and_shuts_down(student):
         assert client.health_check()
         greedy = client.generate(prompts, GREEDY, progress=False)
         sampled = client.generate(prompts, SAMPLED, n=2, progress=False)
+        with_logprobs = client.generate(prompts, WITH_LOGPROBS, n=2, progress=False)
     finally:
         t0 = time.perf_counter()
         stop.set()
@@ -46,6 +49,14 @@ def test_server_answers_client_on_loopback_and_shuts_down(student):
     ids = lambda out: [[c.token_ids for c in row] for row in out]  # noqa: E731
     assert ids(greedy) == ids(expected_greedy)
     assert ids(sampled) == ids(expected_sampled)  # sampling + seeds travel with the request
+    # The engine's sampling log-probs travel too (each token followed by its float32 bits): the same tokens, and
+    # the in-process values up to the one-row vs batched prefill programs' float32 round-off.
+    assert ids(with_logprobs) == ids(expected_sampled)
+    assert all(c.logprobs is None for row in sampled for c in row)
+    got = [lp for row in with_logprobs for c in row for lp in c.logprobs]
+    want = [lp for row in expected_logprobs for c in row for lp in c.logprobs]
+    assert len(got) == len(want) == sum(len(c.token_ids) for row in sampled for c in row)
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4 and max(want) <= 0 and min(want) < -0.5
     assert [c.finish_reason for row in greedy for c in row] == [c.finish_reason for row in expected_greedy
                                                                for c in row]
     assert not serving.is_alive() and exit_code == [0] and shutdown_s < 30

@@ -263,7 +263,8 @@ def test_only_runs_one_stage_and_needs_its_inputs(tmp_path, fake):
 def test_run_command_only_profile_and_budget_exit_code(tmp_path, fake, capsys):
     import argparse
 
-    from stat_jax.stat.pipeline import EXIT_BUDGET, main
+    from stat_jax.errors import EXIT_BUDGET
+    from stat_jax.stat.pipeline import main
 
     paths, _, _ = write_fixture(tmp_path)
     config = make_config(tmp_path, paths, "cli", max_calls=5)

@@ -121,7 +121,7 @@ def test_rollout_backends_stop_at_the_union(tmp_path):
     from stat_jax.config import load_config_file
     from stat_jax.models import export_hf_checkpoint, init_model, load_hf_checkpoint
     from stat_jax.models.qwen import tiny_qwen2
-    from stat_jax.rollout import make_rollout_backend
+    from stat_jax.rollout.factory import make_rollout_backend
     from stat_jax.rollout.factory import build_engine
 
     tok = qwen2_5_tokenizer(instruct=True)

@@ -21,7 +21,7 @@ from stat_jax.data.records import SFTExample
 from stat_jax.models import init_model, lora
 from stat_jax.models.llama import tiny_llama
 from stat_jax.models.qwen import tiny_qwen2
-from stat_jax.train import sft
+from stat_jax.train import loop, sft
 from stat_jax.train.metrics import read_metrics
 from stat_jax.train.optim import build_optimizer
 from tests.train import sft_fixtures
@@ -190,7 +190,7 @@ def test_adapter_sft_learns_and_checkpoints_only_adapters(setup, reference):
         tree, is_leaf=lambda x: hasattr(x, "shape"))[0] for k in [tuple(getattr(p, "key", p) for p in k[0])]}
     params = {k for k in flat if k.startswith("params/")}
     assert params and all(k.endswith(("lora_a", "lora_b")) for k in params), sorted(params)[:5]
-    assert sft.latest_checkpoint_meta(ckpt)["base_fingerprint"] == lora.base_fingerprint(student)
+    assert loop.latest_checkpoint_meta(ckpt)["base_fingerprint"] == lora.base_fingerprint(student)
     # Exports: the merged HF directory (no adapters left in it) and the PEFT adapter files.
     adapter = Path(result["adapter_dir"])
     assert (adapter / lora.ADAPTER_CONFIG).is_file() and (adapter / lora.ADAPTER_WEIGHTS).is_file()

@@ -182,7 +182,7 @@ def sft_setup():
     shapes = jax.eval_shape(lambda: params)
     param_sh = jax.tree.map(lambda _: sharding.replicated(mesh), params)
     tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
-    state_sh = sft.state_shardings_for(shapes, param_sh, tx, mesh)
+    state_sh = loop.state_shardings_for(shapes, param_sh, tx, mesh)
     full_shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": shapes, "opt_state": jax.eval_shape(tx.init, shapes)}
     host = {k: np.asarray(v[0]) for k, v in _sft_batch(rows=8, t=64, seed=4).items()}
     return config, mesh, graphdef, tx, schedule, state_sh, abstract_state(full_shapes, state_sh), params, host
@@ -196,7 +196,7 @@ def _fit_and_step(setup, **train):
     k, batch_sh, compiled, memory = sft.fit_train_step(config, graphdef, tx, schedule, state_sh, abstract, mesh)
     params = jax.tree.map(jnp.copy, params)  # the step donates its state; keep the fixture's params alive
     state = jax.device_put({"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}, state_sh)
-    new_state, metrics = sft.run_on_mesh(compiled, mesh)(state, sft.to_device_batch(host, k, batch_sh))
+    new_state, metrics = loop.run_on_mesh(compiled, mesh)(state, loop.to_device_batch(host, k, batch_sh))
     return k, memory, new_state["params"], metrics
 
 
@@ -237,7 +237,7 @@ def test_grpo_budget_picks_micro_batches_and_too_big_names_grpo_keys():
     graphdef, params = _model(tie=True)
     shapes = jax.eval_shape(lambda: params)
     tx = optax.sgd(1.0)
-    state_sh = sft.state_shardings_for(shapes, jax.tree.map(lambda _: sharding.replicated(mesh), params), tx, mesh)
+    state_sh = loop.state_shardings_for(shapes, jax.tree.map(lambda _: sharding.replicated(mesh), params), tx, mesh)
     abstract = abstract_state({"step": jax.ShapeDtypeStruct((), jnp.int32), "params": shapes,
                                "opt_state": jax.eval_shape(tx.init, shapes)}, state_sh)
     step = grpo.make_train_step(graphdef, tx, lambda s: 1.0, epsilon_low=0.2, epsilon_high=0.2, beta=0.0)
@@ -250,7 +250,7 @@ def test_grpo_budget_picks_micro_batches_and_too_big_names_grpo_keys():
         k, batch_sh, compiled, _ = fitted
         state = jax.device_put({"step": jnp.int32(0), "params": jax.tree.map(jnp.copy, params),
                                 "opt_state": tx.init(params)}, state_sh)
-        state, metrics = grpo.run_on_mesh(compiled, mesh)(state, loop.to_device_batch(host, k, batch_sh))
+        state, metrics = loop.run_on_mesh(compiled, mesh)(state, loop.to_device_batch(host, k, batch_sh))
         return state["params"], metrics
 
     rng = np.random.default_rng(3)
@@ -258,7 +258,8 @@ def test_grpo_budget_picks_micro_batches_and_too_big_names_grpo_keys():
     completion = (np.arange(64)[None, :] >= 20).astype(np.float32).repeat(8, 0)  # 20-token prompts
     host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "attention_mask": np.ones((8, 64), np.int32),
             "positions": np.broadcast_to(np.arange(64, dtype=np.int32), (8, 64)).copy(),
-            "weights": grpo.token_weights(completion, "token"), "advantages": rng.normal(0, 1, 8).astype(np.float32)}
+            "weights": grpo.token_weights(completion, "token"), "advantages": rng.normal(0, 1, 8).astype(np.float32),
+            "engine_logp": np.zeros((8, 64), np.float32), "engine_weight": np.zeros((8, 64), np.float32)}
     one_step, many = fit(1, 1e3), fit(8, 1e3)[3]
     one = one_step[3]
     budget_gb = (one.peak + many.peak) / 2 / train_memory.GB

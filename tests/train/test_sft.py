@@ -20,7 +20,7 @@ from stat_jax.data.char_tokenizer import build_char_tokenizer
 from stat_jax.data.records import SFTExample
 from stat_jax.models import init_model, load_hf_checkpoint
 from stat_jax.models.llama import tiny_llama
-from stat_jax.train import sft
+from stat_jax.train import loop, sft
 from stat_jax.train.metrics import read_metrics
 from tests.train.sft_fixtures import reverse_examples, sft_cli, sft_overrides, sft_run_setup, start_and_wait
 
@@ -151,7 +151,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(setup, tmp_path):
     proc = start_and_wait(_cli(student, data, workdir), workdir, min_step=2)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == sft.PREEMPTED_STATUS, out[-3000:]
+    assert proc.returncode == loop.PREEMPTED_STATUS, out[-3000:]
     last = read_metrics(workdir / "metrics.jsonl")[-1]["step"]
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert last < STEPS and steps[-1] == last  # the checkpoint is the step the signal stopped at
