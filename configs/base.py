@@ -324,6 +324,9 @@ def get_config() -> ConfigDict:
     c.stat.wait_timeout_s = 86400.0  # other hosts wait this long for process 0's teacher stages
     c.grpo = ConfigDict()
     c.grpo.train_files = ()  # JSONL of {problem, answer} rows (e.g. MATH train, or a STAT-Sel question list)
+    # `stat-jax run`'s grpo stage: uniform (train_files, else data/train.jsonl) | profile (skill-targeted: Skill-Map
+    # questions in proportion to the Missing-Skill-Profile, STAT-Sel's rule; needs the diagnose and label stages).
+    c.grpo.prompt_weighting = "uniform"
     c.grpo.instruction = ""  # "" = eval.instruction
     c.grpo.steps = 200
     c.grpo.prompts_per_step = 32

@@ -96,6 +96,9 @@ def get_config(variant: str = "default") -> ConfigDict:
     # GRPO prompts: a balanced split of new questions no student trained on (train questions are answered
     # 80-95% right, so most groups carry no signal); 0 = steps x prompts x oversample (none seen twice).
     d.grpo_prompt_pool = 0
+    # Skill-targeted GRPO (grpo.prompt_weighting=profile): these methods also get a "+GRPO (skill-targeted
+    # prompts)" row, its prompts Skill-Map questions in proportion to the Missing-Skill-Profile.
+    d.targeted_grpo_methods = ("stat_sel",)
     # Continual STAT (PAPER.md §3.3): per seed, round 1's STAT-Sel student is profiled again (the pipeline with
     # stat.round=2) on a new validation split of this size and trained further on its new selection at the
     # same token budget: the table's "round 2" row. () leaves it out.
@@ -145,6 +148,7 @@ def quick(c: ConfigDict) -> ConfigDict:
     c.stat.token_budget = 15_000  # one example overshoots the budget by < 1%
     c.train.batch_size = 8
     d.grpo_methods = ("stat_sel",)
+    d.targeted_grpo_methods = ("stat_sel",)
     # The same 24 prompts sampled every step (8 of them trained on): the training reward curve measures learning;
     # at lr 5e-4 and temperature 1.0 a rise shows within 6 steps (docs/decisions.md).
     d.grpo_prompt_pool = 24

@@ -17,14 +17,16 @@ from stat_jax.report.verdict import format_table, verdict
 from stat_jax.stat import io
 
 def per_skill_accuracy(records: Sequence[dict[str, Any]], problems: Sequence[MathProblem]) -> dict[str, Any]:
-    """Overall greedy accuracy and accuracy on the test questions that exercise each skill."""
+    """Overall greedy accuracy, accuracy on the test questions that exercise each skill, and each question's
+    correctness in `problems` order ("correct": a string of 0/1, for paired intervals)."""
     by_id = {p.id: p for p in problems}
     # a benchmark's record ids are "<benchmark>/<row id>"; the split's are the row ids
     correct = {r["id"].split("/", 1)[-1]: bool(r["greedy"]["correct"]) for r in records}
     missing = [p.id for p in problems if p.id not in correct]
     if missing:
         raise ValueError(f"evaluation records lack {len(missing)} test questions (first: {missing[0]})")
-    out = {"overall": sum(correct.values()) / len(correct), "per_skill": {}}
+    out = {"overall": sum(correct.values()) / len(correct), "per_skill": {},
+           "correct": "".join("1" if correct[p.id] else "0" for p in problems)}
     for skill in task.SKILL_NAMES:
         ids = [pid for pid in correct if skill in (by_id[pid].skills or [])]
         out["per_skill"][skill] = sum(correct[i] for i in ids) / len(ids) if ids else None
@@ -76,6 +78,12 @@ def _cell_result(root: Path, cell: str, stage: str, test: Sequence[MathProblem])
     return per_skill_accuracy(io.read_jsonl(root / "cells" / cell / "stat" / stage / "demo_test.jsonl"), test)
 
 
+def _curve(cell: Path) -> list[dict[str, Any]]:
+    """A cell's GRPO reward curve: per step the reward mean and std and the share of groups without signal."""
+    keys = ("step", "reward_mean", "reward_std", "zero_std_groups")
+    return [{k: r[k] for k in keys if k in r} for r in io.read_jsonl(cell / "grpo/metrics.jsonl") if "reward_mean" in r]
+
+
 def set_stats(run_dir: Path, tokenizer) -> dict[str, Any]:
     """The training set a cell's SFT drew at the token budget: examples, tokens, skill shares."""
     from stat_jax.data.sft_data import example_tokens, load_sft_examples
@@ -93,7 +101,8 @@ def rows_of(runs: dict[str, list[dict[str, Any]]], flagged: Sequence[str]) -> di
                      if all(r["per_skill"][s] is not None for r in results)}
         flagged_acc = [statistics.fmean(r["per_skill"][s] for s in flagged) for r in results] if flagged else []
         rows[name] = {"overall": _spread([r["overall"] for r in results]), "per_skill": per_skill,
-                      "flagged": _spread(flagged_acc) if flagged_acc else None, "runs": len(results)}
+                      "flagged": _spread(flagged_acc) if flagged_acc else None, "runs": len(results),
+                      "correct": [r["correct"] for r in results]}
     return rows
 
 
@@ -116,9 +125,14 @@ def write_results(config, root: Path, base: dict[str, Any], cells: dict[str, dic
             sets[f"seed{s}/{m}"] = set_stats(cell, tokenizer)
             if (cell / "eval_grpo/demo_test.jsonl").exists():
                 runs.setdefault(f"{m}+grpo", []).append(_cell_result(root, f"{m}-seed{s}", "eval_grpo", test))
-                keys = ("step", "reward_mean", "reward_std", "zero_std_groups")
-                curves[f"seed{s}/{m}"] = [{k: r[k] for k in keys if k in r}
-                                          for r in io.read_jsonl(cell / "grpo/metrics.jsonl") if "reward_mean" in r]
+                curves[f"seed{s}/{m}"] = _curve(cell)
+    for m in d.targeted_grpo_methods:
+        for s in d.seeds:
+            if (root / "cells" / f"{m}+targeted-seed{s}").is_dir():
+                name = f"{m}+targeted-seed{s}"
+                runs.setdefault(f"{m}+grpo_targeted", []).append(_cell_result(root, name, "eval_grpo", test))
+                cells[name]["accuracy"] = runs[f"{m}+grpo_targeted"][-1]["overall"]
+                curves[f"seed{s}/{m}+targeted"] = _curve(root / "cells" / name / "stat")
     for m in d.round2_methods:
         for s in d.seeds:
             name = f"{m}+round2-seed{s}"
@@ -129,7 +143,7 @@ def write_results(config, root: Path, base: dict[str, Any], cells: dict[str, dic
                 "flagged_skills": flagged_skills(io.read_json(cell / "profile/profile.json"), d.flag_min_share),
                 "round": _relative(io.read_json(cell / "round.json"), root), "set": set_stats(cell, tokenizer)}
     results = {
-        "split": d.eval_split, "seeds": list(d.seeds), "token_budget": config.stat.token_budget,
+        "split": d.eval_split, "questions": len(test), "seeds": list(d.seeds), "token_budget": config.stat.token_budget,
         "skills": list(task.SKILL_NAMES),
         "flagged_skills": flagged, "rare_skills": list(d.rare_skills), "profile": profile,
         "rows": rows_of(runs, flagged), "sets": sets,

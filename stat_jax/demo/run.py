@@ -5,6 +5,7 @@
        paper's baselines, with the offline teacher (teacher.backend=offline)
     -> a cell per (method, seed): the same pipeline in cells/<method>-seed<s>: its profiling stages copied from
        the stage cache, the method's set at the token budget, SFT, eval [, GRPO, eval]
+    -> skill-targeted GRPO cells: a cell again, its GRPO prompts drawn by the Missing-Skill-Profile
     -> round-2 cells: continual STAT from a cell's student, profiled again on a new validation split
     -> the comparison (demo/compare.py): per-skill accuracy of every cell, table, plots, verdict.
 
@@ -66,10 +67,8 @@ class Demo:
         self.root = Path(config.workdir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.ctx = StageContext(self.config, self.root)
+        self.path = self.ctx.path  # a file of the work directory
         self.server = StudentServer(self.config)  # one compiled backend for every student of the demo
-
-    def path(self, name: str) -> Path:
-        return self.root / name
 
     def step(self, name: str, inputs: Sequence[str], outputs: Sequence[str], run) -> str:
         """A demo step, through the pipeline's stage runner: `run` reads every setting it uses from the config."""
@@ -208,11 +207,11 @@ class Demo:
                "model.path": str(self.base_model), "stat.stages": STAGES,
                "stat.stage_cache": str(root / "stage_cache"), "stat.train_source": str(root / "data/pool.jsonl"),
                "stat.heldout_source": str(root / "data/heldout.jsonl"),
-               "eval.paths.demo_test": str(root / f"data/{d.eval_split}.jsonl"), **more}
+               "eval.paths.demo_test": str(root / f"data/{d.eval_split}.jsonl")}
         if GRPO_SPLIT in self.split_sizes():
             prompts = root / f"data/{GRPO_SPLIT}.jsonl"
             out.update({"grpo.train_files": (str(prompts),), "grpo.max_length": self.grpo_row_length(prompts)})
-        return out
+        return {**out, **more}
 
     def grpo_row_length(self, prompts: Path) -> int:
         """The longest GRPO prompt plus grpo.max_new_tokens, rounded up to 16: rows sized to the demo's prompts
@@ -246,6 +245,14 @@ class Demo:
         only = PROFILE + (CELL_METHODS[method], "sft", "eval") + (("grpo", "eval_grpo") if grpo else ())
         return self.pipeline(self.overrides(f"{method}-seed{seed}", method, seed), only)
 
+    def targeted(self, method: str, seed: int) -> dict[str, Any]:
+        """The cell again with skill-targeted GRPO: its prompts drawn in proportion to the Missing-Skill-Profile
+        (grpo.prompt_weighting=profile); its SFT student comes from the stage cache."""
+        more = {"grpo.prompt_weighting": "profile", "grpo.train_files": (),
+                "grpo.max_length": self.grpo_row_length(self.path("data/pool.jsonl"))}
+        return self.pipeline(self.overrides(f"{method}+targeted-seed{seed}", method, seed, **more),
+                             PROFILE + (CELL_METHODS[method], "sft", "eval", "grpo", "eval_grpo"))
+
     def round2(self, method: str, seed: int) -> dict[str, Any]:
         """Continual STAT (PAPER.md §3.3): the cell's student profiled again (stat.round=2) on a new validation
         split, and trained further on its new set at the same budget."""
@@ -262,10 +269,13 @@ class Demo:
         if bad:
             raise ValueError(f"demo.round2_methods={tuple(d.round2_methods)}: {bad} cannot get a round 2; use STAT "
                              f"methods among demo.methods={tuple(d.methods)} (or () for no round-2 rows)")
-        cells = [(m, s) for s in d.seeds for m in d.methods]
-        rounds = [(m, s) for s in d.seeds for m in d.round2_methods]
+        grpo = self.config.grpo.steps > 0
+        jobs = ([(f"{m}-seed{s}", self.cell, m, s) for s in d.seeds for m in d.methods]
+                + [(f"{m}+targeted-seed{s}", self.targeted, m, s) for s in d.seeds for m in d.targeted_grpo_methods
+                   if grpo]
+                + [(f"{m}+round2-seed{s}", self.round2, m, s) for s in d.seeds for m in d.round2_methods])
         try:
-            with progress_bar(total=5 + len(cells) + len(rounds), desc="demo", unit="step") as bar:
+            with progress_bar(total=5 + len(jobs), desc="demo", unit="step") as bar:
                 self.data()
                 bar.update(1)
                 self.student()
@@ -278,13 +288,9 @@ class Demo:
                                "workdir": str(self.root)}, PROFILE + sets)
                 bar.update(1)
                 records = {}
-                for m, s in cells:
-                    bar.set_postfix_str(f"{m} seed {s}")
-                    records[f"{m}-seed{s}"] = self.cell(m, s)
-                    bar.update(1)
-                for m, s in rounds:
-                    bar.set_postfix_str(f"{m} round 2 seed {s}")
-                    records[f"{m}+round2-seed{s}"] = self.round2(m, s)
+                for name, run, m, s in jobs:
+                    bar.set_postfix_str(name)
+                    records[name] = run(m, s)
                     bar.update(1)
                 results = compare.write_results(self.config, self.root, base, records)
                 bar.update(1)

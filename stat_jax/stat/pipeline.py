@@ -591,9 +591,27 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
     return {"benchmarks": _evaluate(ctx, "eval", "sft/done.json")}
 
 
+GRPO_PROMPT_WEIGHTINGS = ("uniform", "profile")
+
+
 def _grpo_prompt_files(ctx: StageContext) -> tuple[str, ...]:
-    """grpo.train_files, else the run's own training questions ({problem, answer} rows from the data stage)."""
+    """What GRPO's prompts are drawn from: grpo.train_files, else the run's own training questions ({problem,
+    answer} rows from the data stage); with grpo.prompt_weighting=profile, the Skill-Map and the diagnoses."""
+    if ctx.config.grpo.prompt_weighting == "profile":
+        return ("diagnose/diagnoses.jsonl", "label/skill_map.jsonl")
     return tuple(str(f) for f in ctx.config.grpo.train_files) or ("data/train.jsonl",)
+
+
+def _profile_weighted_prompts(ctx: StageContext) -> Path:
+    """grpo/prompts.jsonl: Skill-Map questions in proportion to the Missing-Skill-Profile (sel.profile_prompts)."""
+    pairs = sel_mod.missing_pairs(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
+    by_skill = skills_mod.problems_by_skill(io.read_problems(ctx.path("label/skill_map.jsonl")))
+    prompts = sel_mod.profile_prompts(pairs, by_skill, ctx.config.stat.sel_questions_per_skill, ctx.stat_seed)
+    if not prompts:
+        raise errors.DataError(f"grpo.prompt_weighting=profile: no Skill-Map question carries a missing skill of "
+                               f"{ctx.path('diagnose/diagnoses.jsonl')}; use grpo.prompt_weighting=uniform")
+    io.write_jsonl(ctx.path("grpo/prompts.jsonl"), (p.to_dict() for p in prompts))
+    return ctx.path("grpo/prompts.jsonl")
 
 
 def stage_grpo(ctx: StageContext) -> dict[str, Any]:
@@ -604,7 +622,10 @@ def stage_grpo(ctx: StageContext) -> dict[str, Any]:
     resume = prepare_subrun(ctx, "grpo", ("checkpoints", "hf", "grpo_result.json", "done.json"))
     config = sub_config(ctx.config, ctx.path("grpo"))
     config.model.path = io.read_json(ctx.path("sft/done.json"))["model"]
-    config.grpo.train_files = tuple(str(ctx.path(f)) for f in _grpo_prompt_files(ctx))
+    if ctx.config.grpo.prompt_weighting == "profile":
+        config.grpo.train_files = (str(_profile_weighted_prompts(ctx)),)
+    else:
+        config.grpo.train_files = tuple(str(ctx.path(f)) for f in _grpo_prompt_files(ctx))
     # GRPO samples the prompt SFT trained on (stat.instruction), unless it names its own.
     config.grpo.instruction = ctx.config.grpo.instruction or ctx.instruction
     check_config_lengths(config, "grpo")
@@ -803,6 +824,15 @@ def check_stage_config(config: Any, stages: Sequence[Stage]) -> None:
         hard_mod.check_hard_config(config.stat)
     if "sft" in names:
         _check_method_stages(config, names)
+    if "grpo" in names:
+        g = config.grpo
+        if g.prompt_weighting not in GRPO_PROMPT_WEIGHTINGS:
+            raise errors.ConfigError(f"grpo.prompt_weighting={g.prompt_weighting!r}: choose one of "
+                                     f"{GRPO_PROMPT_WEIGHTINGS}")
+        if g.prompt_weighting == "profile" and g.train_files:
+            raise errors.ConfigError("grpo.prompt_weighting=profile draws GRPO's prompts from the Skill-Map, "
+                                     f"so grpo.train_files={tuple(g.train_files)} would be ignored",
+                                     hint="leave grpo.train_files empty, or set grpo.prompt_weighting=uniform")
 
 
 def _check_method_stages(config: Any, names: set[str]) -> None:

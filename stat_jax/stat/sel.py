@@ -44,6 +44,19 @@ def select_by_profile(pairs: Sequence[tuple[str, str]], by_skill: dict[str, Sequ
     return selected
 
 
+def profile_prompts(pairs: Sequence[tuple[str, str]], by_skill: dict[str, Sequence[MathProblem]], per_pair: int,
+                    seed: int) -> list[MathProblem]:
+    """Skill-targeted GRPO prompts (`grpo.prompt_weighting=profile`): for each (hard id, missing skill) of the
+    diagnoses, `per_pair` Skill-Map questions labelled with the skill (seeded; a skill with fewer questions repeats
+    them), so each skill's share of the prompts is its share of the Missing-Skill-Profile."""
+    prompts = []
+    for hard_id, skill in pairs:
+        pool = list(by_skill.get(skill, ()))
+        order = pair_rng(seed, hard_id, skill).sample(pool, len(pool))
+        prompts.extend(order[i % len(order)] for i in range(per_pair if order else 0))
+    return prompts
+
+
 def answer_slots(source: str, answers_per_question: int, has_dataset_solution: bool) -> list[str | int]:
     """The answers one selected question gets: "dataset" and/or teacher sample indices 0, 1, ..."""
     if source not in ANSWER_SOURCES:

@@ -38,6 +38,7 @@ and the mu updates) separately.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -427,46 +428,32 @@ def train_grpo(config, problems: Sequence[MathProblem] | None = None, workdir: s
         return _train_grpo(config, problems, workdir, resume, backend, reward_fn, mesh, reads)
 
 
-def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | Path | None, resume: bool,
-                backend: RolloutBackend | None, reward_fn: RewardFn | None, mesh: Mesh | None,
-                reads: validity.Reads) -> dict[str, Any]:
-    from stat_jax.data.stop_tokens import end_token_id
-    from stat_jax.models.config import ModelConfig
-    from stat_jax.models.hub import resolve_model_path
-    from stat_jax.models.student import load_tokenizer
-
+def step_sampling(config, step: int) -> SamplingParams:
+    """A step's sampling, seeded by the step (a resumed run samples exactly what the uninterrupted one did), with
+    the engine's log-probabilities (the rollout correction and the mismatch metrics read them)."""
     g = config.grpo
-    _validate(g)
-    if backend is None and config.rollout.backend != "jetstream":
-        raise ValueError(f"grpo samples with the policy being trained, so it needs rollout.backend=jetstream "
-                         f"(in-process, params swapped each step), not {config.rollout.backend!r}")
-    workdir = Path(workdir or config.workdir)
-    is_writer = jax.process_index() == 0
-    export_dir = workdir / "hf"
-    result_path = workdir / "grpo_result.json"
+    return SamplingParams(temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k),
+                          max_new_tokens=int(g.max_new_tokens), seed=int(config.seed) * 1_000_003 + step,
+                          logprobs=True)
+
+
+def _grpo_problems(g, problems: Sequence[MathProblem] | None) -> list[MathProblem]:
+    """The given problems, else those of grpo.train_files; an empty list is an error."""
     if problems is None:
         if not g.train_files:
             raise ValueError("grpo needs prompts: --config.grpo.train_files=problems.jsonl")
         problems = [p for f in g.train_files for p in load_prompts(f)]
-    problems = list(problems)
     if not problems:
         raise ValueError("grpo: the problem list is empty")
-    data_hash = loop.rows_hash(problems, leave_out=("source",))  # the file a prompt came from: moving it changes none
-    if (done := loop.previous_result(workdir, result_path, export_dir, config, data_hash, resume, "grpo")) is not None:
-        return done
+    return list(problems)
 
-    reward_fn = reward_fn or resolve_reward(str(g.reward), float(g.format_reward))
-    mesh = mesh or sharding.mesh_from_config(config.mesh)
-    model_path = resolve_model_path(config.model.path)
-    model_cfg = ModelConfig.from_hf_dir(model_path)
-    tokenizer_path = config.model.tokenizer_path or model_path  # copied beside the export
-    tokenizer = load_tokenizer(config)
-    # The end-of-turn token a finished completion is scored on: the same one rollouts stop at and SFT teaches.
-    eos_id = end_token_id(tokenizer, model_cfg.eos_token_ids)
 
+def _fitting_prompts(config, tokenizer, problems: Sequence[MathProblem]):
+    """(problems, their prompt ids, the long-prompt report): prompts that cannot run (rollout limits, or prompt +
+    max_new_tokens over a grpo.max_length row) are left out and counted, or stop here (rollout.on_long_prompt=
+    error): before any device work, never mid-run."""
+    g = config.grpo
     prompt_ids = grpo_prompt_ids(config, tokenizer, problems)
-    # Prompts that cannot run (rollout limits, or prompt + max_new_tokens over a grpo.max_length row) are left
-    # out and counted, or stop here (rollout.on_long_prompt=error): before any device work, never mid-run.
     limit = PromptLimit.from_config(config, int(g.max_new_tokens), max_row_length=int(g.max_length))
     problems, prompt_ids, long_prompts = drop_long_prompts(
         problems, prompt_ids, limit, str(config.rollout.get("on_long_prompt", "skip")), "grpo prompts",
@@ -474,38 +461,71 @@ def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | P
     if long_prompts["skipped_long_prompts"]:
         log.warning("grpo: %d prompts do not fit the limits and are left out (first: %s)",
                     long_prompts["skipped_long_prompts"], long_prompts["skipped_long_prompt_examples"][0])
+    return problems, prompt_ids, long_prompts
 
-    total_steps = int(g.steps)
-    mu = int(g.num_iterations)
-    beta = float(g.beta)
-    temperature = float(g.temperature)
-    # The optimizer (and its learning-rate schedule) counts updates: mu of them per GRPO step.
-    tx, schedule = build_optimizer(g, total_steps * mu)
-    policy, state_sh, abstract_train_state, dropout_seed = loop.policy_from_config(
-        config, model_cfg, model_path, mesh, tx, workdir / "checkpoints", resume)
-    rows = g.prompts_per_step * g.num_generations
-    chunk_tokens = int(g.loss_chunk_tokens)
+
+def _student(config):
+    """(model dir, ModelConfig, tokenizer, the end-of-turn token a finished completion is scored on: the one
+    rollouts stop at and SFT teaches)."""
+    from stat_jax.data.stop_tokens import end_token_id
+    from stat_jax.models.config import ModelConfig
+    from stat_jax.models.hub import resolve_model_path
+    from stat_jax.models.student import load_tokenizer
+
+    model_path = resolve_model_path(config.model.path)
+    model_cfg = ModelConfig.from_hf_dir(model_path)
+    tokenizer = load_tokenizer(config)
+    return model_path, model_cfg, tokenizer, end_token_id(tokenizer, model_cfg.eos_token_ids)
+
+
+def _start_backend(config, graphdef, params: dict, tokenizer) -> RolloutBackend:
+    """The run's own rollout backend (config.rollout), serving `params` (swapped each step)."""
+    from stat_jax.rollout.factory import make_rollout_backend
+
+    return make_rollout_backend(config, nnx.merge(graphdef, nnx.State(params)), tokenizer)
+
+
+def _metrics_logger(config, workdir: Path, total_steps: int, start_step: int) -> MetricsLogger:
+    """metrics.jsonl (and the resolved config beside it, process 0 only)."""
+    is_writer = jax.process_index() == 0
+    if is_writer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(config, workdir)
+    return MetricsLogger(workdir / "metrics.jsonl", total_steps=total_steps, start_step=start_step, desc="grpo",
+                         is_writer=is_writer)
+
+
+def _compiled_update(g, policy: loop.Policy, tx, schedule, state_sh, abstract_train_state, mesh: Mesh,
+                     dropout_seed: int | None):
+    """(micro-batches k, batch shardings, the compiled update), compiled from abstract arrays before any weight
+    is loaded, so an update that cannot fit stops here. Adapters may be donated: the engine serves a merged copy
+    of them, not their buffers."""
     step_impl = make_train_step(policy.graphdef, tx, schedule, epsilon_low=float(g.epsilon_low),
-                                epsilon_high=float(g.epsilon_high), beta=beta, temperature=temperature,
-                                chunk_tokens=chunk_tokens, dropout_seed=dropout_seed,
-                                rollout_correction=str(g.rollout_correction), tis_cap=float(g.tis_cap))
-    # Compiled from abstract arrays before any weight is loaded, so an update that cannot fit stops here.
-    # Adapters may be donated: the engine serves a merged copy of them, not their buffers.
+                                epsilon_high=float(g.epsilon_high), beta=float(g.beta),
+                                temperature=float(g.temperature), chunk_tokens=int(g.loss_chunk_tokens),
+                                dropout_seed=dropout_seed, rollout_correction=str(g.rollout_correction),
+                                tis_cap=float(g.tis_cap))
     k, batch_sh, compiled_step, step_memory = fit_train_step(
-        g, step_impl, state_sh, abstract_train_state, mesh, old_logp=mu > 1, ref_logp=bool(beta),
+        g, step_impl, state_sh, abstract_train_state, mesh, old_logp=g.num_iterations > 1, ref_logp=bool(g.beta),
         abstract_frozen=policy.abstract_frozen, donate_params=policy.adapters)
-    batch_named = batch_sh["tokens"]
     log.info("grpo: %d rows x %d tokens per update in %d micro-batches, step memory %s per device",
-             rows, int(g.max_length), k, step_memory.describe())
+             g.prompts_per_step * g.num_generations, int(g.max_length), k, step_memory.describe())
+    return k, batch_sh, compiled_step
 
-    ckpt = loop.open_checkpoints(workdir / "checkpoints", g, resume)
+
+def _start_state(config, ckpt, policy: loop.Policy, abstract_train_state, state_sh, tx, mesh: Mesh):
+    """(train state, GRPO steps done, the frozen base or None, the reference params or None): restored from the
+    latest checkpoint or initialised from the start model.
+
+    The reference is the start model, frozen. Full fine-tuning keeps it in the compute dtype: the model casts
+    every weight to it anyway, so its logits are unchanged and a bf16 run holds half the bytes. With adapters
+    it is the base itself: all-zero adapters add nothing, so no second copy is kept. beta == 0 turns it off:
+    nothing is kept, and the start weights are dropped once the state exists.
+    """
+    mu = int(config.grpo.num_iterations)
     initial_params, frozen = loop.load_policy(policy, mesh, int(config.seed))
-    # The reference is the start model, frozen. Full fine-tuning keeps it in the compute dtype: the model casts
-    # every weight to it anyway, so its logits are unchanged and a bf16 run holds half the bytes. With
-    # adapters it is the base itself: all-zero adapters add nothing, so no second copy is kept. beta == 0
-    # turns it off: nothing is kept, and the start weights are dropped once the state exists.
     ref_params = None
-    if beta:
+    if config.grpo.beta:
         ref_params = (jax.tree.map(jnp.zeros_like, initial_params) if policy.adapters
                       else reference_params(initial_params, config.model.dtype))
     state, _, latest = loop.restore_or_init(ckpt, abstract_train_state, state_sh, tx, lambda: initial_params,
@@ -517,28 +537,48 @@ def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | P
                              f"optimizer updates, not {latest} steps x grpo.num_iterations={mu}; resume with the "
                              f"num_iterations it was written with")
         log.info("grpo: resumed from step %d", latest)
-    start_step = latest or 0  # GRPO steps done (state["step"] counts optimizer updates)
+    return state, latest or 0, frozen, ref_params  # GRPO steps done (state["step"] counts optimizer updates)
 
-    train_step = loop.run_on_mesh(compiled_step, mesh, frozen)
-    frozen_args = () if frozen is None else (frozen,)
-    logprob_fn = jax.jit(make_logprob_fn(policy.graphdef, temperature, chunk_tokens=chunk_tokens),
-                         out_shardings=batch_named)
+
+def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | Path | None, resume: bool,
+                backend: RolloutBackend | None, reward_fn: RewardFn | None, mesh: Mesh | None,
+                reads: validity.Reads) -> dict[str, Any]:
+    g = config.grpo
+    _validate(g)
+    if backend is None and config.rollout.backend != "jetstream":
+        raise ValueError(f"grpo samples with the policy being trained, so it needs rollout.backend=jetstream "
+                         f"(in-process, params swapped each step), not {config.rollout.backend!r}")
+    workdir = Path(workdir or config.workdir)
+    export_dir, result_path = workdir / "hf", workdir / "grpo_result.json"
+    problems = _grpo_problems(g, problems)
+    data_hash = loop.rows_hash(problems, leave_out=("source",))  # the file a prompt came from: moving it changes none
+    if (done := loop.previous_result(workdir, result_path, export_dir, config, data_hash, resume, "grpo")) is not None:
+        return done
+
+    reward_fn = reward_fn or resolve_reward(str(g.reward), float(g.format_reward))
+    mesh = mesh or sharding.mesh_from_config(config.mesh)
+    model_path, model_cfg, tokenizer, eos_id = _student(config)
+    problems, prompt_ids, long_prompts = _fitting_prompts(config, tokenizer, problems)
+
+    total_steps, mu = int(g.steps), int(g.num_iterations)
+    # The optimizer (and its learning-rate schedule) counts updates: mu of them per GRPO step.
+    tx, schedule = build_optimizer(g, total_steps * mu)
+    policy, state_sh, abstract_train_state, dropout_seed = loop.policy_from_config(
+        config, model_cfg, model_path, mesh, tx, workdir / "checkpoints", resume)
+    k, batch_sh, compiled_step = _compiled_update(g, policy, tx, schedule, state_sh, abstract_train_state, mesh,
+                                                  dropout_seed)
+    ckpt = loop.open_checkpoints(workdir / "checkpoints", g, resume)
+    state, start_step, frozen, ref_params = _start_state(config, ckpt, policy, abstract_train_state, state_sh, tx,
+                                                         mesh)
+    logprob_fn = jax.jit(make_logprob_fn(policy.graphdef, float(g.temperature),
+                                         chunk_tokens=int(g.loss_chunk_tokens)), out_shardings=batch_sh["tokens"])
+    update = _Update(loop.run_on_mesh(compiled_step, mesh, frozen), logprob_fn, k, batch_sh,
+                     g.prompts_per_step * g.num_generations, mu, mesh, ref_params, frozen)
     rollout_graphdef, served = rollout_policy(policy, model_cfg, mesh, frozen)
-
     own_backend = backend is None
-    if own_backend:
-        from stat_jax.rollout.factory import make_rollout_backend
-
-        backend = make_rollout_backend(config, nnx.merge(rollout_graphdef, nnx.State(served(state["params"]))),
-                                       tokenizer)
-    # Kernels of engines built from the same jitted functions share one compilation cache in the process (an
-    # earlier run's model is in it too), so this run's compilations are counted from here.
+    backend = _start_backend(config, rollout_graphdef, served(state["params"]), tokenizer) if own_backend else backend
     engine_before = getattr(backend, "compilation_counts", dict)() if own_backend else {}
-    if is_writer:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_resolved_config(config, workdir)
-    logger = MetricsLogger(workdir / "metrics.jsonl", total_steps=total_steps, start_step=start_step, desc="grpo",
-                           is_writer=is_writer)
+    logger = _metrics_logger(config, workdir, total_steps, start_step)
 
     def meta() -> dict[str, Any]:
         return {"data_hash": data_hash, "reads": dict(reads.values), "total_steps": total_steps,
@@ -547,29 +587,16 @@ def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | P
     def step_fn(step: int, state: dict):
         started = time.perf_counter()
         chosen = prompts_for_step(len(problems), int(g.prompts_per_step) * int(g.oversample), step, int(config.seed))
-        # Seeded by step, so a resumed run samples exactly what the uninterrupted one did.
-        sampling = SamplingParams(temperature=temperature, top_p=float(g.top_p), top_k=int(g.top_k),
-                                  max_new_tokens=int(g.max_new_tokens), seed=int(config.seed) * 1_000_003 + step,
-                                  logprobs=True)
         t0 = time.perf_counter()
         backend.update_params(served(state["params"]))
         sync_s = time.perf_counter() - t0
-        completions = backend.generate([prompt_ids[i] for i in chosen], sampling, int(g.num_generations),
-                                       progress=False)
+        completions = backend.generate([prompt_ids[i] for i in chosen], step_sampling(config, step),
+                                       int(g.num_generations), progress=False)
         rollout_s = time.perf_counter() - t0
         host, sampled = rollout_batch(g, completions, [problems[i] for i in chosen],
                                       [prompt_ids[i] for i in chosen], reward_fn, eos_id)
         t1 = time.perf_counter()
-        with jax.set_mesh(mesh):
-            # Every process holds the whole (identically seeded) rollout batch.
-            batch = loop.to_device_batch(host, k, batch_sh, global_rows=rows)
-            if mu > 1:  # computed once, before the first of the mu updates moves the params
-                batch["old_logp"] = logprob_fn(state["params"], batch, *frozen_args)
-            if beta:
-                batch["ref_logp"] = logprob_fn(ref_params, batch, *frozen_args)
-        for _ in range(mu):
-            state, metrics = train_step(state, batch)
-        metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}  # the last update's
+        state, metrics = update(state, host)
         train_s = time.perf_counter() - t1
         return state, {**metrics, **sampled, "step_s": time.perf_counter() - started,
                        **throughput(completions, host, mu, rollout_s=rollout_s, sync_s=sync_s, train_s=train_s)}
@@ -586,13 +613,41 @@ def _train_grpo(config, problems: Sequence[MathProblem] | None, workdir: str | P
     result = {"export_dir": str(export_dir), "metrics_path": str(workdir / "metrics.jsonl"),
               "checkpoint_dir": str(workdir / "checkpoints"), "steps": int(jax.device_get(state["step"])) // mu,
               "total_steps": total_steps, "preempted": preempted, "data_hash": data_hash, "reads": dict(reads.values),
-              "last_metrics": last,
-              "prompts": len(problems), **long_prompts}
-    if own_backend:  # one compiled program each for the whole run, weight swaps included
+              "last_metrics": last, "prompts": len(problems), **long_prompts}
+    if own_backend:  # this run's compilations (engines of one process share a cache): one each, swaps included
         engine = {k: v - engine_before.get(k, 0) for k, v in getattr(backend, "compilation_counts", dict)().items()}
         result["compilations"] = {**engine, **served.compilation_counts()}
     return loop.finish(result, policy, state["params"], frozen, export_dir=export_dir, workdir=workdir,
-                       result_path=result_path, tokenizer_source=tokenizer_path, dtype=str(g.export_dtype))
+                       result_path=result_path, tokenizer_source=config.model.tokenizer_path or model_path,
+                       dtype=str(g.export_dtype))
+
+
+@dataclasses.dataclass
+class _Update:
+    """The update half of a GRPO step: the rollout batch placed on the mesh (every process holds the whole,
+    identically seeded batch), the old (mu > 1) and reference (beta > 0) log-probs, then mu jitted updates."""
+
+    train_step: Callable
+    logprob_fn: Callable
+    k: int  # micro-batches
+    batch_sh: dict
+    rows: int
+    mu: int
+    mesh: Mesh
+    ref_params: dict | None
+    frozen: dict | None
+
+    def __call__(self, state: dict, host: dict[str, np.ndarray]) -> tuple[dict, dict[str, float]]:
+        frozen = () if self.frozen is None else (self.frozen,)
+        with jax.set_mesh(self.mesh):
+            batch = loop.to_device_batch(host, self.k, self.batch_sh, global_rows=self.rows)
+            if self.mu > 1:  # computed once, before the first of the mu updates moves the params
+                batch["old_logp"] = self.logprob_fn(state["params"], batch, *frozen)
+            if self.ref_params is not None:
+                batch["ref_logp"] = self.logprob_fn(self.ref_params, batch, *frozen)
+        for _ in range(self.mu):
+            state, metrics = self.train_step(state, batch)
+        return state, {key: float(v) for key, v in jax.device_get(metrics).items()}  # the last update's
 
 
 class _Served:

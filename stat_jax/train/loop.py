@@ -290,7 +290,17 @@ def fit_train_step(train_step: Callable, state_sh: dict, abstract_train_state: d
     k, compiled, mem = train_memory.fit_micro_batches(
         compile_for, layout.rows, train_memory.sharded_batch_ways(mesh), budget, budget_source=source,
         fixed=fixed, key=key, advice=advice, process_count=process_count)
+    if abstract_frozen is not None and any(_sub_byte(x.dtype) for x in jax.tree.leaves(abstract_frozen)):
+        # A 4-bit base (NF4): JAX's CPU client places committed 4-bit arrays in a layout that executables compiled
+        # ahead of time refuse ("compiled for input layouts that disagree"); the jitted step compiles for the
+        # arrays' own layout at its first call (one more compile; the memory check above stands).
+        compiled = jit_train_step(train_step, state_sh, layout.shardings(mesh, k), mesh, frozen_sh=frozen_sh,
+                                  donate_params=donate_params)
     return k, layout.shardings(mesh, k), compiled, mem
+
+
+def _sub_byte(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.integer) and jnp.iinfo(dtype).bits < 8
 
 
 def open_checkpoints(directory: Path, section, resume: bool) -> CheckpointManager:

@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,8 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(quick_demo):
 
     results = json.loads((workdir / "results.json").read_text())
     assert "grpo_skipped" not in results
-    methods = ["base", "sft", "math_hard", "embed_sel", "stat_sel", "stat_sel+grpo", "stat_syn", "stat_sel+round2"]
+    methods = ["base", "sft", "math_hard", "embed_sel", "stat_sel", "stat_sel+grpo", "stat_sel+grpo_targeted",
+               "stat_syn", "stat_sel+round2"]
     assert sorted(results["rows"]) == sorted(methods)
     assert results["seeds"] == [0, 1]
     for name, row in results["rows"].items():
@@ -62,11 +64,30 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(quick_demo):
     # earlier half's, in every run. Half-means over 3 steps x 64 rollouts, not the last step against the first:
     # one step's mean of 32 rollouts moved by +-0.09 on its own and a flat run (0.56, 0.47, 0.50, 0.56) failed.
     curves = results["grpo_curves"]
-    assert sorted(curves) == ["seed0/stat_sel", "seed1/stat_sel"]
-    for name, curve in curves.items():
+    assert sorted(curves) == ["seed0/stat_sel", "seed0/stat_sel+targeted", "seed1/stat_sel", "seed1/stat_sel+targeted"]
+    for name, curve in ((k, v) for k, v in curves.items() if not k.endswith("+targeted")):
         rewards = [r["reward_mean"] for r in curve]
         assert len(rewards) == 6, (name, rewards)
         assert statistics.fmean(rewards[3:]) > statistics.fmean(rewards[:3]), (name, rewards)
+    # Skill-targeted GRPO drew its prompts by the profile: each skill the diagnoses name has its share of the
+    # prompts (5 per mention, stat.sel_questions_per_skill), and the flagged skills are more frequent in them than
+    # in the balanced prompts (read back from the question text, not from the teacher's labels).
+    from stat_jax.data import arith_task as task
+
+    def flagged_share(rows):
+        return statistics.fmean(any(s in results["flagged_skills"] for s in task.problem_skills(r["problem"]))
+                                for r in rows)
+
+    def rows(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    for seed in (0, 1):
+        run = workdir / f"cells/stat_sel+targeted-seed{seed}/stat"
+        mentions = Counter(s for d in rows(run / "diagnose/diagnoses.jsonl") for s in d["missing_skills"])
+        prompts = rows(run / "grpo/prompts.jsonl")
+        labelled = Counter(s for p in prompts for s in p["skills"])
+        assert len(prompts) == 5 * sum(mentions.values()) and all(labelled[s] >= 5 * n for s, n in mentions.items())
+        assert flagged_share(prompts) > flagged_share(rows(workdir / "data/grpo.jsonl"))
     # Continual STAT: per seed, round 2 profiled round 1's STAT-Sel student (the pipeline's rollout sampled it) on
     # the new validation split, and SFT continued from that student on the new selection, at the same budget.
     round2_ids = [json.loads(line)["id"] for line in (workdir / "data/validation_round2.jsonl").read_text().splitlines()]
@@ -89,12 +110,19 @@ def test_demo_quick_end_to_end_and_rerun_is_a_noop(quick_demo):
         set_tokens = results["round2"][f"seed{seed}/stat_sel"]["set"]["tokens"]
         assert results["token_budget"] <= set_tokens <= 1.01 * results["token_budget"]
     # Every row is a cell's own pipeline, each of which records the `stat-jax run` command that reproduces it.
-    assert len(results["cells"]) == 2 * 5 + 2
+    assert len(results["cells"]) == 2 * 5 + 2 + 2  # the methods, round 2 and skill-targeted GRPO, per seed
+    # The skill-targeted cell's GRPO starts from the same SFT student as its balanced cell's (same set, same seed).
+    def weights(cell):
+        model = Path(json.loads((workdir / f"cells/{cell}/stat/sft/done.json").read_text())["model"])
+        return [w.read_bytes() for w in sorted(model.glob("*.safetensors"))]
+
+    assert weights("stat_sel+targeted-seed0") == weights("stat_sel-seed0")
     assert all(c["command"].startswith("stat-jax run --config=configs/demo.py:quick ") for c in results["cells"].values())
     for png in ("stat/profile/profile.png",):
         assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label in ("STAT-Sel", "STAT-Syn", "SFT (original mix)", "MATH-Hard", "Embed-Sel", "STAT-Sel - SFT = ",
-                  "STAT-Sel round 2", "STAT-Sel round 2 (profiled again"):
+                  "STAT-Sel round 2", "STAT-Sel round 2 (profiled again", "STAT-Sel +GRPO (skill-targeted prompts)",
+                  "[95% CI "):
         assert label in first.stdout
     # The offline teacher went through the shared client: its ledger recorded the calls.
     assert (workdir / "stat/teacher/ledger.jsonl").stat().st_size > 0

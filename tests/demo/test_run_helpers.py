@@ -2,6 +2,8 @@
 
 import shlex
 
+import numpy as np
+
 import pytest
 
 from stat_jax.data import arith_task as task
@@ -209,3 +211,35 @@ def test_a_cell_is_the_users_config_plus_its_own_settings_and_its_command_rebuil
     config_overrides, rest = split_override_args([a for a in argv if not a.startswith("--only")])
     rebuilt = cli.build_config(rest[0].split("=", 1)[1], config_overrides)
     assert validity.leaves(rebuilt) == validity.leaves(c)
+
+
+def test_paired_interval_covers_the_difference_at_its_sampling_error():
+    rng = np.random.default_rng(0)
+    n = 2000
+    b = rng.random((3, n)) < 0.5
+    a = b | (rng.random((3, n)) < 0.1)  # a adds ~5 points, on the same questions as b
+    runs = lambda x: ["".join("1" if v else "0" for v in row) for row in x]  # noqa: E731
+    mean, low, high = verdict_mod.paired_interval(runs(a), runs(b))
+    assert mean == pytest.approx(100 * (a.mean() - b.mean()))
+    # The paired difference's standard error over questions: sd(a - b) / sqrt(n) (the seeds add a little)
+    half = 1.96 * 100 * (a.astype(int) - b.astype(int)).mean(axis=0).std() / np.sqrt(n)
+    assert low < mean < high and 0.8 * half < (high - low) / 2 < 1.5 * half
+    assert verdict_mod.paired_interval(runs(b), runs(b)) == (0.0, 0.0, 0.0)
+    one_run = verdict_mod.paired_interval(runs(a), runs(b[:1]))  # the base student: one run against each seed
+    assert one_run[0] == pytest.approx(100 * (a.mean() - b[0].mean()))
+    with pytest.raises(ValueError, match="do not pair"):
+        verdict_mod.paired_interval(runs(a[:2]), runs(b))
+
+
+def test_verdict_lines_give_the_paired_interval_when_rows_kept_their_questions():
+    def row(values, correct):
+        return {"overall": compare._spread(values), "flagged": compare._spread(values), "per_skill": {},
+                "runs": len(values), "correct": correct}
+
+    report = {"seeds": [0, 1], "questions": 4,
+              "rows": {"base": row([0.5], ["1100"]), "sft": row([0.5, 0.5], ["1100", "1010"]),
+                       "stat_sel": row([1.0, 0.75], ["1111", "1110"])}}
+    lines = verdict_mod.verdict(report)
+    assert any(line.startswith("STAT-Sel - SFT = +37.5 [95% CI ") for line in lines), lines
+    assert "(4 questions)" in verdict_mod.format_table({**report, "token_budget": 1, "flagged_skills": [],
+                                                         "skills": []})
