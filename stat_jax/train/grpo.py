@@ -486,13 +486,14 @@ def _start_backend(config, graphdef, params: dict, tokenizer) -> RolloutBackend:
 
 
 def _metrics_logger(config, workdir: Path, total_steps: int, start_step: int) -> MetricsLogger:
-    """metrics.jsonl (and the resolved config beside it, process 0 only)."""
+    """metrics.jsonl and TensorBoard events (and the resolved config beside them, process 0 only)."""
     is_writer = jax.process_index() == 0
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(config, workdir)
     return MetricsLogger(workdir / "metrics.jsonl", total_steps=total_steps, start_step=start_step, desc="grpo",
-                         is_writer=is_writer)
+                         is_writer=is_writer,  # TensorBoard events too, as SFT writes them (train.tensorboard)
+                         tensorboard_dir=workdir / "tensorboard" if config.train.tensorboard else None)
 
 
 def _compiled_update(g, policy: loop.Policy, tx, schedule, state_sh, abstract_train_state, mesh: Mesh,

@@ -278,15 +278,28 @@ def test_informative_groups_keeps_groups_with_varied_rewards_first_in_sampled_or
     assert grpo.informative_groups(rewards, 5).tolist() == [0, 1, 2, 3, 4]
 
 
-def test_oversampling_trains_on_the_groups_whose_rewards_differ(toy_student, tmp_path):
+def test_oversampling_trains_on_the_groups_whose_rewards_differ(toy_student, tmp_path, monkeypatch):
     """Six of eight prompts always score 1 (no signal); with oversample=2 every step samples all eight and
-    must train on the two that can vary whenever their rewards do."""
+    must train on the two that can vary whenever their rewards do. Every step's metrics, the engine mismatch
+    among them, also go to TensorBoard (a recording stand-in for tensorboardX)."""
+    import sys
+    import types
+
+    scalars = []
+    writer = types.SimpleNamespace(add_scalar=lambda key, value, step: scalars.append((key, step)), close=lambda: None,
+                                   flush=lambda: None)
+    monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=lambda logdir: writer))
+
     def reward(response, problem):
         return 1.0 if int(problem.id[1:]) < 6 else even_digit_reward(response, problem)
 
     config = toy_config(toy_student, tmp_path / "run", **TOY, **{"grpo.steps": 3, "grpo.oversample": 2})
     rows = read_metrics(grpo.train_grpo(config, PROBLEMS, mesh=one_device_mesh(), reward_fn=reward)["metrics_path"])
     assert len(rows) == 3
+    for key in ("mismatch_abs_mean", "mismatch_abs_max", "mismatch_kl", "correction_capped", "truncated_count"):
+        assert [step for k, step in scalars if k == key] == [1, 2, 3], key
+        assert all(key in r for r in rows)
+    assert max(r["mismatch_abs_max"] for r in rows) < 1e-4  # a float32 engine and trainer: round-off only
     for r in rows:
         varied = round(8 * (1 - r["zero_std_groups"]))  # the sampled groups with differing rewards (of 8)
         assert varied <= 2
