@@ -199,8 +199,7 @@ def rollout_only(c, problems, args, in_step_tokens_per_s: float) -> dict:
 
     from stat_jax.models import load_hf_checkpoint
     from stat_jax.rollout.factory import make_rollout_backend
-    from stat_jax.rollout.base import SamplingParams
-    from stat_jax.train.grpo import grpo_prompt_ids, prompts_for_step
+    from stat_jax.train.grpo import grpo_prompt_ids, prompts_for_step, step_sampling
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(c.model.path)
     model = load_hf_checkpoint(c.model.path, dtype=c.model.dtype)
@@ -209,9 +208,7 @@ def rollout_only(c, problems, args, in_step_tokens_per_s: float) -> dict:
     with make_rollout_backend(c, model, tokenizer) as backend:
         for step in range(1, args.steps + 1):
             chosen = prompts_for_step(len(problems), args.prompts, step, int(c.seed))
-            sampling = SamplingParams(temperature=float(c.grpo.temperature), top_p=float(c.grpo.top_p),
-                                      top_k=int(c.grpo.top_k), max_new_tokens=args.max_new_tokens,
-                                      seed=int(c.seed) * 1_000_003 + step)
+            sampling = step_sampling(c, step)  # as the trainer samples (its log-probabilities included)
             t0 = time.perf_counter()
             out = backend.generate([ids[i] for i in chosen], sampling, args.samples, progress=False)
             seconds.append(time.perf_counter() - t0)

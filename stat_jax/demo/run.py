@@ -247,7 +247,7 @@ class Demo:
 
     def targeted(self, method: str, seed: int) -> dict[str, Any]:
         """The cell again with skill-targeted GRPO: its prompts drawn in proportion to the Missing-Skill-Profile
-        (grpo.prompt_weighting=profile); its SFT student comes from the stage cache."""
+        (grpo.prompt_weighting=profile); its SFT trains again on the same set and seed (the same weights)."""
         more = {"grpo.prompt_weighting": "profile", "grpo.train_files": (),
                 "grpo.max_length": self.grpo_row_length(self.path("data/pool.jsonl"))}
         return self.pipeline(self.overrides(f"{method}+targeted-seed{seed}", method, seed, **more),

@@ -28,6 +28,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -279,6 +280,32 @@ class PrefillBatch:
     top_p: jax.Array
     top_k: jax.Array  # int32 [p]
     stop_ids: jax.Array  # int32 [p, MAX_STOP_IDS]
+
+
+def make_prefill_batch(requests: Sequence[Any], slots: Sequence[int], bucket: int, rows: int,
+                       eos_ids: Sequence[int], num_slots: int) -> PrefillBatch:
+    """Host arrays of one prefill call for `requests` (each with .ids, .sampling, .prompt_index, .sample_index:
+    the scheduler's `Request`s, or JetStream's one request in `prefill`); rows past the requests are padding aimed
+    at slot `num_slots` (dropped)."""
+    tokens = np.zeros((rows, bucket), np.int32)
+    lengths = np.ones((rows,), np.int32)
+    slot_ids = np.full((rows,), num_slots, np.int32)
+    seeds = np.zeros((rows,), np.uint32)
+    prompt_index, sample_index = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+    temperature, top_p = np.zeros((rows,), np.float32), np.ones((rows,), np.float32)
+    top_k = np.zeros((rows,), np.int32)
+    stop_ids = np.tile(stop_id_row(eos_ids, ()), (rows, 1))
+    for r, (req, slot) in enumerate(zip(requests, slots)):
+        s = req.sampling
+        tokens[r, : req.ids.size] = req.ids
+        lengths[r], slot_ids[r], seeds[r] = req.ids.size, slot, s.seed
+        prompt_index[r], sample_index[r] = req.prompt_index, req.sample_index
+        temperature[r], top_p[r], top_k[r] = s.temperature, s.top_p, s.top_k
+        stop_ids[r] = stop_id_row(eos_ids, s.stop_token_ids)
+    return PrefillBatch(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths), slots=jnp.asarray(slot_ids),
+                        seeds=jnp.asarray(seeds), prompt_index=jnp.asarray(prompt_index),
+                        sample_index=jnp.asarray(sample_index), temperature=jnp.asarray(temperature),
+                        top_p=jnp.asarray(top_p), top_k=jnp.asarray(top_k), stop_ids=jnp.asarray(stop_ids))
 
 
 @flax.struct.dataclass
@@ -565,15 +592,11 @@ class StudentEngine(js.engine_api.Engine):
         state = params.state if isinstance(params, ParamHolder) else params
         req = self._request_sampling()
         s = req.sampling
-        one = lambda x, dtype: jnp.asarray([x], dtype)  # noqa: E731
-        batch = PrefillBatch(tokens=jnp.asarray(padded_tokens, jnp.int32)[None],
-                             lengths=one(true_length, jnp.int32), slots=one(0, jnp.int32),
-                             seeds=one(s.seed, jnp.uint32),
-                             prompt_index=one(req.prompt_index, jnp.int32),
-                             sample_index=one(req.sample_index, jnp.int32),
-                             temperature=one(s.temperature, jnp.float32), top_p=one(s.top_p, jnp.float32),
-                             top_k=one(s.top_k, jnp.int32),
-                             stop_ids=jnp.asarray(stop_id_row(self.tokenizer.eos_ids, s.stop_token_ids))[None])
+        padded = np.asarray(padded_tokens, np.int32)
+        request = types.SimpleNamespace(ids=padded[:true_length], sampling=s, prompt_index=req.prompt_index,
+                                        sample_index=req.sample_index)
+        # One row, aimed at slot 0 for now: `insert` names the slot.
+        batch = make_prefill_batch([request], [0], padded.size, 1, self.tokenizer.eos_ids, num_slots=1)
         with self.mesh_context():
             cache, first, logprob = _finish(self._prefill_rows_fn(self.graphdef, state, batch,
                                                                   cache_dtype=self.cache_dtype))

@@ -27,12 +27,11 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from stat_jax.distributed import collective_deadline
 from stat_jax.rollout.base import SamplingParams
-from stat_jax.rollout.engine import DecodeState, PrefillBatch, StudentEngine, result_logprobs, stop_id_row
+from stat_jax.rollout.engine import DecodeState, StudentEngine, make_prefill_batch, result_logprobs
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,30 +61,6 @@ def padded_rows(count: int, limit: int) -> int:
     while rows < count:
         rows *= 2
     return max(min(rows, limit), count)
-
-
-def make_prefill_batch(requests: Sequence[Request], slots: Sequence[int], bucket: int, rows: int,
-                       eos_ids: Sequence[int], num_slots: int) -> PrefillBatch:
-    """Host arrays of one prefill call; rows past the requests are padding aimed at slot `num_slots` (dropped)."""
-    tokens = np.zeros((rows, bucket), np.int32)
-    lengths = np.ones((rows,), np.int32)
-    slot_ids = np.full((rows,), num_slots, np.int32)
-    seeds = np.zeros((rows,), np.uint32)
-    prompt_index, sample_index = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
-    temperature, top_p = np.zeros((rows,), np.float32), np.ones((rows,), np.float32)
-    top_k = np.zeros((rows,), np.int32)
-    stop_ids = np.tile(stop_id_row(eos_ids, ()), (rows, 1))
-    for r, (req, slot) in enumerate(zip(requests, slots)):
-        s = req.sampling
-        tokens[r, : req.ids.size] = req.ids
-        lengths[r], slot_ids[r], seeds[r] = req.ids.size, slot, s.seed
-        prompt_index[r], sample_index[r] = req.prompt_index, req.sample_index
-        temperature[r], top_p[r], top_k[r] = s.temperature, s.top_p, s.top_k
-        stop_ids[r] = stop_id_row(eos_ids, s.stop_token_ids)
-    return PrefillBatch(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths), slots=jnp.asarray(slot_ids),
-                        seeds=jnp.asarray(seeds), prompt_index=jnp.asarray(prompt_index),
-                        sample_index=jnp.asarray(sample_index), temperature=jnp.asarray(temperature),
-                        top_p=jnp.asarray(top_p), top_k=jnp.asarray(top_k), stop_ids=jnp.asarray(stop_ids))
 
 
 class Scheduler:

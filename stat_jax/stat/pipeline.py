@@ -409,11 +409,16 @@ def stage_profile(ctx: StageContext) -> dict[str, Any]:
     return {"skills": len(profile["skills"]), "top": [r["skill"] for r in top]}
 
 
+def _missing_pairs_and_skill_map(ctx: StageContext):
+    """(hard id, missing skill) of every diagnosis, and skill -> the Skill-Map questions labelled with it."""
+    pairs = sel_mod.missing_pairs(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
+    return pairs, skills_mod.problems_by_skill(io.read_problems(ctx.path("label/skill_map.jsonl")))
+
+
 def stage_sel(ctx: StageContext) -> dict[str, Any]:
     """STAT-Sel: training questions and answers chosen through the Skill-Map for each missing skill."""
     s = ctx.config.stat
-    pairs = sel_mod.missing_pairs(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
-    by_skill = skills_mod.problems_by_skill(io.read_problems(ctx.path("label/skill_map.jsonl")))
+    pairs, by_skill = _missing_pairs_and_skill_map(ctx)
     selected = sel_mod.select_by_profile(pairs, by_skill, s.sel_questions_per_skill, ctx.stat_seed)
     examples, stats = sel_mod.build_sel(
         ctx.teacher if s.sel_answer_source != "dataset" else None, selected, source=s.sel_answer_source,
@@ -428,10 +433,9 @@ def stage_sel(ctx: StageContext) -> dict[str, Any]:
 def stage_syn(ctx: StageContext) -> dict[str, Any]:
     """STAT-Syn: teacher-written questions per missing skill, kept when their solutions agree."""
     s = ctx.config.stat
-    pairs = sel_mod.missing_pairs(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
+    pairs, by_skill = _missing_pairs_and_skill_map(ctx)
     hard_subject = {r["id"]: r.get("subject") or skills_mod.DEFAULT_SUBJECT
                     for r in io.read_jsonl(ctx.path("hard/hard.jsonl"))}
-    by_skill = skills_mod.problems_by_skill(io.read_problems(ctx.path("label/skill_map.jsonl")))
     catalog = io.read_json(ctx.path("skills/catalog.json"))
     descriptions = {sk["name"]: sk["description"] for subject in sorted(catalog) for sk in catalog[subject]}
     examples, questions, stats = syn_mod.build_syn(
@@ -603,14 +607,16 @@ def _grpo_prompt_files(ctx: StageContext) -> tuple[str, ...]:
 
 
 def _profile_weighted_prompts(ctx: StageContext) -> Path:
-    """grpo/prompts.jsonl: Skill-Map questions in proportion to the Missing-Skill-Profile (sel.profile_prompts)."""
-    pairs = sel_mod.missing_pairs(io.read_jsonl(ctx.path("diagnose/diagnoses.jsonl")))
-    by_skill = skills_mod.problems_by_skill(io.read_problems(ctx.path("label/skill_map.jsonl")))
+    """grpo/prompts.jsonl: Skill-Map questions in proportion to the Missing-Skill-Profile (sel.profile_prompts),
+    written by process 0 and read by every process once written."""
+    pairs, by_skill = _missing_pairs_and_skill_map(ctx)
     prompts = sel_mod.profile_prompts(pairs, by_skill, ctx.config.stat.sel_questions_per_skill, ctx.stat_seed)
     if not prompts:
         raise errors.DataError(f"grpo.prompt_weighting=profile: no Skill-Map question carries a missing skill of "
                                f"{ctx.path('diagnose/diagnoses.jsonl')}; use grpo.prompt_weighting=uniform")
-    io.write_jsonl(ctx.path("grpo/prompts.jsonl"), (p.to_dict() for p in prompts))
+    if is_coordinator():
+        io.write_jsonl(ctx.path("grpo/prompts.jsonl"), (p.to_dict() for p in prompts))
+    barrier("stat-grpo-prompts-written")
     return ctx.path("grpo/prompts.jsonl")
 
 

@@ -277,8 +277,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, eps
     return loop.make_train_step(loss_fn, tx, schedule, dropout_seed=dropout_seed)
 
 
-
-
 def batch_layout(rows: int, length: int, *, old_logp: bool, ref_logp: bool) -> loop.BatchLayout:
     """The update's batch: the row keys per token, advantages per row, the old/reference log-probs if used."""
     token_keys = {key: jnp.float32 if key.startswith(("weights", "engine_")) else jnp.int32 for key in ROW_KEYS}
@@ -321,13 +319,12 @@ def rollout_batch(g, completions: Sequence[Sequence[Completion]], problems: Sequ
                            f"and the rollout backend returned none; use a backend that reports them "
                            f"(rollout.backend=jetstream) or set grpo.rollout_correction=none")
     rewards = np.array([[reward_fn(c.text, p) for c in group] for p, group in zip(problems, completions)], np.float32)
-    truncated = sum(c.finish_reason == "length" for group in completions for c in group)
     if g.truncated == "penalize":
         rewards += float(g.overlong_penalty) * np.array(
             [[overlong_penalty(len(c.token_ids), int(g.max_new_tokens), int(g.overlong_buffer)) for c in group]
              for group in completions], np.float32)
     # The reward curve is the policy's, over every sampled prompt; the update trains on the kept ones.
-    sampled = {**rollout_metrics(rewards, completions), "truncated_count": truncated}
+    sampled = rollout_metrics(rewards, completions)
     if len(problems) > int(g.prompts_per_step):
         keep = informative_groups(rewards, int(g.prompts_per_step))
         prompt_ids, completions, rewards = [prompt_ids[i] for i in keep], [completions[i] for i in keep], rewards[keep]
@@ -340,13 +337,15 @@ def rollout_batch(g, completions: Sequence[Sequence[Completion]], problems: Sequ
 
 
 def rollout_metrics(rewards: np.ndarray, completions: Sequence[Sequence[Completion]]) -> dict[str, float]:
-    """Reward statistics of one step's rollouts; rewards [prompts, G]. Accuracy = share of full rewards (>= 1)."""
+    """Reward statistics of one step's rollouts; rewards [prompts, G]. Accuracy = share of full rewards (>= 1);
+    truncated: the share and count of answers cut at grpo.max_new_tokens."""
+    truncated = sum(c.finish_reason == "length" for group in completions for c in group)
     return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "accuracy": float((rewards >= 1.0).mean()),
             # groups whose G rewards are all equal: zero advantage, no learning signal
             "zero_std_groups": float((rewards.std(axis=1) == 0).mean()),
             "response_length": sum(len(c.token_ids) for group in completions for c in group) / rewards.size,
-            "truncated": sum(c.finish_reason == "length" for group in completions for c in group) / rewards.size}
+            "truncated": truncated / rewards.size, "truncated_count": truncated}
 
 
 def throughput(completions, host: dict[str, np.ndarray], mu: int, *, rollout_s: float, sync_s: float,
